@@ -1,0 +1,3 @@
+from testlooper.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,210 @@
+"""The macro pre-processor: `define/in`, `foreach/repeat`, `squash/over`, `case/in`, `merge`.
+
+It walks the loaded document from the outside in, carrying the active macro variables, and
+substitutes `${name}` in every string, keys included. References to names that are not macro
+variables are left alone: they are definition variables, substituted later (late binding).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+from .substitution import substitute, whole_reference
+from .yamlload import PDict, PList, error_at
+
+# Values a whole expansion may produce before it is refused (a cross product can explode).
+MAX_PRODUCED_VALUES = 3_000_000
+
+_DIRECTIVES = (
+    frozenset({"define", "in"}),
+    frozenset({"foreach", "repeat"}),
+    frozenset({"squash", "over"}),
+    frozenset({"case", "in"}),
+    frozenset({"merge"}),
+)
+
+
+def variable_value(value):
+    """Macro and definition variables hold strings; other plain scalars become strings."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return ""
+    if isinstance(value, (int, float)):
+        return str(value)
+    return value
+
+
+class MacroExpander:
+    def __init__(self):
+        self.produced = 0
+
+    def expand(self, value, variables: dict, path: tuple):
+        self.produced += 1
+        if self.produced > MAX_PRODUCED_VALUES:
+            raise error_at(f"macros expand past {MAX_PRODUCED_VALUES:,} values; refusing the file", path, value)
+        if isinstance(value, str):
+            return self.expand_string(value, variables, path, value_holder=None)
+        if isinstance(value, PDict):
+            keys = frozenset(value)
+            if keys in _DIRECTIVES:
+                return self.directive(keys, value, variables, path)
+            return self.mapping(value, variables, path)
+        if isinstance(value, list):
+            return PList((self.expand(item, variables, path + (i,)) for i, item in enumerate(value)),
+                         mark=getattr(value, "mark", None))
+        return value
+
+    def expand_string(self, text: str, variables: dict, path: tuple, value_holder=None):
+        if "${" not in text:
+            return text
+        name = whole_reference(text)
+        if name is not None and name in variables:
+            return variables[name]  # may be a list or dict: `${name}` stands for the value itself
+
+        def lookup(ref: str):
+            found = variables.get(ref)
+            if found is None or isinstance(found, str):
+                return found
+            raise error_at(
+                f"macro variable {ref!r} is a {type(found).__name__} and can only be used alone, as '${{{ref}}}'",
+                path, value_holder,
+            )
+
+        return substitute(text, lookup)
+
+    def mapping(self, value: PDict, variables: dict, path: tuple) -> PDict:
+        result = PDict(mark=value.mark)
+        for key, item in value.items():
+            new_key = self.expand_string(key, variables, path, value) if "${" in key else key
+            if not isinstance(new_key, str):
+                raise error_at(f"key {key!r} must expand to a string", path, value, key)
+            if new_key in result:
+                raise error_at(f"key {new_key!r} is produced twice", path + (new_key,), value, key)
+            if key in value.key_marks:
+                result.key_marks[new_key] = value.key_marks[key]
+            result[new_key] = self.expand(item, variables, path + (new_key,))
+        return result
+
+    # -- directives --------------------------------------------------------------------------
+
+    def directive(self, keys: frozenset, value: PDict, variables: dict, path: tuple):
+        if "define" in keys:
+            return self.define_in(value, variables, path)
+        if "foreach" in keys:
+            return self.foreach_repeat(value, variables, path)
+        if "squash" in keys:
+            return self.squash_over(value, variables, path)
+        if "case" in keys:
+            return self.case_in(value, variables, path)
+        return self.merge(value, variables, path)
+
+    def define_in(self, value: PDict, variables: dict, path: tuple):
+        defined = self.expand(value["define"], variables, path + ("define",))
+        if not isinstance(defined, dict):
+            raise error_at("'define' must be a mapping of variable names to values", path + ("define",), value, "define")
+        inner = dict(variables)
+        for name, item in defined.items():
+            inner[name] = variable_value(item)
+        return self.expand(value["in"], inner, path)
+
+    def foreach_repeat(self, value: PDict, variables: dict, path: tuple):
+        items = self.foreach_items(value, variables, path + ("foreach",))
+        template = value["repeat"]
+        results = []
+        for item in items:
+            inner = dict(variables)
+            for name, item_value in item.items():
+                inner[name] = variable_value(item_value)
+            results.append(self.expand(template, inner, path))
+        if all(isinstance(r, dict) for r in results):
+            return self.merge_dicts(results, path, value, "repeat", strict=True)
+        if all(isinstance(r, list) for r in results):
+            return PList(itertools.chain.from_iterable(results), mark=value.mark)
+        raise error_at("'repeat' must produce a mapping or a list each time", path + ("repeat",), value, "repeat")
+
+    def foreach_items(self, value: PDict, variables: dict, path: tuple) -> list:
+        spec = self.expand(value["foreach"], variables, path)
+        if isinstance(spec, dict):
+            names = list(spec)
+            columns = []
+            for name in names:
+                column = spec[name]
+                if not isinstance(column, list):
+                    raise error_at(f"'foreach' of a mapping needs a list for {name!r}", path + (name,), spec, name)
+                columns.append(flatten(column))
+            return [dict(zip(names, combo)) for combo in itertools.product(*columns)]
+        if isinstance(spec, list):
+            items = flatten(spec)
+            for i, item in enumerate(items):
+                if not isinstance(item, dict):
+                    raise error_at("'foreach' items must be mappings of variables", path + (i,), spec)
+            return items
+        raise error_at("'foreach' must be a list of mappings or a mapping of lists", path, value, "foreach")
+
+    def squash_over(self, value: PDict, variables: dict, path: tuple):
+        squash = self.expand(value["squash"], variables, path + ("squash",))
+        if not isinstance(squash, dict):
+            raise error_at("'squash' must be a mapping", path + ("squash",), value, "squash")
+        over = self.expand(value["over"], variables, path + ("over",))
+        if not isinstance(over, list):
+            raise error_at("'over' must produce a list of mappings", path + ("over",), value, "over")
+        result = PList(mark=value.mark)
+        for i, item in enumerate(flatten(over)):
+            if not isinstance(item, dict):
+                raise error_at("'over' must produce a list of mappings", path + ("over", i), value, "over")
+            merged = PDict(item, mark=getattr(item, "mark", value.mark), key_marks=dict(getattr(item, "key_marks", {})))
+            merged.update(squash)
+            result.append(merged)
+        return result
+
+    def case_in(self, value: PDict, variables: dict, path: tuple):
+        case = self.expand(value["case"], variables, path + ("case",))
+        options = self.expand(value["in"], variables, path + ("in",))
+        if not isinstance(options, dict):
+            raise error_at("'in' of a 'case' must be a mapping", path + ("in",), value, "in")
+        case = variable_value(case)
+        if not isinstance(case, str) or case not in options:
+            known = ", ".join(sorted(options)) or "none"
+            raise error_at(f"case {case!r} is not one of: {known}", path + ("case",), value, "case")
+        return options[case]
+
+    def merge(self, value: PDict, variables: dict, path: tuple):
+        parts = self.expand(value["merge"], variables, path + ("merge",))
+        if not isinstance(parts, list):
+            raise error_at("'merge' must be a list of lists or a list of mappings", path, value, "merge")
+        if all(isinstance(p, list) for p in parts):
+            return PList(itertools.chain.from_iterable(parts), mark=value.mark)
+        if all(isinstance(p, dict) for p in parts):
+            return self.merge_dicts(parts, path, value, "merge", strict=False)
+        raise error_at("'merge' must be a list of lists or a list of mappings", path, value, "merge")
+
+    @staticmethod
+    def merge_dicts(parts: list, path: tuple, origin: PDict, origin_key: str, strict: bool) -> PDict:
+        result = PDict(mark=origin.mark)
+        for part in parts:
+            for key, item in part.items():
+                if strict and key in result:
+                    raise error_at(f"key {key!r} is produced twice", path + (key,), origin, origin_key)
+                result[key] = item
+                mark = getattr(part, "key_marks", {}).get(key)
+                if mark is not None:
+                    result.key_marks[key] = mark
+        return result
+
+
+def flatten(items: list) -> list:
+    """Nested lists become one flat list (the format allows lists of lists anywhere a list is)."""
+    if not any(isinstance(i, list) for i in items):
+        return list(items)
+    flat = []
+    for item in items:
+        if isinstance(item, list):
+            flat.extend(flatten(item))
+        else:
+            flat.append(item)
+    return flat
+
+
+def expand_macros(document, variables: dict | None = None):
+    return MacroExpander().expand(document, dict(variables or {}), ())

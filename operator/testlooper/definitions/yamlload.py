@@ -1,0 +1,188 @@
+"""Safe YAML (and JSON) loading that remembers where every mapping and list came from.
+
+PyYAML's safe loader builds plain dicts and lists and forgets positions, and it builds an alias
+bomb ("billion laughs") as shared references that only explode when walked. Here the document
+is composed to nodes, its expanded size is measured before anything is built, and mappings and
+lists become `PDict`/`PList`, which carry their position so that errors found much later (after
+macros ran) still point at a line.
+"""
+
+from __future__ import annotations
+
+import yaml
+
+from .errors import DefinitionsError
+
+MAX_FILE_BYTES = 4 * 1024 * 1024
+# Nodes a document may expand to once aliases are followed. A 5,000-test file written out in
+# full is about 300,000 nodes; an alias bomb is billions.
+MAX_EXPANDED_NODES = 2_000_000
+
+try:  # the C composer is several times faster; fall back where libyaml is missing
+    _Loader = yaml.CSafeLoader
+except AttributeError:  # pragma: no cover - depends on how PyYAML was built
+    _Loader = yaml.SafeLoader
+
+_PLAIN_SCALAR_TAGS = {
+    "tag:yaml.org,2002:str",
+    "tag:yaml.org,2002:int",
+    "tag:yaml.org,2002:float",
+    "tag:yaml.org,2002:bool",
+    "tag:yaml.org,2002:null",
+}
+
+
+class Mark(tuple):
+    """(filename, line, column), 1-based."""
+
+    __slots__ = ()
+
+    def __new__(cls, filename: str, line: int | None, column: int | None):
+        return super().__new__(cls, (filename, line, column))
+
+
+class PDict(dict):
+    """A mapping that knows where it, and each of its keys, was written."""
+
+    __slots__ = ("mark", "key_marks")
+
+    def __init__(self, *args, mark: Mark | None = None, key_marks: dict | None = None):
+        super().__init__(*args)
+        self.mark = mark
+        self.key_marks = key_marks if key_marks is not None else {}
+
+
+class PList(list):
+    """A list that knows where it was written."""
+
+    __slots__ = ("mark",)
+
+    def __init__(self, *args, mark: Mark | None = None):
+        super().__init__(*args)
+        self.mark = mark
+
+
+def mark_of(value, key=None) -> Mark | None:
+    if key is not None and isinstance(value, PDict) and key in value.key_marks:
+        return value.key_marks[key]
+    return getattr(value, "mark", None)
+
+
+def error_at(message: str, key_path, value=None, key=None, filename: str | None = None) -> DefinitionsError:
+    mark = mark_of(value, key)
+    if mark is None:
+        return DefinitionsError(message, key_path, filename=filename)
+    return DefinitionsError(message, key_path, filename=mark[0], line=mark[1], column=mark[2])
+
+
+def load_yaml_text(text: str, filename: str):
+    """Parse one YAML (or JSON, a subset of YAML) document into PDict/PList/scalars."""
+    if len(text.encode("utf-8", errors="replace")) > MAX_FILE_BYTES:
+        raise DefinitionsError(
+            f"file is larger than {MAX_FILE_BYTES // (1024 * 1024)} MiB; refusing to read it", filename=filename
+        )
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+    except yaml.YAMLError as exc:
+        raise _yaml_error(exc, filename) from None
+    finally:
+        loader.dispose()
+    if node is None:
+        raise DefinitionsError("the file is empty", filename=filename)
+    _check_expanded_size(node, filename)
+    return _NodeConverter(filename).convert(node)
+
+
+def _yaml_error(exc: yaml.YAMLError, filename: str) -> DefinitionsError:
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc)
+    context = getattr(exc, "context", None)
+    message = f"invalid YAML: {problem}" + (f" ({context})" if context else "")
+    if mark is None:
+        return DefinitionsError(message, filename=filename)
+    return DefinitionsError(message, filename=filename, line=mark.line + 1, column=mark.column + 1)
+
+
+def _check_expanded_size(root: yaml.Node, filename: str) -> None:
+    """Refuse documents whose aliases expand past MAX_EXPANDED_NODES, without expanding them."""
+    sizes: dict[int, int] = {}
+    in_progress: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in in_progress:  # a recursive alias can never be expanded
+            raise DefinitionsError("recursive YAML alias", filename=filename, line=node.start_mark.line + 1)
+        total = 1
+        if isinstance(node, yaml.MappingNode):
+            in_progress.add(key)
+            for k, v in node.value:
+                total += size(k) + size(v)
+            in_progress.discard(key)
+        elif isinstance(node, yaml.SequenceNode):
+            in_progress.add(key)
+            for item in node.value:
+                total += size(item)
+            in_progress.discard(key)
+        total = min(total, MAX_EXPANDED_NODES + 1)
+        sizes[key] = total
+        return total
+
+    if size(root) > MAX_EXPANDED_NODES:
+        raise DefinitionsError(
+            f"the document expands past {MAX_EXPANDED_NODES:,} values through YAML aliases; refusing it",
+            filename=filename,
+        )
+
+
+class _NodeConverter:
+    def __init__(self, filename: str):
+        self.filename = filename
+        self.constructor = yaml.SafeLoader("")  # only its scalar constructors are used
+        self.done: dict[int, object] = {}
+
+    def mark(self, node: yaml.Node) -> Mark:
+        return Mark(self.filename, node.start_mark.line + 1, node.start_mark.column + 1)
+
+    def convert(self, node: yaml.Node):
+        key = id(node)
+        if key in self.done:  # an alias: share the converted value, as YAML means
+            return self.done[key]
+        if isinstance(node, yaml.ScalarNode):
+            value = self.scalar(node)
+        elif isinstance(node, yaml.SequenceNode):
+            value = PList(mark=self.mark(node))
+            self.done[key] = value
+            value.extend(self.convert(item) for item in node.value)
+        else:
+            value = self.mapping(node)
+        self.done[key] = value
+        return value
+
+    def scalar(self, node: yaml.ScalarNode):
+        if node.tag not in _PLAIN_SCALAR_TAGS:
+            return node.value  # timestamps, binary and custom tags stay as written
+        return self.constructor.construct_object(node)
+
+    def mapping(self, node: yaml.MappingNode) -> PDict:
+        self.constructor.flatten_mapping(node)  # YAML merge keys (<<)
+        result = PDict(mark=self.mark(node))
+        self.done[id(node)] = result
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise DefinitionsError(
+                    "a mapping key must be a plain value", filename=self.filename,
+                    line=key_node.start_mark.line + 1, column=key_node.start_mark.column + 1,
+                )
+            key = self.scalar(key_node)
+            key = "" if key is None else str(key) if not isinstance(key, bool) else str(key).lower()
+            if key in result:
+                raise DefinitionsError(
+                    f"duplicate key {key!r}", filename=self.filename,
+                    line=key_node.start_mark.line + 1, column=key_node.start_mark.column + 1,
+                )
+            result.key_marks[key] = self.mark(value_node)
+            result[key] = self.convert(value_node)
+        return result
