@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from . import schema
-from .variables import resolve_variables
+from .variables import ResolvedVariables, resolve_variables
 from .yamlload import error_at
 
 
@@ -32,7 +32,8 @@ class EffectiveEnvironment:
     platform: str
     image: dict
     inheritance: list[str]
-    variables: dict[str, str]  # merged, not yet resolved
+    variables: dict[str, str]  # merged, as written
+    resolved: ResolvedVariables
     dependencies: dict[str, str]
     setup_script: str
     test_defaults: dict
@@ -133,25 +134,23 @@ class EnvironmentResolver:
         """The environment `name` with `mixins` merged on top, in order (later wins).
 
         A task with mixins behaves like a derived environment with `base: [name, *mixins]`,
-        except that the platform and image always come from `name`.
+        except that the platform and image always come from `name`; `inheritance` then lists
+        everything merged, nearest first.
         """
         key = (name,) + mixins
         if key in self.effective_cache:
             return self.effective_cache[key]
         own = self.linearize(name)
         if mixins:
-            order = [name]
-            for mixin in reversed(mixins):
-                order.extend(self.linearize(mixin))
-            order.extend(own)
+            order = []
+            for member in reversed((name,) + mixins):
+                order.extend(self.linearize(member))
             seen, lineage = set(), []
-            for item in reversed(order):
+            for item in reversed(order):  # keep each environment's last place, as linearize does
                 if item not in seen:
                     seen.add(item)
                     lineage.append(item)
             lineage.reverse()
-            lineage = [n for n in lineage if n != name]
-            lineage.insert(0, name)
         else:
             lineage = own
         root = next(n for n in own if not self.environments[n].bases)
@@ -172,8 +171,10 @@ class EnvironmentResolver:
             defaults.update(env.test_defaults)
         setup = "\n".join(s for s in (self.environments[m].setup_script for m in reversed(lineage)) if s)
         result = EffectiveEnvironment(
-            name=name, platform=root_env.platform, image=dict(root_env.image), inheritance=lineage[1:],
-            variables=variables, dependencies=dependencies, setup_script=setup, test_defaults=defaults, root=root,
+            name=name, platform=root_env.platform, image=dict(root_env.image),
+            inheritance=lineage[1:] if not mixins else lineage,
+            variables=variables, resolved=resolve_variables(variables, ("environments", name, "variables")),
+            dependencies=dependencies, setup_script=setup, test_defaults=defaults, root=root,
         )
         self.effective_cache[key] = result
         return result
@@ -184,7 +185,7 @@ class EnvironmentResolver:
             eff = self.effective(name)
             result[name] = {
                 "platform": eff.platform, "image": eff.image,
-                "variables": resolve_variables(eff.variables, ("environments", name, "variables")),
+                "variables": eff.resolved.values,
                 "inheritance": eff.inheritance, "setup_script": eff.setup_script,
             }
         return result

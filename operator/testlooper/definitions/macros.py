@@ -15,6 +15,8 @@ from .yamlload import PDict, PList, error_at
 # Values a whole expansion may produce before it is refused (a cross product can explode).
 MAX_PRODUCED_VALUES = 3_000_000
 
+MAX_FOREACH_ITEMS = 200_000
+
 _DIRECTIVES = (
     frozenset({"define", "in"}),
     frozenset({"foreach", "repeat"}),
@@ -40,11 +42,11 @@ class MacroExpander:
         self.produced = 0
 
     def expand(self, value, variables: dict, path: tuple):
-        self.produced += 1
+        if isinstance(value, str):
+            return self.expand_string(value, variables, path) if "${" in value else value
+        self.produced += len(value) + 1 if isinstance(value, (dict, list)) else 1
         if self.produced > MAX_PRODUCED_VALUES:
             raise error_at(f"macros expand past {MAX_PRODUCED_VALUES:,} values; refusing the file", path, value)
-        if isinstance(value, str):
-            return self.expand_string(value, variables, path, value_holder=None)
         if isinstance(value, PDict):
             keys = frozenset(value)
             if keys in _DIRECTIVES:
@@ -74,16 +76,25 @@ class MacroExpander:
         return substitute(text, lookup)
 
     def mapping(self, value: PDict, variables: dict, path: tuple) -> PDict:
-        result = PDict(mark=value.mark)
+        result = PDict(mark=value.mark, key_marks=value.key_marks)  # marks shared until a key changes
+        expand, expand_string = self.expand, self.expand_string
         for key, item in value.items():
-            new_key = self.expand_string(key, variables, path, value) if "${" in key else key
-            if not isinstance(new_key, str):
-                raise error_at(f"key {key!r} must expand to a string", path, value, key)
-            if new_key in result:
-                raise error_at(f"key {new_key!r} is produced twice", path + (new_key,), value, key)
-            if key in value.key_marks:
-                result.key_marks[new_key] = value.key_marks[key]
-            result[new_key] = self.expand(item, variables, path + (new_key,))
+            if "${" in key:
+                new_key = expand_string(key, variables, path, value)
+                if not isinstance(new_key, str):
+                    raise error_at(f"key {key!r} must expand to a string", path, value, key)
+                if new_key != key:
+                    if result.key_marks is value.key_marks:
+                        result.key_marks = dict(value.key_marks)
+                    if key in value.key_marks:
+                        result.key_marks[new_key] = value.key_marks[key]
+                if new_key in result:
+                    raise error_at(f"key {new_key!r} is produced twice", path + (new_key,), value, key)
+                key = new_key
+            if type(item) is str:  # most values: skip the general dispatch
+                result[key] = expand_string(item, variables, path + (key,), value) if "${" in item else item
+            else:
+                result[key] = expand(item, variables, path + (key,))
         return result
 
     # -- directives --------------------------------------------------------------------------
@@ -133,6 +144,12 @@ class MacroExpander:
                 if not isinstance(column, list):
                     raise error_at(f"'foreach' of a mapping needs a list for {name!r}", path + (name,), spec, name)
                 columns.append(flatten(column))
+            combinations = 1
+            for column in columns:
+                combinations *= len(column)
+            if combinations > MAX_FOREACH_ITEMS:
+                raise error_at(f"'foreach' cross product has {combinations:,} items, more than "
+                               f"{MAX_FOREACH_ITEMS:,}; refusing the file", path, value, "foreach")
             return [dict(zip(names, combo)) for combo in itertools.product(*columns)]
         if isinstance(spec, list):
             items = flatten(spec)

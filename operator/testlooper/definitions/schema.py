@@ -101,7 +101,8 @@ def string_mapping(value, path, what: str, parent=None, key=None) -> dict[str, s
     mapping = need_mapping(value, path, what, parent, key)
     result = {}
     for name, item in mapping.items():
-        item = variable_value(item)
+        if type(item) is not str:
+            item = variable_value(item)
         if not isinstance(item, str):
             raise error_at(f"variable {name!r} must be a string, not {describe(item)}", path + (name,), mapping, name)
         result[name] = item

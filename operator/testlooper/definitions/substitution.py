@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Callable
 
 Lookup = Callable[[str], "str | None"]
@@ -26,14 +27,44 @@ def _closing_brace(text: str, start: int) -> int:
         i = close + 1
 
 
-def substitute(text: str, lookup: Lookup) -> str:
+_SIMPLE_REFERENCE = re.compile(r"\$\{([^${}]*)\}")
+_NESTED_REFERENCE = re.compile(r"\$\{[^}]*\$\{")
+# Split forms of strings seen before: macro templates are expanded once per foreach item, so
+# the same strings come back thousands of times. Bounded, cleared when full.
+_SPLIT_CACHE: dict[str, list[str] | None] = {}
+_SPLIT_CACHE_LIMIT = 200_000
+
+
+def _split(text: str, cache: bool) -> list[str] | None:
+    """[literal, name, literal, ..., literal], or None when a reference nests another."""
+    try:
+        return _SPLIT_CACHE[text]
+    except KeyError:
+        pass
+    if not cache:
+        return None if _NESTED_REFERENCE.search(text) else _SIMPLE_REFERENCE.split(text)
+    if len(_SPLIT_CACHE) >= _SPLIT_CACHE_LIMIT:
+        _SPLIT_CACHE.clear()
+    parts = None if _NESTED_REFERENCE.search(text) else _SIMPLE_REFERENCE.split(text)
+    _SPLIT_CACHE[text] = parts
+    return parts
+
+
+def substitute(text: str, lookup: Lookup, cache: bool = True) -> str:
     """Replace every `${name}` that `lookup` knows; unknown references stay as written.
 
     The inner part of a reference is substituted first, so `${${A}${B}}` looks up the
-    variable named by the values of A and B.
+    variable named by the values of A and B. `cache=False` is for strings unlikely to recur.
     """
     if "${" not in text:
         return text
+    parts = _split(text, cache)
+    if parts is not None:  # the common case: no nesting
+        out = parts[:]
+        for i in range(1, len(parts), 2):
+            value = lookup(parts[i])
+            out[i] = "${" + parts[i] + "}" if value is None else value
+        return "".join(out)
     out = []
     i = 0
     while True:
@@ -48,7 +79,7 @@ def substitute(text: str, lookup: Lookup) -> str:
             break
         name = text[start + 2 : end]
         if "${" in name:
-            name = substitute(name, lookup)
+            name = substitute(name, lookup, cache)
         value = lookup(name)
         out.append("${" + name + "}" if value is None else value)
         i = end + 1
@@ -57,7 +88,7 @@ def substitute(text: str, lookup: Lookup) -> str:
 
 def whole_reference(text: str) -> str | None:
     """The name when `text` is exactly one `${name}` reference (with no nesting), else None."""
-    if text.startswith("${") and text.endswith("}") and text.find("}") == len(text) - 1:
+    if text[:2] == "${" and text.find("}") == len(text) - 1:
         inner = text[2:-1]
         if "${" not in inner:
             return inner

@@ -5,7 +5,7 @@ from __future__ import annotations
 from . import schema
 from .environments import EnvironmentResolver
 from .errors import DefinitionsError
-from .variables import resolve_variables, substitute_known
+from .variables import resolve_overrides, substitute_known
 from .yamlload import error_at
 
 RESERVED_NAMES = ("data", "source", "HEAD")
@@ -67,10 +67,8 @@ class TaskParser:
         env = self.environments.effective(env_name, mixins)
 
         own_vars = schema.string_mapping(task.get("variables"), path + ("variables",), "'variables'", task, "variables")
-        merged = dict(env.variables)
-        merged.update(own_vars)
         try:
-            variables = resolve_variables(merged, path + ("variables",))
+            variables = resolve_overrides(env.resolved, own_vars, path + ("variables",))
         except DefinitionsError as exc:
             raise error_at(exc.message, path + ("variables",), task, "variables") from None
 

@@ -167,22 +167,37 @@ class _NodeConverter:
         return self.constructor.construct_object(node)
 
     def mapping(self, node: yaml.MappingNode) -> PDict:
-        self.constructor.flatten_mapping(node)  # YAML merge keys (<<)
+        self.check_duplicate_keys(node)
+        self.constructor.flatten_mapping(node)  # YAML merge keys (<<): written keys win over merged
         result = PDict(mark=self.mark(node))
         self.done[id(node)] = result
         for key_node, value_node in node.value:
-            if not isinstance(key_node, yaml.ScalarNode):
-                raise DefinitionsError(
-                    "a mapping key must be a plain value", filename=self.filename,
-                    line=key_node.start_mark.line + 1, column=key_node.start_mark.column + 1,
-                )
-            key = self.scalar(key_node)
-            key = "" if key is None else str(key) if not isinstance(key, bool) else str(key).lower()
-            if key in result:
+            key = self.key(key_node)
+            result.key_marks[key] = self.mark(value_node)
+            result[key] = self.convert(value_node)
+        return result
+
+    def key(self, key_node: yaml.Node) -> str:
+        if not isinstance(key_node, yaml.ScalarNode):
+            raise DefinitionsError(
+                "a mapping key must be a plain value", filename=self.filename,
+                line=key_node.start_mark.line + 1, column=key_node.start_mark.column + 1,
+            )
+        key = self.scalar(key_node)
+        if isinstance(key, bool):
+            return str(key).lower()
+        return "" if key is None else str(key)
+
+    def check_duplicate_keys(self, node: yaml.MappingNode) -> None:
+        """PyYAML silently keeps the last of two equal keys; a CI config should say so."""
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.key(key_node)
+            if key in seen:
                 raise DefinitionsError(
                     f"duplicate key {key!r}", filename=self.filename,
                     line=key_node.start_mark.line + 1, column=key_node.start_mark.column + 1,
                 )
-            result.key_marks[key] = self.mark(value_node)
-            result[key] = self.convert(value_node)
-        return result
+            seen.add(key)
