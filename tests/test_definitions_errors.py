@@ -190,3 +190,8 @@ def test_error_string_format():
     err = DefinitionsError("boom", ("tests", "unit/linux", "dependencies", "build"), "f.yml", 3, 7)
     assert str(err) == "f.yml:3:7: tests.unit/linux.dependencies.build: boom"
     assert str(DefinitionsError("boom")) == "boom"
+
+
+def test_a_name_used_by_a_build_and_a_test():
+    err = resolve_error("builds:\n  x/linux: {command: a}\ntests:\n  x/linux: {command: b}\n")
+    assert "'x/linux' names both a build and a test" in err.message

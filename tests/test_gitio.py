@@ -171,11 +171,12 @@ def test_export_tree_writes_the_commit_without_touching_the_working_tree(tmp_pat
     assert gitio.uncommitted_changes(opened) == []
 
 
-def test_export_tree_refuses_a_symlink_leaving_the_tree(tmp_path, repo):
+def test_export_tree_keeps_symlinks_as_links_and_ignores_export_attributes(tmp_path, repo):
     os.symlink("/etc/passwd", repo.path / "escape")
-    sha = repo.commit({})
-    with pytest.raises(gitio.GitError, match=f"cannot export commit {sha[:12]}: .*escape"):
-        gitio.export_tree(gitio.open_repo(repo.path), sha, tmp_path / "out")
+    sha = repo.commit({"tests/test_x.py": "x", ".gitattributes": "tests/ export-ignore\n"})
+    gitio.export_tree(gitio.open_repo(repo.path), sha, tmp_path / "out")
+    assert os.readlink(tmp_path / "out/escape") == "/etc/passwd"  # a link, as committed, never followed
+    assert (tmp_path / "out/tests/test_x.py").read_text() == "x"  # export-ignore does not hide tests
 
 
 def test_export_tree_names_an_unknown_revision(tmp_path, repo):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import subprocess
-import tarfile
+import tempfile
 
 import git
 
@@ -104,27 +104,23 @@ def branches(repo: git.Repo, globs: list[str]) -> dict[str, str]:
 
 
 def export_tree(repo: git.Repo, sha: str, dest_dir: str | os.PathLike) -> None:
-    """Write the files of commit `sha` into `dest_dir` (created if missing).
+    """Write the files of commit `sha` into `dest_dir` (created if missing), exactly as committed.
 
-    Streams `git archive` into tarfile's "data" filter, which refuses absolute paths, paths
-    leaving `dest_dir` and links pointing outside it. `git archive` honours the commit's
-    `export-ignore` and `export-subst` attributes.
+    Reads the commit into a throw-away index and checks that out into `dest_dir`: unlike
+    `git archive`, this honours no `export-ignore`/`export-subst` attributes, so a repository
+    that marks its tests export-ignore still runs them. The repository's own index and working
+    tree are never touched.
     """
-    sha = resolve_rev(repo, sha)  # a clear error for an unknown revision, before streaming
-    os.makedirs(dest_dir, exist_ok=True)
-    command = [repo.git.GIT_PYTHON_GIT_EXECUTABLE, "--git-dir", repo.git_dir, "archive", "--format=tar", sha]
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as process:
-        try:
-            with tarfile.open(fileobj=process.stdout, mode="r|") as archive:
-                archive.extractall(dest_dir, filter="data")
-        except tarfile.TarError as exc:
-            process.kill()
-            raise GitError(f"cannot export commit {sha[:12]}: {exc}") from exc
-        # tarfile stops at the end-of-archive marker; drain the padding so git can exit.
-        process.stdout.read()
-        stderr = process.stderr.read().decode(errors="replace").strip()
-    if process.returncode != 0:
-        raise GitError(f"git archive of commit {sha[:12]} failed: {stderr}")
+    sha = resolve_rev(repo, sha)  # a clear error for an unknown revision
+    dest = os.path.abspath(dest_dir)
+    os.makedirs(dest, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="testlooper-index-") as scratch:
+        env = {**os.environ, "GIT_INDEX_FILE": os.path.join(scratch, "index")}
+        base = [repo.git.GIT_PYTHON_GIT_EXECUTABLE, "--git-dir", repo.git_dir, "--work-tree", dest]
+        for args in (["read-tree", sha], ["checkout-index", "--all", "--force"]):
+            done = subprocess.run(base + args, env=env, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise GitError(f"cannot export commit {sha[:12]}: {done.stderr.strip()}")
 
 
 def uncommitted_changes(repo: git.Repo) -> list[str]:

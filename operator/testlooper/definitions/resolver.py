@@ -151,6 +151,7 @@ def _resolve_document(sections: dict, filename: str) -> dict:
         env_resolver.linearize(name)  # cycles and unknown bases fail here, even if unused
     env_json = env_resolver.to_json()
 
+    _check_names_unique(sections, sources)
     parser = TaskParser(env_resolver, repo_names)
     parsed = {}
     for section in ("builds", "tests", "deployments"):
@@ -182,6 +183,17 @@ def _resolve_document(sections: dict, filename: str) -> dict:
         "test_sets": test_sets,
         "triggers": triggers,
     }
+
+
+def _check_names_unique(sections: dict, sources: dict) -> None:
+    """Runs, results and history are keyed by task name, so a name means one task."""
+    seen: dict[str, str] = {}
+    for section in ("builds", "tests", "deployments"):
+        for name in sections[section]:
+            if name in seen:
+                raise error_at(f"{name!r} names both a {seen[name]} and a {section[:-1]}; task names must be unique",
+                               (section, name), sources.get(section), name)
+            seen[name] = section[:-1]
 
 
 def _parse_repos(written: dict, source) -> dict:
