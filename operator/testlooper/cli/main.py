@@ -12,10 +12,10 @@ import sys
 import traceback
 
 from testlooper import __version__
-from testlooper.cli import UserError, definitions_cmd, plan_cmd
+from testlooper.cli import UserError, definitions_cmd, plan_cmd, run_cmd
 
 # Each module has `register(subparsers)`, which adds its parser with a `run(args) -> int` default.
-SUBCOMMANDS = (definitions_cmd, plan_cmd)
+SUBCOMMANDS = (definitions_cmd, plan_cmd, run_cmd)
 
 EXIT_USER_ERROR = 2  # the status argparse gives a usage error, too
 EXIT_INTERRUPTED = 130
@@ -67,6 +67,9 @@ def _user_error_line(exc: Exception) -> str | None:
     definitions = sys.modules.get("testlooper.definitions")
     if definitions is not None and isinstance(exc, definitions.DefinitionsError):
         return str(exc)
+    store = sys.modules.get("testlooper.store")
+    if store is not None and isinstance(exc, store.StoreError):
+        return f"testlooper: error: {exc}"
     gitio = sys.modules.get("testlooper.gitio")
     if gitio is not None and isinstance(exc, gitio.GitError):
         return f"testlooper: error: {exc}"

@@ -1,0 +1,312 @@
+"""Run a plan's tasks as local processes: one worker agent per run, talking to a worker API
+served on loopback, exactly as agents in pods and on EC2 talk to the operator.
+
+Decisions (what starts when, retries, blocking) come from `schedule.Schedule`; this module
+only does the I/O: starting agents, waiting for them, recording results.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+import testlooper
+from testlooper.local import containers
+from testlooper.local.machine import available_cores, total_ram_gb
+from testlooper.local.schedule import Capacity, Run, Schedule
+from testlooper.worker.server import WorkerApiServer, safe_file_name
+
+# An agent enforces its task's timeout itself; past it plus this margin the runner assumes the
+# worker is dead, kills it and reports an error.
+WORKER_DEADLINE_MARGIN_SECONDS = 60
+# How long interrupted agents get to kill their tasks and report `cancelled`.
+CANCEL_GRACE_SECONDS = 10
+FAILED_RESULTS = ("failed", "timeout", "error", "blocked")
+
+
+@dataclass
+class RunnerOptions:
+    output_dir: str  # logs and artifacts of every run land under OUTPUT_DIR/runs
+    jobs: int = 0  # 0: one per core
+    isolation: str = "host"  # or "container"
+    keep_workspaces: bool = False
+    heartbeat_seconds: float = 2.0
+
+
+@dataclass
+class RunOutcome:
+    """One attempt of one run, as `testlooper run --json` reports it."""
+
+    task: str
+    kind: str
+    run_index: int
+    attempt: int
+    result: str
+    duration_seconds: float
+    exit_code: int | None
+    started_at: float
+    cases: list[dict] = field(default_factory=list)  # {"name", "success", "duration_seconds"}
+    log: str = ""
+    artifacts: str = ""
+    message: str = ""  # why a run was blocked, cancelled or is an error
+
+    def to_json(self) -> dict:
+        failed = [c["name"] for c in self.cases if not c["success"]]
+        return {
+            "task": self.task, "kind": self.kind, "run_index": self.run_index, "attempt": self.attempt,
+            "result": self.result, "duration_seconds": round(self.duration_seconds, 3),
+            "exit_code": self.exit_code,
+            "cases": {"total": len(self.cases), "passed": len(self.cases) - len(failed), "failed": len(failed)},
+            "failed_cases": failed, "log": self.log, "artifacts": self.artifacts, "message": self.message,
+        }
+
+
+class Interrupted(Exception):
+    """The run was stopped (Ctrl-C or SIGTERM); the outcomes so far are attached."""
+
+    def __init__(self, outcomes: list[RunOutcome]):
+        super().__init__("interrupted")
+        self.outcomes = outcomes
+
+
+class LocalRunner:
+    """Runs one plan of one commit. `on_event(kind, run, outcome)` reports progress;
+    `on_outcome(outcome)` receives every finished attempt (to record it) as it happens;
+    `on_tick()` is called about once a second while waiting."""
+
+    def __init__(self, definitions: dict, plan: dict, source_dir: str, commit: str, commit_message: str,
+                 options: RunnerOptions, on_event=None, on_outcome=None, on_tick=None):
+        self.tasks = {**definitions["builds"], **definitions["tests"]}
+        self.plan = plan
+        self.source_dir = os.path.abspath(source_dir)
+        self.commit = commit
+        self.commit_message = commit_message
+        self.options = options
+        self.on_event = on_event or (lambda kind, run, outcome: None)
+        self.on_outcome = on_outcome or (lambda outcome: None)
+        self.on_tick = on_tick or (lambda: None)
+        jobs = options.jobs or available_cores()
+        self.schedule = Schedule(plan["tasks"], self.tasks, Capacity(jobs, available_cores(), total_ram_gb()))
+        self.build_outputs: dict[str, dict[str, str]] = {}  # build -> artifact name -> path
+        self.finished: "queue.Queue[tuple[Run, RunOutcome]]" = queue.Queue()
+        self.processes: dict[str, subprocess.Popen] = {}  # run id -> agent
+        self.run_ids: dict[int, str] = {}
+        self.outcomes: list[RunOutcome] = []
+        self.engine = containers.find_engine() if options.isolation == "container" else None
+        self.server: WorkerApiServer | None = None
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def run(self) -> list[RunOutcome]:
+        os.makedirs(self.runs_dir, exist_ok=True)
+        self.server = WorkerApiServer(artifact_root=self.runs_dir)
+        self.server.start()
+        try:
+            while True:
+                now = time.time()
+                actions = self.schedule.next_actions(now)
+                for run in actions.blocked:
+                    self.complete(run, self.outcome_without_running(run, "blocked", run.reason))
+                for run in actions.start:
+                    self.start(run)
+                if self.schedule.done:
+                    break
+                wait = min(self.schedule.seconds_until_next_retry(time.time()), 1.0)
+                try:
+                    run, outcome = self.finished.get(timeout=max(wait, 0.01))
+                except queue.Empty:
+                    self.on_tick()
+                    continue
+                self.complete(run, outcome)
+        except KeyboardInterrupt:
+            self.cancel_everything()
+            raise Interrupted(self.outcomes) from None
+        finally:
+            self.server.stop()
+        return self.outcomes
+
+    @property
+    def runs_dir(self) -> str:
+        return os.path.join(self.options.output_dir, "runs")
+
+    def complete(self, run: Run, outcome: RunOutcome) -> None:
+        retry = self.schedule.finished(run, outcome.result, time.time())
+        if run.kind == "build" and outcome.result == "passed":
+            self.build_outputs[run.task] = self.artifacts_of(run)
+        self.outcomes.append(outcome)
+        self.on_outcome(outcome)
+        self.on_event("finished", run, outcome)
+        if retry is not None:
+            self.on_event("retry", retry, outcome)
+
+    def cancel_everything(self) -> None:
+        """Ctrl-C: stop what runs (each agent kills its task's process tree), record all as cancelled."""
+        for run in self.schedule.cancel_waiting("interrupted before it started"):
+            self.complete(run, self.outcome_without_running(run, "cancelled", run.reason))
+        running = self.schedule.running
+        for run in running:
+            run_id = self.run_ids[id(run)]
+            self.server.cancel(run_id)
+            process = self.processes.get(run_id)
+            if process is not None and process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        deadline = time.time() + CANCEL_GRACE_SECONDS
+        while self.schedule.running and time.time() < deadline:
+            try:
+                run, outcome = self.finished.get(timeout=max(0.01, deadline - time.time()))
+            except queue.Empty:
+                break
+            if outcome.result not in ("cancelled",):
+                outcome.result, outcome.message = "cancelled", outcome.message or "interrupted"
+            self.complete(run, outcome)
+        for run in self.schedule.running:  # agents that did not stop in time
+            process = self.processes.get(self.run_ids[id(run)])
+            if process is not None:
+                _kill_group(process)
+            self.complete(run, self.outcome_without_running(run, "cancelled", "interrupted; the worker was killed"))
+
+    # -- one run -----------------------------------------------------------------------------
+
+    def start(self, run: Run) -> None:
+        run_id = f"{safe_file_name(run.task).replace('%2F', '.')}.{run.run_index}.{run.attempt}.{secrets.token_hex(3)}"
+        self.run_ids[id(run)] = run_id
+        task = self.tasks[run.task]
+        try:
+            assignment = self.assignment(run, run_id, task)
+        except _CannotRun as exc:
+            self.finished.put((run, self.outcome_without_running(run, "error", str(exc))))
+            return
+        token = self.server.register_run(run_id, assignment)
+        workdir = os.path.join(self.options.output_dir, "work", safe_file_name(run_id))
+        environment = {k: v for k, v in os.environ.items() if not k.startswith("TESTLOOPER_")}
+        environment["TESTLOOPER_WORKER_TOKEN"] = token
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(testlooper.__file__)))
+        environment["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
+        if self.engine:
+            try:
+                image = containers.image_for(task, self.engine, self.source_dir)
+            except containers.ContainerError as exc:
+                self.finished.put((run, self.outcome_without_running(run, "error", str(exc))))
+                return
+            environment[containers.SHELL_ENV] = containers.shell_prefix(self.engine, image, task, workdir, run_id)
+        command = [sys.executable, "-m", "testlooper.worker.agent", "--api", self.server.url, "--run-id", run_id,
+                   "--workdir", workdir, "--heartbeat-seconds", str(self.options.heartbeat_seconds)]
+        agent_log = open(os.path.join(self.runs_dir, safe_file_name(run_id), "agent.log"), "wb")
+        started = time.time()
+        try:
+            # Its own process group: Ctrl-C reaches the runner, which then cancels each agent
+            # in order, rather than every process at once.
+            process = subprocess.Popen(command, env=environment, stdin=subprocess.DEVNULL, stdout=agent_log,
+                                       stderr=subprocess.STDOUT, start_new_session=True)
+        except OSError as exc:
+            agent_log.close()
+            self.finished.put((run, self.outcome_without_running(run, "error", f"cannot start the worker: {exc}")))
+            return
+        self.processes[run_id] = process
+        self.on_event("started", run, None)
+        deadline = started + float(task.get("timeout_seconds") or 0) + WORKER_DEADLINE_MARGIN_SECONDS
+        threading.Thread(target=self.watch, args=(run, run_id, process, agent_log, started, deadline, workdir),
+                         name=f"watch-{run_id}", daemon=True).start()
+
+    def watch(self, run: Run, run_id: str, process: subprocess.Popen, agent_log, started: float,
+              deadline: float, workdir: str) -> None:
+        """Waits for one agent; a worker that outlives its task's deadline is dead."""
+        message = ""
+        try:
+            process.wait(timeout=max(1.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            _kill_group(process)
+            message = "the worker stopped responding and was killed after the task's timeout"
+        finally:
+            agent_log.close()
+        result = self.server.wait_result(run_id, timeout=2.0)
+        if result is None:
+            message = message or (f"the worker exited with status {process.returncode} without reporting a result "
+                                  f"(its own log: {os.path.join(self.runs_dir, safe_file_name(run_id), 'agent.log')})")
+            result = {"result": "error", "exit_code": None, "duration_seconds": time.time() - started,
+                      "error": message, "cases": []}
+        if self.engine:
+            containers.remove_run_containers(self.engine, run_id)
+        if not self.options.keep_workspaces:
+            shutil.rmtree(workdir, ignore_errors=True)
+        status = self.server.status(run_id)
+        outcome = RunOutcome(
+            task=run.task, kind=run.kind, run_index=run.run_index, attempt=run.attempt, result=result["result"],
+            duration_seconds=float(result.get("duration_seconds") or time.time() - started),
+            exit_code=result.get("exit_code"), started_at=started, cases=list(result.get("cases") or []),
+            log=status.log_path, artifacts=os.path.dirname(status.log_path) + os.sep + "artifacts",
+            message=result.get("error") or "",
+        )
+        self.finished.put((run, outcome))
+
+    def assignment(self, run: Run, run_id: str, task: dict) -> dict:
+        inputs = {}
+        for key, dependency in task["dependencies"].items():
+            if dependency["repo"] != "HEAD":
+                raise _CannotRun(f"input {key!r} comes from the repository {dependency['repo']!r}; local runs "
+                                 "cannot fetch other repositories yet (the operator will)")
+            if dependency["kind"] == "source":
+                path = os.path.join(self.source_dir, *dependency["path"].split("/")) if dependency["path"] else self.source_dir
+                if not os.path.isdir(path):
+                    raise _CannotRun(f"input {key!r}: the source folder {dependency['path']!r} does not exist")
+                inputs[key] = {"kind": "source", "path": path}
+            else:
+                produced = self.build_outputs.get(dependency["build"], {})
+                if dependency["artifact"] not in produced:
+                    raise _CannotRun(f"input {key!r}: build {dependency['build']!r} produced no artifact "
+                                     f"{dependency['artifact'] or '(its whole output)'!r}")
+                inputs[key] = {"kind": "build", "path": produced[dependency["artifact"]]}
+        return {
+            "run_id": run_id, "task": task, "commit": self.commit, "commit_message": self.commit_message,
+            "source": {"path": self.source_dir}, "inputs": inputs, "run_index": run.run_index,
+            "attempt": run.attempt, "cores": run.cores, "ram_gb": run.ram_gb,
+        }
+
+    def artifacts_of(self, run: Run) -> dict[str, str]:
+        status = self.server.status(self.run_ids[id(run)])
+        return {name: record.path for name, record in status.artifacts.items()}
+
+    def outcome_without_running(self, run: Run, result: str, message: str) -> RunOutcome:
+        return RunOutcome(task=run.task, kind=run.kind, run_index=run.run_index, attempt=run.attempt,
+                          result=result, duration_seconds=0.0, exit_code=None, started_at=time.time(),
+                          message=message)
+
+
+class _CannotRun(Exception):
+    pass
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        process.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def summarize(outcomes: list[RunOutcome]) -> dict[str, int]:
+    summary = {name: 0 for name in ("passed", "failed", "timeout", "error", "blocked", "cancelled")}
+    for outcome in final_attempts(outcomes):
+        summary[outcome.result] += 1
+    return summary
+
+
+def final_attempts(outcomes: list[RunOutcome]) -> list[RunOutcome]:
+    """The last attempt of each run: a build that passed on retry counts as passed."""
+    last: dict[tuple[str, int], RunOutcome] = {}
+    for outcome in outcomes:
+        key = (outcome.task, outcome.run_index)
+        if key not in last or outcome.attempt >= last[key].attempt:
+            last[key] = outcome
+    return list(last.values())
