@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 
 from testlooper.cli import UserError, output
@@ -55,8 +54,9 @@ def default_output_dir() -> str:
 def run(args: argparse.Namespace) -> int:
     from testlooper.local import containers
     from testlooper.local.progress import Progress
-    from testlooper.local.recording import Recorder, run_record
-    from testlooper.local.runner import Interrupted, LocalRunner, RunnerOptions, summarize
+    from testlooper.local.recording import Recorder
+    from testlooper.local.runner import RunnerOptions, summarize
+    from testlooper.local.session import run_target
     from testlooper.local.target import commit_target, working_tree_target
     from testlooper.planning import plan
 
@@ -85,25 +85,11 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(str(exc)) from None
     options = RunnerOptions(output_dir=output_dir, jobs=args.jobs, isolation=args.isolation,
                             keep_workspaces=args.keep_workspaces)
-
-    def record(outcome) -> None:
-        if recorder is not None:
-            recorder.record(run_record(outcome, target))
-
     try:
-        runner = LocalRunner(target.definitions, planned, target.source_dir, target.commit or "working-tree",
-                             target.commit_message, options, on_event=progress.event, on_outcome=record,
-                             on_tick=progress.tick)
+        result = run_target(target, planned, recorder, options, progress)
     except containers.ContainerError as exc:
         raise UserError(str(exc)) from None
-    previous_sigterm = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    interrupted = False
-    try:
-        outcomes = runner.run()
-    except Interrupted as stop:
-        outcomes, interrupted = stop.outcomes, True
-    finally:
-        signal.signal(signal.SIGTERM, previous_sigterm)
+    outcomes, interrupted = result.outcomes, result.interrupted
 
     summary = summarize(outcomes)
     comparison = _compare(recorder, target) if recorder is not None else None
@@ -121,10 +107,6 @@ def run(args: argparse.Namespace) -> int:
     if interrupted:
         return EXIT_INTERRUPTED
     return EXIT_PASSED if summary["passed"] == sum(summary.values()) else EXIT_FAILED
-
-
-def _raise_keyboard_interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 def _compare(recorder, target) -> dict | None:

@@ -140,6 +140,11 @@ class Schedule:
         waits = [r.not_before - now for r in self.runs if r.state == WAITING_RETRY and self.inputs_ready(r)]
         return max(0.0, min(waits)) if waits else math.inf
 
+    def queue_counts(self) -> tuple[int, int]:
+        """(runs waiting to start, runs running)."""
+        waiting = sum(1 for r in self.runs if r.state in (PENDING, WAITING_RETRY))
+        return waiting, sum(1 for r in self.runs if r.state == RUNNING)
+
     @property
     def done(self) -> bool:
         return all(r.state == DONE for r in self.runs)

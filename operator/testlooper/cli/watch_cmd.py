@@ -1,0 +1,179 @@
+"""`testlooper watch`: poll a repository's branches and test each new head commit, until stopped."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import threading
+import time
+
+from testlooper.cli import UserError
+
+DEFAULT_METRICS_PORT = 9464
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from testlooper.store import DEFAULT_STORE_PATH
+
+    parser = subparsers.add_parser(
+        "watch",
+        help="poll branches and test every new head commit, serving Prometheus metrics",
+        description="Poll the repository's branches and test each new head commit as its triggers say "
+        "(its changes against its first parent), recording results in the history store. Runs until "
+        "stopped (Ctrl-C or SIGTERM).",
+    )
+    parser.add_argument("path", metavar="PATH", nargs="?", default=".", help="a git repository (default: .)")
+    parser.add_argument("--branch", metavar="GLOB", dest="branches", action="append", default=[],
+                        help="branches to test (repeatable; default: every local branch)")
+    parser.add_argument("--interval", metavar="S", type=float, default=30.0, help="seconds between polls (default 30)")
+    parser.add_argument("--fetch", action="store_true",
+                        help="run `git fetch` before each poll and test the remote-tracking branches' heads too")
+    parser.add_argument("--metrics-port", metavar="P", type=int, default=DEFAULT_METRICS_PORT,
+                        help=f"serve Prometheus metrics on this port (default {DEFAULT_METRICS_PORT}; 0 turns them off)")
+    parser.add_argument("--metrics-address", metavar="ADDR", default="127.0.0.1",
+                        help="address the metrics listen on (default 127.0.0.1: this machine only)")
+    parser.add_argument("--store", metavar="URL", default="", help=f"history store (default: {DEFAULT_STORE_PATH})")
+    parser.add_argument("--runs", metavar="N", type=int, help="run each test N times instead of its own `runs`")
+    parser.add_argument("--jobs", metavar="N", type=int, default=0, help="runs at once (default: one per core)")
+    parser.add_argument("--output", metavar="DIR", help="where logs, workspaces and snapshots go")
+    parser.add_argument("--max-polls", metavar="N", type=int, default=0, help=argparse.SUPPRESS)  # for tests
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from testlooper import gitio
+    from testlooper.cli.run_cmd import default_output_dir
+    from testlooper.local.metrics import WatchMetrics
+    from testlooper.local.progress import Progress
+    from testlooper.local.recording import Recorder
+
+    if args.interval <= 0:
+        raise UserError("--interval must be more than 0 seconds")
+    repo = gitio.open_repo(args.path)
+    progress = Progress()
+    try:
+        recorder = Recorder(args.store, progress.say)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    metrics = WatchMetrics()
+    if args.metrics_port:
+        try:
+            server = metrics.serve(args.metrics_port, args.metrics_address)
+        except OSError as exc:
+            raise UserError(f"cannot serve metrics on {args.metrics_address}:{args.metrics_port}: {exc}") from None
+        progress.say(f"metrics on http://{args.metrics_address}:{server.server_port}/metrics")
+    watcher = Watcher(args, repo, recorder, metrics, progress, os.path.abspath(args.output or default_output_dir()))
+    try:
+        watcher.loop()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        recorder.close()
+    progress.say("stopped")
+    return 0
+
+
+class Watcher:
+    def __init__(self, args, repo, recorder, metrics, progress, output_dir: str):
+        self.args = args
+        self.repo = repo
+        self.recorder = recorder
+        self.metrics = metrics
+        self.progress = progress
+        self.output_dir = output_dir
+        self.seen: set[str] = set()  # heads already tested, or untestable, in this process
+        self.stopping = threading.Event()
+
+    def loop(self) -> None:
+        polls = 0
+        globs = self.args.branches or ["*"]
+        self.progress.say(f"watching {self.args.path} branches {', '.join(globs)} every {self.args.interval:g}s")
+        while True:
+            self.poll(globs)
+            polls += 1
+            if self.args.max_polls and polls >= self.args.max_polls:
+                return
+            time.sleep(self.args.interval)
+
+    def poll(self, globs: list[str]) -> None:
+        from testlooper import gitio
+
+        if self.args.fetch:
+            try:
+                self.repo.git.fetch("--prune", "--quiet")
+            except Exception as exc:  # a git host down must not stop the watcher
+                self.progress.say(f"warning: git fetch failed: {str(exc).strip().splitlines()[-1]}")
+        self.metrics.last_poll.set_to_current_time()
+        heads = gitio.branches(self.repo, globs)
+        if self.args.fetch:
+            heads.update(self.remote_heads(globs))
+        new = {}
+        for branch, sha in sorted(heads.items()):
+            if sha not in self.seen:
+                new.setdefault(sha, branch)
+        if new and self.recorder.store is not None and not self.recorder.down_reason:
+            for sha in self.already_tested(list(new)):
+                self.seen.add(sha)
+                new.pop(sha)
+        for sha, branch in new.items():
+            self.test(sha, branch)
+            self.seen.add(sha)
+
+    def remote_heads(self, globs: list[str]) -> dict[str, str]:
+        from testlooper.planning import match_glob
+
+        output = self.repo.git.for_each_ref("--format=%(objectname) %(refname:short)", "refs/remotes/")
+        heads = {}
+        for line in output.splitlines():
+            sha, name = line.split(" ", 1)
+            branch = name.split("/", 1)[-1]
+            if branch != "HEAD" and any(match_glob(glob, branch) for glob in globs):
+                heads[name] = sha
+        return heads
+
+    def already_tested(self, shas: list[str]) -> set[str]:
+        from testlooper.store import StoreUnavailable
+
+        try:
+            return self.recorder.store.tested_commits(self.recorder_repo_id(), shas)
+        except StoreUnavailable as exc:
+            self.recorder.went_down(exc)
+            return set()
+
+    def recorder_repo_id(self) -> str:
+        from testlooper.local.target import repo_identity
+
+        return repo_identity(self.repo)
+
+    def test(self, sha: str, branch: str) -> None:
+        from testlooper import gitio
+        from testlooper.definitions import DefinitionsError
+        from testlooper.local.runner import RunnerOptions, summarize
+        from testlooper.local.session import run_target
+        from testlooper.local.target import commit_target
+        from testlooper.planning import plan
+
+        self.progress.say(f"new head of {branch}: {sha[:12]}")
+        try:
+            target = commit_target(self.args.path, sha, os.path.join(self.output_dir, "sources"))
+            target.branch = branch
+            if target.definitions is None:
+                self.metrics.commits.labels("no_definitions").inc()
+                self.progress.say(f"{sha[:12]} has no definitions file: nothing to test")
+                return
+            planned = plan(target.definitions, gitio.changed_files(self.repo, sha), runs=self.args.runs)
+        except (DefinitionsError, ValueError, gitio.GitError) as exc:
+            self.metrics.commits.labels("untestable").inc()
+            self.progress.say(f"{sha[:12]} is untestable: {exc}")
+            return
+        self.progress.say(planned["reason"])
+        self.progress.total, self.progress.done = sum(t["runs"] for t in planned["tasks"]), 0
+        options = RunnerOptions(output_dir=self.output_dir, jobs=self.args.jobs)
+        result = run_target(target, planned, self.recorder, options, self.progress,
+                            on_outcome=self.metrics.outcome, on_queue=self.metrics.queued)
+        self.metrics.queued(0, 0)
+        self.metrics.commits.labels("tested").inc()
+        totals = ", ".join(f"{n} {name}" for name, n in summarize(result.outcomes).items() if n)
+        self.progress.say(f"{sha[:12]} on {branch}: {totals or 'nothing ran'}")
+        if result.interrupted:
+            raise KeyboardInterrupt

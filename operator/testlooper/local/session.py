@@ -1,0 +1,47 @@
+"""One local run of one target, shared by `testlooper run` and `testlooper watch`."""
+
+from __future__ import annotations
+
+import signal
+from dataclasses import dataclass
+
+from testlooper.local.recording import Recorder, run_record
+from testlooper.local.runner import Interrupted, LocalRunner, RunnerOptions, RunOutcome
+from testlooper.local.target import Target
+
+
+@dataclass
+class SessionResult:
+    outcomes: list[RunOutcome]
+    interrupted: bool
+
+
+def run_target(target: Target, planned: dict, recorder: Recorder | None, options: RunnerOptions, progress,
+               on_outcome=None, on_queue=None) -> SessionResult:
+    """Run a plan, recording each finished attempt as it comes; Ctrl-C and SIGTERM cancel it.
+    `on_queue(waiting, running)` hears the queue's length after every event."""
+
+    def finished(outcome: RunOutcome) -> None:
+        if recorder is not None and target.record:
+            recorder.record(run_record(outcome, target))
+        if on_outcome is not None:
+            on_outcome(outcome)
+
+    def event(kind, run, outcome) -> None:
+        progress.event(kind, run, outcome)
+        if on_queue is not None:
+            on_queue(*runner.schedule.queue_counts())
+
+    runner = LocalRunner(target.definitions, planned, target.source_dir, target.commit or "working-tree",
+                         target.commit_message, options, on_event=event, on_outcome=finished, on_tick=progress.tick)
+    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    try:
+        return SessionResult(runner.run(), interrupted=False)
+    except Interrupted as stop:
+        return SessionResult(stop.outcomes, interrupted=True)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt
