@@ -1,0 +1,1045 @@
+"""The TestLooper worker agent: runs one task of one run and reports it to the worker API.
+
+    TESTLOOPER_WORKER_TOKEN=... python3 -m testlooper.worker.agent --api URL --run-id ID --workdir DIR
+
+Standard library only, so this file and results.py, copied side by side onto a bare machine
+(a pod's init step, an EC2 instance's user data, a Windows host), run with nothing else.
+docs/worker.md describes the protocol, the workspace layout and how each failure is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+import traceback
+import urllib.parse
+import urllib.request
+import zipfile
+
+try:
+    from testlooper.worker import results
+except ImportError:  # copied alone next to results.py, without the package
+    import results
+
+TOKEN_ENV = "TESTLOOPER_WORKER_TOKEN"
+SHELL_ENV = "TESTLOOPER_SHELL"
+
+LOG_CHUNK_BYTES = 256 * 1024
+LOG_POLL_SECONDS = 0.5
+COPY_BLOCK_BYTES = 1024 * 1024
+HTTP_TIMEOUT_SECONDS = 60
+PROCESS_POLL_SECONDS = 0.1
+DEFAULT_TIMEOUT_SECONDS = 3600
+# A cleanup that follows a timeout or a cancellation gets this long, then it is killed too.
+CLEANUP_SECONDS_AFTER_STOP = 30
+# Waits between attempts to deliver the result; the last word of a run is worth ~15 s of retries.
+RESULT_RETRY_DELAYS = (0.5, 1, 2, 4, 8)
+# The log shipper gives up on a failing API only once the task is over, after this many tries.
+LOG_FINAL_ATTEMPTS = 8
+
+ARCHIVE_EXTENSIONS = {"Tar": ".tar.gz", "Zip": ".zip", "Files": ".tar"}
+
+
+class ApiError(Exception):
+    """A request to the worker API failed; ``status`` is None when no HTTP answer came back."""
+
+    def __init__(self, message, status=None, body=b""):
+        super().__init__(message)
+        self.status = status
+        self.body = body
+
+    @property
+    def permanent(self):
+        """True when asking again cannot help (bad token, unknown run, refused request)."""
+        return self.status is not None and 400 <= self.status < 500 and self.status not in (408, 409, 429)
+
+
+class InfrastructureError(Exception):
+    """Something outside the task failed (API, workspace, shell): the run is reported as ``error``."""
+
+
+class StopRequested(Exception):
+    """The run was cancelled while the workspace was being prepared."""
+
+
+class ArtifactError(Exception):
+    """An artifact the task declared cannot be packed: the task did not produce what it promised."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The worker API
+
+
+class ApiClient:
+    """Talks to ``{api}/runs/{run_id}/`` with the run's bearer token.
+
+    Each thread keeps its own keep-alive connection. Every request the agent makes is idempotent
+    (log chunks carry their offset), so a request on a connection the server had closed is simply
+    sent again once.
+    """
+
+    def __init__(self, api_url, run_id, token):
+        parts = urllib.parse.urlsplit(api_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"--api must be an http:// or https:// URL, got {api_url!r}")
+        run_path = parts.path.rstrip("/") + "/runs/" + urllib.parse.quote(run_id, safe="") + "/"
+        self.run_url = urllib.parse.urlunsplit((parts.scheme, parts.netloc, run_path, "", ""))
+        self._token = token
+        self._local = threading.local()
+
+    def request(self, method, path, body=b"", content_type="application/octet-stream"):
+        """Sends one request and returns the answer's body; raises ApiError unless it is a 2xx."""
+        response = self._send(method, urllib.parse.urljoin(self.run_url, path), body, content_type)
+        try:
+            data = response.read()
+        except (http.client.HTTPException, OSError) as error:
+            self._drop_connection()
+            raise ApiError(f"{method} {path}: {error}") from error
+        if not 200 <= response.status < 300:
+            raise ApiError(f"{method} {path}: HTTP {response.status}: {data[:200]!r}", response.status, data)
+        return data
+
+    def request_json(self, method, path, document=None):
+        body = b"" if document is None else json.dumps(document).encode("utf-8")
+        answer = self.request(method, path, body, "application/json")
+        try:
+            return json.loads(answer or b"{}")
+        except ValueError as error:
+            raise ApiError(f"{method} {path}: the answer is not JSON: {error}") from error
+
+    def upload_file(self, path, file_path):
+        with open(file_path, "rb") as body:
+            return self.request("PUT", path, body)
+
+    def download(self, url, destination, stop):
+        """Streams ``url`` (relative to the run's URL, or absolute) into the file ``destination``.
+
+        Only URLs on the API's own origin get the token; a presigned storage URL never sees it.
+        """
+        absolute = urllib.parse.urljoin(self.run_url, url)
+        if _origin(absolute) == _origin(self.run_url):
+            response = self._send("GET", absolute, b"", None)
+            if response.status != 200:
+                message = response.read()[:200]
+                raise ApiError(f"GET {url}: HTTP {response.status}: {message!r}", response.status)
+        else:
+            try:
+                response = urllib.request.urlopen(absolute, timeout=HTTP_TIMEOUT_SECONDS)
+            except OSError as error:
+                raise ApiError(f"GET {url}: {error}") from error
+        try:
+            with open(destination, "wb") as out:
+                _copy_stream(response, out, stop)
+        except (http.client.HTTPException, OSError) as error:
+            self._drop_connection()
+            raise ApiError(f"GET {url}: {error}") from error
+
+    def _send(self, method, url, body, content_type):
+        target = urllib.parse.urlsplit(url)
+        path = target.path + (f"?{target.query}" if target.query else "")
+        headers = {"Authorization": f"Bearer {self._token}", "Content-Length": str(_body_length(body))}
+        if content_type:
+            headers["Content-Type"] = content_type
+        failure = None
+        for _attempt in range(2):
+            if hasattr(body, "seek"):
+                body.seek(0)
+            connection = self._connection()
+            try:
+                connection.request(method, path, body=body, headers=headers)
+                return connection.getresponse()
+            except (http.client.HTTPException, OSError) as error:
+                self._drop_connection()
+                failure = error
+        raise ApiError(f"{method} {target.path}: {failure}") from failure
+
+    def _connection(self):
+        connection = getattr(self._local, "connection", None)
+        if connection is None:
+            parts = urllib.parse.urlsplit(self.run_url)
+            kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+            connection = kind(parts.hostname, parts.port, timeout=HTTP_TIMEOUT_SECONDS)
+            self._local.connection = connection
+        return connection
+
+    def _drop_connection(self):
+        connection = getattr(self._local, "connection", None)
+        if connection is not None:
+            connection.close()
+            self._local.connection = None
+
+
+def _origin(url):
+    parts = urllib.parse.urlsplit(url)
+    return parts.scheme, parts.netloc
+
+
+def _body_length(body):
+    return os.fstat(body.fileno()).st_size if hasattr(body, "fileno") else len(body)
+
+
+def _copy_stream(source, destination, stop):
+    while True:
+        if stop.reason:
+            raise StopRequested()
+        block = source.read(COPY_BLOCK_BYTES)
+        if not block:
+            return
+        destination.write(block)
+
+
+def artifact_url_segment(name):
+    """The path segment naming an artifact in ``PUT artifacts/{name}``.
+
+    The whole-output artifact (name ``""``) is ``_``, so a real ``_`` is sent escaped; every other
+    character outside ``[A-Za-z0-9.~-]`` is percent-encoded, and dots-only names too, so a name
+    like ``../x`` or ``..`` is never a path to anything.
+    """
+    if name == "":
+        return "_"
+    segment = urllib.parse.quote(name, safe="").replace("_", "%5F")
+    return segment.replace(".", "%2E") if set(segment) == {"."} else segment
+
+
+# ---------------------------------------------------------------------------------------------
+# Stopping early
+
+
+class StopSignal:
+    """Why the task must stop before its end: ``"timeout"`` or ``"cancelled"``, else None.
+
+    Set from the heartbeat thread and from signal handlers, so it holds plain attributes and no
+    lock: a signal handler that waited on a lock the main thread holds would deadlock.
+    """
+
+    def __init__(self):
+        self.reason = None
+        self.message = ""
+
+    def request(self, reason, message):
+        if self.reason is None:
+            self.message = message
+            self.reason = reason
+
+
+def install_signal_handlers(stop):
+    """SIGTERM/SIGINT (and Windows' CTRL_BREAK) cancel the run: the tree is killed and reported."""
+    def handle(signum, _frame):
+        stop.request("cancelled", f"the agent received {signal.Signals(signum).name}")
+
+    for name in ("SIGTERM", "SIGINT", "SIGBREAK"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), handle)
+
+
+# ---------------------------------------------------------------------------------------------
+# Background threads: heartbeat and log shipping
+
+
+class Heartbeat(threading.Thread):
+    """Posts ``heartbeat`` every few seconds; an answer asking to cancel stops the task."""
+
+    def __init__(self, api, interval_seconds, stop):
+        super().__init__(name="heartbeat", daemon=True)
+        self.phase = "starting"
+        self._api = api
+        self._interval = interval_seconds
+        self._stop_signal = stop
+        self._finished = threading.Event()
+
+    def run(self):
+        while True:
+            self._beat()
+            if self._finished.wait(self._interval):
+                return
+
+    def finish(self):
+        self._finished.set()
+        self.join()
+
+    def _beat(self):
+        try:
+            answer = self._api.request_json("POST", "heartbeat", {"phase": self.phase})
+        except ApiError as error:
+            # A run the API no longer knows (deleted, token revoked) is not worth finishing.
+            if error.permanent:
+                self._stop_signal.request("cancelled", f"the API refused the heartbeat: {error}")
+            return
+        if answer.get("cancel"):
+            self._stop_signal.request("cancelled", "cancelled through the API")
+
+
+class LogShipper(threading.Thread):
+    """Ships the log file to ``POST log?offset=N`` in bounded chunks, read back from the file.
+
+    Reading from the file rather than holding output in memory means a task printing gigabytes,
+    or an API that is slow or briefly down, costs disk space and never agent memory.
+    """
+
+    def __init__(self, api, log_path, chunk_bytes=LOG_CHUNK_BYTES):
+        super().__init__(name="log-shipper", daemon=True)
+        self.shipped_bytes = 0
+        self.error = None
+        self._api = api
+        self._path = log_path
+        self._chunk_bytes = chunk_bytes
+        self._finishing = threading.Event()
+
+    def run(self):
+        failures = 0
+        with open(self._path, "rb") as log:
+            while True:
+                finishing = self._finishing.is_set()
+                try:
+                    progressed = self._ship_chunk(log)
+                    failures = 0
+                except ApiError as error:
+                    failures += 1
+                    if error.permanent or (finishing and failures >= LOG_FINAL_ATTEMPTS):
+                        self.error = str(error)
+                        return
+                    self._finishing.wait(min(0.25 * 2 ** failures, 10))
+                    continue
+                if not progressed:
+                    if finishing:
+                        return
+                    self._finishing.wait(LOG_POLL_SECONDS)
+
+    def finish(self):
+        """Ships what is left (the caller has stopped writing) and returns an error or None."""
+        self._finishing.set()
+        self.join()
+        return self.error
+
+    def _ship_chunk(self, log):
+        """Sends the next chunk, if any; returns False when there was nothing to send."""
+        log.seek(self.shipped_bytes)
+        data = log.read(self._chunk_bytes)
+        if not data:
+            return False
+        try:
+            self._api.request("POST", f"log?offset={self.shipped_bytes}", data)
+            self.shipped_bytes += len(data)
+        except ApiError as error:
+            if error.status != 409:
+                raise
+            # The server holds less than we think (it lost data, a gap is refused): resend from
+            # the size it reports.
+            try:
+                self.shipped_bytes = int(json.loads(error.body)["size"])
+            except (ValueError, KeyError, TypeError):
+                raise error from None
+        return True
+
+
+# ---------------------------------------------------------------------------------------------
+# The workspace
+
+
+class Workspace:
+    """The directories of one run under ``--workdir`` (see docs/worker.md)."""
+
+    TASK_DIRECTORIES = ("src", "inputs", "output", "build_output", "scratch")
+
+    def __init__(self, workdir, ccache_dir=None):
+        self.root = os.path.abspath(workdir)
+        self.src = os.path.join(self.root, "src")
+        self.inputs = os.path.join(self.root, "inputs")
+        self.output = os.path.join(self.root, "output")
+        self.build_output = os.path.join(self.root, "build_output")
+        self.scratch = os.path.join(self.root, "scratch")
+        self.ccache = os.path.abspath(ccache_dir) if ccache_dir else os.path.join(self.root, "ccache")
+        self.agent_files = os.path.join(self.root, "agent")
+        self.log_path = os.path.join(self.root, "log.txt")
+        self.result_path = os.path.join(self.root, "result.json")
+
+    def open_log(self):
+        """Creates the work directory and an empty log; the log file is the agent's first output."""
+        os.makedirs(self.root, exist_ok=True)
+        return TaskLog(self.log_path)
+
+    def create_directories(self):
+        """Creates the task's directories; refuses a workdir holding another run's, because mixing
+        two runs' files would make results lie."""
+        leftovers = [name for name in self.TASK_DIRECTORIES if os.path.lexists(os.path.join(self.root, name))]
+        if leftovers:
+            raise InfrastructureError(
+                f"workdir {self.root} already holds {', '.join(leftovers)}: use a fresh one")
+        for path in (self.src, self.inputs, self.output, self.build_output, self.scratch):
+            os.makedirs(path)
+        os.makedirs(self.agent_files, exist_ok=True)
+        os.makedirs(self.ccache, exist_ok=True)  # a compiler cache outlives runs by design
+
+    def agent_path(self, name):
+        return os.path.join(self.agent_files, name)
+
+
+class TaskLog:
+    """The task's log file: commands write into it directly, the agent adds its own notes."""
+
+    def __init__(self, path):
+        open(path, "wb").close()
+        # Append mode: the agent and the commands share the file, every write must land at its end.
+        self.file = open(path, "ab")
+
+    def note(self, text):
+        self.file.write(f"[testlooper] {text}\n".encode("utf-8", "replace"))
+        self.file.flush()
+
+    def close(self):
+        self.file.close()
+
+
+def prepare_workspace(workspace, assignment, api, stop, log):
+    """Lays out the workspace: the commit's source, every input, and ``.git_commit`` files."""
+    try:
+        workspace.create_directories()
+    except OSError as error:
+        raise InfrastructureError(f"cannot create the workspace in {workspace.root}: {error}") from error
+    message = assignment.get("commit_message", "")
+    log.note("fetching the source")
+    fetch_tree(assignment["source"], workspace.src, "source", api, stop, workspace)
+    write_commit_message(workspace.src, message)
+    for key, spec in sorted(assignment.get("inputs", {}).items()):
+        log.note(f"fetching input {key!r}")
+        destination = os.path.join(workspace.inputs, checked_input_key(key))
+        fetch_tree(spec, destination, f"input {key!r}", api, stop, workspace)
+        if spec.get("kind") == "source":
+            write_commit_message(destination, message)
+
+
+def checked_input_key(key):
+    """Input keys become directory names under ``$TEST_INPUTS``: one plain name, nothing else."""
+    if key in ("", ".", "..") or any(character in key for character in "/\\:\0"):
+        raise InfrastructureError(f"input key {key!r} is not a plain directory name")
+    return key
+
+
+def fetch_tree(spec, destination, label, api, stop, workspace):
+    """Materializes a source tree or build output at ``destination``.
+
+    ``{"path": DIR}`` is copied (symlinks kept as links), ``{"path": FILE}`` is a packed artifact
+    and is unpacked, ``{"url": URL}`` is downloaded and unpacked (tar, possibly compressed, or zip).
+    """
+    try:
+        if "path" in spec:
+            _materialize_local(spec["path"], destination, label)
+        elif "url" in spec:
+            download = workspace.agent_path("download")
+            api.download(spec["url"], download, stop)
+            unpack_archive(download, destination, label)
+            os.remove(download)
+        else:
+            raise InfrastructureError(f"{label}: neither a path nor a url in the assignment")
+    except ApiError as error:
+        raise InfrastructureError(f"cannot fetch {label}: {error}") from error
+    except OSError as error:
+        raise InfrastructureError(f"cannot lay out {label}: {error}") from error
+
+
+def _materialize_local(path, destination, label):
+    if os.path.isdir(path):
+        shutil.copytree(path, destination, symlinks=True, dirs_exist_ok=True)
+    elif os.path.isfile(path):
+        unpack_archive(path, destination, label)
+    else:
+        raise InfrastructureError(f"{label}: {path} does not exist")
+
+
+def unpack_archive(archive, destination, label):
+    """Unpacks a tar (any compression) or zip, refusing members that would land outside
+    ``destination``: absolute paths, ``..``, links pointing out, device files."""
+    os.makedirs(destination, exist_ok=True)
+    try:
+        if tarfile.is_tarfile(archive):
+            with tarfile.open(archive, "r:*") as tar:
+                tar.extractall(destination, filter=strict_tar_filter)
+        elif zipfile.is_zipfile(archive):
+            with zipfile.ZipFile(archive) as packed:
+                _refuse_escaping_zip_names(packed.namelist())
+                packed.extractall(destination)
+        else:
+            raise InfrastructureError(f"{label}: not a tar or zip archive")
+    except (tarfile.TarError, zipfile.BadZipFile) as error:
+        raise InfrastructureError(f"{label}: cannot unpack: {error}") from error
+
+
+def strict_tar_filter(member, destination):
+    """tarfile's "data" filter (no escapes through ``..`` or links, no devices), except that an
+    absolute name is refused outright rather than quietly made relative."""
+    if member.name.startswith(("/", "\\")) or member.name[1:2] == ":":
+        raise tarfile.AbsolutePathError(member)
+    return tarfile.data_filter(member, destination)
+
+
+def _refuse_escaping_zip_names(names):
+    for name in names:
+        parts = name.replace("\\", "/").split("/")
+        if name.startswith(("/", "\\")) or ".." in parts or ":" in parts[0]:
+            raise InfrastructureError(f"refusing zip member {name!r}: it points outside the directory")
+
+
+def write_commit_message(tree, message):
+    with open(os.path.join(tree, ".git_commit"), "w", encoding="utf-8") as out:
+        out.write(message)
+
+
+def task_environment(workspace, assignment, base_environment):
+    """The environment of every command: the agent's own, the task's variables, then the
+    ``TEST_*`` contract (which a variable of the same name cannot override)."""
+    environment = dict(base_environment)
+    variables = assignment["task"].get("variables", {})
+    environment.update({str(name): str(value) for name, value in variables.items()})
+    environment.update({
+        "TEST_SRC_DIR": workspace.src,
+        "TEST_INPUTS": workspace.inputs,
+        "TEST_OUTPUT_DIR": workspace.output,
+        "TEST_BUILD_OUTPUT_DIR": workspace.build_output,
+        "TEST_SCRATCH_DIR": workspace.scratch,
+        "TEST_CCACHE_DIR": workspace.ccache,
+        "TEST_CORES_AVAILABLE": str(assignment.get("cores", 0)),
+        "TEST_RAM_GB_AVAILABLE": _number_text(assignment.get("ram_gb", 0)),
+        "TEST_LOOPER_TEST_ID": str(assignment.get("run_id", "")),
+        # Extensions: which of a test's `runs` this is (0-based), and which attempt of it.
+        "TEST_LOOPER_RUN_INDEX": str(assignment.get("run_index", 0)),
+        "TEST_LOOPER_ATTEMPT": str(assignment.get("attempt", 1)),
+    })
+    return environment
+
+
+def _number_text(value):
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running commands
+
+
+class CommandOutcome:
+    def __init__(self, exit_code, stopped):
+        self.exit_code = exit_code  # None when the command was killed
+        self.stopped = stopped  # None, "timeout" or "cancelled"
+
+
+class CommandRunner:
+    """Runs shell commands, each in its own process group, all writing into the task log.
+
+    Processes a command leaves behind (a server started with ``&``) live on until the task ends,
+    as they would in the task's container; ``kill_all`` then ends every one of them.
+    """
+
+    def __init__(self, shell_prefix, cwd, environment, log, kill_grace_seconds):
+        self._shell_prefix = shell_prefix
+        self._cwd = cwd
+        self._environment = environment
+        self._log = log
+        self._kill_grace = kill_grace_seconds
+        self._processes = []
+
+    def run(self, label, command, deadline, stop=None, extra_environment=None):
+        """Runs ``command`` until it exits, ``deadline`` (monotonic) passes or ``stop`` is set."""
+        self._log.note(f"{label}: {command}")
+        process = self._start(command, extra_environment or {})
+        started = time.monotonic()
+        stopped = self._wait(process, deadline, stop)
+        if stopped:
+            self._log.note(f"{label}: {stopped}, killing its processes")
+            self._kill([process])
+            # Killed for good; checking its group again at the end could only find zombies that
+            # an init which does not reap leaves behind, and wait a grace period for nothing.
+            self._processes.remove(process)
+            return CommandOutcome(None, stopped)
+        self._log.note(f"{label}: exit code {process.returncode} after {time.monotonic() - started:.1f} s")
+        return CommandOutcome(process.returncode, None)
+
+    def kill_all(self):
+        self._kill(self._processes)
+
+    def _start(self, command, extra_environment):
+        options = {"cwd": self._cwd, "env": {**self._environment, **extra_environment},
+                   "stdin": subprocess.DEVNULL, "stdout": self._log.file, "stderr": subprocess.STDOUT}
+        if os.name == "nt":
+            options["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP
+        else:
+            options["start_new_session"] = True  # its own process group, so the tree can be killed
+        try:
+            process = subprocess.Popen(shell_command_line(self._shell_prefix, command), **options)
+        except (OSError, ValueError) as error:
+            raise InfrastructureError(f"cannot start the shell {self._shell_prefix!r}: {error}") from error
+        self._processes.append(process)
+        return process
+
+    @staticmethod
+    def _wait(process, deadline, stop):
+        while True:
+            try:
+                process.wait(timeout=PROCESS_POLL_SECONDS)
+                return None
+            except subprocess.TimeoutExpired:
+                pass
+            if stop is not None and stop.reason:
+                return stop.reason
+            if time.monotonic() >= deadline:
+                return "timeout"
+
+    def _kill(self, processes):
+        if os.name == "nt":
+            _kill_trees_windows(processes)
+        else:
+            _kill_groups_posix(processes, self._kill_grace)
+
+
+def _kill_groups_posix(processes, grace_seconds):
+    """SIGTERM to each process group, then SIGKILL to those still alive after the grace period
+    (a child that ignores SIGTERM dies with its own children all the same)."""
+    alive = [process for process in processes if _group_alive(process)]
+    for process in alive:
+        _signal_group(process.pid, signal.SIGTERM)
+    give_up = time.monotonic() + grace_seconds
+    while alive and time.monotonic() < give_up:
+        time.sleep(0.05)
+        alive = [process for process in alive if _group_alive(process)]
+    for process in alive:
+        _signal_group(process.pid, signal.SIGKILL)
+    for process in processes:
+        process.wait()
+
+
+def _group_alive(process):
+    process.poll()  # reap the leader: an unreaped leader would keep its group "alive" forever
+    try:
+        os.killpg(process.pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _signal_group(group_id, signum):
+    try:
+        os.killpg(group_id, signum)
+    except ProcessLookupError:
+        pass
+
+
+def _kill_trees_windows(processes):
+    """``taskkill /T /F`` ends a process and its descendants. Windows finds descendants through
+    the parent, so leftovers of a command whose shell has already exited cannot be reached."""
+    for process in processes:
+        if process.poll() is None:
+            subprocess.run(["taskkill", "/T", "/F", "/PID", str(process.pid)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+        process.wait()
+
+
+def default_shell_prefix():
+    """``$TESTLOOPER_SHELL`` if set, else ``/bin/sh -c`` (POSIX) or ``cmd.exe /d /s /c`` (Windows)."""
+    configured = os.environ.get(SHELL_ENV, "").strip()
+    if configured:
+        return configured
+    return "cmd.exe /d /s /c" if os.name == "nt" else "/bin/sh -c"
+
+
+def shell_command_line(prefix, command):
+    """The argv (POSIX) or command line (Windows) running ``command`` through the shell ``prefix``."""
+    if os.name != "nt":
+        return shlex.split(prefix) + [command]
+    if prefix.lower().startswith("cmd"):
+        # With /s, cmd strips exactly the outer quotes and runs the rest verbatim.
+        return f'{prefix} "{command}"'
+    return f"{prefix} {subprocess.list2cmdline([command])}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Artifacts
+
+
+class PackedArtifact:
+    def __init__(self, name, archive_format, path):
+        self.name = name
+        self.archive_format = archive_format
+        self.path = path
+        self.size = os.path.getsize(path)
+
+    def summary(self):
+        return {"name": self.name, "format": self.archive_format, "size": self.size}
+
+
+def pack_artifact(artifact, base_directory, destination_without_extension):
+    """Packs one declared artifact; ``directory`` is relative to ``base_directory`` and the
+    include/exclude globs relative to that directory (see ``path_matcher``)."""
+    name, archive_format = artifact.get("name", ""), artifact.get("format") or "Tar"
+    if archive_format not in ARCHIVE_EXTENSIONS:
+        raise ArtifactError(f"artifact {name!r}: unknown format {archive_format!r} (Tar, Zip or Files)")
+    directory = _inside(base_directory, artifact.get("directory", ""), name)
+    if not os.path.isdir(directory):
+        raise ArtifactError(f"artifact {name!r}: directory {artifact.get('directory', '')!r} does not exist")
+    selected = select_files(directory, artifact.get("include_patterns") or [],
+                            artifact.get("exclude_patterns") or [])
+    path = destination_without_extension + ARCHIVE_EXTENSIONS[archive_format]
+    if archive_format == "Zip":
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=6) as packed:
+            for relative in selected:
+                packed.write(os.path.join(directory, relative), relative)
+    else:
+        mode = "w:gz" if archive_format == "Tar" else "w"
+        options = {"compresslevel": 6} if archive_format == "Tar" else {}
+        with tarfile.open(path, mode, **options) as packed:
+            for relative in selected:
+                packed.add(os.path.join(directory, relative), relative, recursive=False)
+    return PackedArtifact(name, archive_format, path)
+
+
+def _inside(base, relative, name):
+    path = os.path.realpath(os.path.join(base, relative))
+    root = os.path.realpath(base)
+    if os.path.commonpath([path, root]) != root:
+        raise ArtifactError(f"artifact {name!r}: directory {relative!r} is outside the output directory")
+    return path
+
+
+def select_files(directory, include_patterns, exclude_patterns):
+    """Relative ``/``-separated paths of the files (and symlinks) under ``directory`` that match
+    an include pattern (all do when there is none) and no exclude pattern."""
+    include = [path_matcher(pattern) for pattern in include_patterns]
+    exclude = [path_matcher(pattern) for pattern in exclude_patterns]
+    selected = []
+    for root, directories, files in os.walk(directory):
+        directories.sort()
+        links = [name for name in directories if os.path.islink(os.path.join(root, name))]
+        for name in sorted(files + links):
+            relative = os.path.relpath(os.path.join(root, name), directory).replace(os.sep, "/")
+            if include and not any(match(relative) for match in include):
+                continue
+            if not any(match(relative) for match in exclude):
+                selected.append(relative)
+    return selected
+
+
+def path_matcher(pattern):
+    """A predicate for one glob, gitignore-like: ``*`` and ``?`` stay within a path segment,
+    ``**`` spans segments, a pattern without ``/`` matches a name at any depth, and a pattern
+    matching a directory matches everything under it."""
+    pattern = pattern.strip("/")
+    regex = _glob_regex(pattern)
+    if "/" not in pattern:
+        regex = "(?:.*/)?" + regex
+    compiled = re.compile(regex + r"(?:/.*)?\Z", re.DOTALL)
+    return lambda path: compiled.match(path) is not None
+
+
+def _glob_regex(pattern):
+    parts, index = [], 0
+    while index < len(pattern):
+        if pattern.startswith("**/", index):
+            parts.append("(?:.*/)?")
+            index += 3
+        elif pattern.startswith("**", index):
+            parts.append(".*")
+            index += 2
+        elif pattern[index] == "*":
+            parts.append("[^/]*")
+            index += 1
+        elif pattern[index] == "?":
+            parts.append("[^/]")
+            index += 1
+        elif pattern[index] == "[" and "]" in pattern[index + 2:]:
+            end = pattern.index("]", index + 2)
+            body = pattern[index + 1:end]
+            parts.append("[" + ("^" + body[1:] if body.startswith("!") else body).replace("\\", "\\\\") + "]")
+            index = end + 1
+        else:
+            parts.append(re.escape(pattern[index]))
+            index += 1
+    return "".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# The task
+
+
+class TaskRun:
+    """Runs the task of an assignment in a prepared workspace: setup script, then the stages in
+    order, each followed by its cleanup and the packing and upload of its artifacts."""
+
+    def __init__(self, assignment, workspace, runner, api, stop, heartbeat, log):
+        self.task = assignment["task"]
+        self.workspace = workspace
+        self.runner = runner
+        self.api = api
+        self.stop = stop
+        self.heartbeat = heartbeat
+        self.log = log
+        self.timeout_seconds = self.task.get("timeout_seconds") or DEFAULT_TIMEOUT_SECONDS
+        self.deadline = None
+        self.first_failing_exit_code = None
+        self.artifacts = []
+        self.artifact_problems = []
+        self._packed_count = 0
+
+    @property
+    def artifact_base(self):
+        return self.workspace.build_output if self.task.get("kind") == "build" else self.workspace.output
+
+    def execute(self):
+        """Runs everything; returns True when every command that had to pass exited 0."""
+        self.deadline = time.monotonic() + self.timeout_seconds
+        passed = True
+        if self.task.get("setup_script"):
+            passed = self._step("setup_script", self.task["setup_script"])
+        stages = sorted(self.task.get("stages", []), key=lambda stage: stage.get("order", 0))
+        for number, stage in enumerate(stages, 1):
+            label = f"stage {number}/{len(stages)}"
+            if self.stop.reason:
+                self.log.note(f"{label}: not run ({self.stop.reason})")
+            elif passed or stage.get("always_run"):
+                passed = self._run_stage(label, number, stage) and passed
+            else:
+                self.log.note(f"{label}: skipped, an earlier step failed")
+        return passed and not self.artifact_problems
+
+    def _run_stage(self, label, number, stage):
+        passed = self._run_stage_commands(label, number, stage)
+        if stage.get("cleanup"):
+            self._run_cleanup(label, stage["cleanup"])
+        if self.stop.reason != "cancelled":
+            self._ship_artifacts(stage.get("artifacts", []))
+        return passed
+
+    def _run_stage_commands(self, label, number, stage):
+        if stage.get("command") and not self._step(f"{label} command", stage["command"]):
+            return False
+        if not stage.get("list_tests_command"):
+            return True
+        test_list = self.workspace.agent_path(f"tests-stage-{number}.txt")
+        if not self._step(f"{label} list_tests_command", stage["list_tests_command"],
+                          {"TEST_LOOPER_TEST_LIST_OUTPUT": test_list}):
+            return False
+        if not os.path.isfile(test_list):
+            self.log.note(f"{label}: list_tests_command did not write $TEST_LOOPER_TEST_LIST_OUTPUT")
+            return False
+        if not stage.get("run_tests_command"):
+            return True
+        return self._step(f"{label} run_tests_command", stage["run_tests_command"],
+                          {"TEST_LOOPER_TESTS_TO_RUN": test_list})
+
+    def _step(self, label, command, extra_environment=None):
+        """Runs one command that counts towards the verdict; returns True if it exited 0."""
+        if time.monotonic() >= self.deadline:
+            self.stop.request("timeout", self._timeout_message())
+        if self.stop.reason:
+            return False
+        self.heartbeat.phase = label
+        outcome = self.runner.run(label, command, self.deadline, self.stop, extra_environment)
+        if outcome.stopped == "timeout":
+            self.stop.request("timeout", self._timeout_message())
+        if outcome.exit_code not in (0, None) and self.first_failing_exit_code is None:
+            self.first_failing_exit_code = outcome.exit_code
+        return outcome.exit_code == 0
+
+    def _run_cleanup(self, label, command):
+        """Cleanup runs whatever happened; after a timeout or cancellation it gets a short grace."""
+        self.heartbeat.phase = f"{label} cleanup"
+        if self.stop.reason:
+            self.runner.run(f"{label} cleanup", command, time.monotonic() + CLEANUP_SECONDS_AFTER_STOP)
+            return
+        outcome = self.runner.run(f"{label} cleanup", command, self.deadline, self.stop)
+        if outcome.stopped == "timeout":
+            self.stop.request("timeout", self._timeout_message())
+
+    def _ship_artifacts(self, artifacts):
+        for artifact in artifacts:
+            self.heartbeat.phase = "uploading artifacts"
+            self._packed_count += 1
+            try:
+                destination = self.workspace.agent_path(f"artifact-{self._packed_count}")
+                packed = pack_artifact(artifact, self.artifact_base, destination)
+            except (ArtifactError, OSError) as error:
+                self.log.note(f"error: {error}")
+                self.artifact_problems.append(str(error))
+                continue
+            self._upload(packed)
+
+    def _upload(self, packed):
+        path = f"artifacts/{artifact_url_segment(packed.name)}?format={packed.archive_format}"
+        try:
+            self.api.upload_file(path, packed.path)
+        except ApiError as error:
+            raise InfrastructureError(f"cannot upload artifact {packed.name!r}: {error}") from error
+        self.log.note(f"uploaded artifact {packed.name!r} ({packed.archive_format}, {packed.size} bytes)")
+        os.remove(packed.path)
+        self.artifacts.append(packed.summary())
+
+    def _timeout_message(self):
+        return f"timed out after {self.timeout_seconds} s"
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole run
+
+
+def make_result(outcome, *, exit_code=None, duration_seconds=0.0, error="", cases=(), case_parse_errors=(),
+                artifacts=()):
+    return {"result": outcome, "exit_code": exit_code, "duration_seconds": round(duration_seconds, 3),
+            "error": error, "cases": list(cases), "case_parse_errors": list(case_parse_errors),
+            "artifacts": list(artifacts)}
+
+
+def fetch_assignment(api):
+    try:
+        assignment = api.request_json("GET", "assignment")
+    except ApiError as error:
+        raise InfrastructureError(f"cannot fetch the assignment: {error}") from error
+    if not isinstance(assignment, dict) or not isinstance(assignment.get("task"), dict) \
+            or "source" not in assignment:
+        raise InfrastructureError("the assignment has no task or no source")
+    return assignment
+
+
+class Agent:
+    """One run, start to end: workspace, task, results, log and the final RESULT."""
+
+    def __init__(self, options, api, stop):
+        self.options = options
+        self.api = api
+        self.stop = stop
+        self.workspace = Workspace(options.workdir, options.ccache_dir)
+
+    def run(self):
+        """Returns the RESULT; the log has been shipped (as far as the API allowed) by then."""
+        try:
+            log = self.workspace.open_log()
+        except OSError as error:
+            return make_result("error", error=f"cannot create the workspace in {self.workspace.root}: {error}")
+        shipper = LogShipper(self.api, self.workspace.log_path)
+        heartbeat = Heartbeat(self.api, self.options.heartbeat_seconds, self.stop)
+        shipper.start()
+        heartbeat.start()
+        try:
+            result = self._run_logged_guarded(log, heartbeat)
+            log.note(f"result: {result['result']}" + (f" ({result['error']})" if result["error"] else ""))
+        finally:
+            heartbeat.finish()
+            log.close()
+        shipping_error = shipper.finish()
+        if shipping_error:
+            sys.stderr.write(f"testlooper agent: the log could not be shipped completely: {shipping_error}\n")
+        return result
+
+    def _run_logged_guarded(self, log, heartbeat):
+        """A bug in the agent is still reported, as ``error``, rather than leaving the run hanging."""
+        try:
+            return self._run_logged(log, heartbeat)
+        except Exception as error:  # noqa: BLE001 - the last line of defence, the traceback is logged
+            log.note("agent failure:\n" + traceback.format_exc())
+            return make_result("error", error=f"agent failure: {error!r}")
+
+    def _run_logged(self, log, heartbeat):
+        try:
+            assignment = fetch_assignment(self.api)
+            heartbeat.phase = "preparing"
+            prepare_workspace(self.workspace, assignment, self.api, self.stop, log)
+        except StopRequested:
+            return make_result(self.stop.reason, error=self.stop.message)
+        except InfrastructureError as error:
+            log.note(f"error: {error}")
+            return make_result("error", error=str(error))
+        return self._run_task(assignment, log, heartbeat)
+
+    def _run_task(self, assignment, log, heartbeat):
+        environment = task_environment(self.workspace, assignment, os.environ)
+        runner = CommandRunner(self.options.shell, self.workspace.inputs, environment, log,
+                               self.options.kill_grace_seconds)
+        task_run = TaskRun(assignment, self.workspace, runner, self.api, self.stop, heartbeat, log)
+        started = time.monotonic()
+        try:
+            passed = task_run.execute()
+        except InfrastructureError as error:
+            log.note(f"error: {error}")
+            return make_result("error", error=str(error), duration_seconds=time.monotonic() - started,
+                               artifacts=task_run.artifacts)
+        finally:
+            runner.kill_all()
+        duration = time.monotonic() - started
+        heartbeat.phase = "collecting results"
+        cases, parse_errors = results.collect_results(self.workspace.output)
+        for message in parse_errors:
+            log.note(f"test results: {message}")
+        outcome = self.stop.reason or ("passed" if passed else "failed")
+        return make_result(outcome, exit_code=0 if outcome == "passed" else task_run.first_failing_exit_code,
+                           duration_seconds=duration, error=self._verdict_message(task_run),
+                           cases=cases, case_parse_errors=parse_errors, artifacts=task_run.artifacts)
+
+    def _verdict_message(self, task_run):
+        if self.stop.reason:
+            return self.stop.message
+        return "; ".join(task_run.artifact_problems)
+
+
+def deliver_result(api, result_path, result):
+    """Writes ``result.json`` first (so nothing is lost), then posts the RESULT with retries."""
+    try:
+        with open(result_path, "w", encoding="utf-8") as out:
+            json.dump(result, out, indent=1)
+    except OSError as error:
+        sys.stderr.write(f"testlooper agent: cannot write result.json: {error}\n")
+    for delay in (0,) + RESULT_RETRY_DELAYS:
+        time.sleep(delay)
+        try:
+            api.request_json("POST", "result", result)
+            return True
+        except ApiError as error:
+            last_error = error
+            if error.permanent:
+                break
+    sys.stderr.write(f"testlooper agent: cannot post the result ({last_error}); it is in {result_path}\n")
+    return False
+
+
+def parse_arguments(argv):
+    parser = argparse.ArgumentParser(
+        prog="testlooper-agent",
+        description=f"Run one TestLooper task. The run's token is read from ${TOKEN_ENV}.")
+    parser.add_argument("--api", required=True, help="base URL of the worker API")
+    parser.add_argument("--run-id", required=True)
+    parser.add_argument("--workdir", required=True, help="directory for the run's workspace")
+    parser.add_argument("--heartbeat-seconds", type=float, default=5.0)
+    parser.add_argument("--kill-grace-seconds", type=float, default=2.0,
+                        help="time between SIGTERM and SIGKILL when killing a process tree")
+    parser.add_argument("--ccache-dir", help="persistent compiler cache (default: WORKDIR/ccache)")
+    options = parser.parse_args(argv)
+    options.shell = default_shell_prefix()
+    return options
+
+
+def main(argv=None):
+    options = parse_arguments(argv)
+    # Popped, not read: the task's commands must never see the token that could forge its result.
+    token = os.environ.pop(TOKEN_ENV, "")
+    if not token:
+        sys.stderr.write(f"testlooper agent: ${TOKEN_ENV} is not set\n")
+        return 2
+    try:
+        api = ApiClient(options.api, options.run_id, token)
+    except ValueError as error:
+        sys.stderr.write(f"testlooper agent: {error}\n")
+        return 2
+    stop = StopSignal()
+    install_signal_handlers(stop)
+    agent = Agent(options, api, stop)
+    result = agent.run()
+    return 0 if deliver_result(api, agent.workspace.result_path, result) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

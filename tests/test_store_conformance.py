@@ -1,0 +1,214 @@
+"""One suite run against every history store: they must be interchangeable."""
+
+import os
+
+import pytest
+import redis
+
+from redis_server import RedisServer
+from testlooper import stats
+from testlooper.store import (
+    CaseResult, RunRecord, default_store_path, open_store,
+)
+from testlooper.store.sqlite import SqliteHistoryStore
+
+REPO = "org/app"
+
+
+@pytest.fixture(scope="module")
+def redis_server():
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def store(request, tmp_path):
+    if request.param == "sqlite":
+        url = f"sqlite://{tmp_path}/history.db"
+    else:
+        url = request.getfixturevalue("redis_server").url
+        with redis.Redis.from_url(url) as client:
+            client.flushdb()
+    with open_store(url) as opened:
+        yield opened
+
+
+def make_run(commit="c1", task="unit", run_index=0, attempt=0, result="passed", cases=(),
+             repo=REPO, kind="test"):
+    return RunRecord(repo=repo, commit=commit, task=task, kind=kind, run_index=run_index,
+                     attempt=attempt, result=result, duration_seconds=1.5,
+                     exit_code=0 if result == "passed" else 1, started_at=1_700_000_000.25,
+                     branch="main", cases=[CaseResult(name, ok, 0.5) for name, ok in cases])
+
+
+# -- recording and listing ---------------------------------------------------------------
+
+
+def test_runs_lists_every_attempt_without_cases_unless_asked(store):
+    store.record_runs([
+        make_run(task="unit", run_index=1, cases=[("b", True), ("a", False)], result="failed"),
+        make_run(task="unit", run_index=0, attempt=1),
+        make_run(task="unit", run_index=0, attempt=0, result="error"),
+        make_run(task="build", kind="build"),
+    ])
+    listed = store.runs(REPO, "c1")
+    assert [(r.task, r.run_index, r.attempt, r.result) for r in listed] == [
+        ("build", 0, 0, "passed"), ("unit", 0, 0, "error"), ("unit", 0, 1, "passed"),
+        ("unit", 1, 0, "failed")]
+    assert all(r.cases == [] for r in listed)
+    assert listed[3] == make_run(task="unit", run_index=1, result="failed")
+    with_cases = store.runs(REPO, "c1", with_cases=True)
+    assert with_cases[3].cases == [CaseResult("a", False, 0.5), CaseResult("b", True, 0.5)]
+    assert store.runs(REPO, "unknown") == []
+
+
+def test_rerecording_a_run_replaces_it_and_never_double_counts(store):
+    store.record_run(make_run(cases=[("a", True), ("b", False)], result="failed"))
+    store.record_run(make_run(cases=[("a", True), ("b", False)], result="failed"))
+    assert store.case_counts(REPO, ["c1"])["c1"] == {
+        ("unit", ""): (1, 1), ("unit", "a"): (1, 0), ("unit", "b"): (1, 1)}
+    store.record_run(make_run(cases=[("a", False), ("c", True)], result="failed"))
+    assert store.case_counts(REPO, ["c1"])["c1"] == {
+        ("unit", ""): (1, 1), ("unit", "a"): (1, 1), ("unit", "c"): (1, 0)}
+    assert len(store.runs(REPO, "c1")) == 1
+    assert [c.name for c in store.runs(REPO, "c1", with_cases=True)[0].cases] == ["a", "c"]
+
+
+def test_only_the_final_attempt_of_each_run_index_counts(store):
+    store.record_run(make_run(attempt=0, result="error"))
+    store.record_run(make_run(attempt=1, result="failed", cases=[("a", False)]))
+    store.record_run(make_run(attempt=2, result="passed", cases=[("a", True)]))
+    expected = {("unit", ""): (1, 0), ("unit", "a"): (1, 0)}
+    assert store.case_counts(REPO, ["c1"])["c1"] == expected
+    # An earlier attempt arriving late changes nothing.
+    store.record_run(make_run(attempt=1, result="failed", cases=[("a", False), ("z", False)]))
+    assert store.case_counts(REPO, ["c1"])["c1"] == expected
+    assert [r.attempt for r in store.runs(REPO, "c1")] == [0, 1, 2]
+
+
+def test_run_indexes_add_up_to_runs_and_failures(store):
+    store.record_runs(make_run(run_index=i, result="passed" if i % 2 else "failed",
+                               cases=[("steady", True), ("flaky", bool(i % 2))])
+                      for i in range(4))
+    assert store.case_counts(REPO, ["c1"])["c1"] == {
+        ("unit", ""): (4, 2), ("unit", "steady"): (4, 0), ("unit", "flaky"): (4, 2)}
+
+
+def test_blocked_and_cancelled_runs_do_not_count(store):
+    store.record_runs([make_run(commit="c1", result="blocked"),
+                       make_run(commit="c1", task="lint", result="cancelled")])
+    assert store.case_counts(REPO, ["c1"]) == {}
+    assert store.tested_commits(REPO, ["c1"]) == set()
+    assert len(store.runs(REPO, "c1")) == 2
+    # A cancelled final attempt takes back what the attempt before it counted.
+    store.record_run(make_run(commit="c2", attempt=0, result="failed", cases=[("a", False)]))
+    store.record_run(make_run(commit="c2", run_index=1, cases=[("a", True)]))
+    store.record_run(make_run(commit="c2", attempt=1, result="cancelled", cases=[("a", True)]))
+    assert store.case_counts(REPO, ["c2"])["c2"] == {("unit", ""): (1, 0), ("unit", "a"): (1, 0)}
+
+
+def test_a_task_without_cases_has_history_through_its_own_result(store):
+    store.record_run(make_run(task="build", kind="build", result="timeout"))
+    assert store.case_counts(REPO, ["c1"]) == {"c1": {("build", ""): (1, 1)}}
+
+
+def test_a_case_reported_twice_in_a_run_counts_once_and_fails_if_either_failed(store):
+    store.record_run(make_run(cases=[("a", True), ("a", False), ("b", True), ("b", True)]))
+    assert store.case_counts(REPO, ["c1"])["c1"] == {
+        ("unit", ""): (1, 0), ("unit", "a"): (1, 1), ("unit", "b"): (1, 0)}
+    assert store.runs(REPO, "c1", with_cases=True)[0].cases == [
+        CaseResult("a", False, 1.0), CaseResult("b", True, 1.0)]
+
+
+def test_batches_apply_like_runs_recorded_one_by_one(store):
+    batch = [
+        make_run(commit="c1", attempt=0, result="failed", cases=[("a", False)]),
+        make_run(commit="c2", cases=[("a", True)]),
+        make_run(commit="c1", attempt=1, cases=[("a", True)]),
+        make_run(commit="c1", attempt=1, cases=[("a", True), ("b", True)]),
+        make_run(commit="c1", run_index=1, result="failed", cases=[("b", False)]),
+    ]
+    store.record_runs(batch)
+    assert store.case_counts(REPO, ["c1", "c2"]) == {
+        "c1": {("unit", ""): (2, 1), ("unit", "a"): (1, 0), ("unit", "b"): (2, 1)},
+        "c2": {("unit", ""): (1, 0), ("unit", "a"): (1, 0)}}
+    assert len(store.runs(REPO, "c1")) == 3
+
+
+# -- reading -----------------------------------------------------------------------------
+
+
+def test_tested_commits_and_case_counts_cover_only_tested_commits_of_the_repo(store):
+    store.record_runs([make_run(commit="c1"), make_run(commit="c3"),
+                       make_run(commit="c2", repo="org/other"),
+                       make_run(commit="c4", result="blocked")])
+    asked = ["c4", "c3", "c2", "c1", "never-seen"]
+    assert store.tested_commits(REPO, asked) == {"c1", "c3"}
+    assert set(store.case_counts(REPO, asked)) == {"c1", "c3"}
+    assert store.tested_commits("org/other", asked) == {"c2"}
+    assert store.case_counts(REPO, []) == {}
+    assert store.repos() == ["org/app", "org/other"]
+
+
+def test_names_with_unicode_slashes_and_colons_round_trip(store):
+    repo, task = "org:team/app ü", "tests/ünït:fast"
+    names = ["tests/test_ä.py::test_ß[x/y]", "naïve::日本語", "a:b:c"]
+    store.record_run(make_run(repo=repo, commit="c1", task=task,
+                              cases=[(name, True) for name in names]))
+    store.record_run(make_run(repo=repo.replace(":", "/"), commit="c1", task=task))
+    assert store.case_counts(repo, ["c1"])["c1"] == {
+        (task, ""): (1, 0), **{(task, name): (1, 0) for name in names}}
+    assert sorted(c.name for c in store.runs(repo, "c1", with_cases=True)[0].cases) == sorted(names)
+    assert repo in store.repos()
+
+
+def test_ping_answers_when_the_store_is_up(store):
+    store.ping()
+
+
+# -- end to end with the statistics ----------------------------------------------------------
+
+
+def test_a_line_classified_from_the_store(store):
+    history = {  # commit -> (task, case outcomes per run index)
+        "c1": {"a": [True], "b": [True], "c": [False]},
+        "c3": {"a": [False], "b": [True, False], "c": [True], "d": [True]},
+        "c4": {"a": [False], "b": [True], "d": [False]},
+    }
+    for commit, cases in history.items():
+        runs = max(len(outcomes) for outcomes in cases.values())
+        store.record_runs(make_run(commit=commit, run_index=i, result="passed",
+                                   cases=[(name, outcomes[i]) for name, outcomes in cases.items()
+                                          if i < len(outcomes)])
+                          for i in range(runs))
+    line = ["c5", "c4", "c3", "c2", "c1"]  # c2 and c5 untested
+    classes = stats.classify_line(line, store.case_counts(REPO, line))
+    assert set(classes) == {"c1", "c3", "c4"}
+    assert classes["c3"] == {("unit", ""): stats.GOOD, ("unit", "a"): stats.BROKEN,
+                             ("unit", "b"): stats.FLAKY, ("unit", "c"): stats.FIXED,
+                             ("unit", "d"): stats.NEW}
+    assert classes["c4"] == {("unit", ""): stats.GOOD, ("unit", "a"): stats.BAD,
+                             ("unit", "b"): stats.GOOD, ("unit", "c"): stats.REMOVED,
+                             ("unit", "d"): stats.BROKEN}
+    rates = stats.flake_rates(line, store.case_counts(REPO, line), last_n=2)
+    assert rates[0] == stats.FlakeRate("unit", "b", 2, 1, 3, 1, 0.5)
+
+
+# -- opening ---------------------------------------------------------------------------------
+
+
+def test_open_store_understands_paths_and_urls(tmp_path, monkeypatch, redis_server):
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    assert default_store_path() == str(tmp_path / "data" / "testlooper" / "history.db")
+    with open_store(None) as store:
+        assert isinstance(store, SqliteHistoryStore)
+        assert store.path == default_store_path()
+    assert os.path.exists(default_store_path())
+    with open_store(str(tmp_path / "plain.db")) as store:
+        assert store.url == f"sqlite://{tmp_path}/plain.db"
+    with open_store(redis_server.url) as store:
+        assert store.url == redis_server.url
+    with pytest.raises(ValueError, match="three slashes"):
+        open_store("sqlite://relative.db")
+    with pytest.raises(ValueError, match="expected a path"):
+        open_store("postgres://db/history")

@@ -1,0 +1,165 @@
+"""The stores when things go wrong: Redis dying mid-run, two processes on one SQLite file."""
+
+import os
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from redis_server import RedisServer, free_port
+from testlooper.store import (
+    CaseResult, RunRecord, StoreError, StoreUnavailable, open_store, read_spool, replay_spool,
+    write_spool,
+)
+
+REPO = "org/app"
+OPERATOR_DIR = os.path.join(os.path.dirname(__file__), "..", "operator")
+
+
+def make_run(commit, run_index=0, cases=5):
+    return RunRecord(REPO, commit, "unit", "test", run_index, 0, "passed", 1.0, 0, 1.7e9, "main",
+                     [CaseResult(f"case{i}", True, 0.1) for i in range(cases)])
+
+
+def counted_runs(store, commits):
+    """How many runs of the task each commit has counted."""
+    return {sha: counts[("unit", "")][0] for sha, counts in store.case_counts(REPO, commits).items()}
+
+
+def test_redis_down_mid_run_spool_and_replay_lose_nothing(tmp_path):
+    spool = str(tmp_path / "unrecorded.jsonl")
+    runs = [make_run(f"c{i}", run_index) for i in range(4) for run_index in range(3)]
+    with RedisServer(persistent=True) as server:
+        store = open_store(server.url)
+        store.record_runs(runs[:5])
+        server.kill()
+
+        # As the local runner does: the first failure spools that run and all later ones.
+        unrecorded = runs[5:]
+        with pytest.raises(StoreUnavailable) as raised:
+            store.record_run(unrecorded[0])
+        assert str(raised.value).startswith(f"history store {server.url} is unreachable: ")
+        assert "Connection refused" in str(raised.value)
+        write_spool(spool, unrecorded[:3])
+        write_spool(spool, unrecorded[3:])
+        with pytest.raises(StoreUnavailable):
+            replay_spool(store, spool)
+        assert read_spool(spool) == unrecorded
+
+        server.start()  # same port and directory: the append-only file brings back runs[:5]
+        assert replay_spool(store, spool) == len(unrecorded)
+        assert not os.path.exists(spool)
+        assert replay_spool(store, spool) == 0
+        assert counted_runs(store, [f"c{i}" for i in range(4)]) == {f"c{i}": 3 for i in range(4)}
+        assert len(store.runs(REPO, "c3", with_cases=True)[2].cases) == 5
+        store.close()
+
+
+class FailsAfter:
+    """A store that records a number of runs and then goes down."""
+
+    def __init__(self, store, runs_before_failing):
+        self.store = store
+        self.left = runs_before_failing
+
+    def record_runs(self, runs):
+        runs = list(runs)
+        if len(runs) > self.left:
+            raise StoreUnavailable("history store test://down is unreachable: test")
+        self.left -= len(runs)
+        self.store.record_runs(runs)
+
+
+def test_a_replay_cut_short_keeps_only_the_unrecorded_runs(tmp_path, monkeypatch):
+    monkeypatch.setattr("testlooper.store.REPLAY_BATCH", 2)
+    spool = str(tmp_path / "unrecorded.jsonl")
+    runs = [make_run(f"c{i}") for i in range(5)]
+    write_spool(spool, runs)
+    with open_store(str(tmp_path / "history.db")) as store:
+        with pytest.raises(StoreUnavailable):
+            replay_spool(FailsAfter(store, 2), spool)
+        assert read_spool(spool) == runs[2:]
+        assert replay_spool(store, spool) == 3
+        assert counted_runs(store, [run.commit for run in runs]) == {run.commit: 1 for run in runs}
+
+
+def test_a_spool_line_cut_off_by_a_crash_is_skipped(tmp_path):
+    spool = tmp_path / "unrecorded.jsonl"
+    write_spool(str(spool), [make_run("c1")])
+    with open(spool, "a") as file:
+        file.write('{"repo": "org/app", "comm')
+    assert read_spool(str(spool)) == [make_run("c1")]
+    assert read_spool(str(tmp_path / "missing.jsonl")) == []
+
+
+def test_unreachable_redis_url_fails_at_open_with_a_clear_message():
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable) as raised:
+        open_store(url)
+    assert str(raised.value).startswith(f"history store {url} is unreachable: ")
+    assert "Connection refused" in str(raised.value)
+    assert time.monotonic() - started < 5
+
+
+def test_redis_url_passwords_stay_out_of_messages():
+    url = f"redis://:s3cret@127.0.0.1:{free_port()}/2"
+    with pytest.raises(StoreUnavailable) as raised:
+        open_store(url)
+    assert "s3cret" not in str(raised.value)
+    assert "/2 is unreachable" in str(raised.value)
+
+
+def test_sqlite_in_an_unusable_place_is_unavailable(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(StoreUnavailable, match="a-file"):
+        open_store(str(tmp_path / "a-file" / "history.db"))
+
+
+def test_sqlite_written_by_a_newer_testlooper_is_refused(tmp_path):
+    path = str(tmp_path / "history.db")
+    open_store(path).close()
+    with sqlite3.connect(path) as db:
+        db.execute("PRAGMA user_version = 99")
+    with pytest.raises(StoreError, match="schema version 99"):
+        open_store(path)
+
+
+WRITER = textwrap.dedent("""
+    import sys
+    from testlooper.store import CaseResult, RunRecord, open_store
+    store = open_store(sys.argv[1])
+    for i in range(int(sys.argv[2])):
+        store.record_run(RunRecord("org/app", f"c{i}", "unit", "test", 0, 0, "passed", 1.0, 0,
+                                   1.7e9, "main", [CaseResult(f"case{n}", True, 0.1)
+                                                   for n in range(200)]))
+    store.close()
+""")
+
+
+def test_sqlite_serves_a_writer_and_a_reader_in_two_processes(tmp_path):
+    path = str(tmp_path / "history.db")
+    commits = [f"c{i}" for i in range(300)]
+    open_store(path).close()
+    env = {**os.environ, "PYTHONPATH": OPERATOR_DIR}
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, path, str(len(commits))], env=env,
+                              stderr=subprocess.PIPE, text=True)
+    seen = []
+    with open_store(path) as reader:
+        while writer.poll() is None:
+            # The reader writes too, so both processes contend for the write lock.
+            reader.record_run(make_run(f"reader{len(seen)}"))
+            tested = reader.tested_commits(REPO, commits)
+            counts = reader.case_counts(REPO, commits)
+            # Each commit is written in one transaction: a reader sees all of it or none.
+            assert all(len(cases) == 201 for cases in counts.values())
+            assert set(counts) >= tested
+            seen.append(len(counts))
+        assert writer.wait() == 0, writer.stderr.read()
+        assert reader.tested_commits(REPO, commits) == set(commits)
+        assert len(reader.tested_commits(REPO, [f"reader{n}" for n in range(len(seen))])) == len(seen)
+    assert seen == sorted(seen)
+    assert len(set(seen)) > 2, "the reader should have seen the writer's progress"

@@ -1,0 +1,470 @@
+"""The worker agent, run as a real process against a real WorkerApiServer on 127.0.0.1."""
+
+from __future__ import annotations
+
+import ast
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from testlooper.worker import agent
+from worker_helpers import (AgentProcess, agent_environment, api_server, artifact, make_assignment,  # noqa: F401
+                            make_source, make_task, run_agent, stage)
+
+pytestmark = pytest.mark.skipif(os.name != "posix", reason="these tests drive POSIX shells and signals")
+
+
+@pytest.fixture
+def source(tmp_path):
+    return make_source(tmp_path / "checkout")
+
+
+def read_trace(run):
+    return (run.workdir / "scratch" / "trace").read_text().split()
+
+
+# -- verdicts and stages -------------------------------------------------------------------------
+
+
+def test_a_passing_task_is_reported_with_its_log_and_heartbeats(api_server, source, tmp_path):
+    run = run_agent(api_server, make_assignment(make_task("echo hello-from-the-task"), source), tmp_path / "work")
+
+    assert run.returncode == 0, run.stderr
+    assert run.result["result"] == "passed"
+    assert run.result["exit_code"] == 0 and run.result["error"] == ""
+    assert "hello-from-the-task" in run.log_text
+    assert run.log_text == (run.workdir / "log.txt").read_text()  # shipped completely
+    assert json.loads((run.workdir / "result.json").read_text()) == run.result
+    assert api_server.status(run.run_id).last_heartbeat is not None
+    assert [entry["name"] for entry in run.result["artifacts"]] == [""]
+
+
+def test_a_failing_task_reports_the_exit_code(api_server, source, tmp_path):
+    run = run_agent(api_server, make_assignment(make_task("echo about to fail; exit 3"), source), tmp_path / "work")
+
+    assert run.result["result"] == "failed"
+    assert run.result["exit_code"] == 3
+    assert run.returncode == 0  # the agent did its job: the result was delivered
+
+
+def test_stages_run_in_order_with_cleanups_and_always_run(api_server, source, tmp_path):
+    trace = 'echo {} >> "$TEST_SCRATCH_DIR/trace"'
+    task = make_task(setup_script=trace.format("setup"), stages=[
+        stage(trace.format("third"), order=3),
+        stage(trace.format("first"), order=1, cleanup=trace.format("first-cleanup")),
+        stage(trace.format("second") + "; exit 5", order=2, cleanup=trace.format("second-cleanup") + "; exit 9"),
+        stage(trace.format("fourth"), order=4, always_run=True),
+    ])
+
+    run = run_agent(api_server, make_assignment(task, source), tmp_path / "work")
+
+    assert read_trace(run) == ["setup", "first", "first-cleanup", "second", "second-cleanup", "fourth"]
+    assert run.result["result"] == "failed"
+    assert run.result["exit_code"] == 5  # the command's, not the cleanup's
+    assert "stage 3/4: skipped" in run.log_text
+
+
+def test_a_failing_setup_script_leaves_only_always_run_stages(api_server, source, tmp_path):
+    trace = 'echo {} >> "$TEST_SCRATCH_DIR/trace"'
+    task = make_task(setup_script="exit 7", stages=[
+        stage(trace.format("normal")), stage(trace.format("always"), order=1, always_run=True)])
+
+    run = run_agent(api_server, make_assignment(task, source), tmp_path / "work")
+
+    assert read_trace(run) == ["always"]
+    assert (run.result["result"], run.result["exit_code"]) == ("failed", 7)
+
+
+def test_listed_tests_are_handed_to_the_run_command(api_server, source, tmp_path):
+    task = make_task(stages=[stage(
+        list_tests_command='printf "test_a\\ntest_b\\n" > "$TEST_LOOPER_TEST_LIST_OUTPUT"',
+        run_tests_command='cp "$TEST_LOOPER_TESTS_TO_RUN" "$TEST_OUTPUT_DIR/ran.txt"')])
+
+    run = run_agent(api_server, make_assignment(task, source), tmp_path / "work")
+
+    assert run.result["result"] == "passed"
+    assert (run.workdir / "output" / "ran.txt").read_text() == "test_a\ntest_b\n"
+
+
+# -- what a running task sees --------------------------------------------------------------------
+
+
+def test_environment_working_directory_and_source_inputs(api_server, source, tmp_path):
+    build_output = tmp_path / "dep-build"
+    build_output.mkdir()
+    (build_output / "lib.so").write_text("binary")
+    task = make_task(
+        'src/script.sh > "$TEST_OUTPUT_DIR/script.out" && env > "$TEST_OUTPUT_DIR/env.txt" '
+        '&& pwd > "$TEST_OUTPUT_DIR/pwd.txt" && cat dep/lib.so > "$TEST_OUTPUT_DIR/dep.txt"',
+        variables={"GREETING": "hello world", "TEST_SRC_DIR": "a variable cannot hijack this"})
+    inputs = {"src": {"kind": "source", "path": str(source)}, "dep": {"kind": "build", "path": str(build_output)}}
+
+    run = run_agent(api_server, make_assignment(task, source, inputs=inputs), tmp_path / "work")
+
+    assert run.result["result"] == "passed", run.log_text
+    output, workdir = run.workdir / "output", run.workdir.resolve()
+    environment = dict(line.split("=", 1) for line in (output / "env.txt").read_text().splitlines() if "=" in line)
+    assert environment["TEST_SRC_DIR"] == str(workdir / "src")
+    assert environment["TEST_INPUTS"] == str(workdir / "inputs")
+    assert environment["TEST_OUTPUT_DIR"] == str(workdir / "output")
+    assert environment["TEST_BUILD_OUTPUT_DIR"] == str(workdir / "build_output")
+    assert environment["TEST_SCRATCH_DIR"] == str(workdir / "scratch")
+    assert environment["TEST_CCACHE_DIR"] == str(workdir / "ccache")
+    assert (environment["TEST_CORES_AVAILABLE"], environment["TEST_RAM_GB_AVAILABLE"]) == ("4", "8")
+    assert environment["TEST_LOOPER_TEST_ID"] == run.run_id
+    assert environment["GREETING"] == "hello world"
+    assert "TESTLOOPER_WORKER_TOKEN" not in environment
+    assert (output / "pwd.txt").read_text().strip() == str(workdir / "inputs")
+    assert (output / "script.out").read_text() == "script-ran-from-src\n"
+    assert (output / "dep.txt").read_text() == "binary"
+    assert (workdir / "src" / ".git_commit").read_text() == "Fix the frobnicator\n"
+    assert (workdir / "inputs" / "src" / ".git_commit").read_text() == "Fix the frobnicator\n"
+    assert not (workdir / "inputs" / "dep" / ".git_commit").exists()  # a build output is no source tree
+
+
+def test_the_token_is_never_visible_to_the_task_or_in_the_log(api_server, source, tmp_path):
+    task = make_task('env > "$TEST_OUTPUT_DIR/env.txt"; '
+                     'cat /proc/[0-9]*/cmdline 2>/dev/null | tr "\\0" " " > "$TEST_OUTPUT_DIR/cmdlines.txt"')
+    process = AgentProcess(api_server, make_assignment(task, source), tmp_path / "work")
+    token = api_server.find_run(process.run_id).token
+    run = process.finish()
+
+    assert "testlooper.worker.agent" in (run.workdir / "output" / "cmdlines.txt").read_text()
+    for seen in ("cmdlines.txt", "env.txt"):
+        assert token not in (run.workdir / "output" / seen).read_text()
+    assert token not in run.log_text and token not in run.stderr
+
+
+# -- artifacts and inputs ------------------------------------------------------------------------
+
+
+def test_build_artifacts_are_packed_in_each_format_with_include_and_exclude(api_server, source, tmp_path):
+    make_tree = ('cd "$TEST_BUILD_OUTPUT_DIR" && mkdir -p bin lib/sub logs docs && echo app > bin/app '
+                 '&& echo symbols > bin/app.debug && echo x > lib/x.so && echo y > lib/sub/y.so '
+                 '&& echo notes > lib/notes.txt && echo noise > logs/build.log && echo read > docs/readme.txt')
+    task = make_task(kind="build", stages=[stage(make_tree, artifacts=[
+        artifact("binaries", "bin", exclude=["*.debug"], format="Tar"),
+        artifact("libraries", "", include=["lib/**/*.so"], format="Zip"),
+        artifact("docs", "docs", format="Files"),
+        artifact("", "", exclude=["logs", "bin/*.debug"], format="Tar"),
+    ])])
+
+    run = run_agent(api_server, make_assignment(task, source), tmp_path / "work")
+
+    assert run.result["result"] == "passed", run.log_text
+    stored = api_server.status(run.run_id).artifacts
+    with tarfile.open(stored["binaries"].path) as packed:
+        assert packed.getnames() == ["app"]
+    with zipfile.ZipFile(stored["libraries"].path) as packed:
+        assert sorted(packed.namelist()) == ["lib/sub/y.so", "lib/x.so"]
+    assert sorted(os.listdir(stored["docs"].path)) == ["readme.txt"]
+    with tarfile.open(stored[""].path) as packed:
+        assert sorted(packed.getnames()) == [
+            "bin/app", "docs/readme.txt", "lib/notes.txt", "lib/sub/y.so", "lib/x.so"]
+    reported = {entry["name"]: entry for entry in run.result["artifacts"]}
+    assert reported["binaries"] == {"name": "binaries", "format": "Tar", "size": stored["binaries"].size}
+    assert reported["docs"]["format"] == "Files"
+
+
+def test_a_missing_or_escaping_artifact_directory_fails_the_task(api_server, source, tmp_path):
+    task = make_task(kind="build", stages=[stage("true", artifacts=[
+        artifact("missing", "not-built"), artifact("escape", "../../..")])])
+
+    run = run_agent(api_server, make_assignment(task, source), tmp_path / "work")
+
+    assert run.result["result"] == "failed"
+    assert "'missing'" in run.result["error"] and "outside the output directory" in run.result["error"]
+    assert run.result["artifacts"] == []
+
+
+def test_build_inputs_arrive_from_packed_artifacts_and_directories(api_server, source, tmp_path):
+    packed_tar, packed_zip, directory = tmp_path / "a.tar.gz", tmp_path / "b.zip", tmp_path / "c"
+    with tarfile.open(packed_tar, "w:gz") as tar:
+        add_bytes(tar, "a.txt", b"from a tar\n")
+    with zipfile.ZipFile(packed_zip, "w") as zipped:
+        zipped.writestr("nested/b.txt", "from a zip\n")
+    directory.mkdir()
+    (directory / "c.txt").write_text("from a directory\n")
+    inputs = {name: {"kind": "build", "path": str(path)}
+              for name, path in (("tarred", packed_tar), ("zipped", packed_zip), ("copied", directory))}
+    task = make_task('cat tarred/a.txt zipped/nested/b.txt copied/c.txt > "$TEST_OUTPUT_DIR/all.txt"')
+
+    run = run_agent(api_server, make_assignment(task, source, inputs=inputs), tmp_path / "work")
+
+    assert run.result["result"] == "passed", run.log_text
+    assert (run.workdir / "output" / "all.txt").read_text() == "from a tar\nfrom a zip\nfrom a directory\n"
+
+
+def test_source_and_inputs_are_fetched_by_url(api_server, source, tmp_path):
+    (source / "link-to-readme").symlink_to("README")
+    packed = tmp_path / "build.tar.gz"
+    with tarfile.open(packed, "w:gz") as tar:
+        add_bytes(tar, "tool", b"built tool\n")
+    inputs = {"src": {"kind": "source", "path": str(source)}, "built": {"kind": "build", "path": str(packed)}}
+    task = make_task('src/script.sh > "$TEST_OUTPUT_DIR/out.txt" && cat built/tool "$TEST_SRC_DIR/link-to-readme" '
+                     '>> "$TEST_OUTPUT_DIR/out.txt"')
+    assignment = make_assignment(task, source, inputs=inputs)
+
+    run = run_agent(api_server, assignment, tmp_path / "work", inputs_by_url=True)
+
+    assert api_server.find_run(run.run_id).assignment["source"] == {"url": "source"}
+    assert run.result["result"] == "passed", run.log_text
+    assert (run.workdir / "output" / "out.txt").read_text() == "script-ran-from-src\nbuilt tool\nthe project\n"
+    assert os.path.islink(run.workdir / "src" / "link-to-readme")
+    assert (run.workdir / "inputs" / "src" / ".git_commit").read_text() == "Fix the frobnicator\n"
+
+
+@pytest.mark.parametrize("member", ["../escaped.txt", "/tmp/absolute-escape.txt", "link-out"])
+def test_an_unsafe_input_archive_is_refused(api_server, source, tmp_path, member):
+    hostile = tmp_path / "hostile.tar"
+    with tarfile.open(hostile, "w") as tar:
+        if member == "link-out":
+            link = tarfile.TarInfo("link-out")
+            link.type, link.linkname = tarfile.SYMTYPE, "../../../.."
+            tar.addfile(link)
+        else:
+            add_bytes(tar, member, b"should never be written\n")
+    inputs = {"evil": {"kind": "build", "path": str(hostile)}}
+
+    run = run_agent(api_server, make_assignment(make_task("true"), source, inputs=inputs), tmp_path / "work",
+                    inputs_by_url=True)
+
+    assert run.result["result"] == "error"
+    assert "input 'evil'" in run.result["error"]
+    assert not (tmp_path / "work" / "inputs" / "escaped.txt").exists()
+    assert not Path("/tmp/absolute-escape.txt").exists()
+
+
+def add_bytes(tar, name, data):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+# -- time limits, cancellation, process trees ----------------------------------------------------
+
+
+def test_a_timeout_kills_a_tree_that_ignores_sigterm(api_server, source, tmp_path):
+    # The shell ignores SIGTERM and so does its grandchild (ignored signals survive exec).
+    command = ("trap '' TERM; sleep 1000 & echo $! > \"$TEST_SCRATCH_DIR/grandchild.pid\"; "
+               "while true; do sleep 0.1; done")
+    started = time.monotonic()
+
+    run = run_agent(api_server, make_assignment(make_task(command, timeout_seconds=1), source), tmp_path / "work")
+
+    assert run.result["result"] == "timeout"
+    assert run.result["exit_code"] is None and "timed out after 1 s" in run.result["error"]
+    assert time.monotonic() - started < 10
+    grandchild = int((run.workdir / "scratch" / "grandchild.pid").read_text())
+    assert not process_is_running(grandchild)
+
+
+def test_leftover_background_processes_live_until_the_task_ends(api_server, source, tmp_path):
+    stages = [stage('sleep 1000 & echo $! > "$TEST_SCRATCH_DIR/daemon.pid"'),
+              stage('kill -0 $(cat "$TEST_SCRATCH_DIR/daemon.pid")', order=1)]
+
+    run = run_agent(api_server, make_assignment(make_task(stages=stages), source), tmp_path / "work")
+
+    assert run.result["result"] == "passed", run.log_text  # still alive for the second stage
+    assert not process_is_running(int((run.workdir / "scratch" / "daemon.pid").read_text()))
+
+
+def process_is_running(pid):
+    """True unless the process is gone or a zombie (its parent may never reap it in a container)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            return not any(line.startswith("State:") and "Z" in line.split()[1] for line in status)
+    except FileNotFoundError:
+        return False
+
+
+def test_cancel_through_the_heartbeat(api_server, source, tmp_path):
+    task = make_task(stages=[stage("sleep 30", cleanup='echo cleaned > "$TEST_SCRATCH_DIR/trace"')])
+    process = AgentProcess(api_server, make_assignment(task, source), tmp_path / "work")
+    process.wait_for_phase("stage 1/1 command")
+    started = time.monotonic()
+
+    api_server.cancel(process.run_id)
+    run = process.finish(timeout=15)
+
+    assert run.result["result"] == "cancelled"
+    assert run.result["error"] == "cancelled through the API"
+    assert time.monotonic() - started < 5
+    assert read_trace(run) == ["cleaned"]  # cleanup runs whatever happened
+
+
+def test_sigterm_to_the_agent_cancels_the_run(api_server, source, tmp_path):
+    process = AgentProcess(api_server, make_assignment(make_task("sleep 30"), source), tmp_path / "work")
+    process.wait_for_phase("stage 1/1 command")
+
+    process.process.send_signal(signal.SIGTERM)
+    run = process.finish(timeout=15)
+
+    assert run.result["result"] == "cancelled"
+    assert "SIGTERM" in run.result["error"]
+
+
+# -- output volume -------------------------------------------------------------------------------
+
+
+def test_a_task_printing_200_mb_keeps_agent_memory_flat_and_the_log_complete(api_server, source, tmp_path):
+    size = 200_000_000
+    command = f"yes 'a line of output, as a chatty test would print it, again and again' | head -c {size}"
+    started = time.monotonic()
+
+    run = run_agent(api_server, make_assignment(make_task(command), source), tmp_path / "work", timeout=120)
+
+    elapsed = time.monotonic() - started
+    status = api_server.status(run.run_id)
+    assert run.result["result"] == "passed"
+    assert status.log_size == os.path.getsize(run.workdir / "log.txt") > size
+    with open(status.log_path, "rb") as log:
+        log.seek(-200, os.SEEK_END)
+        assert b"result: passed" in log.read()
+    assert run.peak_rss_kib < 100 * 1024
+    print(f"\n200 MB of output: agent peak RSS {run.peak_rss_kib / 1024:.1f} MiB, {elapsed:.1f} s end to end")
+
+
+# -- individual test results ---------------------------------------------------------------------
+
+
+JUNIT = ('<testsuites><testsuite name="s"><testcase classname="pkg.Mod" name="test_ok" time="0.5"/>'
+         '<testcase classname="pkg.Mod" name="test_bad"><failure message="no"/></testcase>'
+         '<testcase name="test_skip"><skipped/></testcase></testsuite></testsuites>')
+
+
+@pytest.mark.parametrize("summary", [
+    {"summary_ok": True, "summary_bad": {"success": False, "logs": ["x.log"]}},
+    [{"testName": "summary_ok", "success": True, "logs": [], "elapsed": 1.5, "startTimestamp": 0},
+     {"testName": "summary_bad", "success": False, "logs": [], "elapsed": 2.0, "startTimestamp": 0}],
+], ids=["dict", "list"])
+def test_individual_results_from_test_summary_and_junit(api_server, source, tmp_path, summary):
+    command = (f"echo '{json.dumps(summary)}' > \"$TEST_OUTPUT_DIR/testSummary.json\" && "
+               f"mkdir -p \"$TEST_OUTPUT_DIR/reports\" && echo '{JUNIT}' > \"$TEST_OUTPUT_DIR/reports/junit.xml\"")
+
+    run = run_agent(api_server, make_assignment(make_task(command), source), tmp_path / "work")
+
+    outcomes = {case["name"]: case["success"] for case in run.result["cases"]}
+    assert outcomes == {"summary_ok": True, "summary_bad": False, "pkg.Mod.test_ok": True, "pkg.Mod.test_bad": False}
+    assert run.result["case_parse_errors"] == []
+
+
+def test_malformed_result_files_are_reported_and_the_run_still_is(api_server, source, tmp_path):
+    command = ("echo '{not json' > \"$TEST_OUTPUT_DIR/testSummary.json\" && "
+               "echo '<testsuite><testcase name=\"cut\">' > \"$TEST_OUTPUT_DIR/broken.xml\"")
+
+    run = run_agent(api_server, make_assignment(make_task(command), source), tmp_path / "work")
+
+    assert run.result["result"] == "passed"
+    errors = run.result["case_parse_errors"]
+    assert len(errors) == 2
+    assert errors[0].startswith("testSummary.json:") and errors[1].startswith("broken.xml:")
+    for message in errors:
+        assert f"test results: {message}" in run.log_text
+
+
+def test_hostile_test_and_artifact_names_never_leave_the_workdir(api_server, source, tmp_path):
+    names = ["../../../../escaped", "a/b/c", "名前/ü", "..", "/etc/passwd", "C:\\Windows"]
+    artifacts = [artifact(name) for name in ("../../escaped-artifact", "a/b", "名前", "_", "..")]
+    (source / "summary.json").write_text(json.dumps({name: True for name in names}))
+    command = 'cp "$TEST_SRC_DIR/summary.json" "$TEST_OUTPUT_DIR/testSummary.json"'
+    before = set(os.listdir(tmp_path))
+
+    run = run_agent(api_server, make_assignment(make_task(stages=[stage(command, artifacts=artifacts)]), source),
+                    tmp_path / "work")
+
+    assert run.result["result"] == "passed", run.log_text
+    assert sorted(case["name"] for case in run.result["cases"]) == sorted(names)
+    assert set(os.listdir(tmp_path)) - before == {"work", "artifacts", f"{run.run_id}.stderr"}
+    artifact_directory = Path(api_server.status(run.run_id).log_path).parent / "artifacts"
+    stored = api_server.status(run.run_id).artifacts
+    assert sorted(stored) == sorted(entry["name"] for entry in artifacts)
+    for record in stored.values():
+        assert Path(record.path).parent == artifact_directory
+    assert sorted(os.listdir(tmp_path / "artifacts")) == [run.run_id]
+
+
+# -- infrastructure failures ---------------------------------------------------------------------
+
+
+def test_a_shell_that_cannot_start_is_an_error(api_server, source, tmp_path):
+    run = run_agent(api_server, make_assignment(make_task("true"), source), tmp_path / "work",
+                    env={"TESTLOOPER_SHELL": "/no/such/shell -c"})
+
+    assert run.result["result"] == "error"
+    assert "cannot start the shell" in run.result["error"]
+
+
+def test_a_used_workdir_is_refused(api_server, source, tmp_path):
+    (tmp_path / "work" / "output").mkdir(parents=True)
+
+    run = run_agent(api_server, make_assignment(make_task("true"), source), tmp_path / "work")
+
+    assert run.result["result"] == "error"
+    assert "already holds output" in run.result["error"]
+
+
+def test_a_rejected_token_leaves_the_result_in_result_json(api_server, source, tmp_path):
+    run = run_agent(api_server, make_assignment(make_task("touch should-not-run"), source), tmp_path / "work",
+                    token="not-the-token")
+
+    assert run.returncode == 1
+    assert run.result is None and api_server.status(run.run_id).log_size == 0  # nothing accepted
+    kept = json.loads((run.workdir / "result.json").read_text())
+    assert kept["result"] == "error" and "HTTP 401" in kept["error"]
+    assert "cannot post the result" in run.stderr
+    assert not (run.workdir / "inputs").exists()
+
+
+# -- standard library only -----------------------------------------------------------------------
+
+
+WORKER_DIR = Path(agent.__file__).parent
+
+
+@pytest.mark.parametrize("module", ["agent.py", "results.py"])
+def test_worker_modules_import_only_the_standard_library(module):
+    allowed_own = {"results", "testlooper.worker", "testlooper.worker.results"}
+    for name in imported_modules(WORKER_DIR / module):
+        assert name in allowed_own or name.split(".")[0] in sys.stdlib_module_names, f"{module} imports {name}"
+
+
+def imported_modules(path):
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, "relative imports break the copied-alone agent"
+            yield node.module
+
+
+def test_the_agent_runs_when_copied_alone_next_to_results(api_server, source, tmp_path):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for module in ("agent.py", "results.py"):
+        shutil.copy(WORKER_DIR / module, bare / module)
+    assignment = make_assignment(make_task('echo \'{"alone": true}\' > "$TEST_OUTPUT_DIR/testSummary.json"'), source)
+    token = api_server.register_run("bare-run", assignment)
+    environment = {key: value for key, value in agent_environment(token).items() if key != "PYTHONPATH"}
+
+    # -E -s: no PYTHONPATH, no user site; only the script's own directory is importable.
+    completed = subprocess.run(
+        [sys.executable, "-E", "-s", str(bare / "agent.py"), "--api", api_server.url, "--run-id", "bare-run",
+         "--workdir", str(tmp_path / "work"), "--heartbeat-seconds", "0.2"],
+        env=environment, capture_output=True, text=True, timeout=60)
+
+    assert completed.returncode == 0, completed.stderr
+    result = api_server.wait_result("bare-run", 0)
+    assert result["result"] == "passed"
+    assert result["cases"] == [{"name": "alone", "success": True, "duration_seconds": None}]
