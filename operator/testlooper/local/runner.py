@@ -110,13 +110,17 @@ class LocalRunner:
         self.server = WorkerApiServer(artifact_root=self.runs_dir)
         self.server.start()
         try:
+            announcements: list[tuple[Run, RunOutcome, Run | None]] = []
             while True:
-                now = time.time()
-                actions = self.schedule.next_actions(now)
+                actions = self.schedule.next_actions(time.time())
                 for run in actions.blocked:
-                    self.complete(run, self.outcome_without_running(run, "blocked", run.reason))
+                    announcements.append(self.settle(run, self.outcome_without_running(run, "blocked", run.reason)))
                 for run in actions.start:
                     self.start(run)
+                # Recording and printing come after the next runs started, so they never hold a slot idle.
+                for announcement in announcements:
+                    self.announce(*announcement)
+                announcements = []
                 if self.schedule.done:
                     break
                 wait = min(self.schedule.seconds_until_next_retry(time.time()), 1.0)
@@ -125,7 +129,7 @@ class LocalRunner:
                 except queue.Empty:
                     self.on_tick()
                     continue
-                self.complete(run, outcome)
+                announcements.append(self.settle(run, outcome))
         except KeyboardInterrupt:
             self.cancel_everything()
             raise Interrupted(self.outcomes) from None
@@ -137,15 +141,22 @@ class LocalRunner:
     def runs_dir(self) -> str:
         return os.path.join(self.options.output_dir, "runs")
 
-    def complete(self, run: Run, outcome: RunOutcome) -> None:
+    def settle(self, run: Run, outcome: RunOutcome) -> tuple[Run, RunOutcome, Run | None]:
+        """The scheduler learns the result (fast); returns what `announce` reports later."""
         retry = self.schedule.finished(run, outcome.result, time.time())
         if run.kind == "build" and outcome.result == "passed":
             self.build_outputs[run.task] = self.artifacts_of(run)
+        return run, outcome, retry
+
+    def announce(self, run: Run, outcome: RunOutcome, retry: Run | None) -> None:
         self.outcomes.append(outcome)
         self.on_outcome(outcome)
         self.on_event("finished", run, outcome)
         if retry is not None:
             self.on_event("retry", retry, outcome)
+
+    def complete(self, run: Run, outcome: RunOutcome) -> None:
+        self.announce(*self.settle(run, outcome))
 
     def cancel_everything(self) -> None:
         """Ctrl-C: stop what runs (each agent kills its task's process tree), record all as cancelled."""
@@ -197,7 +208,8 @@ class LocalRunner:
                 self.finished.put((run, self.outcome_without_running(run, "error", str(exc))))
                 return
             environment[containers.SHELL_ENV] = containers.shell_prefix(self.engine, image, task, workdir, run_id)
-        command = [sys.executable, "-m", "testlooper.worker.agent", "--api", self.server.url, "--run-id", run_id,
+        # -S: the agent needs only the standard library, and skipping site-packages starts it faster.
+        command = [sys.executable, "-S", "-m", "testlooper.worker.agent", "--api", self.server.url, "--run-id", run_id,
                    "--workdir", workdir, "--heartbeat-seconds", str(self.options.heartbeat_seconds)]
         agent_log = open(os.path.join(self.runs_dir, safe_file_name(run_id), "agent.log"), "wb")
         started = time.time()
@@ -218,34 +230,48 @@ class LocalRunner:
 
     def watch(self, run: Run, run_id: str, process: subprocess.Popen, agent_log, started: float,
               deadline: float, workdir: str) -> None:
-        """Waits for one agent; a worker that outlives its task's deadline is dead."""
+        """Waits for one agent's result; a worker that dies, or outlives its task's deadline, is an error.
+
+        The outcome is handed over as soon as the result arrives: the agent's last moments
+        (threads joining, exit) and the workspace clean-up overlap the next run.
+        """
+        result = None
         message = ""
-        try:
-            process.wait(timeout=max(1.0, deadline - time.time()))
-        except subprocess.TimeoutExpired:
-            _kill_group(process)
-            message = "the worker stopped responding and was killed after the task's timeout"
-        finally:
-            agent_log.close()
-        result = self.server.wait_result(run_id, timeout=2.0)
+        while result is None:
+            result = self.server.wait_result(run_id, timeout=0.2)
+            if result is not None:
+                break
+            if process.poll() is not None:
+                result = self.server.wait_result(run_id, timeout=2.0)  # posted just before it exited?
+                break
+            if time.time() > deadline:
+                _kill_group(process)
+                message = "the worker stopped responding and was killed after the task's timeout"
+                break
         if result is None:
+            process.wait()
             message = message or (f"the worker exited with status {process.returncode} without reporting a result "
                                   f"(its own log: {os.path.join(self.runs_dir, safe_file_name(run_id), 'agent.log')})")
             result = {"result": "error", "exit_code": None, "duration_seconds": time.time() - started,
                       "error": message, "cases": []}
-        if self.engine:
-            containers.remove_run_containers(self.engine, run_id)
-        if not self.options.keep_workspaces:
-            shutil.rmtree(workdir, ignore_errors=True)
         status = self.server.status(run_id)
         outcome = RunOutcome(
             task=run.task, kind=run.kind, run_index=run.run_index, attempt=run.attempt, result=result["result"],
             duration_seconds=float(result.get("duration_seconds") or time.time() - started),
             exit_code=result.get("exit_code"), started_at=started, cases=list(result.get("cases") or []),
-            log=status.log_path, artifacts=os.path.dirname(status.log_path) + os.sep + "artifacts",
+            log=status.log_path, artifacts=os.path.join(os.path.dirname(status.log_path), "artifacts"),
             message=result.get("error") or "",
         )
         self.finished.put((run, outcome))
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            _kill_group(process)
+        agent_log.close()
+        if self.engine:
+            containers.remove_run_containers(self.engine, run_id)
+        if not self.options.keep_workspaces:
+            shutil.rmtree(workdir, ignore_errors=True)
 
     def assignment(self, run: Run, run_id: str, task: dict) -> dict:
         inputs = {}
