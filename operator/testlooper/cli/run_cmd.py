@@ -121,7 +121,8 @@ def _compare(recorder, target) -> dict | None:
     except StoreUnavailable as exc:
         recorder.went_down(exc)
         return None
-    return {"previous": history.previous_tested(target.commit), "classes": history.classes.get(target.commit, {})}
+    return {"previous": history.previous_tested(target.commit), "classes": history.classes.get(target.commit, {}),
+            "counts": history.counts.get(target.commit, {})}
 
 
 def render_summary(outcomes, summary, comparison, output_dir, recorder, styler: output.Styler) -> str:
@@ -158,18 +159,31 @@ def render_summary(outcomes, summary, comparison, output_dir, recorder, styler: 
 
 
 def _render_comparison(comparison, styler) -> list[str]:
+    """Cases worth a look: every class but `good`; a `new` case shows its state when it is not good."""
+    from testlooper.stats import case_state
+
     previous = comparison["previous"]
-    notable = sorted((k, cls) for k, cls in comparison["classes"].items() if cls in NOTABLE_CLASSES and (cls != "new" or previous))
+    rows = []
+    for key, cls in sorted(comparison["classes"].items()):
+        if cls == "new":
+            state = case_state(*comparison["counts"][key]) if key in comparison["counts"] else "good"
+            if state == "good":
+                continue
+            cls = f"new, {state}"
+        if cls in NOTABLE_CLASSES or cls.startswith("new"):
+            rows.append((key, cls))
     lines = [""]
     if previous is None:
         lines.append("first tested commit of this branch in the history: nothing to compare with yet")
-        notable = [(k, cls) for k, cls in notable if cls != "new"]
     else:
-        lines.append(f"compared with {previous[:12]}, the nearest earlier tested commit:")
-    if not notable and previous is not None:
-        lines.append("  no case changed state")
-    for (task, case), cls in notable:
-        lines.append(f"  {styler(f'{cls:<8}', CLASS_STYLES.get(cls))} {task}" + (f" :: {case}" if case else ""))
+        lines.append(f"compared with the nearest earlier tested commit ({previous[:12]}):")
+    if not rows:
+        lines.append("  no case changed state" if previous is not None else "  every case passed")
+    for (task, case), cls in rows:
+        style = CLASS_STYLES.get(cls.split(", ")[-1])
+        runs, failures = comparison["counts"].get((task, case), (0, 0))
+        tally = f" ({runs - failures}/{runs} runs passed)" if runs else ""
+        lines.append(f"  {styler(f'{cls:<10}', style)} {task}" + (f" :: {case}" if case else "") + tally)
     return lines
 
 
