@@ -1,0 +1,66 @@
+"""`testlooper flaky`: a branch's cases ranked by flake rate over its last tested commits."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+
+from testlooper.cli import UserError, output
+from testlooper.cli.history_cmd import (
+    BranchLine, add_branch_arguments, branch_line, no_history_message, open_history_store, tested_aggregates,
+)
+
+DEFAULT_LAST = 50
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "flaky",
+        help="rank a branch's cases by flake rate over its last tested commits",
+        description="Rank the cases of a branch's last N tested commits (first-parent line) by flake "
+        "rate: the share of the commits that ran the case on which it both passed and failed. A case "
+        "failing every run is bad, not flaky, and has rate 0.",
+    )
+    add_branch_arguments(parser)
+    parser.add_argument("--last", metavar="N", type=int, default=DEFAULT_LAST,
+                        help=f"look at the last N tested commits (default: {DEFAULT_LAST})")
+    parser.add_argument("--json", action="store_true", help="print the flaky cases as JSON")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from testlooper import stats
+
+    if args.last < 1:
+        raise UserError("--last must be at least 1")
+    target = branch_line(args.path, args.branch, args.last)
+    with open_history_store(args.store) as store:
+        commits = tested_aggregates(store, target.repo_id, target.line, args.last, globs=[])
+        counts = dict(itertools.islice(commits, args.last))
+        store_url = store.url
+    flaky = [rate for rate in stats.flake_rates(list(counts), counts, args.last) if rate.flake_rate > 0]
+    if args.json:
+        print(json.dumps([dataclasses.asdict(rate) for rate in flaky], indent=2, sort_keys=True,
+                         ensure_ascii=False))
+    elif not counts:
+        print(no_history_message(target, store_url, globs=[]))
+    elif not flaky:
+        print(f"no flaky cases in the last {_tested_commits(len(counts))} of {target.branch}")
+    else:
+        print(render(target, flaky, len(counts), output.Styler(output.colour_wanted())))
+    return 0
+
+
+def render(target: BranchLine, flaky: list, tested: int, styler: output.Styler) -> str:
+    title = f"Flaky cases of {target.branch} of {target.repo_id}, over its last {_tested_commits(tested)}:"
+    rows = [[str(rank), rate.task, rate.case or "(task)", output.Cell(f"{rate.flake_rate:.1%}", "yellow"),
+             f"{rate.flaky_commits}/{rate.commits_tested}", f"{rate.failures}/{rate.runs}"]
+            for rank, rate in enumerate(flaky, start=1)]
+    headers = ["#", "TASK", "CASE", "FLAKE RATE", "FLAKY COMMITS", "FAILED RUNS"]
+    return output.heading(title, styler) + "\n\n" + output.table(headers, rows, styler)
+
+
+def _tested_commits(number: int) -> str:
+    return "tested commit" if number == 1 else f"{number} tested commits"

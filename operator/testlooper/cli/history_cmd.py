@@ -1,0 +1,266 @@
+"""`testlooper history`: each task's result on a branch's recent tested commits, and the cases
+that need a look on the newest one.
+
+Also the pieces `testlooper flaky` shares: the branch's first-parent line, the store, and
+reading tested commits in batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from dataclasses import dataclass
+from typing import Iterator
+
+from testlooper.cli import UserError, output
+from testlooper.cli.run_cmd import CLASS_STYLES
+
+DEFAULT_LIMIT = 20
+# How far back along the first parents to look for tested commits: untested ones (left out by
+# triggers, still queued) are passed over, but a long branch is not walked to its root.
+WALK_PER_TESTED_COMMIT, MAX_WALK = 50, 10_000
+# Wider grids are printed in blocks of this many task columns, each repeating the commits.
+MAX_TASK_COLUMNS = 8
+MESSAGE_WIDTH = 40
+# A case's state on one commit (testlooper.stats.case_state) as a grid cell shows it.
+STATE_CELLS = {"good": ("passed", "green"), "bad": ("failed", "red"), "flaky": ("flaky", "yellow")}
+# The order of the list under the grid: problems first, then changes for the better.
+CLASS_ORDER = ("broken", "bad", "flaky", "new", "fixed", "removed")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "history",
+        help="show each task's results on a branch's recent tested commits",
+        description="Show the last tested commits of a branch's first-parent line, newest first, with "
+        "each task's own result on each (runs passed / runs), then the cases that are broken, bad, "
+        "flaky, new and failing, fixed or removed on the newest tested commit.",
+    )
+    add_branch_arguments(parser)
+    parser.add_argument("--test", metavar="GLOB", dest="tests", action="append", default=[],
+                        help="only the tasks whose names match GLOB (repeatable)")
+    parser.add_argument("--limit", metavar="N", type=int, default=DEFAULT_LIMIT,
+                        help=f"show the last N tested commits (default: {DEFAULT_LIMIT})")
+    parser.add_argument("--json", action="store_true", help="print the history as JSON")
+    parser.set_defaults(run=run)
+
+
+def add_branch_arguments(parser: argparse.ArgumentParser) -> None:
+    """PATH, --branch and --store, as `history` and `flaky` both take them."""
+    from testlooper.store import DEFAULT_STORE_PATH
+
+    parser.add_argument("path", metavar="PATH", nargs="?", default=".",
+                        help="the top of a git repository (default: .)")
+    parser.add_argument("--branch", metavar="BRANCH",
+                        help="the branch (or any revision) whose first-parent line to read "
+                        "(default: the checked-out branch, HEAD)")
+    parser.add_argument("--store", metavar="URL", default="",
+                        help=f"history store: a path or sqlite:///ABS/PATH.db, or redis://HOST:PORT/DB "
+                        f"(default: {DEFAULT_STORE_PATH})")
+
+
+@dataclass
+class BranchLine:
+    repo: object  # the git.Repo
+    repo_id: str  # the repository's name in the history store
+    branch: str
+    line: list[str]  # first-parent shas from the branch's tip, newest first, tested or not
+
+
+def branch_line(path: str, branch: str | None, tested_wanted: int) -> BranchLine:
+    """The first-parent line of `branch`, deep enough to hold `tested_wanted` tested commits
+    when at most one commit in WALK_PER_TESTED_COMMIT was tested."""
+    from testlooper import gitio
+    from testlooper.local.target import current_branch, repo_identity
+
+    repo = gitio.open_repo(path)
+    branch = branch or current_branch(repo) or "HEAD"
+    depth = max(tested_wanted, min(WALK_PER_TESTED_COMMIT * tested_wanted, MAX_WALK))
+    return BranchLine(repo, repo_identity(repo), branch, gitio.first_parent_line(repo, branch, depth))
+
+
+def open_history_store(url: str):
+    from testlooper.store import open_store
+
+    try:
+        return open_store(url or None)
+    except ValueError as exc:  # a malformed URL
+        raise UserError(str(exc)) from None
+
+
+def tested_aggregates(store, repo_id: str, line: list[str], batch: int,
+                      globs: list[str]) -> Iterator[tuple[str, dict]]:
+    """`(sha, aggregates)` of each commit of `line` that ran a task matching `globs` (any task
+    without globs), newest first, with only those tasks' cases.
+
+    Commits are read `batch` at a time, and only as far as the caller iterates: a line's
+    commits can hold millions of cases in all, and most callers need a few dozen commits.
+    """
+    tested = store.tested_commits(repo_id, line)
+    shas = [sha for sha in line if sha in tested]
+    for start in range(0, len(shas), batch):
+        chunk = shas[start:start + batch]
+        counts = store.case_counts(repo_id, chunk)
+        for sha in chunk:
+            aggregates = _select_tasks(counts.get(sha, {}), globs)
+            if aggregates:
+                yield sha, aggregates
+
+
+def _select_tasks(aggregates: dict, globs: list[str]) -> dict:
+    from testlooper.planning import match_glob
+
+    if not globs:
+        return aggregates
+    # Match each task once, not each of its (possibly thousands of) cases.
+    tasks = {task for task, _ in aggregates}
+    wanted = {task for task in tasks if any(match_glob(glob, task) for glob in globs)}
+    return {key: value for key, value in aggregates.items() if key[0] in wanted}
+
+
+@dataclass
+class ShownHistory:
+    line: list[str]  # from the branch's tip down to the oldest shown commit, tested or not
+    counts: dict  # sha -> {(task, case): (runs, failures)}, the shown commits, newest first
+    classes: dict  # sha -> {(task, case): class}, the shown commits
+
+
+def load_shown_history(store, target: BranchLine, limit: int, globs: list[str]) -> ShownHistory:
+    """The newest `limit` tested commits and their classes."""
+    from testlooper import stats
+
+    # One read covers the shown commits and, when every commit runs every task, the earlier
+    # results they are classified against.
+    commits = tested_aggregates(store, target.repo_id, target.line, limit + 1, globs)
+    shown = dict(itertools.islice(commits, limit))
+    if not shown:
+        return ShownHistory([], {}, {})
+    tasks = {task for aggregates in shown.values() for task, _ in aggregates}
+    classes = stats.classify_line(target.line, {**shown, **_earlier_results(commits, tasks)})
+    oldest = target.line.index(next(reversed(shown)))
+    return ShownHistory(target.line[:oldest + 1], shown, {sha: classes[sha] for sha in shown})
+
+
+def _earlier_results(commits: Iterator[tuple[str, dict]], tasks: set[str]) -> dict:
+    """For each of `tasks`, its results on the newest of `commits` that ran it.
+
+    A task's cases are classified against the task's previous run however far back it is (a
+    trigger may run a task on few commits), so this reads on until every task has a previous
+    run or the line ends; the other tasks' cases on those commits are left out, as they do
+    not change the classes of the shown commits.
+    """
+    waiting = set(tasks)
+    earlier = {}
+    for sha, aggregates in commits:
+        found = {key: value for key, value in aggregates.items() if key[0] in waiting}
+        if found:
+            earlier[sha] = found
+            waiting -= {task for task, _ in found}
+        if not waiting:
+            break
+    return earlier
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.limit < 1:
+        raise UserError("--limit must be at least 1")
+    target = branch_line(args.path, args.branch, args.limit)
+    with open_history_store(args.store) as store:
+        history = load_shown_history(store, target, args.limit, args.tests)
+        store_url = store.url
+    if args.json:
+        print(json.dumps(history_json(target, history), indent=2, sort_keys=True, ensure_ascii=False))
+    elif not history.counts:
+        print(no_history_message(target, store_url, args.tests))
+    else:
+        print(render(target, history, args.tests, output.Styler(output.colour_wanted())))
+    return 0
+
+
+def no_history_message(target: BranchLine, store_url: str, globs: list[str]) -> str:
+    tasks = f" of tasks matching {', '.join(globs)}" if globs else ""
+    return (f"No results{tasks} for {target.branch} of {target.repo_id} in the history store {store_url}: "
+            f"none of its last {_count(len(target.line), 'commit')} was tested.")
+
+
+def history_json(target: BranchLine, history: ShownHistory) -> dict:
+    tasks: dict[str, dict[str, list]] = {}
+    for sha, aggregates in history.counts.items():
+        classes = history.classes[sha]
+        for (task, case), (runs, failures) in aggregates.items():
+            tasks.setdefault(task, {}).setdefault(case, []).append(
+                {"commit": sha, "runs": runs, "failures": failures, "class": classes[task, case]})
+    commits = [{"sha": sha, "message": _subject(target.repo, sha), "tested": sha in history.counts}
+               for sha in history.line]
+    return {"repo": target.repo_id, "branch": target.branch, "commits": commits, "tasks": tasks}
+
+
+def render(target: BranchLine, history: ShownHistory, globs: list[str], styler: output.Styler) -> str:
+    tested = len(history.counts)
+    untested = len(history.line) - tested
+    title = f"{target.branch} of {target.repo_id}: {_count(tested, 'tested commit')}, newest first"
+    if untested:
+        title += f" ({_count(untested, 'untested commit')} left out)"
+    if globs:
+        title += f"; tasks matching {', '.join(globs)}"
+    return "\n\n".join([output.heading(title, styler), _grid(target, history, styler),
+                        _notable_cases(history, styler)])
+
+
+def _grid(target: BranchLine, history: ShownHistory, styler: output.Styler) -> str:
+    """Commits as rows, tasks as columns, in blocks of MAX_TASK_COLUMNS tasks."""
+    tasks = sorted({task for aggregates in history.counts.values() for task, _ in aggregates})
+    commit_cells = {sha: [sha[:12], _truncate(_subject(target.repo, sha), MESSAGE_WIDTH)]
+                    for sha in history.counts}
+    blocks = []
+    for start in range(0, len(tasks), MAX_TASK_COLUMNS):
+        block = tasks[start:start + MAX_TASK_COLUMNS]
+        rows = [commit_cells[sha] + [_result_cell(aggregates.get((task, ""))) for task in block]
+                for sha, aggregates in history.counts.items()]
+        blocks.append(output.table(["COMMIT", "MESSAGE", *block], rows, styler))
+    return "\n\n".join(blocks)
+
+
+def _notable_cases(history: ShownHistory, styler: output.Styler) -> str:
+    """Every case of the newest tested commit whose class is not `good`, except new cases that
+    passed: on a first tested commit every case is new, and a new passing case needs no look."""
+    newest, aggregates = next(iter(history.counts.items()))
+    notable = sorted(
+        (CLASS_ORDER.index(class_), task, case, class_)
+        for (task, case), class_ in history.classes[newest].items()
+        if class_ != "good" and not (class_ == "new" and aggregates[task, case][1] == 0)
+    )
+    if not notable:
+        return f"Every case passed on {newest[:12]}, the newest tested commit."
+    rows = [[output.Cell(class_, CLASS_STYLES.get(class_)), task if not case else f"{task} :: {case}",
+             _result_cell(aggregates.get((task, case)))]
+            for _, task, case, class_ in notable]
+    heading = f"On {newest[:12]}, the newest tested commit, against each task's previous results:"
+    return output.heading(heading, styler) + "\n" + output.table(["CLASS", "CASE", "RESULT"], rows, styler)
+
+
+def _result_cell(counts: tuple[int, int] | None) -> output.Cell:
+    """`passed 6/6`, `failed 0/1`, `flaky 4/6` (runs passed / runs), or `-` when not run."""
+    from testlooper.stats import case_state
+
+    if counts is None:
+        return output.Cell("-")
+    runs, failures = counts
+    word, style = STATE_CELLS[case_state(runs, failures)]
+    return output.Cell(f"{word} {runs - failures}/{runs}", style)
+
+
+def _subject(repo, sha: str) -> str:
+    """The first line of the commit's message."""
+    from testlooper import gitio
+
+    return gitio.commit_message(repo, sha).strip().split("\n", 1)[0]
+
+
+def _truncate(text: str, width: int) -> str:
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
