@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 
-from .substitution import substitute, whole_reference
+from .substitution import split_references, substitute, whole_reference
 from .yamlload import PDict, PList, error_at
 
 # Values a whole expansion may produce before it is refused (a cross product can explode).
@@ -40,6 +40,16 @@ def variable_value(value):
 class MacroExpander:
     def __init__(self):
         self.produced = 0
+        self._last_scope: tuple[dict | None, bool] = (None, False)
+
+    def strings_only(self, variables: dict) -> bool:
+        """Whether every active variable is a string, so a plain `dict.get` can do the lookups.
+        Remembered for the last scope asked about: a whole subtree expands in one scope."""
+        scope, answer = self._last_scope
+        if scope is not variables:
+            answer = all(type(v) is str for v in variables.values())
+            self._last_scope = (variables, answer)
+        return answer
 
     def expand(self, value, variables: dict, path: tuple):
         if isinstance(value, str):
@@ -57,12 +67,34 @@ class MacroExpander:
                          mark=getattr(value, "mark", None))
         return value
 
+    def fast_string(self, text: str, variables: dict):
+        """`expand_string` for the common cases with no Python-level lookups; None otherwise."""
+        parts = split_references(text)
+        if parts is None:
+            return None
+        if len(parts) == 3 and not parts[0] and not parts[2]:  # exactly `${name}`
+            found = variables.get(parts[1])
+            return text if found is None else found
+        if not self.strings_only(variables):
+            return None
+        get = variables.get
+        out = parts[:]
+        for i in range(1, len(parts), 2):
+            found = get(parts[i])
+            if found is not None:
+                out[i] = found
+            else:
+                out[i] = "${" + parts[i] + "}"
+        return "".join(out)
+
     def expand_string(self, text: str, variables: dict, path: tuple, value_holder=None):
         if "${" not in text:
             return text
         name = whole_reference(text)
         if name is not None and name in variables:
             return variables[name]  # may be a list or dict: `${name}` stands for the value itself
+        if self.strings_only(variables):
+            return substitute(text, variables.get)
 
         def lookup(ref: str):
             found = variables.get(ref)
@@ -92,7 +124,10 @@ class MacroExpander:
                     raise error_at(f"key {new_key!r} is produced twice", path + (new_key,), value, key)
                 key = new_key
             if type(item) is str:  # most values: skip the general dispatch
-                result[key] = expand_string(item, variables, path + (key,), value) if "${" in item else item
+                if "${" in item:
+                    expanded = self.fast_string(item, variables)
+                    item = expanded if expanded is not None else expand_string(item, variables, path + (key,), value)
+                result[key] = item
             else:
                 result[key] = expand(item, variables, path + (key,))
         return result

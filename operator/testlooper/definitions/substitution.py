@@ -28,7 +28,6 @@ def _closing_brace(text: str, start: int) -> int:
 
 
 _SIMPLE_REFERENCE = re.compile(r"\$\{([^${}]*)\}")
-_NESTED_REFERENCE = re.compile(r"\$\{[^}]*\$\{")
 # Split forms of strings seen before: macro templates are expanded once per foreach item, so
 # the same strings come back thousands of times. Bounded, cleared when full.
 _SPLIT_CACHE: dict[str, list[str] | None] = {}
@@ -41,13 +40,19 @@ def _split(text: str, cache: bool) -> list[str] | None:
         return _SPLIT_CACHE[text]
     except KeyError:
         pass
-    if not cache:
-        return None if _NESTED_REFERENCE.search(text) else _SIMPLE_REFERENCE.split(text)
-    if len(_SPLIT_CACHE) >= _SPLIT_CACHE_LIMIT:
-        _SPLIT_CACHE.clear()
-    parts = None if _NESTED_REFERENCE.search(text) else _SIMPLE_REFERENCE.split(text)
-    _SPLIT_CACHE[text] = parts
+    parts = _SIMPLE_REFERENCE.split(text)
+    if text.count("${") != len(parts) // 2:  # a `${` the simple pattern did not take: nested or unterminated
+        parts = None
+    if cache:
+        if len(_SPLIT_CACHE) >= _SPLIT_CACHE_LIMIT:
+            _SPLIT_CACHE.clear()
+        _SPLIT_CACHE[text] = parts
     return parts
+
+
+def split_references(text: str, cache: bool = True) -> list[str] | None:
+    """[literal, name, literal, ..., literal] of a string, or None when references nest."""
+    return _split(text, cache)
 
 
 def substitute(text: str, lookup: Lookup, cache: bool = True) -> str:
@@ -60,6 +65,9 @@ def substitute(text: str, lookup: Lookup, cache: bool = True) -> str:
         return text
     parts = _split(text, cache)
     if parts is not None:  # the common case: no nesting
+        if len(parts) == 3:  # one reference
+            value = lookup(parts[1])
+            return parts[0] + ("${" + parts[1] + "}" if value is None else value) + parts[2]
         out = parts[:]
         for i in range(1, len(parts), 2):
             value = lookup(parts[i])

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import DefinitionsError
-from .substitution import substitute
+from .substitution import split_references, substitute
 
 # A value that keeps changing this many times is a cycle built through nested lookups.
 _MAX_PASSES = 50
@@ -110,7 +110,43 @@ def resolve_overrides(known: ResolvedVariables, overrides: dict[str, str], key_p
     changed = [name for name, value in overrides.items() if known_raw.get(name) != value]
     if not changed:
         return dict(known.values)
-    return resolve_variables({**known_raw, **overrides}, key_path, known=known, track=False, changed=changed).values
+    raw = {**known_raw, **overrides}
+    quick = _resolve_in_one_pass(raw, known, changed)
+    if quick is not None:
+        return quick
+    return resolve_variables(raw, key_path, known=known, track=False, changed=changed).values
+
+
+def _resolve_in_one_pass(raw: dict[str, str], known: ResolvedVariables, changed: list[str]) -> dict[str, str] | None:
+    """The usual task: its own variables refer only to environment variables it leaves alone.
+    Then one substitution each, with plain dict lookups, is the whole resolution; anything else
+    (a reference to another changed name, nesting, a result that still holds `${`) returns None
+    so the general resolution runs."""
+    pending = set(changed)
+    dependents = known.dependents
+    for name in changed:
+        if name in dependents:
+            return None  # an environment variable looked this name up: it must be resolved again
+    resolved = dict(known.values)
+    get = resolved.get
+    for name in changed:
+        value = raw[name]
+        if "${" in value:
+            parts = split_references(value, cache=False)
+            if parts is None:
+                return None
+            out = parts[:]
+            for i in range(1, len(parts), 2):
+                ref = parts[i]
+                if ref in pending:
+                    return None
+                found = get(ref)
+                out[i] = found if found is not None else "${" + ref + "}"
+            value = "".join(out)
+            if "${" in value and value != raw[name]:
+                return None
+        resolved[name] = value
+    return {name: resolved[name] for name in raw}
 
 
 def substitute_known(text: str, variables: dict[str, str]) -> str:
