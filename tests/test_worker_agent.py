@@ -468,3 +468,32 @@ def test_the_agent_runs_when_copied_alone_next_to_results(api_server, source, tm
     result = api_server.wait_result("bare-run", 0)
     assert result["result"] == "passed"
     assert result["cases"] == [{"name": "alone", "success": True, "duration_seconds": None}]
+
+
+def test_agent_started_ahead_takes_its_run_from_stdin(api_server, tmp_path):
+    """A runner starts agents before a slot frees and hands each its run (and token) on stdin:
+    the token never sits in the environment, and Python's start-up overlaps the previous run."""
+    from worker_helpers import OPERATOR_DIR, make_assignment, make_source, make_task
+
+    task = make_task('echo "run $TEST_LOOPER_RUN_INDEX via $TESTLOOPER_WORKER_TOKEN."')
+    token = api_server.register_run("warm-1", make_assignment(task, make_source(tmp_path / "src")))
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("TESTLOOPER_")}
+    environment["PYTHONPATH"] = str(OPERATOR_DIR)
+    agent = subprocess.Popen([sys.executable, "-S", "-m", "testlooper.worker.agent", "--api", api_server.url,
+                              "--from-stdin"], stdin=subprocess.PIPE, env=environment, text=True)
+    agent.communicate(json.dumps({"run_id": "warm-1", "workdir": str(tmp_path / "work"), "token": token}) + "\n",
+                      timeout=60)
+    assert agent.returncode == 0
+    result = api_server.wait_result("warm-1", timeout=5)
+    assert result["result"] == "passed"
+    log = Path(api_server.status("warm-1").log_path).read_text()
+    assert "run 0 via ." in log  # the task sees neither the token nor a TESTLOOPER_ variable
+
+
+def test_agent_started_ahead_exits_quietly_when_not_needed(api_server):
+    from worker_helpers import OPERATOR_DIR
+
+    environment = {**os.environ, "PYTHONPATH": str(OPERATOR_DIR)}
+    agent = subprocess.run([sys.executable, "-S", "-m", "testlooper.worker.agent", "--api", api_server.url,
+                            "--from-stdin"], input="", env=environment, capture_output=True, text=True, timeout=60)
+    assert agent.returncode == 0 and agent.stderr == ""

@@ -1009,23 +1009,49 @@ def deliver_result(api, result_path, result):
 def parse_arguments(argv):
     parser = argparse.ArgumentParser(
         prog="testlooper-agent",
-        description=f"Run one TestLooper task. The run's token is read from ${TOKEN_ENV}.")
+        description=f"Run one TestLooper task. The run's token is read from ${TOKEN_ENV}, or with "
+                    "--from-stdin from one JSON line on standard input.")
     parser.add_argument("--api", required=True, help="base URL of the worker API")
-    parser.add_argument("--run-id", required=True)
-    parser.add_argument("--workdir", required=True, help="directory for the run's workspace")
+    parser.add_argument("--run-id")
+    parser.add_argument("--workdir", help="directory for the run's workspace")
+    parser.add_argument("--from-stdin", action="store_true",
+                        help='wait for {"run_id", "workdir", "token"[, "shell"]} as one JSON line on standard '
+                             "input: a runner starts agents ahead of time and hands each its run when a slot frees")
     parser.add_argument("--heartbeat-seconds", type=float, default=5.0)
     parser.add_argument("--kill-grace-seconds", type=float, default=2.0,
                         help="time between SIGTERM and SIGKILL when killing a process tree")
     parser.add_argument("--ccache-dir", help="persistent compiler cache (default: WORKDIR/ccache)")
     options = parser.parse_args(argv)
+    if not options.from_stdin and not (options.run_id and options.workdir):
+        parser.error("--run-id and --workdir are required without --from-stdin")
     options.shell = default_shell_prefix()
     return options
+
+
+def read_run_from_stdin(options):
+    """Blocks until the runner hands over a run; returns its token, or None on end of input."""
+    line = sys.stdin.readline()
+    if not line.strip():
+        return None  # the runner needed no more agents
+    handed = json.loads(line)
+    options.run_id, options.workdir = str(handed["run_id"]), str(handed["workdir"])
+    if handed.get("shell"):
+        options.shell = str(handed["shell"])
+    return str(handed["token"])
 
 
 def main(argv=None):
     options = parse_arguments(argv)
     # Popped, not read: the task's commands must never see the token that could forge its result.
     token = os.environ.pop(TOKEN_ENV, "")
+    if options.from_stdin:
+        try:
+            token = read_run_from_stdin(options)
+        except (ValueError, KeyError, TypeError) as error:
+            sys.stderr.write(f"testlooper agent: unreadable run on standard input: {error}\n")
+            return 2
+        if token is None:
+            return 0
     if not token:
         sys.stderr.write(f"testlooper agent: ${TOKEN_ENV} is not set\n")
         return 2
