@@ -1,33 +1,81 @@
-"""A branch's history as the store knows it: first-parent commits, their results, their classes."""
+"""A branch's history as the store knows it: tested commits, their results and their classes,
+read only as far back as a question needs (a line can hold millions of case results)."""
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
+from typing import Iterator
 
 from testlooper import stats
 
 
+def tested_aggregates(store, repo_id: str, line: list[str], batch: int,
+                      globs: list[str]) -> Iterator[tuple[str, dict]]:
+    """`(sha, aggregates)` of each commit of `line` that ran a task matching `globs` (any task
+    without globs), newest first, with only those tasks' cases.
+
+    Commits are read `batch` at a time, and only as far as the caller iterates: a line's
+    commits can hold millions of cases in all, and most callers need a few dozen commits.
+    """
+    tested = store.tested_commits(repo_id, line)
+    shas = [sha for sha in line if sha in tested]
+    for start in range(0, len(shas), batch):
+        chunk = shas[start:start + batch]
+        counts = store.case_counts(repo_id, chunk)
+        for sha in chunk:
+            aggregates = _select_tasks(counts.get(sha, {}), globs)
+            if aggregates:
+                yield sha, aggregates
+
+
+def _select_tasks(aggregates: dict, globs: list[str]) -> dict:
+    from testlooper.planning import match_glob
+
+    if not globs:
+        return aggregates
+    # Match each task once, not each of its (possibly thousands of) cases.
+    tasks = {task for task, _ in aggregates}
+    wanted = {task for task in tasks if any(match_glob(glob, task) for glob in globs)}
+    return {key: value for key, value in aggregates.items() if key[0] in wanted}
+
+
 @dataclass
-class BranchHistory:
-    line: list[str]  # first-parent commits, newest first, tested or not
-    counts: dict  # sha -> {(task, case): (runs, failures)}, tested commits only
-    classes: dict  # sha -> {(task, case): class}
-
-    @property
-    def tested(self) -> list[str]:
-        return [sha for sha in self.line if sha in self.counts]
-
-    def previous_tested(self, sha: str) -> str | None:
-        tested = self.tested
-        if sha not in tested:
-            return None
-        index = tested.index(sha)
-        return tested[index + 1] if index + 1 < len(tested) else None
+class ShownHistory:
+    line: list[str]  # from the branch's tip down to the oldest shown commit, tested or not
+    counts: dict  # sha -> {(task, case): (runs, failures)}, the shown commits, newest first
+    classes: dict  # sha -> {(task, case): class}, the shown commits
 
 
-def load_branch_history(store, repo_id: str, repo, rev: str, limit: int) -> BranchHistory:
-    from testlooper import gitio
+def load_shown_history(store, repo_id: str, line: list[str], limit: int, globs: list[str]) -> ShownHistory:
+    """The newest `limit` tested commits of `line` (first-parent shas, newest first) and their classes."""
+    # One read covers the shown commits and, when every commit runs every task, the earlier
+    # results they are classified against.
+    commits = tested_aggregates(store, repo_id, line, limit + 1, globs)
+    shown = dict(itertools.islice(commits, limit))
+    if not shown:
+        return ShownHistory([], {}, {})
+    tasks = {task for aggregates in shown.values() for task, _ in aggregates}
+    classes = stats.classify_line(line, {**shown, **_earlier_results(commits, tasks)})
+    oldest = line.index(next(reversed(shown)))
+    return ShownHistory(line[:oldest + 1], shown, {sha: classes[sha] for sha in shown})
 
-    line = gitio.first_parent_line(repo, rev, limit)
-    counts = store.case_counts(repo_id, line)
-    return BranchHistory(line=line, counts=counts, classes=stats.classify_line(line, counts))
+
+def _earlier_results(commits: Iterator[tuple[str, dict]], tasks: set[str]) -> dict:
+    """For each of `tasks`, its results on the newest of `commits` that ran it.
+
+    A task's cases are classified against the task's previous run however far back it is (a
+    trigger may run a task on few commits), so this reads on until every task has a previous
+    run or the line ends; the other tasks' cases on those commits are left out, as they do
+    not change the classes of the shown commits.
+    """
+    waiting = set(tasks)
+    earlier = {}
+    for sha, aggregates in commits:
+        found = {key: value for key, value in aggregates.items() if key[0] in waiting}
+        if found:
+            earlier[sha] = found
+            waiting -= {task for task, _ in found}
+        if not waiting:
+            break
+    return earlier

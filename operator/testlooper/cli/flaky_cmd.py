@@ -9,8 +9,9 @@ import json
 
 from testlooper.cli import UserError, output
 from testlooper.cli.history_cmd import (
-    BranchLine, add_branch_arguments, branch_line, no_history_message, open_history_store, tested_aggregates,
+    BranchLine, add_branch_arguments, branch_line, no_history_message, open_history_store,
 )
+from testlooper.history import tested_aggregates
 
 DEFAULT_LAST = 50
 

@@ -8,13 +8,12 @@ reading tested commits in batches.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 from dataclasses import dataclass
-from typing import Iterator
 
 from testlooper.cli import UserError, output
 from testlooper.cli.run_cmd import CLASS_STYLES
+from testlooper.history import ShownHistory, load_shown_history
 
 DEFAULT_LIMIT = 20
 # How far back along the first parents to look for tested commits: untested ones (left out by
@@ -89,85 +88,12 @@ def open_history_store(url: str):
         raise UserError(str(exc)) from None
 
 
-def tested_aggregates(store, repo_id: str, line: list[str], batch: int,
-                      globs: list[str]) -> Iterator[tuple[str, dict]]:
-    """`(sha, aggregates)` of each commit of `line` that ran a task matching `globs` (any task
-    without globs), newest first, with only those tasks' cases.
-
-    Commits are read `batch` at a time, and only as far as the caller iterates: a line's
-    commits can hold millions of cases in all, and most callers need a few dozen commits.
-    """
-    tested = store.tested_commits(repo_id, line)
-    shas = [sha for sha in line if sha in tested]
-    for start in range(0, len(shas), batch):
-        chunk = shas[start:start + batch]
-        counts = store.case_counts(repo_id, chunk)
-        for sha in chunk:
-            aggregates = _select_tasks(counts.get(sha, {}), globs)
-            if aggregates:
-                yield sha, aggregates
-
-
-def _select_tasks(aggregates: dict, globs: list[str]) -> dict:
-    from testlooper.planning import match_glob
-
-    if not globs:
-        return aggregates
-    # Match each task once, not each of its (possibly thousands of) cases.
-    tasks = {task for task, _ in aggregates}
-    wanted = {task for task in tasks if any(match_glob(glob, task) for glob in globs)}
-    return {key: value for key, value in aggregates.items() if key[0] in wanted}
-
-
-@dataclass
-class ShownHistory:
-    line: list[str]  # from the branch's tip down to the oldest shown commit, tested or not
-    counts: dict  # sha -> {(task, case): (runs, failures)}, the shown commits, newest first
-    classes: dict  # sha -> {(task, case): class}, the shown commits
-
-
-def load_shown_history(store, target: BranchLine, limit: int, globs: list[str]) -> ShownHistory:
-    """The newest `limit` tested commits and their classes."""
-    from testlooper import stats
-
-    # One read covers the shown commits and, when every commit runs every task, the earlier
-    # results they are classified against.
-    commits = tested_aggregates(store, target.repo_id, target.line, limit + 1, globs)
-    shown = dict(itertools.islice(commits, limit))
-    if not shown:
-        return ShownHistory([], {}, {})
-    tasks = {task for aggregates in shown.values() for task, _ in aggregates}
-    classes = stats.classify_line(target.line, {**shown, **_earlier_results(commits, tasks)})
-    oldest = target.line.index(next(reversed(shown)))
-    return ShownHistory(target.line[:oldest + 1], shown, {sha: classes[sha] for sha in shown})
-
-
-def _earlier_results(commits: Iterator[tuple[str, dict]], tasks: set[str]) -> dict:
-    """For each of `tasks`, its results on the newest of `commits` that ran it.
-
-    A task's cases are classified against the task's previous run however far back it is (a
-    trigger may run a task on few commits), so this reads on until every task has a previous
-    run or the line ends; the other tasks' cases on those commits are left out, as they do
-    not change the classes of the shown commits.
-    """
-    waiting = set(tasks)
-    earlier = {}
-    for sha, aggregates in commits:
-        found = {key: value for key, value in aggregates.items() if key[0] in waiting}
-        if found:
-            earlier[sha] = found
-            waiting -= {task for task, _ in found}
-        if not waiting:
-            break
-    return earlier
-
-
 def run(args: argparse.Namespace) -> int:
     if args.limit < 1:
         raise UserError("--limit must be at least 1")
     target = branch_line(args.path, args.branch, args.limit)
     with open_history_store(args.store) as store:
-        history = load_shown_history(store, target, args.limit, args.tests)
+        history = load_shown_history(store, target.repo_id, target.line, args.limit, args.tests)
         store_url = store.url
     if args.json:
         print(json.dumps(history_json(target, history), indent=2, sort_keys=True, ensure_ascii=False))

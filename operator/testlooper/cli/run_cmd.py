@@ -12,6 +12,8 @@ from testlooper.cli import UserError, output
 NOTABLE_CLASSES = ("broken", "fixed", "flaky", "bad", "new", "removed")
 CLASS_STYLES = {"broken": "red", "bad": "red", "fixed": "green", "flaky": "yellow", "new": "blue", "removed": "dim"}
 EXIT_PASSED, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
+# How far down the first-parent line a run looks for each task's previous results.
+COMPARISON_DEPTH = 1000
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -110,18 +112,23 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _compare(recorder, target) -> dict | None:
-    """This commit's classes against the nearest earlier tested commit of its first-parent line."""
-    from testlooper.history import load_branch_history
+    """This commit's classes: each task's cases against that task's previous run on the
+    first-parent line (see docs/decisions.md)."""
+    from testlooper import gitio
+    from testlooper.history import load_shown_history
     from testlooper.store import StoreUnavailable
 
     if recorder.store is None or recorder.down_reason or target.repo is None:
         return None
+    line = gitio.first_parent_line(target.repo, target.commit, COMPARISON_DEPTH)
     try:
-        history = load_branch_history(recorder.store, target.repo_id, target.repo, target.commit, limit=200)
+        history = load_shown_history(recorder.store, target.repo_id, line, limit=1, globs=[])
+        tested_before = recorder.store.tested_commits(target.repo_id, line[1:])
     except StoreUnavailable as exc:
         recorder.went_down(exc)
         return None
-    return {"previous": history.previous_tested(target.commit), "classes": history.classes.get(target.commit, {}),
+    previous = next((sha for sha in line[1:] if sha in tested_before), None)
+    return {"previous": previous, "classes": history.classes.get(target.commit, {}),
             "counts": history.counts.get(target.commit, {})}
 
 
