@@ -7,6 +7,7 @@ only does the I/O: starting agents, waiting for them, recording results.
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import secrets
@@ -102,6 +103,10 @@ class LocalRunner:
         self.outcomes: list[RunOutcome] = []
         self.engine = containers.find_engine() if options.isolation == "container" else None
         self.server: WorkerApiServer | None = None
+        self.jobs = jobs
+        self.warm_agents: list[_Agent] = []
+        self.watchers: list[threading.Thread] = []
+        self.agents_started = 0
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -134,12 +139,19 @@ class LocalRunner:
             self.cancel_everything()
             raise Interrupted(self.outcomes) from None
         finally:
+            self.release_warm_agents()
+            for watcher in self.watchers:  # they finish cleaning up after handing over results
+                watcher.join(timeout=60)
             self.server.stop()
         return self.outcomes
 
     @property
     def runs_dir(self) -> str:
         return os.path.join(self.options.output_dir, "runs")
+
+    @property
+    def agent_logs_dir(self) -> str:
+        return os.path.join(self.options.output_dir, "work", "agents")
 
     def settle(self, run: Run, outcome: RunOutcome) -> tuple[Run, RunOutcome, Run | None]:
         """The scheduler learns the result (fast); returns what `announce` reports later."""
@@ -175,9 +187,7 @@ class LocalRunner:
                 run, outcome = self.finished.get(timeout=max(0.01, deadline - time.time()))
             except queue.Empty:
                 break
-            if outcome.result not in ("cancelled",):
-                outcome.result, outcome.message = "cancelled", outcome.message or "interrupted"
-            self.complete(run, outcome)
+            self.complete(run, outcome)  # a run that finished just before the signal keeps its result
         for run in self.schedule.running:  # agents that did not stop in time
             process = self.processes.get(self.run_ids[id(run)])
             if process is not None:
@@ -197,44 +207,82 @@ class LocalRunner:
             return
         token = self.server.register_run(run_id, assignment)
         workdir = os.path.join(self.options.output_dir, "work", safe_file_name(run_id))
-        environment = {k: v for k, v in os.environ.items() if not k.startswith("TESTLOOPER_")}
-        environment["TESTLOOPER_WORKER_TOKEN"] = token
-        package_root = os.path.dirname(os.path.dirname(os.path.abspath(testlooper.__file__)))
-        environment["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
+        shell = ""
         if self.engine:
             try:
                 image = containers.image_for(task, self.engine, self.source_dir)
             except containers.ContainerError as exc:
                 self.finished.put((run, self.outcome_without_running(run, "error", str(exc))))
                 return
-            environment[containers.SHELL_ENV] = containers.shell_prefix(self.engine, image, task, workdir, run_id)
-        # -S: the agent needs only the standard library, and skipping site-packages starts it faster.
-        command = [sys.executable, "-S", "-m", "testlooper.worker.agent", "--api", self.server.url, "--run-id", run_id,
-                   "--workdir", workdir, "--heartbeat-seconds", str(self.options.heartbeat_seconds)]
-        agent_log = open(os.path.join(self.runs_dir, safe_file_name(run_id), "agent.log"), "wb")
-        started = time.time()
+            shell = containers.shell_prefix(self.engine, image, task, workdir, run_id)
         try:
-            # Its own process group: Ctrl-C reaches the runner, which then cancels each agent
-            # in order, rather than every process at once.
-            process = subprocess.Popen(command, env=environment, stdin=subprocess.DEVNULL, stdout=agent_log,
-                                       stderr=subprocess.STDOUT, start_new_session=True)
+            agent = self.warm_agents.pop() if self.warm_agents else self.start_agent()
+            # The run and its token go down a pipe: never in an environment or on a command line.
+            agent.process.stdin.write(json.dumps({"run_id": run_id, "workdir": workdir, "token": token,
+                                                  "shell": shell}) + "\n")
+            agent.process.stdin.close()
         except OSError as exc:
-            agent_log.close()
             self.finished.put((run, self.outcome_without_running(run, "error", f"cannot start the worker: {exc}")))
             return
-        self.processes[run_id] = process
+        started = time.time()
+        self.processes[run_id] = agent.process
         self.on_event("started", run, None)
         deadline = started + float(task.get("timeout_seconds") or 0) + WORKER_DEADLINE_MARGIN_SECONDS
-        threading.Thread(target=self.watch, args=(run, run_id, process, agent_log, started, deadline, workdir),
-                         name=f"watch-{run_id}", daemon=True).start()
+        watcher = threading.Thread(target=self.watch, args=(run, run_id, agent, started, deadline, workdir),
+                                   name=f"watch-{run_id}", daemon=True)
+        watcher.start()
+        self.watchers.append(watcher)
+        self.warm_up()
 
-    def watch(self, run: Run, run_id: str, process: subprocess.Popen, agent_log, started: float,
-              deadline: float, workdir: str) -> None:
+    def start_agent(self) -> _Agent:
+        """An agent process that has loaded Python and waits on its stdin for a run."""
+        os.makedirs(self.agent_logs_dir, exist_ok=True)
+        self.agents_started += 1
+        log_path = os.path.join(self.agent_logs_dir, f"agent-{os.getpid()}-{self.agents_started}.log")
+        environment = {k: v for k, v in os.environ.items() if not k.startswith("TESTLOOPER_")}
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(testlooper.__file__)))
+        environment["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
+        # -S: the agent needs only the standard library, and skipping site-packages starts it faster.
+        command = [sys.executable, "-S", "-m", "testlooper.worker.agent", "--api", self.server.url,
+                   "--from-stdin", "--heartbeat-seconds", str(self.options.heartbeat_seconds)]
+        with open(log_path, "wb") as log:
+            # Its own process group: Ctrl-C reaches the runner, which then cancels each agent
+            # in order, rather than every process at once.
+            process = subprocess.Popen(command, env=environment, stdin=subprocess.PIPE, stdout=log,
+                                       stderr=subprocess.STDOUT, start_new_session=True, text=True)
+        return _Agent(process, log_path)
+
+    def warm_up(self) -> None:
+        """Keeps an agent started ahead for each run that could start next, up to --jobs, so
+        Python's start-up overlaps the runs in progress rather than adding to each."""
+        waiting, _running = self.schedule.queue_counts()
+        while len(self.warm_agents) < min(waiting, self.jobs):
+            try:
+                self.warm_agents.append(self.start_agent())
+            except OSError:
+                return  # starting one when a run needs it will report the error
+
+    def release_warm_agents(self) -> None:
+        for agent in self.warm_agents:
+            try:
+                agent.process.stdin.close()  # end of input: the agent exits without running anything
+                agent.process.wait(timeout=10)
+            except (OSError, subprocess.TimeoutExpired):
+                _kill_group(agent.process)
+            try:
+                os.remove(agent.log_path)
+            except OSError:
+                pass
+        self.warm_agents = []
+
+    def watch(self, run: Run, run_id: str, agent: _Agent, started: float, deadline: float, workdir: str) -> None:
         """Waits for one agent's result; a worker that dies, or outlives its task's deadline, is an error.
 
         The outcome is handed over as soon as the result arrives: the agent's last moments
         (threads joining, exit) and the workspace clean-up overlap the next run.
         """
+        process = agent.process
+        agent_log = os.path.join(self.runs_dir, safe_file_name(run_id), "agent.log")
         result = None
         message = ""
         while result is None:
@@ -250,8 +298,9 @@ class LocalRunner:
                 break
         if result is None:
             process.wait()
+            self.keep_agent_log(agent, agent_log)
             message = message or (f"the worker exited with status {process.returncode} without reporting a result "
-                                  f"(its own log: {os.path.join(self.runs_dir, safe_file_name(run_id), 'agent.log')})")
+                                  f"(its own log: {agent_log})")
             result = {"result": "error", "exit_code": None, "duration_seconds": time.time() - started,
                       "error": message, "cases": []}
         status = self.server.status(run_id)
@@ -267,11 +316,19 @@ class LocalRunner:
             process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             _kill_group(process)
-        agent_log.close()
+        self.keep_agent_log(agent, agent_log)
         if self.engine:
             containers.remove_run_containers(self.engine, run_id)
         if not self.options.keep_workspaces:
             shutil.rmtree(workdir, ignore_errors=True)
+
+    @staticmethod
+    def keep_agent_log(agent: _Agent, destination: str) -> None:
+        """The agent's own output (empty unless it failed) goes beside the run's log."""
+        try:
+            os.replace(agent.log_path, destination)
+        except OSError:
+            pass
 
     def assignment(self, run: Run, run_id: str, task: dict) -> dict:
         inputs = {}
@@ -308,6 +365,12 @@ class LocalRunner:
 
 class _CannotRun(Exception):
     pass
+
+
+@dataclass
+class _Agent:
+    process: subprocess.Popen
+    log_path: str  # its stdout and stderr, until a run's folder takes it
 
 
 def _kill_group(process: subprocess.Popen) -> None:
