@@ -75,7 +75,10 @@ class MacroExpander:
         if len(parts) == 3 and not parts[0] and not parts[2]:  # exactly `${name}`
             found = variables.get(parts[1])
             return text if found is None else found
-        if not self.strings_only(variables):
+        scope, strings_only = self._last_scope
+        if scope is not variables:
+            strings_only = self.strings_only(variables)
+        if not strings_only:
             return None
         get = variables.get
         out = parts[:]

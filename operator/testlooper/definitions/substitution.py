@@ -27,7 +27,7 @@ def _closing_brace(text: str, start: int) -> int:
         i = close + 1
 
 
-_SIMPLE_REFERENCE = re.compile(r"\$\{([^${}]*)\}")
+SIMPLE_REFERENCE = re.compile(r"\$\{([^${}]*)\}")  # `${name}` with no nesting; group 1 is the name
 # Split forms of strings seen before: macro templates are expanded once per foreach item, so
 # the same strings come back thousands of times. Bounded, cleared when full.
 _SPLIT_CACHE: dict[str, list[str] | None] = {}
@@ -40,7 +40,7 @@ def _split(text: str, cache: bool) -> list[str] | None:
         return _SPLIT_CACHE[text]
     except KeyError:
         pass
-    parts = _SIMPLE_REFERENCE.split(text)
+    parts = SIMPLE_REFERENCE.split(text)
     if text.count("${") != len(parts) // 2:  # a `${` the simple pattern did not take: nested or unterminated
         parts = None
     if cache:

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import DefinitionsError
-from .substitution import split_references, substitute
+from .substitution import SIMPLE_REFERENCE, substitute
+
+_SIMPLE_REFERENCE_SPLIT = SIMPLE_REFERENCE.split
 
 # A value that keeps changing this many times is a cycle built through nested lookups.
 _MAX_PASSES = 50
@@ -122,31 +124,30 @@ def _resolve_in_one_pass(raw: dict[str, str], known: ResolvedVariables, changed:
     Then one substitution each, with plain dict lookups, is the whole resolution; anything else
     (a reference to another changed name, nesting, a result that still holds `${`) returns None
     so the general resolution runs."""
+    if not known.dependents.keys().isdisjoint(changed):
+        return None  # an environment variable looked one of these names up: it must be resolved again
     pending = set(changed)
-    dependents = known.dependents
-    for name in changed:
-        if name in dependents:
-            return None  # an environment variable looked this name up: it must be resolved again
-    resolved = dict(known.values)
+    resolved = dict(known.values)  # in `raw`'s order: overrides keep their place, new names follow
     get = resolved.get
+    split = _SIMPLE_REFERENCE_SPLIT
     for name in changed:
         value = raw[name]
         if "${" in value:
-            parts = split_references(value, cache=False)
-            if parts is None:
+            parts = split(value)
+            if value.count("${") != len(parts) // 2:
+                return None  # nested or unterminated references
+            refs = parts[1::2]
+            if not pending.isdisjoint(refs):
                 return None
-            out = parts[:]
-            for i in range(1, len(parts), 2):
-                ref = parts[i]
-                if ref in pending:
-                    return None
+            for i, ref in enumerate(refs):
                 found = get(ref)
-                out[i] = found if found is not None else "${" + ref + "}"
-            value = "".join(out)
-            if "${" in value and value != raw[name]:
+                parts[2 * i + 1] = found if found is not None else "${" + ref + "}"
+            substituted = "".join(parts)
+            if "${" in substituted and substituted != value:
                 return None
+            value = substituted
         resolved[name] = value
-    return {name: resolved[name] for name in raw}
+    return resolved
 
 
 def substitute_known(text: str, variables: dict[str, str]) -> str:
