@@ -311,3 +311,22 @@ def test_redis_down_is_one_line_and_exit_2(project, cli):
     assert (status, out) == (2, "")
     assert err.startswith(f"testlooper: error: history store {url} is unreachable: ")
     assert err.count("\n") == 1
+
+
+def test_history_first_records_what_an_earlier_run_could_not(tmp_path, cli, monkeypatch):
+    """Results spooled while the store was down are replayed before the history is read."""
+    from testlooper.local.recording import spool_path_for
+    from testlooper.store import write_spool
+
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    repo = GitRepo(tmp_path / "repo")
+    sha = repo.commit({"a.py": "1"}, "Only commit")
+    url = str(tmp_path / "history.db")
+    spool = spool_path_for(url)
+    (tmp_path / "data" / "testlooper").mkdir(parents=True)
+    write_spool(spool, task_runs(identity(repo), sha, "unit/linux", P, F))
+    status, out, err = cli("history", str(repo.path), "--store", url)
+    assert status == 0
+    assert f"recorded 2 results that an earlier run kept in {spool}" in err
+    assert "flaky 1/2" in out
+    assert not (tmp_path / "data" / "testlooper" / spool.rsplit("/", 1)[-1]).exists()

@@ -80,12 +80,24 @@ def branch_line(path: str, branch: str | None, tested_wanted: int) -> BranchLine
 
 
 def open_history_store(url: str):
-    from testlooper.store import open_store
+    """The store at `url`, with any results an earlier run could not record replayed into it
+    first, so that what is shown is complete."""
+    import os
+    import sys
+
+    from testlooper.local.recording import spool_path_for
+    from testlooper.store import open_store, replay_spool
 
     try:
-        return open_store(url or None)
+        store = open_store(url or None)
     except ValueError as exc:  # a malformed URL
         raise UserError(str(exc)) from None
+    spool = spool_path_for(url)
+    if os.path.exists(spool):
+        count = replay_spool(store, spool)
+        if count:
+            print(f"recorded {count} results that an earlier run kept in {spool}", file=sys.stderr)
+    return store
 
 
 def run(args: argparse.Namespace) -> int:
