@@ -80,11 +80,11 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(str(exc)) from None
 
     progress = Progress(total_runs=sum(t["runs"] for t in planned["tasks"]))
-    progress.say(f"running {target.note}: {len(planned['tasks'])} tasks, {progress.total} runs")
-    try:
+    try:  # before anything is said: a malformed --store URL is a usage error of one line
         recorder = Recorder(args.store, progress.say) if target.record else None
     except ValueError as exc:  # a malformed --store URL
         raise UserError(str(exc)) from None
+    progress.say(f"running {target.note}: {len(planned['tasks'])} tasks, {progress.total} runs")
     options = RunnerOptions(output_dir=output_dir, jobs=args.jobs, isolation=args.isolation,
                             keep_workspaces=args.keep_workspaces)
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import threading
 import time
 
@@ -63,14 +64,23 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"cannot serve metrics on {args.metrics_address}:{args.metrics_port}: {exc}") from None
         progress.say(f"metrics on http://{args.metrics_address}:{server.server_port}/metrics")
     watcher = Watcher(args, repo, recorder, metrics, progress, os.path.abspath(args.output or default_output_dir()))
+    # SIGTERM stops the watcher as Ctrl-C does, between commits too (run_target handles it during
+    # a run and then puts this handler back); without it, SIGTERM while polling or sleeping
+    # killed the process at once (status 143), skipping the store's close.
+    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         watcher.loop()
     except KeyboardInterrupt:
         pass
     finally:
+        signal.signal(signal.SIGTERM, previous)
         recorder.close()
     progress.say("stopped")
     return 0
+
+
+def _stop_on_sigterm(signum, frame):
+    raise KeyboardInterrupt
 
 
 class Watcher:

@@ -41,6 +41,8 @@ class Progress:
             self.done += 1
             self.say(self.finished_line(run, outcome))
         elif kind == "retry":
+            if self.total:
+                self.total += 1  # a retry is one more run to finish: counters never read [6/5]
             self.say(f"retry    {run.label} in {max(0.0, run.not_before - time.time()):.0f}s "
                      f"(attempt {run.attempt})")
 

@@ -62,8 +62,8 @@ class Recorder:
     def went_down(self, exc: Exception) -> None:
         if not self.down_reason:
             self.down_reason = str(exc)
-            self.say(f"warning: {exc}. Results are kept in {self.spool} and recorded when the store is back "
-                     "(by the next testlooper command that reaches it).")
+            self.say(f"warning: {str(exc).rstrip('.')}. Results are kept in {self.spool} and recorded when the "
+                     "store is back (by the next testlooper command that reaches it).")
 
     def close(self) -> None:
         if self.store is not None:
