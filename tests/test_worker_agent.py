@@ -497,3 +497,26 @@ def test_agent_started_ahead_exits_quietly_when_not_needed(api_server):
     agent = subprocess.run([sys.executable, "-S", "-m", "testlooper.worker.agent", "--api", api_server.url,
                             "--from-stdin"], input="", env=environment, capture_output=True, text=True, timeout=60)
     assert agent.returncode == 0 and agent.stderr == ""
+
+
+def test_agent_from_stdin_runs_one_run_per_line_until_the_end_of_input(api_server, tmp_path):
+    """The local runner keeps an agent per job slot: each line is a new run, with its own token
+    and workspace; the end of input ends the agent."""
+    from worker_helpers import OPERATOR_DIR, make_assignment, make_source, make_task
+
+    source = make_source(tmp_path / "src")
+    lines = []
+    for index, command in enumerate(["true", "exit 3"]):
+        assignment = make_assignment(make_task(command), source)
+        assignment["run_index"] = index
+        token = api_server.register_run(f"kept-{index}", assignment)
+        lines.append(json.dumps({"run_id": f"kept-{index}", "workdir": str(tmp_path / f"work-{index}"),
+                                 "token": token}))
+    environment = {**os.environ, "PYTHONPATH": str(OPERATOR_DIR)}
+    agent = subprocess.run([sys.executable, "-S", "-m", "testlooper.worker.agent", "--api", api_server.url,
+                            "--from-stdin"], input="\n".join(lines) + "\n", env=environment, capture_output=True,
+                           text=True, timeout=60)
+    assert agent.returncode == 0, agent.stderr
+    assert api_server.wait_result("kept-0", timeout=5)["result"] == "passed"
+    second = api_server.wait_result("kept-1", timeout=5)
+    assert (second["result"], second["exit_code"]) == ("failed", 3)

@@ -1,5 +1,6 @@
-"""Run a plan's tasks as local processes: one worker agent per run, talking to a worker API
-served on loopback, exactly as agents in pods and on EC2 talk to the operator.
+"""Run a plan's tasks as local processes: worker agents (one per job slot, kept from run to run)
+talking to a worker API served on loopback, exactly as agents in pods and on EC2 talk to the
+operator.
 
 Decisions (what starts when, retries, blocking) come from `schedule.Schedule`; this module
 only does the I/O: starting agents, waiting for them, recording results.
@@ -97,14 +98,15 @@ class LocalRunner:
         jobs = options.jobs or available_cores()
         self.schedule = Schedule(plan["tasks"], self.tasks, Capacity(jobs, available_cores(), total_ram_gb()))
         self.build_outputs: dict[str, dict[str, str]] = {}  # build -> artifact name -> path
-        self.finished: "queue.Queue[tuple[Run, RunOutcome]]" = queue.Queue()
+        self.finished: "queue.Queue[tuple[Run, RunOutcome, _Agent | None]]" = queue.Queue()
         self.processes: dict[str, subprocess.Popen] = {}  # run id -> agent
         self.run_ids: dict[int, str] = {}
         self.outcomes: list[RunOutcome] = []
         self.engine = containers.find_engine() if options.isolation == "container" else None
         self.server: WorkerApiServer | None = None
         self.jobs = jobs
-        self.warm_agents: list[_Agent] = []
+        self.agents: list[_Agent] = []  # alive, busy or idle
+        self.idle_agents: list[_Agent] = []
         self.watchers: list[threading.Thread] = []
         self.agents_started = 0
 
@@ -130,16 +132,18 @@ class LocalRunner:
                     break
                 wait = min(self.schedule.seconds_until_next_retry(time.time()), 1.0)
                 try:
-                    run, outcome = self.finished.get(timeout=max(wait, 0.01))
+                    run, outcome, agent = self.finished.get(timeout=max(wait, 0.01))
                 except queue.Empty:
                     self.on_tick()
                     continue
+                if agent is not None:
+                    self.agent_free(agent)
                 announcements.append(self.settle(run, outcome))
         except KeyboardInterrupt:
             self.cancel_everything()
             raise Interrupted(self.outcomes) from None
         finally:
-            self.release_warm_agents()
+            self.release_agents()
             for watcher in self.watchers:  # they finish cleaning up after handing over results
                 watcher.join(timeout=60)
             self.server.stop()
@@ -184,7 +188,7 @@ class LocalRunner:
         deadline = time.time() + CANCEL_GRACE_SECONDS
         while self.schedule.running and time.time() < deadline:
             try:
-                run, outcome = self.finished.get(timeout=max(0.01, deadline - time.time()))
+                run, outcome, _agent = self.finished.get(timeout=max(0.01, deadline - time.time()))
             except queue.Empty:
                 break
             self.complete(run, outcome)  # a run that finished just before the signal keeps its result
@@ -203,7 +207,7 @@ class LocalRunner:
         try:
             assignment = self.assignment(run, run_id, task)
         except _CannotRun as exc:
-            self.finished.put((run, self.outcome_without_running(run, "error", str(exc))))
+            self.finished.put((run, self.outcome_without_running(run, "error", str(exc)), None))
             return
         token = self.server.register_run(run_id, assignment)
         workdir = os.path.join(self.options.output_dir, "work", safe_file_name(run_id))
@@ -212,17 +216,18 @@ class LocalRunner:
             try:
                 image = containers.image_for(task, self.engine, self.source_dir)
             except containers.ContainerError as exc:
-                self.finished.put((run, self.outcome_without_running(run, "error", str(exc))))
+                self.finished.put((run, self.outcome_without_running(run, "error", str(exc)), None))
                 return
             shell = containers.shell_prefix(self.engine, image, task, workdir, run_id)
         try:
-            agent = self.warm_agents.pop() if self.warm_agents else self.start_agent()
+            agent = self.idle_agents.pop() if self.idle_agents else self.start_agent()
             # The run and its token go down a pipe: never in an environment or on a command line.
             agent.process.stdin.write(json.dumps({"run_id": run_id, "workdir": workdir, "token": token,
                                                   "shell": shell}) + "\n")
-            agent.process.stdin.close()
+            agent.process.stdin.flush()
         except OSError as exc:
-            self.finished.put((run, self.outcome_without_running(run, "error", f"cannot start the worker: {exc}")))
+            self.finished.put((run, self.outcome_without_running(run, "error", f"cannot start the worker: {exc}"),
+                               None))
             return
         started = time.time()
         self.processes[run_id] = agent.process
@@ -235,10 +240,9 @@ class LocalRunner:
         self.warm_up()
 
     def start_agent(self) -> _Agent:
-        """An agent process that has loaded Python and waits on its stdin for a run."""
+        """An agent process that loads Python once and then runs what its stdin hands it."""
         os.makedirs(self.agent_logs_dir, exist_ok=True)
-        self.agents_started += 1
-        log_path = os.path.join(self.agent_logs_dir, f"agent-{os.getpid()}-{self.agents_started}.log")
+        log_path = os.path.join(self.agent_logs_dir, f"agent-{os.getpid()}-{len(self.agents) + 1}.log")
         environment = {k: v for k, v in os.environ.items() if not k.startswith("TESTLOOPER_")}
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(testlooper.__file__)))
         environment["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
@@ -250,57 +254,62 @@ class LocalRunner:
             # in order, rather than every process at once.
             process = subprocess.Popen(command, env=environment, stdin=subprocess.PIPE, stdout=log,
                                        stderr=subprocess.STDOUT, start_new_session=True, text=True)
-        return _Agent(process, log_path)
+        agent = _Agent(process, log_path)
+        self.agents.append(agent)
+        return agent
 
     def warm_up(self) -> None:
-        """Keeps an agent started ahead for each run that could start next, up to --jobs, so
-        Python's start-up overlaps the runs in progress rather than adding to each."""
-        waiting, _running = self.schedule.queue_counts()
-        while len(self.warm_agents) < min(waiting, self.jobs):
+        """Starts agents ahead of need, up to --jobs, so that Python's start-up overlaps the runs
+        in progress; agents are kept for later runs."""
+        waiting, running = self.schedule.queue_counts()
+        while len(self.agents) < min(waiting + running, self.jobs):
             try:
-                self.warm_agents.append(self.start_agent())
+                self.idle_agents.append(self.start_agent())
             except OSError:
                 return  # starting one when a run needs it will report the error
 
-    def release_warm_agents(self) -> None:
-        for agent in self.warm_agents:
+    def agent_free(self, agent: _Agent) -> None:
+        """A run's result arrived: its agent can take the next run (unless it died meanwhile)."""
+        if agent.process.poll() is None:
+            self.idle_agents.append(agent)
+
+    def release_agents(self) -> None:
+        for agent in self.agents:
             try:
-                agent.process.stdin.close()  # end of input: the agent exits without running anything
-                agent.process.wait(timeout=10)
+                agent.process.stdin.close()  # end of input: the agent exits
+                agent.process.wait(timeout=30)
             except (OSError, subprocess.TimeoutExpired):
                 _kill_group(agent.process)
             try:
-                os.remove(agent.log_path)
+                if os.path.getsize(agent.log_path) == 0:
+                    os.remove(agent.log_path)  # kept when the agent had something to say
             except OSError:
                 pass
-        self.warm_agents = []
+        self.agents, self.idle_agents = [], []
 
     def watch(self, run: Run, run_id: str, agent: _Agent, started: float, deadline: float, workdir: str) -> None:
-        """Waits for one agent's result; a worker that dies, or outlives its task's deadline, is an error.
-
-        The outcome is handed over as soon as the result arrives: the agent's last moments
-        (threads joining, exit) and the workspace clean-up overlap the next run.
-        """
+        """Waits for one run's result; a worker that dies, or outlives its task's deadline, is an error."""
         process = agent.process
-        agent_log = os.path.join(self.runs_dir, safe_file_name(run_id), "agent.log")
         result = None
         message = ""
+        alive = True
         while result is None:
             result = self.server.wait_result(run_id, timeout=0.2)
             if result is not None:
                 break
             if process.poll() is not None:
                 result = self.server.wait_result(run_id, timeout=2.0)  # posted just before it exited?
+                alive = False
                 break
             if time.time() > deadline:
                 _kill_group(process)
+                alive = False
                 message = "the worker stopped responding and was killed after the task's timeout"
                 break
         if result is None:
             process.wait()
-            self.keep_agent_log(agent, agent_log)
             message = message or (f"the worker exited with status {process.returncode} without reporting a result "
-                                  f"(its own log: {agent_log})")
+                                  f"(its own log: {agent.log_path})")
             result = {"result": "error", "exit_code": None, "duration_seconds": time.time() - started,
                       "error": message, "cases": []}
         status = self.server.status(run_id)
@@ -311,24 +320,13 @@ class LocalRunner:
             log=status.log_path, artifacts=os.path.join(os.path.dirname(status.log_path), "artifacts"),
             message=result.get("error") or "",
         )
-        self.finished.put((run, outcome))
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            _kill_group(process)
-        self.keep_agent_log(agent, agent_log)
+        # The workspace goes before the agent is free again: the agent wrote its last there
+        # before posting the result, and a slot must not be reused before its disk is back.
         if self.engine:
             containers.remove_run_containers(self.engine, run_id)
         if not self.options.keep_workspaces:
             shutil.rmtree(workdir, ignore_errors=True)
-
-    @staticmethod
-    def keep_agent_log(agent: _Agent, destination: str) -> None:
-        """The agent's own output (empty unless it failed) goes beside the run's log."""
-        try:
-            os.replace(agent.log_path, destination)
-        except OSError:
-            pass
+        self.finished.put((run, outcome, agent if alive else None))
 
     def assignment(self, run: Run, run_id: str, task: dict) -> dict:
         inputs = {}
@@ -370,7 +368,7 @@ class _CannotRun(Exception):
 @dataclass
 class _Agent:
     process: subprocess.Popen
-    log_path: str  # its stdout and stderr, until a run's folder takes it
+    log_path: str  # its own stdout and stderr (not the tasks': those are in each run's log)
 
 
 def _kill_group(process: subprocess.Popen) -> None:

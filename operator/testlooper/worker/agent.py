@@ -1015,8 +1015,8 @@ def parse_arguments(argv):
     parser.add_argument("--run-id")
     parser.add_argument("--workdir", help="directory for the run's workspace")
     parser.add_argument("--from-stdin", action="store_true",
-                        help='wait for {"run_id", "workdir", "token"[, "shell"]} as one JSON line on standard '
-                             "input: a runner starts agents ahead of time and hands each its run when a slot frees")
+                        help='read runs from standard input, one JSON line {"run_id", "workdir", "token"[, "shell"]} '
+                             "each, until its end: a runner starts agents ahead of time and keeps them")
     parser.add_argument("--heartbeat-seconds", type=float, default=5.0)
     parser.add_argument("--kill-grace-seconds", type=float, default=2.0,
                         help="time between SIGTERM and SIGKILL when killing a process tree")
@@ -1044,17 +1044,28 @@ def main(argv=None):
     options = parse_arguments(argv)
     # Popped, not read: the task's commands must never see the token that could forge its result.
     token = os.environ.pop(TOKEN_ENV, "")
-    if options.from_stdin:
+    if not options.from_stdin:
+        if not token:
+            sys.stderr.write(f"testlooper agent: ${TOKEN_ENV} is not set\n")
+            return 2
+        return run_once(options, token)
+    # One run per line, until the end of input: a runner keeps its agents and saves Python's
+    # start-up on every run after the first.
+    status = 0
+    while True:
+        options.shell = default_shell_prefix()
         try:
             token = read_run_from_stdin(options)
         except (ValueError, KeyError, TypeError) as error:
             sys.stderr.write(f"testlooper agent: unreadable run on standard input: {error}\n")
             return 2
         if token is None:
-            return 0
-    if not token:
-        sys.stderr.write(f"testlooper agent: ${TOKEN_ENV} is not set\n")
-        return 2
+            return status
+        status = max(status, run_once(options, token))
+
+
+def run_once(options, token):
+    """Runs the one run named by ``options`` and reports it: 0 when the result was delivered."""
     try:
         api = ApiClient(options.api, options.run_id, token)
     except ValueError as error:
