@@ -17,6 +17,7 @@ MAX_PRODUCED_VALUES = 3_000_000
 
 MAX_FOREACH_ITEMS = 200_000
 
+_DIRECTIVE_KEYS = frozenset({"define", "foreach", "squash", "case", "merge"})
 _DIRECTIVES = (
     frozenset({"define", "in"}),
     frozenset({"foreach", "repeat"}),
@@ -41,6 +42,7 @@ class MacroExpander:
     def __init__(self):
         self.produced = 0
         self._last_scope: tuple[dict | None, bool] = (None, False)
+        self._static: dict[int, bool] = {}
 
     def strings_only(self, variables: dict) -> bool:
         """Whether every active variable is a string, so a plain `dict.get` can do the lookups.
@@ -57,15 +59,35 @@ class MacroExpander:
         self.produced += len(value) + 1 if isinstance(value, (dict, list)) else 1
         if self.produced > MAX_PRODUCED_VALUES:
             raise error_at(f"macros expand past {MAX_PRODUCED_VALUES:,} values; refusing the file", path, value)
+        if isinstance(value, (dict, list)) and self.is_static(value):
+            return value  # nothing to substitute or expand: shared, never copied
         if isinstance(value, PDict):
-            keys = frozenset(value)
-            if keys in _DIRECTIVES:
-                return self.directive(keys, value, variables, path)
+            if len(value) <= 2 and _DIRECTIVE_KEYS.intersection(value):
+                keys = frozenset(value)
+                if keys in _DIRECTIVES:
+                    return self.directive(keys, value, variables, path)
             return self.mapping(value, variables, path)
         if isinstance(value, list):
             return PList((self.expand(item, variables, path + (i,)) for i, item in enumerate(value)),
                          mark=getattr(value, "mark", None))
         return value
+
+    def is_static(self, value) -> bool:
+        """Whether a written value holds no `${` and no directive anywhere (remembered per value:
+        the expander only ever walks the loaded document, whose values live as long as it does)."""
+        known = self._static.get(id(value))
+        if known is None:
+            if isinstance(value, str):
+                return "${" not in value
+            if isinstance(value, dict):
+                known = not (len(value) <= 2 and frozenset(value) in _DIRECTIVES) and all(
+                    "${" not in key and self.is_static(item) for key, item in value.items())
+            elif isinstance(value, list):
+                known = all(self.is_static(item) for item in value)
+            else:
+                return True
+            self._static[id(value)] = known
+        return known
 
     def fast_string(self, text: str, variables: dict):
         """`expand_string` for the common cases with no Python-level lookups; None otherwise."""
