@@ -4,8 +4,9 @@
 
 For each store: `ingest` times `record_run` of one run with 100,000 cases (target <= 3 s);
 `classify` records 200 commits x 10,000 cases on a line that also has untested commits, then
-times reading and classifying the head commit (what `testlooper history` shows first) and the
-whole line (target <= 0.5 s). For Redis, `raw_hset_seconds` times 100,000 plain HSETs in
+times reading and classifying: the head commit against the previous one; the newest 20 tested
+commits, as `testlooper history` shows them (`history_view`); and all 2,000,000 results of the
+whole line at once (target <= 0.5 s). For Redis, `raw_hset_seconds` times 100,000 plain HSETs in
 pipelines of 10,000 on the same server, the yardstick ingest is compared with
 (`ingest_to_raw_rate_ratio`, target >= 0.5). Each timing is the median of REPEATS.
 """
@@ -24,12 +25,14 @@ import time
 import redis
 
 from testlooper import stats
+from testlooper.history import load_shown_history
 from testlooper.store import CaseResult, RunRecord, open_store
 
 INGEST_CASES = 100_000
 RAW_PIPELINE = 10_000
 LINE_COMMITS = 200
 LINE_CASES = 10_000
+HISTORY_SHOWN = 20  # the default --limit of `testlooper history`
 UNTESTED_EVERY = 4  # after every 4th tested commit, one with no results (skipped or queued)
 REPEATS = 3
 REPO = "bench/repo"
@@ -107,6 +110,9 @@ def bench_classify(store) -> dict:
         counts = store.case_counts(REPO, [head, previous])
         return stats.classify_commit(counts[head], counts[previous])
 
+    def history_view():  # what `testlooper history` reads and classifies by default
+        return load_shown_history(store, REPO, line, limit=HISTORY_SHOWN, globs=[])
+
     fetched = {}
     full_fetch = median_time(lambda: fetched.update(counts=store.case_counts(REPO, line)))
     full_classify = median_time(lambda: stats.classify_line(line, fetched["counts"]))
@@ -115,6 +121,8 @@ def bench_classify(store) -> dict:
         "line_commits": len(line), "tested_commits": len(tested), "cases_per_commit": LINE_CASES,
         "populate_seconds": round(populate, 2),
         "head_seconds": median_time(classify_head),
+        "history_view_commits": HISTORY_SHOWN,
+        "history_view_seconds": median_time(history_view),
         "full_line_fetch_seconds": full_fetch,
         "full_line_classify_seconds": full_classify,
         "full_line_seconds": round(full_fetch + full_classify, 4),
