@@ -327,3 +327,34 @@ def test_yaml_merge_keys_and_anchors_work():
           b/linux: {<<: *common, timeout: 20}
     """)
     assert d["tests"]["b/linux"]["timeout_seconds"] == 20 and d["tests"]["b/linux"]["stages"][0]["command"] == "x"
+
+
+def test_inheritance_order_is_c3_over_the_bases_reversed():
+    """e4 derives from e2 and e3; e3 from e1 and e2. Both of e4's bases see X from e2, so e4
+    must too: the order is Python's MRO for `class e4(e3, e2)`, not a simple walk."""
+    d = resolve("""
+        looper_version: 5
+        environments:
+          e0: {platform: linux, image: {name: x}, variables: {X: from-e0}}
+          e1: {base: e0, variables: {X: from-e1}}
+          e2: {base: e0, variables: {X: from-e2}}
+          e3: {base: [e1, e2]}
+          e4: {base: [e2, e3]}
+    """, header=False)
+    assert d["environments"]["e3"]["inheritance"] == ["e2", "e1", "e0"]
+    assert d["environments"]["e4"]["inheritance"] == ["e3", "e2", "e1", "e0"]
+    assert d["environments"]["e3"]["variables"]["X"] == "from-e2"
+    assert d["environments"]["e4"]["variables"]["X"] == "from-e2"
+
+
+def test_inheritance_c3_cannot_order_still_resolves():
+    """Python refuses `class z(y, x)` with y(x): this format does not; shared ancestors go last."""
+    d = resolve("""
+        looper_version: 5
+        environments:
+          r: {platform: linux, image: {name: x}}
+          x: {base: r}
+          y: {base: x}
+          z: {base: [y, x]}
+    """, header=False)
+    assert d["environments"]["z"]["inheritance"] == ["y", "x", "r"]  # y refines x, so it comes first

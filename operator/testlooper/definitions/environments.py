@@ -87,6 +87,40 @@ def parse_image(value, path: tuple, parent) -> dict:
     return result
 
 
+def merge_lineages(lineages: list[list[str]], bases: list[str]) -> list[str]:
+    """C3's merge: the ancestors of an environment whose bases (in precedence order) are
+    `bases` with these `lineages`, each once, every environment before its own ancestors.
+
+    A hierarchy C3 cannot order (Python would refuse such a class) still resolves: each
+    environment then keeps its last place in the walk, so shared ancestors come last.
+    """
+    sequences = [list(lineage) for lineage in lineages] + [list(bases)]
+    merged: list[str] = []
+    while any(sequences):
+        for sequence in sequences:
+            if sequence and not any(sequence[0] in other[1:] for other in sequences):
+                head = sequence[0]
+                break
+        else:
+            return _keep_last_places(lineages)
+        merged.append(head)
+        for sequence in sequences:
+            if sequence and sequence[0] == head:
+                del sequence[0]
+    return merged
+
+
+def _keep_last_places(lineages: list[list[str]]) -> list[str]:
+    seen: set[str] = set()
+    result = []
+    for item in reversed([item for lineage in lineages for item in lineage]):
+        if item not in seen:
+            seen.add(item)
+            result.append(item)
+    result.reverse()
+    return result
+
+
 class EnvironmentResolver:
     """Applies inheritance, caching each environment's effective form."""
 
@@ -97,8 +131,8 @@ class EnvironmentResolver:
         self.effective_cache: dict[tuple, EffectiveEnvironment] = {}
 
     def linearize(self, name: str, chain: tuple = ()) -> list[str]:
-        """[name] + ancestors, nearest first, later bases first, each once (keeping the last
-        occurrence, so a shared ancestor comes after everything deriving from it)."""
+        """[name] + ancestors, nearest first, later bases first, each once: Python's method
+        resolution order (C3) over the bases reversed."""
         if name in self.linearized:
             return self.linearized[name]
         if name in chain:
@@ -107,17 +141,10 @@ class EnvironmentResolver:
             raise error_at(f"environments inherit in a cycle: {' -> '.join(cycle)}",
                            ("environments", chain[-1], "base"), env.source, "base")
         env = self.environments[name]
-        order = [name]
-        for base in reversed(env.bases):
+        for base in env.bases:
             self.check_known(base, ("environments", name, "base"), env.source, "base", "base environment")
-            order.extend(self.linearize(base, chain + (name,)))
-        seen = set()
-        result = []
-        for item in reversed(order):
-            if item not in seen:
-                seen.add(item)
-                result.append(item)
-        result.reverse()
+        later_first = list(reversed(env.bases))
+        result = [name] + merge_lineages([self.linearize(b, chain + (name,)) for b in later_first], later_first)
         self.linearized[name] = result
         return result
 
@@ -142,15 +169,8 @@ class EnvironmentResolver:
             return self.effective_cache[key]
         own = self.linearize(name)
         if mixins:
-            order = []
-            for member in reversed((name,) + mixins):
-                order.extend(self.linearize(member))
-            seen, lineage = set(), []
-            for item in reversed(order):  # keep each environment's last place, as linearize does
-                if item not in seen:
-                    seen.add(item)
-                    lineage.append(item)
-            lineage.reverse()
+            later_first = list(reversed((name,) + mixins))
+            lineage = merge_lineages([self.linearize(member) for member in later_first], later_first)
         else:
             lineage = own
         root = next(n for n in own if not self.environments[n].bases)
