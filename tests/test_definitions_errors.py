@@ -195,3 +195,36 @@ def test_error_string_format():
 def test_a_name_used_by_a_build_and_a_test():
     err = resolve_error("builds:\n  x/linux: {command: a}\ntests:\n  x/linux: {command: b}\n")
     assert "'x/linux' names both a build and a test" in err.message
+
+
+def test_deep_nesting_is_refused_with_one_line():
+    err = resolve_error("looper_version: 5\nx: " + "[" * 500 + "]" * 500 + "\n", header=False)
+    assert "nests deeper than 100 levels" in err.message
+
+
+def test_too_many_tasks_from_a_small_file_are_refused():
+    """Three nested foreach of 40 items: 64,000 tests from a few lines."""
+    items = "[" + ", ".join(f"{{i: {i}}}" for i in range(40)) + "]"
+    err = resolve_error(f"""tests:
+  foreach: {items.replace('i:', 'a:')}
+  repeat:
+    foreach: {items.replace('i:', 'b:')}
+    repeat:
+      foreach: {items.replace('i:', 'c:')}
+      repeat:
+        t/${{a}}/${{b}}/${{c}}/linux: {{command: x}}
+""")
+    assert "refusing" in err.message or "at most 50,000" in err.message
+
+
+def test_shared_static_subtrees_count_toward_the_expansion_cap():
+    from testlooper.definitions import macros
+
+    big = "[" + ", ".join(["x"] * 2000) + "]"
+    items = "[" + ", ".join(f"{{i: {i}}}" for i in range(600)) + "]"
+    err = resolve_error(f"""tests:
+  foreach: {items}
+  repeat:
+    t/${{i}}/linux: {{command: x, variables: {{V: '1'}}, stages_unused: {big}}}
+""")
+    assert f"{macros.MAX_PRODUCED_VALUES:,} values" in err.message

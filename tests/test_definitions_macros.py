@@ -182,3 +182,18 @@ def test_cross_product_explosion_is_refused():
               t/${a}${b}${c}${d}${e}${f}/linux: {command: "x"}
     """)
     assert "refusing" in err.message
+
+
+def test_empty_foreach_gives_an_empty_value_of_the_templates_kind():
+    d = resolve("""
+        tests:
+          t/linux: {command: x}
+        triggers:
+          foreach: []
+          repeat: [{name: never, paths: ["HEAD/*"], test_sets: [all]}]
+        builds:
+          foreach: []
+          repeat:
+            b/${n}/linux: {command: y}
+    """)
+    assert d["triggers"] == [] and d["builds"] == {}

@@ -12,8 +12,9 @@ import itertools
 from .substitution import split_references, substitute, whole_reference
 from .yamlload import PDict, PList, error_at
 
-# Values a whole expansion may produce before it is refused (a cross product can explode).
-MAX_PRODUCED_VALUES = 3_000_000
+# Values a whole expansion may produce before it is refused (a cross product can explode). A
+# 5,000-test file with 20 variables a test produces about 160,000.
+MAX_PRODUCED_VALUES = 1_000_000
 
 MAX_FOREACH_ITEMS = 200_000
 
@@ -43,6 +44,7 @@ class MacroExpander:
         self.produced = 0
         self._last_scope: tuple[dict | None, bool] = (None, False)
         self._static: dict[int, bool] = {}
+        self.static_sizes: dict[int, int] = {}  # values in each static subtree, counted when it is used
 
     def strings_only(self, variables: dict) -> bool:
         """Whether every active variable is a string, so a plain `dict.get` can do the lookups.
@@ -60,6 +62,9 @@ class MacroExpander:
         if self.produced > MAX_PRODUCED_VALUES:
             raise error_at(f"macros expand past {MAX_PRODUCED_VALUES:,} values; refusing the file", path, value)
         if isinstance(value, (dict, list)) and self.is_static(value):
+            self.produced += self.static_sizes[id(value)]  # shared, but it counts every time it is used
+            if self.produced > MAX_PRODUCED_VALUES:
+                raise error_at(f"macros expand past {MAX_PRODUCED_VALUES:,} values; refusing the file", path, value)
             return value  # nothing to substitute or expand: shared, never copied
         if isinstance(value, PDict):
             if len(value) <= 2 and _DIRECTIVE_KEYS.intersection(value):
@@ -82,11 +87,16 @@ class MacroExpander:
             if isinstance(value, dict):
                 known = not (len(value) <= 2 and frozenset(value) in _DIRECTIVES) and all(
                     "${" not in key and self.is_static(item) for key, item in value.items())
+                items = value.values()
             elif isinstance(value, list):
                 known = all(self.is_static(item) for item in value)
+                items = value
             else:
                 return True
             self._static[id(value)] = known
+            if known:
+                self.static_sizes[id(value)] = 1 + sum(
+                    self.static_sizes.get(id(item), 1) if isinstance(item, (dict, list)) else 1 for item in items)
         return known
 
     def fast_string(self, text: str, variables: dict):
@@ -188,6 +198,8 @@ class MacroExpander:
             for name, item_value in item.items():
                 inner[name] = variable_value(item_value)
             results.append(self.expand(template, inner, path))
+        if not results:  # an empty foreach: nothing, of the kind the template makes
+            return PList(mark=value.mark) if isinstance(template, list) else PDict(mark=value.mark)
         if all(isinstance(r, dict) for r in results):
             return self.merge_dicts(results, path, value, "repeat", strict=True)
         if all(isinstance(r, list) for r in results):

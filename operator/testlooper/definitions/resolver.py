@@ -18,6 +18,9 @@ from .yamlload import PDict, error_at, load_yaml_text
 
 LOOPER_VERSION = 5
 MAX_INCLUDE_DEPTH = 20
+# Builds, tests and deployments one file may define: far above real projects, far below what
+# would take minutes and gigabytes to resolve (a few lines of nested foreach can ask for that).
+MAX_TASKS = 50_000
 _SHA = re.compile(r"^[0-9a-fA-F]{40}$")
 _MERGED_SECTIONS = ("repos", "environments", "builds", "tests", "deployments", "test_sets")
 _FLATTENED_SECTIONS = ("builds", "tests", "deployments")
@@ -160,6 +163,10 @@ def _resolve_document(sections: dict, filename: str) -> dict:
         env_resolver.linearize(name)  # cycles and unknown bases fail here, even if unused
     env_json = env_resolver.to_json()
 
+    task_count = sum(len(sections[section]) for section in ("builds", "tests", "deployments"))
+    if task_count > MAX_TASKS:
+        raise DefinitionsError(f"the file defines {task_count:,} builds, tests and deployments; at most "
+                               f"{MAX_TASKS:,} are allowed", filename=filename)
     _check_names_unique(sections, sources)
     parser = TaskParser(env_resolver, repo_names)
     parsed = {}

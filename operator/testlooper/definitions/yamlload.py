@@ -17,6 +17,9 @@ MAX_FILE_BYTES = 4 * 1024 * 1024
 # Nodes a document may expand to once aliases are followed. A 5,000-test file written out in
 # full is about 300,000 nodes; an alias bomb is billions.
 MAX_EXPANDED_NODES = 2_000_000
+# Nesting a definitions file needs is a dozen levels; a deeper document is refused before any
+# recursive walk could overflow the stack.
+MAX_DEPTH = 100
 
 try:  # the C composer is several times faster; fall back where libyaml is missing
     _Loader = yaml.CSafeLoader
@@ -109,22 +112,25 @@ def _check_expanded_size(root: yaml.Node, filename: str) -> None:
     sizes: dict[int, int] = {}
     in_progress: set[int] = set()
 
-    def size(node: yaml.Node) -> int:
+    def size(node: yaml.Node, depth: int = 0) -> int:
         key = id(node)
         if key in sizes:
             return sizes[key]
         if key in in_progress:  # a recursive alias can never be expanded
             raise DefinitionsError("recursive YAML alias", filename=filename, line=node.start_mark.line + 1)
+        if depth > MAX_DEPTH:
+            raise DefinitionsError(f"the document nests deeper than {MAX_DEPTH} levels; refusing it",
+                                   filename=filename, line=node.start_mark.line + 1, column=node.start_mark.column + 1)
         total = 1
         if isinstance(node, yaml.MappingNode):
             in_progress.add(key)
             for k, v in node.value:
-                total += size(k) + size(v)
+                total += size(k, depth + 1) + size(v, depth + 1)
             in_progress.discard(key)
         elif isinstance(node, yaml.SequenceNode):
             in_progress.add(key)
             for item in node.value:
-                total += size(item)
+                total += size(item, depth + 1)
             in_progress.discard(key)
         total = min(total, MAX_EXPANDED_NODES + 1)
         sizes[key] = total
