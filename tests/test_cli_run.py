@@ -21,7 +21,7 @@ import pytest
 from redis_server import RedisServer
 from run_helpers import (
     RUN_KEYS, SUMMARY_KEYS, cli_env, explain, json_document, kill_quietly, make_repo, process_alive, read_pids,
-    repo_id, run_args, runs_of, stop_process, stored_runs, tl, wait_for,
+    repo_id, run_args, runs_of, start_tl, stop_process, stored_runs, tl, wait_for,
 )
 
 DEFINITIONS = r"""
@@ -633,3 +633,45 @@ def test_container_isolation_runs_each_stage_in_the_image(repo, tmp_path, env):
         assert not [arg for arg in call if re.fullmatch(r"[A-Za-z0-9_-]{43}", arg)], call
     for environment in scratch(env).glob("docker-env-*"):
         assert "TESTLOOPER_WORKER_TOKEN" not in environment.read_text()
+
+
+# -- snapshots ---------------------------------------------------------------------------------
+
+
+def test_working_tree_snapshot_is_what_git_would_commit_and_excludes_the_output(tmp_path, env):
+    """Ignored files stay out of the copy, --output inside the tree is not copied into itself,
+    and the snapshot is removed when the command ends."""
+    definitions = DEFINITIONS.replace("  pass/linux:\n", "  look/linux:\n    dependencies: {src: HEAD}\n"
+                                      "    command: ls -a src > \"$TL_SCRATCH/listing\"\n  pass/linux:\n")
+    project = make_repo(tmp_path / "tree", definitions, {"value.txt": "v\n", ".gitignore": "venv/\n"})
+    (project.path / "venv").mkdir()
+    (project.path / "venv" / "big.bin").write_text("ignored")
+    (project.path / "untracked.txt").write_text("not ignored")
+    output = project.path / "out"
+    completed = tl(["run", project.path, "--store", tmp_path / "h.db", "--output", output, "--test", "look/linux"],
+                   env)
+    assert completed.returncode == 0, explain(completed)
+    listing = (scratch(env) / "listing").read_text().split()
+    assert "untracked.txt" in listing and "value.txt" in listing
+    assert "venv" not in listing and "out" not in listing and ".git" not in listing
+    assert list((output / "sources").iterdir()) == []
+
+
+def test_two_runs_of_different_trees_at_once_keep_their_own_sources(tmp_path, env):
+    """Each command snapshots into a folder of its own (they once shared one and mixed code)."""
+    definitions = DEFINITIONS.replace("  pass/linux:\n", "  which/linux:\n    dependencies: {src: HEAD}\n"
+                                      "    runs: 4\n    command: sleep 0.3; cat src/value.txt\n  pass/linux:\n")
+    first = make_repo(tmp_path / "first", definitions, {"value.txt": "FIRST\n"})
+    second = make_repo(tmp_path / "second", definitions, {"value.txt": "SECOND\n"})
+    output = tmp_path / "shared-out"
+    commands = [start_tl(["run", project.path, "--store", tmp_path / f"{name}.db", "--output", output,
+                          "--test", "which/linux", "--jobs", "1", "--json"], env)
+                for name, project in (("first", first), ("second", second))]
+    documents = []
+    for process in commands:
+        out, err = process.communicate(timeout=90)
+        assert process.returncode == 0, err
+        documents.append(json.loads(out))
+    for document, expected in zip(documents, ("FIRST", "SECOND")):
+        for run in runs_of(document, "which/linux"):
+            assert expected in Path(run["log"]).read_text()

@@ -54,20 +54,27 @@ def default_output_dir() -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from testlooper.local import containers
-    from testlooper.local.progress import Progress
-    from testlooper.local.recording import Recorder
-    from testlooper.local.runner import RunnerOptions, summarize
-    from testlooper.local.session import run_target
     from testlooper.local.target import commit_target, working_tree_target
-    from testlooper.planning import plan
 
     if args.jobs < 0 or (args.runs is not None and args.runs < 1):
         raise UserError("--jobs must be 0 or more and --runs at least 1")
     output_dir = os.path.abspath(args.output or default_output_dir())
     snapshots = os.path.join(output_dir, "sources")
-    os.makedirs(snapshots, exist_ok=True)
     target = commit_target(args.path, args.rev, snapshots) if args.rev else working_tree_target(args.path, snapshots)
+    try:
+        return _run_target(args, target, output_dir)
+    finally:
+        target.remove_snapshot()
+
+
+def _run_target(args: argparse.Namespace, target, output_dir: str) -> int:
+    from testlooper.local import containers
+    from testlooper.local.progress import Progress
+    from testlooper.local.recording import Recorder
+    from testlooper.local.runner import RunnerOptions, summarize
+    from testlooper.local.session import run_target
+    from testlooper.planning import plan
+
     if target.definitions is None:
         from testlooper.cli.definitions_cmd import looked_for
 

@@ -166,24 +166,34 @@ class Watcher:
         self.progress.say(f"new head of {branch}: {sha[:12]}")
         try:
             target = commit_target(self.args.path, sha, os.path.join(self.output_dir, "sources"))
+        except (DefinitionsError, gitio.GitError) as exc:
+            self.untestable(sha, exc)
+            return
+        try:
             target.branch = branch
             if target.definitions is None:
                 self.metrics.commits.labels("no_definitions").inc()
                 self.progress.say(f"{sha[:12]} has no definitions file: nothing to test")
                 return
-            planned = plan(target.definitions, gitio.changed_files(self.repo, sha), runs=self.args.runs)
-        except (DefinitionsError, ValueError, gitio.GitError) as exc:
-            self.metrics.commits.labels("untestable").inc()
-            self.progress.say(f"{sha[:12]} is untestable: {exc}")
-            return
-        self.progress.say(planned["reason"])
-        self.progress.total, self.progress.done = sum(t["runs"] for t in planned["tasks"]), 0
-        options = RunnerOptions(output_dir=self.output_dir, jobs=self.args.jobs)
-        result = run_target(target, planned, self.recorder, options, self.progress,
-                            on_outcome=self.metrics.outcome, on_queue=self.metrics.queued)
+            try:
+                planned = plan(target.definitions, gitio.changed_files(self.repo, sha), runs=self.args.runs)
+            except (ValueError, gitio.GitError) as exc:
+                self.untestable(sha, exc)
+                return
+            self.progress.say(planned["reason"])
+            self.progress.total, self.progress.done = sum(t["runs"] for t in planned["tasks"]), 0
+            options = RunnerOptions(output_dir=self.output_dir, jobs=self.args.jobs)
+            result = run_target(target, planned, self.recorder, options, self.progress,
+                                on_outcome=self.metrics.outcome, on_queue=self.metrics.queued)
+        finally:
+            target.remove_snapshot()  # a long watch must not fill the disk with old commits
         self.metrics.queued(0, 0)
         self.metrics.commits.labels("tested").inc()
         totals = ", ".join(f"{n} {name}" for name, n in summarize(result.outcomes).items() if n)
         self.progress.say(f"{sha[:12]} on {branch}: {totals or 'nothing ran'}")
         if result.interrupted:
             raise KeyboardInterrupt
+
+    def untestable(self, sha: str, exc: Exception) -> None:
+        self.metrics.commits.labels("untestable").inc()
+        self.progress.say(f"{sha[:12]} is untestable: {exc}")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,39 +22,58 @@ class Target:
     note: str  # said to the user before running
     repo: object = None  # the git.Repo, when there is one
 
+    def remove_snapshot(self) -> None:
+        """The snapshot belongs to this one command: remove it when its runs are done."""
+        shutil.rmtree(self.source_dir, ignore_errors=True)
+
 
 def commit_target(path: str, rev: str, snapshot_dir: str) -> Target:
-    """Commit REV, exported to `snapshot_dir` without touching the working tree."""
+    """Commit REV, exported into a folder of its own under `snapshot_dir` (two commands running
+    the same commit at once never share one), without touching the working tree."""
     from testlooper import gitio
     from testlooper.cli.definitions_cmd import definitions_at_commit
 
     repo = gitio.open_repo(path)
     sha = gitio.resolve_rev(repo, rev)
-    source = os.path.join(snapshot_dir, sha[:12])
-    if not os.path.isdir(source):
-        gitio.export_tree(repo, sha, source + ".partial")
-        os.replace(source + ".partial", source)
+    definitions = definitions_at_commit(repo, sha)
+    os.makedirs(snapshot_dir, exist_ok=True)
+    source = tempfile.mkdtemp(prefix=f"{sha[:12]}-", dir=snapshot_dir)
+    try:
+        gitio.export_tree(repo, sha, source)
+    except BaseException:
+        shutil.rmtree(source, ignore_errors=True)
+        raise
     return Target(
-        repo_id=repo_identity(repo), definitions=definitions_at_commit(repo, sha), source_dir=source, commit=sha,
+        repo_id=repo_identity(repo), definitions=definitions, source_dir=source, commit=sha,
         commit_message=gitio.commit_message(repo, sha), branch=current_branch(repo), record=True,
         note=f"commit {sha[:12]}", repo=repo,
     )
 
 
 def working_tree_target(path: str, snapshot_dir: str) -> Target:
-    """The files on disk, copied once (without .git) so edits during the run change nothing."""
+    """The files on disk, copied once into a folder of this command's own, so edits made during
+    the run change nothing and two commands never share a snapshot.
+
+    In a git repository the copy holds what git would commit: tracked and untracked files,
+    not ignored ones (no `.venv`, no build trees). `snapshot_dir` itself is never copied, even
+    when it lies inside the tree (`--output ./out`).
+    """
     from testlooper import gitio
     from testlooper.cli.definitions_cmd import definitions_on_disk, existing_directory
 
     root = existing_directory(path)
     definitions = definitions_on_disk(root)
-    source = os.path.join(snapshot_dir, "working-tree")
-    shutil.rmtree(source, ignore_errors=True)
-    shutil.copytree(root, source, symlinks=True, ignore=shutil.ignore_patterns(".git"))
     try:
         repo = gitio.open_repo(root)
     except gitio.GitError:
         repo = None
+    os.makedirs(snapshot_dir, exist_ok=True)
+    source = tempfile.mkdtemp(prefix="working-tree-", dir=snapshot_dir)
+    try:
+        copy_working_tree(Path(root), Path(source), Path(snapshot_dir), repo)
+    except BaseException:
+        shutil.rmtree(source, ignore_errors=True)
+        raise
     if repo is None or not repo.head.is_valid():
         return Target(repo_id=str(Path(root).resolve()), definitions=definitions, source_dir=source, commit="",
                       commit_message="", branch="", record=False, repo=repo,
@@ -65,6 +86,32 @@ def working_tree_target(path: str, snapshot_dir: str) -> Target:
     return Target(repo_id=repo_identity(repo), definitions=definitions, source_dir=source, commit=sha,
                   commit_message=gitio.commit_message(repo, sha), branch=current_branch(repo), record=not dirty,
                   note=note, repo=repo)
+
+
+def copy_working_tree(root: Path, destination: Path, output_dir: Path, repo) -> None:
+    root, output_dir = root.resolve(), output_dir.resolve()
+
+    def inside_output(path: Path) -> bool:
+        return path == output_dir or output_dir in path.parents
+
+    if repo is None or repo.bare:
+        def ignore(directory, names):
+            return [n for n in names if n == ".git" or inside_output(Path(directory).resolve() / n)]
+
+        shutil.copytree(root, destination, symlinks=True, ignore=ignore, dirs_exist_ok=True)
+        return
+    listed = subprocess.run(["git", "-C", str(root), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            capture_output=True, check=True).stdout
+    for relative in sorted(set(listed.decode("utf-8", "surrogateescape").split("\0")) - {""}):
+        origin = root / relative
+        if not os.path.lexists(origin) or inside_output(origin.parent.resolve() / origin.name):
+            continue  # deleted but still tracked, or our own output
+        target = destination / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if origin.is_symlink():
+            os.symlink(os.readlink(origin), target)
+        elif origin.is_file():
+            shutil.copy2(origin, target)
 
 
 def repo_identity(repo) -> str:
