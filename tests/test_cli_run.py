@@ -675,3 +675,42 @@ def test_two_runs_of_different_trees_at_once_keep_their_own_sources(tmp_path, en
     for document, expected in zip(documents, ("FIRST", "SECOND")):
         for run in runs_of(document, "which/linux"):
             assert expected in Path(run["log"]).read_text()
+
+
+# -- running a commit again, and hard stops -------------------------------------------------------
+
+
+def test_running_a_commit_again_adds_runs_to_its_history(repo, tmp_path, env):
+    first = json_document(tl(run_args(repo, tmp_path, "--test", "pass/linux", "--json"), env))
+    second = json_document(tl(run_args(repo, tmp_path, "--test", "pass/linux", "--json"), env))
+    assert [r["run_index"] for r in first["runs"]] == [0]
+    assert [r["run_index"] for r in second["runs"]] == [1]
+    recorded = stored_runs(str(tmp_path / "history.db"), repo, repo.head())
+    assert sorted(r.run_index for r in recorded if r.task == "pass/linux") == [0, 1]
+
+
+def test_a_hard_stop_kills_the_tasks_left_by_a_killed_agent(tmp_path):
+    """Task commands run in sessions of their own, so killing an agent's process group misses
+    them; they are found by the run id every command inherits."""
+    from testlooper.local.runner import kill_task_processes
+
+    environment = {**os.environ, "TEST_LOOPER_TEST_ID": "run-to-kill"}
+    orphan = subprocess.Popen(["sleep", "300"], env=environment, start_new_session=True)
+    bystander = subprocess.Popen(["sleep", "300"], env={**os.environ, "TEST_LOOPER_TEST_ID": "another-run"},
+                                 start_new_session=True)
+    try:
+        kill_task_processes("run-to-kill", str(tmp_path))
+        assert orphan.wait(timeout=5) == -signal.SIGKILL
+        assert bystander.poll() is None
+    finally:
+        kill_quietly([orphan.pid, bystander.pid])
+        orphan.wait(timeout=5)
+        bystander.wait(timeout=5)
+
+
+def test_a_commit_with_no_finished_run_is_not_called_all_passed():
+    from testlooper.cli import output
+    from testlooper.cli.run_cmd import _render_comparison
+
+    lines = _render_comparison({"previous": None, "classes": {}, "counts": {}}, output.Styler(False))
+    assert lines == ["", "no run of this commit finished, so there is nothing to compare"]

@@ -60,7 +60,8 @@ def test_failed_build_is_retried_after_waiting():
 
 def test_capacity_limits_by_cores_and_ram():
     s = make([planned("big"), planned("small1"), planned("small2")],
-             [task("big", min_cores=2), task("small1"), task("small2", min_ram_gb=6)], jobs=4, cores=3, ram=8)
+             [task("big", min_cores=2), task("small1", min_cores=1), task("small2", min_cores=1, min_ram_gb=6)],
+             jobs=4, cores=3, ram=8)
     start = s.next_actions(0).start
     assert names(start) == ["big #1", "small1 #1"]  # small2 would exceed the cores left
     s.finished(start[0], "passed", 1)
@@ -68,7 +69,8 @@ def test_capacity_limits_by_cores_and_ram():
 
 
 def test_a_task_bigger_than_the_machine_runs_alone():
-    s = make([planned("huge"), planned("other")], [task("huge", min_cores=64, min_ram_gb=512), task("other")], jobs=2)
+    s = make([planned("huge"), planned("other")], [task("huge", min_cores=64, min_ram_gb=512), task("other", min_cores=1)],
+             jobs=2)
     start = s.next_actions(0).start
     assert names(start) == ["huge #1"]
     s.finished(start[0], "passed", 1)
@@ -83,3 +85,13 @@ def test_cancel_waiting_marks_everything_not_started():
     assert all(r.state == DONE and r.result == "cancelled" for r in cancelled)
     s.finished(running[0], "cancelled", 1)
     assert s.done
+
+
+def test_tasks_that_do_not_care_about_cores_are_limited_by_jobs_alone():
+    s = make([planned("t", runs=4)], [task("t")], jobs=4, cores=2)
+    assert len(s.next_actions(0).start) == 4
+
+
+def test_run_indexes_continue_after_those_already_recorded():
+    s = make([{**planned("t", runs=2), "first_run_index": 3}], [task("t")])
+    assert [r.run_index for r in s.next_actions(0).start] == [3, 4]

@@ -29,8 +29,9 @@ from testlooper.worker.server import WorkerApiServer, safe_file_name
 # An agent enforces its task's timeout itself; past it plus this margin the runner assumes the
 # worker is dead, kills it and reports an error.
 WORKER_DEADLINE_MARGIN_SECONDS = 60
-# How long interrupted agents get to kill their tasks and report `cancelled`.
-CANCEL_GRACE_SECONDS = 10
+# How long interrupted agents get to kill their tasks and report `cancelled`: longer than the
+# time an agent gives a stage's cleanup after a stop (agent.CLEANUP_SECONDS_AFTER_STOP).
+CANCEL_GRACE_SECONDS = 40
 FAILED_RESULTS = ("failed", "timeout", "error", "blocked")
 
 
@@ -105,6 +106,9 @@ class LocalRunner:
         self.engine = containers.find_engine() if options.isolation == "container" else None
         self.server: WorkerApiServer | None = None
         self.jobs = jobs
+        self.pending_announcements: list[tuple[Run, RunOutcome, Run | None]] = []
+        self.images: dict[str, str] = {}  # image spec -> container image to run
+        self.workdirs: dict[str, str] = {}  # run id -> its workspace
         self.agents: list[_Agent] = []  # alive, busy or idle
         self.idle_agents: list[_Agent] = []
         self.watchers: list[threading.Thread] = []
@@ -116,8 +120,8 @@ class LocalRunner:
         os.makedirs(self.runs_dir, exist_ok=True)
         self.server = WorkerApiServer(artifact_root=self.runs_dir)
         self.server.start()
+        announcements = self.pending_announcements
         try:
-            announcements: list[tuple[Run, RunOutcome, Run | None]] = []
             while True:
                 actions = self.schedule.next_actions(time.time())
                 for run in actions.blocked:
@@ -125,9 +129,8 @@ class LocalRunner:
                 for run in actions.start:
                     self.start(run)
                 # Recording and printing come after the next runs started, so they never hold a slot idle.
-                for announcement in announcements:
-                    self.announce(*announcement)
-                announcements = []
+                while announcements:
+                    self.announce(*announcements.pop(0))
                 if self.schedule.done:
                     break
                 wait = min(self.schedule.seconds_until_next_retry(time.time()), 1.0)
@@ -140,6 +143,8 @@ class LocalRunner:
                     self.agent_free(agent)
                 announcements.append(self.settle(run, outcome))
         except KeyboardInterrupt:
+            while announcements:  # finished before the interrupt: they keep their results
+                self.announce(*announcements.pop(0))
             self.cancel_everything()
             raise Interrupted(self.outcomes) from None
         finally:
@@ -178,25 +183,34 @@ class LocalRunner:
         """Ctrl-C: stop what runs (each agent kills its task's process tree), record all as cancelled."""
         for run in self.schedule.cancel_waiting("interrupted before it started"):
             self.complete(run, self.outcome_without_running(run, "cancelled", run.reason))
-        running = self.schedule.running
-        for run in running:
-            run_id = self.run_ids[id(run)]
-            self.server.cancel(run_id)
+        for run in self.schedule.running:
+            run_id = self.run_ids.get(id(run))
             process = self.processes.get(run_id)
-            if process is not None and process.poll() is None:
+            if process is None:  # chosen to start, but the interrupt came first
+                self.complete(run, self.outcome_without_running(run, "cancelled", "interrupted before it started"))
+                continue
+            self.server.cancel(run_id)
+            if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
         deadline = time.time() + CANCEL_GRACE_SECONDS
-        while self.schedule.running and time.time() < deadline:
-            try:
-                run, outcome, _agent = self.finished.get(timeout=max(0.01, deadline - time.time()))
-            except queue.Empty:
-                break
-            self.complete(run, outcome)  # a run that finished just before the signal keeps its result
+        try:
+            while self.schedule.running and time.time() < deadline:
+                try:
+                    run, outcome, _agent = self.finished.get(timeout=max(0.01, deadline - time.time()))
+                except queue.Empty:
+                    break
+                self.complete(run, outcome)  # a run that finished just before the signal keeps its result
+        except KeyboardInterrupt:
+            pass  # a second Ctrl-C: stop waiting for clean-ups
         for run in self.schedule.running:  # agents that did not stop in time
-            process = self.processes.get(self.run_ids[id(run)])
-            if process is not None:
-                _kill_group(process)
+            run_id = self.run_ids[id(run)]
+            self.kill_run(run_id, self.processes[run_id])
             self.complete(run, self.outcome_without_running(run, "cancelled", "interrupted; the worker was killed"))
+
+    def kill_run(self, run_id: str, agent_process: subprocess.Popen) -> None:
+        """A hard stop: the agent, and its task's processes, which run in sessions of their own."""
+        _kill_group(agent_process)
+        kill_task_processes(run_id, self.workdirs.get(run_id, ""))
 
     # -- one run -----------------------------------------------------------------------------
 
@@ -211,16 +225,18 @@ class LocalRunner:
             return
         token = self.server.register_run(run_id, assignment)
         workdir = os.path.join(self.options.output_dir, "work", safe_file_name(run_id))
+        self.workdirs[run_id] = workdir
         shell = ""
         if self.engine:
             try:
-                image = containers.image_for(task, self.engine, self.source_dir)
+                image = self.image_for(task)
             except containers.ContainerError as exc:
                 self.finished.put((run, self.outcome_without_running(run, "error", str(exc)), None))
                 return
             shell = containers.shell_prefix(self.engine, image, task, workdir, run_id)
         try:
             agent = self.idle_agents.pop() if self.idle_agents else self.start_agent()
+            self.processes[run_id] = agent.process  # from here on, an interrupt stops it rather than forgets it
             # The run and its token go down a pipe: never in an environment or on a command line.
             agent.process.stdin.write(json.dumps({"run_id": run_id, "workdir": workdir, "token": token,
                                                   "shell": shell}) + "\n")
@@ -230,7 +246,6 @@ class LocalRunner:
                                None))
             return
         started = time.time()
-        self.processes[run_id] = agent.process
         self.on_event("started", run, None)
         deadline = started + float(task.get("timeout_seconds") or 0) + WORKER_DEADLINE_MARGIN_SECONDS
         watcher = threading.Thread(target=self.watch, args=(run, run_id, agent, started, deadline, workdir),
@@ -302,7 +317,7 @@ class LocalRunner:
                 alive = False
                 break
             if time.time() > deadline:
-                _kill_group(process)
+                self.kill_run(run_id, process)
                 alive = False
                 message = "the worker stopped responding and was killed after the task's timeout"
                 break
@@ -328,6 +343,13 @@ class LocalRunner:
             shutil.rmtree(workdir, ignore_errors=True)
         self.finished.put((run, outcome, agent if alive else None))
 
+    def image_for(self, task: dict) -> str:
+        """Each image once per command: a Dockerfile is built for the first run that needs it."""
+        key = json.dumps(task.get("image") or {}, sort_keys=True)
+        if key not in self.images:
+            self.images[key] = containers.image_for(task, self.engine, self.source_dir)
+        return self.images[key]
+
     def assignment(self, run: Run, run_id: str, task: dict) -> dict:
         inputs = {}
         for key, dependency in task["dependencies"].items():
@@ -348,7 +370,8 @@ class LocalRunner:
         return {
             "run_id": run_id, "task": task, "commit": self.commit, "commit_message": self.commit_message,
             "source": {"path": self.source_dir}, "inputs": inputs, "run_index": run.run_index,
-            "attempt": run.attempt, "cores": run.cores, "ram_gb": run.ram_gb,
+            "attempt": run.attempt, "cores": run.cores or max(1, available_cores() // self.jobs),
+            "ram_gb": run.ram_gb,
         }
 
     def artifacts_of(self, run: Run) -> dict[str, str]:
@@ -380,6 +403,35 @@ def _kill_group(process: subprocess.Popen) -> None:
         process.wait(timeout=5)
     except subprocess.TimeoutExpired:
         pass
+
+
+def kill_task_processes(run_id: str, workdir: str) -> None:
+    """Kills what is left of a run whose agent was killed. On Linux, every process whose
+    environment carries the run's TEST_LOOPER_TEST_ID (all its commands inherit it); elsewhere,
+    the process groups the agent listed in WORKDIR/agent/process-groups."""
+    marker = f"TEST_LOOPER_TEST_ID={run_id}".encode()
+    if os.path.isdir("/proc/self"):
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as environ:
+                    if marker not in environ.read().split(b"\0"):
+                        continue
+                os.kill(int(entry), signal.SIGKILL)
+            except (OSError, ValueError):
+                continue  # gone already, or not ours to read
+        return
+    try:
+        with open(os.path.join(workdir, "agent", "process-groups")) as listed:
+            groups = [int(line) for line in listed if line.strip().isdigit()]
+    except OSError:
+        return
+    for group in groups:
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except OSError:
+            pass
 
 
 def summarize(outcomes: list[RunOutcome]) -> dict[str, int]:

@@ -29,7 +29,7 @@ class Run:
     state: str = PENDING
     result: str | None = None
     not_before: float = 0.0  # a retried build waits until then
-    cores: int = 1
+    cores: int = 0
     ram_gb: float = 0.0
     reason: str = ""  # why it was blocked or cancelled
 
@@ -58,10 +58,12 @@ class Schedule:
         self.runs: list[Run] = []
         for planned in plan_tasks:
             task = tasks[planned["name"]]
-            for index in range(planned["runs"]):
+            first = int(planned.get("first_run_index", 0))  # runs an earlier command recorded come first
+            for index in range(first, first + planned["runs"]):
                 self.runs.append(Run(
                     task=planned["name"], kind=planned["kind"], run_index=index,
-                    cores=self.fit(max(1, int(task.get("min_cores") or 0)), capacity.cores),
+                    # 0 cores: "don't care", limited only by --jobs.
+                    cores=self.fit(int(task.get("min_cores") or 0), capacity.cores),
                     ram_gb=self.fit(float(task.get("min_ram_gb") or 0), capacity.ram_gb),
                 ))
         self.build_outcome: dict[str, str] = {}  # build name -> "passed" | "failed"
