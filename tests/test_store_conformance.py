@@ -1,6 +1,7 @@
 """One suite run against every history store: they must be interchangeable."""
 
 import os
+import sqlite3
 
 import pytest
 import redis
@@ -105,6 +106,65 @@ def test_blocked_and_cancelled_runs_do_not_count(store):
     store.record_run(make_run(commit="c2", run_index=1, cases=[("a", True)]))
     store.record_run(make_run(commit="c2", attempt=1, result="cancelled", cases=[("a", True)]))
     assert store.case_counts(REPO, ["c2"])["c2"] == {("unit", ""): (1, 0), ("unit", "a"): (1, 0)}
+
+
+def test_error_runs_do_not_count(store):
+    """`error` is the infrastructure failing (the worker died, inputs could not be fetched),
+    not the test: it counts for nothing, like blocked and cancelled."""
+    store.record_run(make_run(commit="c1", result="error", cases=[("a", False)]))
+    assert store.case_counts(REPO, ["c1"]) == {}
+    assert store.tested_commits(REPO, ["c1"]) == set()
+    # A retry that passes after an error counts once, as passed.
+    store.record_run(make_run(commit="c1", attempt=1, cases=[("a", True)]))
+    assert store.case_counts(REPO, ["c1"])["c1"] == {("unit", ""): (1, 0), ("unit", "a"): (1, 0)}
+    # An error final attempt takes back what the attempt before it counted.
+    store.record_run(make_run(commit="c2", result="failed", cases=[("a", False)]))
+    store.record_run(make_run(commit="c2", run_index=1, cases=[("a", True)]))
+    store.record_run(make_run(commit="c2", attempt=1, result="error", cases=[("a", False)]))
+    assert store.case_counts(REPO, ["c2"])["c2"] == {("unit", ""): (1, 0), ("unit", "a"): (1, 0)}
+    assert len(store.runs(REPO, "c2")) == 3
+
+
+def test_a_store_that_counted_errors_stops_counting_them_when_opened(store, monkeypatch):
+    """Schema 1 counted `error` as a failure; opening such a store takes those counts back."""
+    with monkeypatch.context() as old_rules:
+        old_rules.setattr("testlooper.store.base.UNCOUNTED_RESULTS",
+                          frozenset({"blocked", "cancelled"}))
+        store.record_runs([
+            make_run(commit="c1", attempt=0, result="failed", cases=[("a", False)]),
+            make_run(commit="c1", attempt=1, result="error", cases=[("a", False), ("b", True)]),
+            make_run(commit="c1", run_index=1, cases=[("a", True)]),
+            make_run(commit="c2", result="error"),
+            make_run(commit="c3", result="error", task="lint"),
+            make_run(commit="c3", result="failed", cases=[("a", False)]),
+            make_run(commit="c4", attempt=0, result="error"),
+            make_run(commit="c4", attempt=1, result="passed"),
+        ])
+        assert store.case_counts(REPO, ["c1"])["c1"][("unit", "")] == (2, 1)
+        assert store.tested_commits(REPO, ["c2"]) == {"c2"}
+    set_schema_version(store, 1)
+    with open_store(store.url) as reopened:
+        assert reopened.case_counts(REPO, ["c1", "c2", "c3", "c4"]) == {
+            "c1": {("unit", ""): (1, 0), ("unit", "a"): (1, 0)},
+            "c3": {("unit", ""): (1, 1), ("unit", "a"): (1, 1)},
+            "c4": {("unit", ""): (1, 0)}}
+        # And from then on the store counts by the new rules.
+        reopened.record_run(make_run(commit="c1", attempt=2, cases=[("a", True)]))
+        assert reopened.case_counts(REPO, ["c1"])["c1"] == {
+            ("unit", ""): (2, 0), ("unit", "a"): (2, 0)}
+        assert len(reopened.runs(REPO, "c1")) == 4
+    with open_store(store.url) as again:  # migrated once: opening again changes nothing
+        assert again.case_counts(REPO, ["c1"])["c1"] == {
+            ("unit", ""): (2, 0), ("unit", "a"): (2, 0)}
+
+
+def set_schema_version(store, version):
+    if isinstance(store, SqliteHistoryStore):
+        with sqlite3.connect(store.path) as db:
+            db.execute(f"PRAGMA user_version = {version}")
+    else:
+        with redis.Redis.from_url(store.url) as client:
+            client.set("tl:schema", version)
 
 
 def test_a_task_without_cases_has_history_through_its_own_result(store):

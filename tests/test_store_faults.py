@@ -163,3 +163,62 @@ def test_sqlite_serves_a_writer_and_a_reader_in_two_processes(tmp_path):
         assert len(reader.tested_commits(REPO, [f"reader{n}" for n in range(len(seen))])) == len(seen)
     assert seen == sorted(seen)
     assert len(set(seen)) > 2, "the reader should have seen the writer's progress"
+
+
+APPENDER = textwrap.dedent("""
+    import sys
+    from testlooper.store import CaseResult, RunRecord, write_spool
+    for i in range(int(sys.argv[2])):
+        write_spool(sys.argv[1], [RunRecord("org/app", f"c{i}", "unit", "test", 0, 0, "passed",
+                                            1.0, 0, 1.7e9, "main", [CaseResult("case0", True, 0.1)])])
+""")
+
+
+class CountingStore:
+    """A store that counts how many times each run reaches it."""
+
+    def __init__(self, store):
+        self.store = store
+        self.recorded: dict[str, int] = {}
+
+    def record_runs(self, runs):
+        runs = list(runs)
+        for run in runs:
+            self.recorded[run.commit] = self.recorded.get(run.commit, 0) + 1
+        self.store.record_runs(runs)
+
+
+def test_a_replay_racing_an_append_loses_no_line(tmp_path):
+    """One process appends to the spool (a `watch` with the store down) while another replays
+    it (a `history`): every appended run reaches the store, and exactly once."""
+    spool = str(tmp_path / "unrecorded.jsonl")
+    appended = 400
+    env = {**os.environ, "PYTHONPATH": OPERATOR_DIR}
+    appender = subprocess.Popen([sys.executable, "-c", APPENDER, spool, str(appended)], env=env,
+                                stderr=subprocess.PIPE, text=True)
+    with open_store(str(tmp_path / "history.db")) as store:
+        counting = CountingStore(store)
+        replays = 0
+        while appender.poll() is None:
+            replay_spool(counting, spool)
+            replays += 1
+        assert appender.wait() == 0, appender.stderr.read()
+        replay_spool(counting, spool)
+        commits = [f"c{i}" for i in range(appended)]
+        missing = sorted(set(commits) - set(counting.recorded), key=lambda c: int(c[1:]))
+        assert missing == [], f"{len(missing)} of {appended} appended runs were lost"
+        assert all(times == 1 for times in counting.recorded.values())
+        assert counted_runs(store, commits) == {sha: 1 for sha in commits}
+    assert replays > 2, "the replays should have overlapped the appends"
+    assert not os.path.exists(spool)
+
+
+def test_spool_works_without_file_locks(tmp_path, monkeypatch):
+    """Where fcntl does not exist, spooling and replaying go on without locking."""
+    monkeypatch.setattr("testlooper.store.fcntl", None)
+    spool = str(tmp_path / "unrecorded.jsonl")
+    write_spool(spool, [make_run("c1"), make_run("c2")])
+    with open_store(str(tmp_path / "history.db")) as store:
+        assert replay_spool(store, spool) == 2
+        assert counted_runs(store, ["c1", "c2"]) == {"c1": 1, "c2": 1}
+    assert not os.path.exists(spool)

@@ -5,26 +5,44 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
+from typing import Callable
 
 from testlooper.store import (
-    CaseResult, RunRecord, StoreUnavailable, default_store_path, open_store, replay_spool, write_spool,
+    CaseResult, RunRecord, StoreUnavailable, default_store_path, open_store, replay_spool, store_identity,
+    write_spool,
 )
+
+# While the store is down, a Recorder asks it again at most this often (on the next record).
+RETRY_SECONDS = 30.0
 
 
 def spool_path_for(store_url: str) -> str:
-    """One spool per store, beside the default store, so a replay goes to the store it was for."""
-    digest = hashlib.sha256((store_url or "").encode()).hexdigest()[:12]
+    """One spool per store, beside the default store, so a replay goes to the store it was for.
+
+    Named from the store's identity (`store_identity`), not from the URL as typed: a path,
+    the same path relative or as `sqlite:///...`, and "" for the default file share one spool.
+    """
+    digest = hashlib.sha256(store_identity(store_url).encode()).hexdigest()[:12]
     return os.path.join(os.path.dirname(default_store_path()), f"unrecorded-{digest}.jsonl")
 
 
 class Recorder:
-    def __init__(self, store_url: str | None, say):
+    """Records each finished run in the store; while the store is down, spools it instead and
+    asks the store again at most every `retry_seconds`. Once it answers, the spool is replayed
+    and runs go to the store again."""
+
+    def __init__(self, store_url: str | None, say, retry_seconds: float = RETRY_SECONDS,
+                 clock: Callable[[], float] = time.monotonic):
         self.url = store_url or ""
         self.say = say
+        self.retry_seconds = retry_seconds
+        self.clock = clock
         self.spool = spool_path_for(self.url)
-        self.spooled = 0
+        self.spooled = 0  # results of this process still in the spool
         self.store = None
         self.down_reason = ""
+        self.last_try = 0.0  # when the store last failed, by `clock`
         try:
             self.store = open_store(store_url)
             self.store.ping()
@@ -32,10 +50,6 @@ class Recorder:
             self.went_down(exc)
             return
         self.replay()
-
-    @property
-    def display_url(self) -> str:
-        return self.url or f"sqlite://{default_store_path()}"
 
     def replay(self) -> None:
         if not os.path.exists(self.spool):
@@ -49,7 +63,9 @@ class Recorder:
             self.say(f"recorded {count} results that an earlier run kept in {self.spool}")
 
     def record(self, record: RunRecord) -> None:
-        if self.store is not None and not self.down_reason:
+        if self.down_reason and self.clock() - self.last_try >= self.retry_seconds:
+            self.try_again()
+        if not self.down_reason:
             try:
                 self.store.record_run(record)
                 return
@@ -59,11 +75,27 @@ class Recorder:
         write_spool(self.spool, [record])
         self.spooled += 1
 
+    def try_again(self) -> None:
+        """Ask the store whether it answers; if it does, replay the spool and be up again."""
+        try:
+            if self.store is None:
+                self.store = open_store(self.url or None)
+            self.store.ping()
+            count = replay_spool(self.store, self.spool)
+        except StoreUnavailable:
+            self.last_try = self.clock()
+            return
+        self.down_reason = ""
+        self.spooled = 0
+        self.say(f"history store {self.store.url} is reachable again; recorded {count} kept results")
+
     def went_down(self, exc: Exception) -> None:
+        self.last_try = self.clock()
         if not self.down_reason:
             self.down_reason = str(exc)
             self.say(f"warning: {str(exc).rstrip('.')}. Results are kept in {self.spool} and recorded when the "
-                     "store is back (by the next testlooper command that reaches it).")
+                     f"store is back (it is asked again every {self.retry_seconds:g} s, and the next testlooper "
+                     "command that reaches it records them too).")
 
     def close(self) -> None:
         if self.store is not None:

@@ -10,7 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Iterable
+from contextlib import contextmanager
+from typing import Iterable, Iterator
+from urllib.parse import parse_qs, urlsplit
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; see `_spool_lock`
+    fcntl = None
 
 from testlooper.store.base import (
     Aggregates, CaseResult, HistoryStore, RunRecord, StoreError, StoreUnavailable,
@@ -20,7 +27,7 @@ from testlooper.store.sqlite import SqliteHistoryStore
 __all__ = [
     "Aggregates", "CaseResult", "DEFAULT_STORE_PATH", "HistoryStore", "RunRecord", "StoreError",
     "StoreUnavailable", "default_store_path", "open_store", "read_spool", "replay_spool",
-    "write_spool",
+    "store_identity", "write_spool",
 ]
 
 # Runs recorded per store call while replaying; the spool is rewritten after each batch, so a
@@ -40,26 +47,93 @@ DEFAULT_STORE_PATH = default_store_path()
 def open_store(url: str | None = None) -> HistoryStore:
     """Open the history store at `url`: a path or `sqlite:///ABS/PATH.db` for SQLite,
     `redis://HOST:PORT/DB` for Redis, None or "" for the default SQLite file."""
-    if not url:
-        return SqliteHistoryStore(default_store_path())
-    if url.startswith(("redis://", "rediss://", "unix://")):
+    if _is_redis(url):
         # Imported here so that the local runner, which uses SQLite, never loads redis-py.
         from testlooper.store.redis_store import RedisHistoryStore
         return RedisHistoryStore(url)
+    return SqliteHistoryStore(_sqlite_path(url))
+
+
+def store_identity(url: str | None) -> str:
+    """The store `url` names, however it is written: `sqlite://` and the file's absolute path
+    (the default store included), or the Redis URL without its password, with the default
+    port and database filled in. A malformed URL is returned as it is (`open_store` says what
+    is wrong with it)."""
+    try:
+        if _is_redis(url):
+            return _redis_identity(url)
+        return f"sqlite://{os.path.abspath(_sqlite_path(url))}"
+    except ValueError:
+        return url or ""
+
+
+def _is_redis(url: str | None) -> bool:
+    return bool(url) and url.startswith(("redis://", "rediss://", "unix://"))
+
+
+def _sqlite_path(url: str | None) -> str:
+    """The SQLite file a URL that is not Redis's names; ValueError if it is malformed."""
+    if not url:
+        return default_store_path()
     if url.startswith("sqlite://"):
         path = url[len("sqlite://"):]
         if not path.startswith("/"):
             raise ValueError(f"history store URL {url!r}: write sqlite:///ABSOLUTE/PATH.db "
                              "(three slashes) or give a plain path")
-        return SqliteHistoryStore(path)
+        return path
     if "://" in url:
         raise ValueError(f"history store URL {url!r}: expected a path, sqlite:///ABS/PATH.db "
                          "or redis://HOST:PORT/DB")
-    return SqliteHistoryStore(os.path.expanduser(url))
+    return os.path.expanduser(url)
+
+
+def _redis_identity(url: str) -> str:
+    """`SCHEME://[USER@]HOST:PORT/DB` (`unix://[USER@]PATH?db=DB`), as redis-py reads the URL:
+    the database from `?db=`, else from the path, else 0."""
+    parts = urlsplit(url)
+    user = f"{parts.username}@" if parts.username else ""
+    db = parse_qs(parts.query).get("db", [""])[0]
+    if parts.scheme == "unix":
+        return f"unix://{user}{os.path.normpath(parts.path)}?db={db or 0}"
+    host = parts.hostname or "localhost"
+    if ":" in host:  # IPv6
+        host = f"[{host}]"
+    db = db or parts.path.strip("/") or "0"
+    return f"{parts.scheme}://{user}{host}:{parts.port or 6379}/{db}"
+
+
+@contextmanager
+def _spool_lock(path: str) -> Iterator[None]:
+    """Hold an exclusive lock on `PATH.lock`, beside the spool, while the spool is appended to
+    or replayed, so that a replay never rewrites or removes lines appended meanwhile.
+
+    A lock file of its own, because replaying replaces the spool file by renaming another
+    over it: a lock on the spool itself would be left on the replaced file. The lock file is
+    kept (removing it could let two processes hold locks on two different files). Where fcntl
+    does not exist (Windows), there is no lock: one process at a time must then use a spool.
+    """
+    if fcntl is None:
+        yield
+        return
+    descriptor = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)  # released when the descriptor is closed
+        yield
+    finally:
+        os.close(descriptor)
 
 
 def write_spool(path: str, runs: Iterable[RunRecord]) -> None:
-    """Append runs to a JSON-lines spool file, flushed to disk before returning."""
+    """Append runs to a JSON-lines spool file, flushed to disk before returning.
+
+    Safe while another process replays the same spool (see `_spool_lock`).
+    """
+    runs = list(runs)
+    with _spool_lock(path):
+        _append(path, runs)
+
+
+def _append(path: str, runs: list[RunRecord]) -> None:
     with open(path, "a", encoding="utf-8") as spool:
         for run in runs:
             spool.write(json.dumps(run.to_json(), ensure_ascii=False) + "\n")
@@ -86,24 +160,29 @@ def replay_spool(store: HistoryStore, path: str) -> int:
 
     If the store fails part way, StoreUnavailable propagates and the spool keeps exactly the
     runs not yet recorded. A crash between recording a batch and rewriting the spool records
-    that batch again on the next replay, which replaces rather than double counts. Only one
-    process may write or replay a given spool file at a time.
+    that batch again on the next replay, which replaces rather than double counts. The spool
+    is locked from its reading to its last rewrite, so processes appending to it meanwhile
+    (`write_spool`) wait, and lose nothing.
     """
-    pending = read_spool(path)
+    if not os.path.exists(path):
+        return 0  # and no lock file is made for a spool that was never written
     recorded = 0
-    while pending:
-        batch, pending = pending[:REPLAY_BATCH], pending[REPLAY_BATCH:]
-        store.record_runs(batch)
-        recorded += len(batch)
-        _rewrite_spool(path, pending)
-    if os.path.exists(path):
-        os.remove(path)
+    with _spool_lock(path):
+        pending = read_spool(path)
+        while pending:
+            batch, pending = pending[:REPLAY_BATCH], pending[REPLAY_BATCH:]
+            store.record_runs(batch)
+            recorded += len(batch)
+            _rewrite_spool(path, pending)
+        if os.path.exists(path):
+            os.remove(path)
     return recorded
 
 
 def _rewrite_spool(path: str, runs: list[RunRecord]) -> None:
+    """Replace the spool's content (under its lock) by writing another file and renaming it."""
     temporary = f"{path}.replaying"
     if os.path.exists(temporary):
         os.remove(temporary)
-    write_spool(temporary, runs)
+    _append(temporary, runs)
     os.replace(temporary, path)

@@ -14,9 +14,12 @@ from typing import Iterable
 from testlooper.stats import Aggregates
 
 RESULTS = ("passed", "failed", "timeout", "error", "blocked", "cancelled")
-# A blocked run never started and a cancelled one was stopped on purpose: neither says
-# anything about the code, so neither counts as a run of its cases.
-UNCOUNTED_RESULTS = frozenset({"blocked", "cancelled"})
+# A blocked run never started, a cancelled one was stopped on purpose, and an `error` is the
+# infrastructure failing (the worker died, inputs could not be fetched), not the test: none
+# says anything about the code, so none counts as a run of its cases. Counting errors as
+# failures would make a sound test look broken or flaky whenever a machine failed under it.
+# (Schema 1 of both stores counted `error` as a failure; opening one migrates it.)
+UNCOUNTED_RESULTS = frozenset({"blocked", "cancelled", "error"})
 # The task's own result is kept as a case with this name, so tests that report no cases have
 # history too.
 TASK_CASE = ""
@@ -101,10 +104,10 @@ def distinct_cases(cases: list[CaseResult]) -> list[CaseResult]:
 def case_outcomes(result: str, cases: Iterable[tuple[str, bool]]) -> dict[str, bool]:
     """What one run contributes to its commit's aggregates: `{case name: passed}`.
 
-    Empty for blocked and cancelled runs. The task's own result is the case `""`: passed only
-    if the run passed (failed, timeout and error all count as failures). A name reported more
-    than once is one run of that case, failed if any report failed; a reported case named
-    `""` is folded into the task's own result the same way.
+    Empty for blocked, cancelled and error runs (UNCOUNTED_RESULTS). The task's own result is
+    the case `""`: passed only if the run passed (failed and timeout count as failures). A
+    name reported more than once is one run of that case, failed if any report failed; a
+    reported case named `""` is folded into the task's own result the same way.
     """
     if result in UNCOUNTED_RESULTS:
         return {}
@@ -167,8 +170,8 @@ class HistoryStore(abc.ABC):
     def case_counts(self, repo: str, commits: Iterable[str]) -> dict[str, Aggregates]:
         """`{sha: {(task, case): (runs, failures)}}` for those of `commits` that are tested.
 
-        A commit is tested once it has a run that counts (not blocked or cancelled); only the
-        final attempt of each run index counts.
+        A commit is tested once it has a run that counts (not blocked, cancelled or error);
+        only the final attempt of each run index counts.
         """
 
     @abc.abstractmethod

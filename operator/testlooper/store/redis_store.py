@@ -34,7 +34,8 @@ from testlooper.store.base import (
     case_outcomes, distinct_cases, final_attempt_change, run_outcomes,
 )
 
-SCHEMA_VERSION = 1
+# 2: `error` runs are no longer counted (schema 1 counted them as failures).
+SCHEMA_VERSION = 2
 SCHEMA_KEY = "tl:schema"
 REPOS_KEY = "tl:repos"
 COMMITS_PER_PIPELINE = 1_000
@@ -123,6 +124,62 @@ class RedisHistoryStore(HistoryStore):
         if version > SCHEMA_VERSION:
             raise StoreError(f"history store {self.url} has schema version {version}; this "
                              f"TestLooper knows up to {SCHEMA_VERSION}: upgrade TestLooper")
+        if version == 1:
+            self._stop_counting_errors()
+
+    def _stop_counting_errors(self) -> None:
+        """From schema 1, which counted `error` runs as failures: count again each commit whose
+        final attempts include an error, then mark the layout 2.
+
+        Counting again from the recorded runs (rather than taking back) makes this safe to run
+        in several processes at once, or again after a crash part way: the version moves to 2
+        only once every commit is done.
+        """
+        for runs_key in self._client.scan_iter(match="tl:*:runs", count=1_000):
+            self._count_commit_again(runs_key[:-len(b":runs")])
+        with self._client.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(SCHEMA_KEY)
+                    if int(pipe.get(SCHEMA_KEY)) < SCHEMA_VERSION:
+                        pipe.multi()
+                        pipe.set(SCHEMA_KEY, SCHEMA_VERSION)
+                        pipe.execute()
+                    return
+                except WatchError:
+                    pipe.reset()
+
+    def _count_commit_again(self, prefix: bytes) -> None:
+        runs_key, cases_key, counts_key = (prefix + b":runs", prefix + b":cases",
+                                           prefix + b":counts")
+        with self._client.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(runs_key, counts_key)
+                    final: dict[tuple[str, int], tuple[int, bytes]] = {}
+                    recorded = pipe.hgetall(runs_key)
+                    for field in recorded:
+                        task, run_index, attempt = json.loads(field)
+                        if final.get((task, run_index), (-1,))[0] < attempt:
+                            final[task, run_index] = attempt, field
+                    finals = {field: json.loads(recorded[field]) for _, field in final.values()}
+                    if not any(run["result"] == "error" for run in finals.values()):
+                        return
+                    counts: dict[str, dict[str, list[int]]] = {}
+                    for field, run in finals.items():
+                        cases = ((c.name, c.success)
+                                 for c in decode_cases(pipe.hget(cases_key, field)))
+                        add_outcomes(counts.setdefault(run["task"], {}),
+                                     case_outcomes(run["result"], cases), 1)
+                    pipe.multi()
+                    pipe.delete(counts_key)
+                    for task, task_counts in counts.items():
+                        if task_counts:
+                            pipe.hset(counts_key, task, encode_counts(task_counts))
+                    pipe.execute()
+                    return
+                except WatchError:
+                    pipe.reset()
 
     # -- writing -----------------------------------------------------------------------------
 

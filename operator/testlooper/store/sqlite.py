@@ -20,7 +20,8 @@ from testlooper.store.base import (
     TASK_CASE, case_outcomes, distinct_cases, final_attempt_change, run_outcomes,
 )
 
-SCHEMA_VERSION = 1
+# 2: `error` runs are no longer counted (schema 1 counted them as failures).
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_MS = 30_000
 # Errors (by primary result code) meaning the file cannot be used now, rather than a bug.
 UNAVAILABLE_ERRORS = frozenset({
@@ -64,8 +65,8 @@ SCHEMA = (
         success INTEGER NOT NULL,
         duration_seconds REAL,
         PRIMARY KEY (run_id, case_id)) WITHOUT ROWID""",
-    # Only the final attempt of each run index, and no blocked or cancelled run, is counted
-    # here. Rows whose runs drop to 0 are deleted: a case here was run on that commit.
+    # Only the final attempt of each run index, and no blocked, cancelled or error run, is
+    # counted here. Rows whose runs drop to 0 are deleted: a case here was run on that commit.
     """CREATE TABLE case_counts (
         commit_id INTEGER NOT NULL REFERENCES commits (id),
         case_id INTEGER NOT NULL REFERENCES case_keys (id),
@@ -140,7 +141,24 @@ class SqliteHistoryStore(HistoryStore):
             # Statement by statement: executescript() would commit our transaction first.
             for statement in SCHEMA:
                 cursor.execute(statement)
-            cursor.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        elif version == 1:
+            self._stop_counting_errors(cursor)
+        cursor.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def _stop_counting_errors(self, cursor: sqlite3.Cursor) -> None:
+        """From schema 1: take back what each final attempt that is an `error` counted then,
+        which is what a failed run with its cases counts."""
+        finals = cursor.execute(
+            "SELECT r.id, r.commit_id, r.task FROM runs r WHERE r.result = 'error' AND r.attempt ="
+            " (SELECT MAX(o.attempt) FROM runs o WHERE o.commit_id = r.commit_id"
+            " AND o.task = r.task AND o.run_index = r.run_index)").fetchall()
+        for run_id, commit_id, task in finals:
+            counted = case_outcomes("failed", cursor.execute(
+                "SELECT k.name, c.success FROM cases c JOIN case_keys k ON k.id = c.case_id"
+                " WHERE c.run_id = ?", (run_id,)))
+            # Ids made here are not cached: the cache takes only committed ids.
+            ids = self._ids_of(cursor, task, list(counted), {})
+            self._add_counts(cursor, commit_id, ids, counted, sign=-1)
 
     # -- writing -----------------------------------------------------------------------------
 
