@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tarfile
@@ -94,6 +95,36 @@ def test_listed_tests_are_handed_to_the_run_command(api_server, source, tmp_path
 
     assert run.result["result"] == "passed"
     assert (run.workdir / "output" / "ran.txt").read_text() == "test_a\ntest_b\n"
+
+
+LISTING_DEFINITIONS = r"""
+looper_version: 5
+environments:
+  linux:
+    platform: linux
+    image: {name: "debian:12"}
+tests:
+  listed/linux:
+    stages:
+      - list_tests_command: 'echo list >> "$TEST_SCRATCH_DIR/trace"; printf "test_a\ntest_b\n" > "$TEST_LOOPER_TEST_LIST_OUTPUT"'
+        run_tests_command: 'if [ -s "$TEST_LOOPER_TESTS_TO_RUN" ]; then echo run-with-list; else echo run-without-list; fi >> "$TEST_SCRATCH_DIR/trace"; cp "$TEST_LOOPER_TESTS_TO_RUN" "$TEST_OUTPUT_DIR/ran.txt"'
+"""
+
+
+def test_a_listing_stage_as_the_definitions_engine_resolves_it_lists_then_runs_once(api_server, source, tmp_path):
+    from testlooper.definitions import resolve_text
+
+    task = resolve_text(LISTING_DEFINITIONS, "testlooper.yml")["tests"]["listed/linux"]
+    [resolved_stage] = task["stages"]
+    # The engine repeats run_tests_command as command, so tools showing one command per stage show it.
+    assert resolved_stage["command"] == resolved_stage["run_tests_command"] != ""
+
+    run = run_agent(api_server, make_assignment(task, source), tmp_path / "work")
+
+    assert read_trace(run) == ["list", "run-with-list"]  # the list exists when R runs, and R runs once
+    assert run.result["result"] == "passed", run.log_text
+    assert (run.workdir / "output" / "ran.txt").read_text() == "test_a\ntest_b\n"
+    assert "stage 1/1 command" not in run.log_text
 
 
 # -- what a running task sees --------------------------------------------------------------------
@@ -224,14 +255,14 @@ def test_source_and_inputs_are_fetched_by_url(api_server, source, tmp_path):
     assert (run.workdir / "inputs" / "src" / ".git_commit").read_text() == "Fix the frobnicator\n"
 
 
-@pytest.mark.parametrize("member", ["../escaped.txt", "/tmp/absolute-escape.txt", "link-out"])
+@pytest.mark.parametrize("member", ["../escaped.txt", "/tmp/absolute-escape.txt", "through-link"])
 def test_an_unsafe_input_archive_is_refused(api_server, source, tmp_path, member):
-    hostile = tmp_path / "hostile.tar"
+    hostile, outside = tmp_path / "hostile.tar", tmp_path / "outside"
+    outside.mkdir()
     with tarfile.open(hostile, "w") as tar:
-        if member == "link-out":
-            link = tarfile.TarInfo("link-out")
-            link.type, link.linkname = tarfile.SYMTYPE, "../../../.."
-            tar.addfile(link)
+        if member == "through-link":  # the link alone is fine; writing through it is not
+            add_link(tar, "link-out", str(outside))
+            add_bytes(tar, "link-out/escaped.txt", b"should never be written\n")
         else:
             add_bytes(tar, member, b"should never be written\n")
     inputs = {"evil": {"kind": "build", "path": str(hostile)}}
@@ -243,12 +274,175 @@ def test_an_unsafe_input_archive_is_refused(api_server, source, tmp_path, member
     assert "input 'evil'" in run.result["error"]
     assert not (tmp_path / "work" / "inputs" / "escaped.txt").exists()
     assert not Path("/tmp/absolute-escape.txt").exists()
+    assert os.listdir(outside) == []
+
+
+@pytest.mark.parametrize("inputs_by_url", [False, True], ids=["path", "url"])
+def test_absolute_symlinks_in_a_build_output_reach_the_consumer_as_links(api_server, source, tmp_path,
+                                                                          inputs_by_url):
+    # What every virtualenv does: bin/python is a link to the system's interpreter.
+    build = make_task('ln -s /usr/bin/python3 "$TEST_BUILD_OUTPUT_DIR/python" && '
+                      'ln -s /no/such/file "$TEST_BUILD_OUTPUT_DIR/dangling" && '
+                      'mkdir "$TEST_BUILD_OUTPUT_DIR/lib" && ln -s lib "$TEST_BUILD_OUTPUT_DIR/lib64" && '
+                      'echo built > "$TEST_BUILD_OUTPUT_DIR/lib/tool"', kind="build")
+    built = run_agent(api_server, make_assignment(build, source), tmp_path / "build")
+    assert built.result["result"] == "passed", built.log_text
+    inputs = {"venv": {"kind": "build", "path": api_server.status(built.run_id).artifacts[""].path}}
+    consumer = make_task('readlink venv/python venv/dangling venv/lib64 > "$TEST_OUTPUT_DIR/links.txt" && '
+                         'cat venv/lib64/tool >> "$TEST_OUTPUT_DIR/links.txt"')
+
+    run = run_agent(api_server, make_assignment(consumer, source, inputs=inputs), tmp_path / "consumer",
+                    inputs_by_url=inputs_by_url)
+
+    assert run.result["result"] == "passed", run.result["error"] or run.log_text
+    assert (run.workdir / "output" / "links.txt").read_text() == "/usr/bin/python3\n/no/such/file\nlib\nbuilt\n"
+    assert os.path.islink(run.workdir / "inputs" / "venv" / "python")
 
 
 def add_bytes(tar, name, data):
     info = tarfile.TarInfo(name)
     info.size = len(data)
     tar.addfile(info, io.BytesIO(data))
+
+
+def add_link(tar, name, target, kind=tarfile.SYMTYPE):
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, target
+    tar.addfile(info)
+
+
+def add_zip_link(zipped, name, target):
+    info = zipfile.ZipInfo(name)
+    info.create_system = 3  # Unix: the mode in external_attr is meaningful
+    info.external_attr = (stat.S_IFLNK | 0o777) << 16
+    zipped.writestr(info, target)
+
+
+def test_unpacking_keeps_symlinks_as_links_whatever_their_target(tmp_path):
+    with tarfile.open(tmp_path / "links.tar.gz", "w:gz") as tar:
+        add_link(tar, "bin/python", "/usr/bin/python3")
+        add_link(tar, "up", "../../..")
+        add_link(tar, "lib64", "lib")
+        directory = tarfile.TarInfo("lib")
+        directory.type = tarfile.DIRTYPE
+        tar.addfile(directory)
+        add_bytes(tar, "lib64/through-an-inside-link.txt", b"fine\n")
+        add_link(tar, "hard.txt", "lib64/through-an-inside-link.txt", tarfile.LNKTYPE)
+    with zipfile.ZipFile(tmp_path / "links.zip", "w") as zipped:
+        add_zip_link(zipped, "bin/python", "/usr/bin/python3")
+        add_zip_link(zipped, "lib64", "lib")
+        zipped.writestr("lib/", "")
+        zipped.writestr("lib64/through-an-inside-link.txt", "fine\n")
+
+    for archive in ("links.tar.gz", "links.zip"):
+        destination = tmp_path / archive.replace(".", "-")
+        agent.unpack_archive(str(tmp_path / archive), str(destination), "input 'x'")
+
+        assert os.readlink(destination / "bin" / "python") == "/usr/bin/python3", archive
+        assert os.readlink(destination / "lib64") == "lib"
+        assert (destination / "lib" / "through-an-inside-link.txt").read_text() == "fine\n"
+    assert os.readlink(tmp_path / "links-tar-gz" / "up") == "../../.."
+    assert (tmp_path / "links-tar-gz" / "hard.txt").read_text() == "fine\n"
+
+
+def write_through_absolute_link(tar, outside):
+    add_link(tar, "escape", str(outside))
+    add_bytes(tar, "escape/planted.txt", b"x")
+
+
+def write_through_relative_link(tar, outside):
+    add_link(tar, "dir/escape", "../../outside")
+    add_bytes(tar, "dir/escape/planted.txt", b"x")
+
+
+def overwrite_a_linked_file(tar, outside):
+    add_link(tar, "victim", str(outside / "victim.txt"))
+    add_bytes(tar, "victim", b"x")
+
+
+def hard_link_to_an_absolute_path(tar, outside):
+    add_link(tar, "hard", str(outside / "victim.txt"), tarfile.LNKTYPE)
+
+
+def hard_link_upwards(tar, outside):
+    add_link(tar, "hard", "../outside/victim.txt", tarfile.LNKTYPE)
+
+
+def hard_link_through_a_symlink(tar, outside):
+    add_link(tar, "soft", str(outside / "victim.txt"))
+    add_link(tar, "hard", "soft", tarfile.LNKTYPE)
+
+
+def device_file(tar, outside):
+    info = tarfile.TarInfo("null")
+    info.type, info.devmajor, info.devminor = tarfile.CHRTYPE, 1, 3
+    tar.addfile(info)
+
+
+def fifo(tar, outside):
+    info = tarfile.TarInfo("pipe")
+    info.type = tarfile.FIFOTYPE
+    tar.addfile(info)
+
+
+def absolute_name(tar, outside):
+    add_bytes(tar, str(outside / "planted.txt"), b"x")
+
+
+def dot_dot_name(tar, outside):
+    add_bytes(tar, "../outside/planted.txt", b"x")
+
+
+@pytest.mark.parametrize("build", [
+    write_through_absolute_link, write_through_relative_link, overwrite_a_linked_file,
+    hard_link_to_an_absolute_path, hard_link_upwards, hard_link_through_a_symlink, device_file, fifo,
+    absolute_name, dot_dot_name])
+def test_unpacking_a_tar_refuses_whatever_would_reach_outside(tmp_path, build):
+    outside, destination = tmp_path / "outside", tmp_path / "inputs" / "dep"
+    outside.mkdir()
+    (outside / "victim.txt").write_text("untouched")
+    with tarfile.open(tmp_path / "hostile.tar", "w") as tar:
+        build(tar, outside)
+
+    with pytest.raises(agent.InfrastructureError, match="input 'dep': cannot unpack"):
+        agent.unpack_archive(str(tmp_path / "hostile.tar"), str(destination), "input 'dep'")
+
+    assert sorted(os.listdir(outside)) == ["victim.txt"]
+    assert (outside / "victim.txt").read_text() == "untouched"
+    assert not (destination / "hard").exists() and not (destination / "null").exists()
+
+
+@pytest.mark.parametrize("hostile", ["through-absolute-link", "through-relative-link", "overwrite-linked-file",
+                                     "dot-dot", "absolute", "device"])
+def test_unpacking_a_zip_refuses_whatever_would_reach_outside(tmp_path, hostile):
+    outside, destination = tmp_path / "outside", tmp_path / "inputs" / "dep"
+    outside.mkdir()
+    (outside / "victim.txt").write_text("untouched")
+    with zipfile.ZipFile(tmp_path / "hostile.zip", "w") as zipped:
+        if hostile == "through-absolute-link":
+            add_zip_link(zipped, "escape", str(outside))
+            zipped.writestr("escape/planted.txt", "x")
+        elif hostile == "through-relative-link":
+            add_zip_link(zipped, "dir/escape", "../../outside")
+            zipped.writestr("dir/escape/planted.txt", "x")
+        elif hostile == "overwrite-linked-file":
+            add_zip_link(zipped, "victim", str(outside / "victim.txt"))
+            with pytest.warns(UserWarning, match="Duplicate name"):
+                zipped.writestr("victim", "x")
+        elif hostile == "dot-dot":
+            zipped.writestr("../outside/planted.txt", "x")
+        elif hostile == "absolute":
+            zipped.writestr(str(outside / "planted.txt"), "x")
+        else:
+            info = zipfile.ZipInfo("null")
+            info.create_system, info.external_attr = 3, (stat.S_IFCHR | 0o666) << 16
+            zipped.writestr(info, "")
+
+    with pytest.raises(agent.InfrastructureError, match="input 'dep'"):
+        agent.unpack_archive(str(tmp_path / "hostile.zip"), str(destination), "input 'dep'")
+
+    assert sorted(os.listdir(outside)) == ["victim.txt"]
+    assert (outside / "victim.txt").read_text() == "untouched"
 
 
 # -- time limits, cancellation, process trees ----------------------------------------------------
@@ -286,6 +480,84 @@ def process_is_running(pid):
             return not any(line.startswith("State:") and "Z" in line.split()[1] for line in status)
     except FileNotFoundError:
         return False
+
+
+def listed_process_groups(workdir):
+    path = workdir / "agent" / "process-groups"
+    text = path.read_text() if path.exists() else ""
+    assert all(line.isdigit() for line in text.splitlines()), text
+    return [int(line) for line in text.splitlines()]
+
+
+def processes_in_group(group):
+    """{pid: command name} of the live processes whose process group is ``group``."""
+    found = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as stat_file:
+                name, rest = stat_file.read().rsplit(")", 1)
+        except (FileNotFoundError, NotADirectoryError, ProcessLookupError):
+            continue
+        state, _parent, process_group = rest.split()[:3]
+        if int(process_group) == group and state != "Z":
+            found[int(entry)] = name.split("(", 1)[1]
+    return found
+
+
+def test_every_command_process_group_is_listed_for_a_runner_that_must_kill_the_agent(api_server, source, tmp_path):
+    task = make_task(setup_script="true", stages=[stage("sleep 300 & sleep 300")])
+    process = AgentProcess(api_server, make_assignment(task, source), tmp_path / "work")
+    sleeps = []
+    try:
+        process.wait_for_phase("stage 1/1 command")
+        deadline = time.monotonic() + 15
+        while len(sleeps) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+            groups = listed_process_groups(process.workdir)
+            sleeps = [pid for group in groups for pid, name in processes_in_group(group).items() if name == "sleep"]
+        assert len(sleeps) == 2, f"the groups listed, {groups}, do not hold the two sleeps"
+
+        # The runner's last resort: the agent stopped answering, so it is killed hard...
+        process.process.kill()
+        process.process.wait()
+        time.sleep(0.2)
+        assert all(process_is_running(pid) for pid in sleeps)  # ...and the task's processes live on,
+
+        for group in listed_process_groups(process.workdir):  # until the runner kills the listed groups.
+            try:
+                os.killpg(group, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 5
+        while any(process_is_running(pid) for pid in sleeps) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(process_is_running(pid) for pid in sleeps)
+    finally:
+        process.process.kill()
+        process.process.wait()
+        kill_processes_working_in(tmp_path / "work")  # whatever went wrong, no sleep outlives the test
+
+
+def kill_processes_working_in(directory):
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.readlink(f"/proc/{entry}/cwd").startswith(str(directory)):
+                os.kill(int(entry), signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def test_the_process_group_file_forgets_the_groups_the_agent_ended(api_server, source, tmp_path):
+    # A group id that has ended may be reused by the kernel: it must not stay listed for a runner to kill.
+    stages = [stage("true"), stage("sleep 1000 &", order=1), stage("sleep 30", order=2)]
+    task = make_task(stages=stages, timeout_seconds=2)
+
+    run = run_agent(api_server, make_assignment(task, source), tmp_path / "work")
+
+    assert run.result["result"] == "timeout"
+    assert "stage 3/3 command" in run.log_text
+    assert (run.workdir / "agent" / "process-groups").exists()
+    assert listed_process_groups(run.workdir) == []
 
 
 def test_cancel_through_the_heartbeat(api_server, source, tmp_path):
@@ -432,9 +704,9 @@ def test_a_rejected_token_leaves_the_result_in_result_json(api_server, source, t
 WORKER_DIR = Path(agent.__file__).parent
 
 
-@pytest.mark.parametrize("module", ["agent.py", "results.py"])
-def test_worker_modules_import_only_the_standard_library(module):
-    allowed_own = {"results", "testlooper.worker", "testlooper.worker.results"}
+@pytest.mark.parametrize("module, allowed_own", [("agent.py", set()), ("results.py", {"testlooper.worker.agent"})])
+def test_worker_modules_import_only_the_standard_library(module, allowed_own):
+    """agent.py is one module: the standard library and nothing else, not even its own package."""
     for name in imported_modules(WORKER_DIR / module):
         assert name in allowed_own or name.split(".")[0] in sys.stdlib_module_names, f"{module} imports {name}"
 
@@ -449,18 +721,17 @@ def imported_modules(path):
             yield node.module
 
 
-def test_the_agent_runs_when_copied_alone_next_to_results(api_server, source, tmp_path):
+def test_the_agent_runs_when_copied_alone(api_server, source, tmp_path):
     bare = tmp_path / "bare"
     bare.mkdir()
-    for module in ("agent.py", "results.py"):
-        shutil.copy(WORKER_DIR / module, bare / module)
+    shutil.copy(WORKER_DIR / "agent.py", bare / "agent.py")  # and nothing else: no results.py beside it
     assignment = make_assignment(make_task('echo \'{"alone": true}\' > "$TEST_OUTPUT_DIR/testSummary.json"'), source)
     token = api_server.register_run("bare-run", assignment)
     environment = {key: value for key, value in agent_environment(token).items() if key != "PYTHONPATH"}
 
-    # -E -s: no PYTHONPATH, no user site; only the script's own directory is importable.
+    # -S -E: no site-packages at all, no PYTHONPATH; only the script's own directory is importable.
     completed = subprocess.run(
-        [sys.executable, "-E", "-s", str(bare / "agent.py"), "--api", api_server.url, "--run-id", "bare-run",
+        [sys.executable, "-S", "-E", str(bare / "agent.py"), "--api", api_server.url, "--run-id", "bare-run",
          "--workdir", str(tmp_path / "work"), "--heartbeat-seconds", "0.2"],
         env=environment, capture_output=True, text=True, timeout=60)
 

@@ -201,3 +201,10 @@ def test_collect_results_reads_the_summary_and_every_junit_file(tmp_path):
 
 def test_collect_results_of_a_missing_directory_is_empty(tmp_path):
     assert collect_results(tmp_path / "absent") == ([], [])
+
+
+def test_the_parsers_live_in_the_agent_module_and_results_re_exports_them():
+    from testlooper.worker import agent, results
+
+    assert (results.collect_results, results.parse_junit, results.parse_test_summary) == (
+        agent.collect_results, agent.parse_junit, agent.parse_test_summary)

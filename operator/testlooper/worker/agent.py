@@ -2,8 +2,10 @@
 
     TESTLOOPER_WORKER_TOKEN=... python3 -m testlooper.worker.agent --api URL --run-id ID --workdir DIR
 
-Standard library only, so this file and results.py, copied side by side onto a bare machine
-(a pod's init step, an EC2 instance's user data, a Windows host), run with nothing else.
+One module, standard library only: this file alone, copied onto a bare machine (a pod's init
+step, an EC2 instance's user data, a Windows host), runs as ``python3 agent.py`` with nothing
+else. It includes the parsing of individual test results (testSummary.json, JUnit XML);
+``testlooper.worker.results`` re-exports that part for code that imports it from there.
 docs/worker.md describes the protocol, the workspace layout and how each failure is reported.
 """
 
@@ -12,11 +14,13 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import math
 import os
 import re
 import shlex
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tarfile
@@ -25,12 +29,8 @@ import time
 import traceback
 import urllib.parse
 import urllib.request
+import xml.etree.ElementTree as ElementTree
 import zipfile
-
-try:
-    from testlooper.worker import results
-except ImportError:  # copied alone next to results.py, without the package
-    import results
 
 TOKEN_ENV = "TESTLOOPER_WORKER_TOKEN"
 SHELL_ENV = "TESTLOOPER_SHELL"
@@ -40,6 +40,8 @@ LOG_POLL_SECONDS = 0.5
 COPY_BLOCK_BYTES = 1024 * 1024
 HTTP_TIMEOUT_SECONDS = 60
 PROCESS_POLL_SECONDS = 0.1
+# While a command runs, WORKDIR/agent/process-groups is checked this often for groups that ended.
+PROCESS_GROUPS_CHECK_SECONDS = 1.0
 DEFAULT_TIMEOUT_SECONDS = 3600
 # A cleanup that follows a timeout or a cancellation gets this long, then it is killed too.
 CLEANUP_SECONDS_AFTER_STOP = 30
@@ -363,6 +365,8 @@ class Workspace:
         self.agent_files = os.path.join(self.root, "agent")
         self.log_path = os.path.join(self.root, "log.txt")
         self.result_path = os.path.join(self.root, "result.json")
+        # Read by a runner that kills the agent hard: see CommandRunner and docs/worker.md.
+        self.process_groups_path = os.path.join(self.agent_files, "process-groups")
 
     def open_log(self):
         """Creates the work directory and an empty log; the log file is the agent's first output."""
@@ -458,36 +462,125 @@ def _materialize_local(path, destination, label):
 
 
 def unpack_archive(archive, destination, label):
-    """Unpacks a tar (any compression) or zip, refusing members that would land outside
-    ``destination``: absolute paths, ``..``, links pointing out, device files."""
+    """Unpacks a tar (any compression) or zip into ``destination``.
+
+    Symlinks are made as links whatever their target, never replaced by what they point to: a
+    build's ``python -> /usr/bin/python3`` (every virtualenv has one) must reach its consumer as
+    it was built. What is refused is writing anywhere but inside ``destination``: absolute member
+    names, ``..``, a member whose path goes through an already-extracted link to the outside,
+    hard links to the outside, and device files.
+    """
     os.makedirs(destination, exist_ok=True)
     try:
         if tarfile.is_tarfile(archive):
             with tarfile.open(archive, "r:*") as tar:
-                tar.extractall(destination, filter=strict_tar_filter)
+                tar.extractall(destination, filter=input_tar_filter)
         elif zipfile.is_zipfile(archive):
             with zipfile.ZipFile(archive) as packed:
-                _refuse_escaping_zip_names(packed.namelist())
-                packed.extractall(destination)
+                _extract_zip(packed, destination)
         else:
             raise InfrastructureError(f"{label}: not a tar or zip archive")
-    except (tarfile.TarError, zipfile.BadZipFile) as error:
+    except (tarfile.TarError, zipfile.BadZipFile, UnsafeMemberError) as error:
         raise InfrastructureError(f"{label}: cannot unpack: {error}") from error
 
 
+class UnsafeMemberError(Exception):
+    """A zip member would be written outside the destination, or is a device file."""
+
+
+def input_tar_filter(member, destination):
+    """The extraction filter for inputs: tarfile's ``tar`` filter, made strict where it is lax.
+
+    In Python 3.11.4+ (``tarfile.tar_filter``), the ``tar`` filter strips a leading ``/`` and
+    refuses a member whose real path (``os.path.realpath``, so through the links extracted before
+    it) lies outside the destination; it clears setuid/setgid/sticky and group/other write bits.
+    It does not judge where a symlink points, which is what lets absolute links through (the
+    ``data`` filter refuses them). It does not check hard-link targets nor refuse device files
+    either, so this filter adds both, refuses absolute names outright rather than making them
+    relative, and drops the archive's owners as the ``data`` filter does.
+
+    tarfile applies the filter to each member just before extracting it, so the real-path check
+    sees the links the earlier members created.
+    """
+    _refuse_absolute_name(member)
+    if not (member.isreg() or member.isdir() or member.issym() or member.islnk()):
+        raise tarfile.SpecialFileError(member)
+    if member.islnk():
+        # tarfile makes the hard link with os.link(destination/linkname), which follows symlinks.
+        if _is_absolute_name(member.linkname):
+            raise tarfile.AbsoluteLinkError(member)
+        root = os.path.realpath(destination)
+        target = os.path.realpath(os.path.join(root, member.linkname))
+        if os.path.commonpath([target, root]) != root:
+            raise tarfile.LinkOutsideDestinationError(member, target)
+    member = tarfile.tar_filter(member, destination)
+    changes = {"uid": None, "gid": None, "uname": None, "gname": None}
+    if member.mode is not None and not (member.isdir() or member.issym()):
+        changes["mode"] = member.mode | 0o600  # the agent can always read and remove what it unpacked
+    return member.replace(**changes, deep=False)
+
+
 def strict_tar_filter(member, destination):
-    """tarfile's "data" filter (no escapes through ``..`` or links, no devices), except that an
-    absolute name is refused outright rather than quietly made relative."""
-    if member.name.startswith(("/", "\\")) or member.name[1:2] == ":":
-        raise tarfile.AbsolutePathError(member)
+    """tarfile's "data" filter (no escapes through ``..`` or links, no links pointing outside, no
+    devices), except that an absolute name is refused outright rather than quietly made relative.
+
+    The worker API server unpacks ``Files`` artifacts with it. Inputs use ``input_tar_filter``,
+    which keeps links whatever their target.
+    """
+    _refuse_absolute_name(member)
     return tarfile.data_filter(member, destination)
 
 
-def _refuse_escaping_zip_names(names):
-    for name in names:
+def _is_absolute_name(name):
+    return name.startswith(("/", "\\")) or name[1:2] == ":"
+
+
+def _refuse_absolute_name(member):
+    if _is_absolute_name(member.name):
+        raise tarfile.AbsolutePathError(member)
+
+
+# Zip "made by" systems whose external attributes carry a Unix mode (Unix, macOS).
+ZIP_UNIX_SYSTEMS = (3, 19)
+
+
+def _extract_zip(packed, destination):
+    """Extracts a zip with the care of ``input_tar_filter``: a Unix symlink entry becomes a link
+    whatever its target, and every member is checked, just before it is written, against the
+    real path of the destination, so none is written through a link to the outside."""
+    root = os.path.realpath(destination)
+    for info in packed.infolist():
+        name = info.filename
         parts = name.replace("\\", "/").split("/")
-        if name.startswith(("/", "\\")) or ".." in parts or ":" in parts[0]:
-            raise InfrastructureError(f"refusing zip member {name!r}: it points outside the directory")
+        if _is_absolute_name(name) or ".." in parts:
+            raise UnsafeMemberError(f"refusing zip member {name!r}: it points outside the directory")
+        path = os.path.join(root, *[part for part in name.split("/") if part not in ("", ".")])
+        real = os.path.realpath(path)
+        if os.path.commonpath([real, root]) != root:
+            raise UnsafeMemberError(f"refusing zip member {name!r}: it would be written to {real}, "
+                                    "outside the directory")
+        kind = _zip_member_kind(info)
+        if kind == "link":
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            os.symlink(os.fsdecode(packed.read(info)), path)
+        elif kind == "directory":
+            os.makedirs(path, exist_ok=True)
+        elif kind == "file":
+            packed.extract(info, root)  # to ``path``: the name is plain, checked above
+        else:
+            raise UnsafeMemberError(f"refusing zip member {name!r}: it is a device or other special file")
+
+
+def _zip_member_kind(info):
+    mode = info.external_attr >> 16
+    if info.create_system in ZIP_UNIX_SYSTEMS and stat.S_IFMT(mode):
+        if stat.S_ISLNK(mode):
+            return "link"
+        if stat.S_ISDIR(mode):
+            return "directory"
+        if not stat.S_ISREG(mode):
+            return "special"
+    return "directory" if info.is_dir() else "file"
 
 
 def write_commit_message(tree, message):
@@ -537,15 +630,26 @@ class CommandRunner:
 
     Processes a command leaves behind (a server started with ``&``) live on until the task ends,
     as they would in the task's container; ``kill_all`` then ends every one of them.
+
+    Each command's process group id goes into ``process_groups_path`` (one decimal number per
+    line) as soon as the command is started, for a runner that has to kill the agent itself:
+    the agent's own end cannot take the task's process groups with it, they are other sessions.
+    Groups that have ended (killed by the agent, or found empty when a command exits and every
+    second while one runs) are dropped from the file, because the kernel may give their ids to
+    unrelated processes.
     """
 
-    def __init__(self, shell_prefix, cwd, environment, log, kill_grace_seconds):
+    def __init__(self, shell_prefix, cwd, environment, log, kill_grace_seconds, process_groups_path=None):
         self._shell_prefix = shell_prefix
         self._cwd = cwd
         self._environment = environment
         self._log = log
         self._kill_grace = kill_grace_seconds
         self._processes = []
+        self._groups_path = process_groups_path
+        self._listed_groups = None  # as last written to the file; None: unknown, rewrite it
+        self._groups_checked = time.monotonic()
+        self._write_groups()
 
     def run(self, label, command, deadline, stop=None, extra_environment=None):
         """Runs ``command`` until it exits, ``deadline`` (monotonic) passes or ``stop`` is set."""
@@ -559,12 +663,16 @@ class CommandRunner:
             # Killed for good; checking its group again at the end could only find zombies that
             # an init which does not reap leaves behind, and wait a grace period for nothing.
             self._processes.remove(process)
+            self._write_groups()
             return CommandOutcome(None, stopped)
         self._log.note(f"{label}: exit code {process.returncode} after {time.monotonic() - started:.1f} s")
+        self._write_groups()
         return CommandOutcome(process.returncode, None)
 
     def kill_all(self):
         self._kill(self._processes)
+        self._processes = []
+        self._write_groups()
 
     def _start(self, command, extra_environment):
         options = {"cwd": self._cwd, "env": {**self._environment, **extra_environment},
@@ -578,16 +686,50 @@ class CommandRunner:
         except (OSError, ValueError) as error:
             raise InfrastructureError(f"cannot start the shell {self._shell_prefix!r}: {error}") from error
         self._processes.append(process)
+        self._record_group(process)
         return process
 
-    @staticmethod
-    def _wait(process, deadline, stop):
+    def _record_group(self, process):
+        """Appends the new command's process group id (its leader's pid) to the file, and flushes
+        it to the system at once: whatever the command starts from now on is in that group."""
+        if not self._groups_path:
+            return
+        try:
+            with open(self._groups_path, "a", encoding="ascii") as groups:
+                groups.write(f"{process.pid}\n")
+        except OSError as error:
+            # The process is in self._processes already: kill_all ends it.
+            raise InfrastructureError(f"cannot record the process group in {self._groups_path}: {error}") from error
+        if self._listed_groups is not None:
+            self._listed_groups.append(process.pid)
+
+    def _write_groups(self):
+        """Replaces the file (atomically) with the groups that may still hold processes, when
+        that list has changed. Only the thread running the commands writes the file."""
+        self._groups_checked = time.monotonic()
+        if not self._groups_path:
+            return
+        groups = [process.pid for process in self._processes if _may_hold_processes(process)]
+        if groups == self._listed_groups:
+            return
+        partial = self._groups_path + ".new"
+        try:
+            with open(partial, "w", encoding="ascii") as out:
+                out.write("".join(f"{group}\n" for group in groups))
+            os.replace(partial, self._groups_path)
+            self._listed_groups = groups
+        except OSError as error:
+            self._log.note(f"cannot update {self._groups_path}: {error}")
+
+    def _wait(self, process, deadline, stop):
         while True:
             try:
                 process.wait(timeout=PROCESS_POLL_SECONDS)
                 return None
             except subprocess.TimeoutExpired:
                 pass
+            if time.monotonic() - self._groups_checked >= PROCESS_GROUPS_CHECK_SECONDS:
+                self._write_groups()  # drops the groups of earlier commands that have ended since
             if stop is not None and stop.reason:
                 return stop.reason
             if time.monotonic() >= deadline:
@@ -622,13 +764,20 @@ def _group_alive(process):
         os.killpg(process.pid, 0)
     except ProcessLookupError:
         return False
+    except PermissionError:
+        return True  # only processes we may not signal are left (a sudo, say): still there
     return True
+
+
+def _may_hold_processes(process):
+    """True while the command's process group (Windows: its shell) may still hold processes."""
+    return process.poll() is None if os.name == "nt" else _group_alive(process)
 
 
 def _signal_group(group_id, signum):
     try:
         os.killpg(group_id, signum)
-    except ProcessLookupError:
+    except (ProcessLookupError, PermissionError):
         pass
 
 
@@ -817,10 +966,12 @@ class TaskRun:
         return passed
 
     def _run_stage_commands(self, label, number, stage):
-        if stage.get("command") and not self._step(f"{label} command", stage["command"]):
-            return False
+        """A plain stage runs its ``command``. A listing stage runs ``list_tests_command``, then
+        ``run_tests_command`` with the list, and not ``command``: the definitions engine sets
+        ``command`` to the ``run_tests_command`` (so tools showing one command per stage show
+        it), and running it on its own would run the tests before any list exists."""
         if not stage.get("list_tests_command"):
-            return True
+            return not stage.get("command") or self._step(f"{label} command", stage["command"])
         test_list = self.workspace.agent_path(f"tests-stage-{number}.txt")
         if not self._step(f"{label} list_tests_command", stage["list_tests_command"],
                           {"TEST_LOOPER_TEST_LIST_OUTPUT": test_list}):
@@ -828,9 +979,10 @@ class TaskRun:
         if not os.path.isfile(test_list):
             self.log.note(f"{label}: list_tests_command did not write $TEST_LOOPER_TEST_LIST_OUTPUT")
             return False
-        if not stage.get("run_tests_command"):
+        run_tests_command = stage.get("run_tests_command") or stage.get("command")
+        if not run_tests_command:
             return True
-        return self._step(f"{label} run_tests_command", stage["run_tests_command"],
+        return self._step(f"{label} run_tests_command", run_tests_command,
                           {"TEST_LOOPER_TESTS_TO_RUN": test_list})
 
     def _step(self, label, command, extra_environment=None):
@@ -882,6 +1034,231 @@ class TaskRun:
 
     def _timeout_message(self):
         return f"timed out after {self.timeout_seconds} s"
+
+
+# ---------------------------------------------------------------------------------------------
+# Individual test results: testSummary.json and JUnit XML (formerly the module results.py)
+#
+# A pure function of the files in the output directory. Every parser returns ``(cases, errors)``:
+# ``cases`` is a list of ``{"name": str, "success": bool, "duration_seconds": float | None}`` and
+# ``errors`` a list of human-readable messages naming the file and the reason. A malformed file
+# never raises: its problems become messages, and whatever could be read from it is kept.
+
+TEST_SUMMARY_FILE = "testSummary.json"
+
+# The whole JSON document is held in memory, so refuse absurd ones instead of exhausting RAM.
+MAX_TEST_SUMMARY_BYTES = 512 * 1024 * 1024
+
+# XML is fed to the parser in blocks of this size, so memory stays flat whatever the file size.
+XML_READ_BLOCK_BYTES = 64 * 1024
+
+# A file with thousands of bad entries reports the first few and a count, not thousands of lines.
+MAX_ERRORS_PER_FILE = 20
+
+JUNIT_ROOT_TAGS = ("testsuites", "testsuite", "testcase")
+
+
+def collect_results(output_dir):
+    """Collects every case reported under ``output_dir``: its testSummary.json and all JUnit files.
+
+    A missing directory reports nothing. Cases from all files are concatenated, so a runner that
+    writes the same test into two files reports it twice.
+    """
+    cases, errors = [], []
+    if not os.path.isdir(output_dir):
+        return cases, errors
+    summary_path = os.path.join(output_dir, TEST_SUMMARY_FILE)
+    if os.path.isfile(summary_path):
+        _extend(cases, errors, parse_test_summary(summary_path, label=TEST_SUMMARY_FILE))
+    for path in _xml_files(output_dir):
+        label = os.path.relpath(path, output_dir).replace(os.sep, "/")
+        _extend(cases, errors, parse_junit(path, label=label))
+    return cases, errors
+
+
+def parse_test_summary(path, label=None):
+    """Parses a testSummary.json: a dict ``{name: bool | {"success", "logs"}}`` or a list of
+    ``{"testName", "success", "logs", "elapsed", "startTimestamp"}``."""
+    label = label or path
+    try:
+        document = _load_json(path)
+    except (OSError, ValueError) as error:
+        return [], [f"{label}: cannot read test results: {error}"]
+    if isinstance(document, dict):
+        parsed = [_case_from_summary_item(name, value) for name, value in document.items()]
+    elif isinstance(document, list):
+        parsed = [_case_from_summary_entry(index, entry) for index, entry in enumerate(document)]
+    else:
+        return [], [f"{label}: expected a JSON object or list of test results, got {type(document).__name__}"]
+    cases = [case for case in parsed if isinstance(case, dict)]
+    problems = [problem for problem in parsed if isinstance(problem, str)]
+    return cases, _bounded_errors(label, problems)
+
+
+def parse_junit(path, label=None):
+    """Parses a JUnit XML file. A case with ``<failure>`` or ``<error>`` fails, a ``<skipped>``
+    one is left out, any other passes. A file whose root is not a JUnit element is not a result
+    file and reports nothing. A JUnit file declaring a DOCTYPE is refused, so no entity is ever
+    defined (the "billion laughs" expansion and external entities cannot happen)."""
+    label = label or path
+    collector = _JUnitCollector()
+    # A target parser, not iterparse: iterparse cannot be told to refuse a DOCTYPE, a target's
+    # doctype() hook can, before the parser reads a single entity declaration. It keeps no tree.
+    parser = ElementTree.XMLParser(target=collector)
+    try:
+        with open(path, "rb") as stream:
+            for block in iter(lambda: stream.read(XML_READ_BLOCK_BYTES), b""):
+                parser.feed(block)
+        parser.close()
+    except _NotJUnit:
+        return [], []
+    except _DoctypeRefused:
+        collector.problems.append("refused: the file declares a DOCTYPE (entity declarations are not allowed)")
+    except ElementTree.ParseError as error:
+        collector.problems.append(f"not well-formed XML: {error}")
+    except OSError as error:
+        collector.problems.append(f"cannot read: {error}")
+    return collector.cases, _bounded_errors(label, collector.problems)
+
+
+class _NotJUnit(Exception):
+    """The document's root element shows it is some other kind of XML file."""
+
+
+class _DoctypeRefused(Exception):
+    """The document declares a DOCTYPE, the only place entities can be defined."""
+
+
+class _JUnitCollector:
+    """ElementTree parser target that turns ``<testcase>`` elements into cases as they stream by."""
+
+    def __init__(self):
+        self.cases = []
+        self.problems = []
+        self._depth = 0
+        self._seen_root = False
+        self._case_attributes = None
+        self._case_depth = 0
+        self._case_outcome = "passed"
+
+    def doctype(self, name, pubid, system):
+        # The declaration names the root element: a coverage report's DOCTYPE is not our business.
+        if _local_name(name) not in JUNIT_ROOT_TAGS:
+            raise _NotJUnit()
+        raise _DoctypeRefused()
+
+    def start(self, tag, attributes):
+        self._depth += 1
+        tag = _local_name(tag)
+        if not self._seen_root:
+            self._seen_root = True
+            if tag not in JUNIT_ROOT_TAGS:
+                raise _NotJUnit()
+        if tag == "testcase" and self._case_attributes is None:
+            self._case_attributes = dict(attributes)
+            self._case_depth = self._depth
+            self._case_outcome = "passed"
+        elif self._case_attributes is not None and self._depth == self._case_depth + 1:
+            self._note_child(tag)
+
+    def end(self, tag):
+        if self._case_attributes is not None and self._depth == self._case_depth:
+            self._finish_case()
+        self._depth -= 1
+
+    def close(self):
+        return None
+
+    def _note_child(self, tag):
+        if tag in ("failure", "error"):
+            self._case_outcome = "failed"
+        elif tag == "skipped" and self._case_outcome == "passed":
+            self._case_outcome = "skipped"
+
+    def _finish_case(self):
+        attributes, self._case_attributes = self._case_attributes, None
+        name = attributes.get("name", "")
+        if not name:
+            self.problems.append(f"a <testcase> has no name attribute (case {len(self.cases) + 1})")
+            return
+        if self._case_outcome == "skipped":
+            return
+        classname = attributes.get("classname", "")
+        self.cases.append({
+            "name": f"{classname}.{name}" if classname else name,
+            "success": self._case_outcome == "passed",
+            "duration_seconds": _seconds(attributes.get("time")),
+        })
+
+
+def _case_from_summary_item(name, value):
+    """One ``name: value`` pair of the dict shape; returns a case, or a problem message."""
+    if isinstance(value, bool):
+        return {"name": name, "success": value, "duration_seconds": None}
+    if isinstance(value, dict) and isinstance(value.get("success"), bool):
+        return {"name": name, "success": value["success"], "duration_seconds": _seconds(value.get("elapsed"))}
+    return f"test {name!r}: expected true, false or {{\"success\": true|false}}, got {_json_preview(value)}"
+
+
+def _case_from_summary_entry(index, entry):
+    """One entry of the list shape; returns a case, or a problem message."""
+    if not isinstance(entry, dict):
+        return f"entry {index}: expected an object, got {_json_preview(entry)}"
+    name, success = entry.get("testName"), entry.get("success")
+    if not isinstance(name, str) or not name:
+        return f"entry {index}: \"testName\" must be a non-empty string"
+    if not isinstance(success, bool):
+        return f"entry {index} ({name!r}): \"success\" must be true or false"
+    return {"name": name, "success": success, "duration_seconds": _seconds(entry.get("elapsed"))}
+
+
+def _load_json(path):
+    size = os.path.getsize(path)
+    if size > MAX_TEST_SUMMARY_BYTES:
+        raise ValueError(f"{size} bytes is more than the {MAX_TEST_SUMMARY_BYTES} bytes allowed")
+    # utf-8-sig: Windows tools (PowerShell's Out-File) like to start files with a BOM.
+    with open(path, encoding="utf-8-sig") as stream:
+        return json.load(stream)
+
+
+def _seconds(value):
+    """A duration from JSON or an XML attribute; None when absent or not a finite, non-negative number."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+
+
+def _xml_files(directory):
+    found = []
+    for root, _dirs, files in os.walk(directory):
+        found.extend(os.path.join(root, name) for name in files if name.lower().endswith(".xml"))
+    return sorted(found)
+
+
+def _local_name(tag):
+    """``{namespace}testcase`` -> ``testcase``: some runners put JUnit elements in a namespace."""
+    return tag.rsplit("}", 1)[-1]
+
+
+def _json_preview(value):
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _bounded_errors(label, problems):
+    messages = [f"{label}: {problem}" for problem in problems[:MAX_ERRORS_PER_FILE]]
+    if len(problems) > MAX_ERRORS_PER_FILE:
+        messages.append(f"{label}: ... and {len(problems) - MAX_ERRORS_PER_FILE} more problems")
+    return messages
+
+
+def _extend(cases, errors, parsed):
+    cases.extend(parsed[0])
+    errors.extend(parsed[1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -959,7 +1336,7 @@ class Agent:
     def _run_task(self, assignment, log, heartbeat):
         environment = task_environment(self.workspace, assignment, os.environ)
         runner = CommandRunner(self.options.shell, self.workspace.inputs, environment, log,
-                               self.options.kill_grace_seconds)
+                               self.options.kill_grace_seconds, self.workspace.process_groups_path)
         task_run = TaskRun(assignment, self.workspace, runner, self.api, self.stop, heartbeat, log)
         started = time.monotonic()
         try:
@@ -972,7 +1349,7 @@ class Agent:
             runner.kill_all()
         duration = time.monotonic() - started
         heartbeat.phase = "collecting results"
-        cases, parse_errors = results.collect_results(self.workspace.output)
+        cases, parse_errors = collect_results(self.workspace.output)
         for message in parse_errors:
             log.note(f"test results: {message}")
         outcome = self.stop.reason or ("passed" if passed else "failed")
