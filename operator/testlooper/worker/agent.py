@@ -520,17 +520,6 @@ def input_tar_filter(member, destination):
     return member.replace(**changes, deep=False)
 
 
-def strict_tar_filter(member, destination):
-    """tarfile's "data" filter (no escapes through ``..`` or links, no links pointing outside, no
-    devices), except that an absolute name is refused outright rather than quietly made relative.
-
-    The worker API server unpacks ``Files`` artifacts with it. Inputs use ``input_tar_filter``,
-    which keeps links whatever their target.
-    """
-    _refuse_absolute_name(member)
-    return tarfile.data_filter(member, destination)
-
-
 def _is_absolute_name(name):
     return name.startswith(("/", "\\")) or name[1:2] == ":"
 

@@ -31,7 +31,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from testlooper.worker.agent import strict_tar_filter
+from testlooper.worker.agent import input_tar_filter
 
 _log = logging.getLogger(__name__)
 
@@ -448,7 +448,7 @@ def _extract_files_artifact(archive, directory):
     os.makedirs(directory)
     try:
         with tarfile.open(archive, "r:*") as tar:
-            tar.extractall(directory, filter=strict_tar_filter)
+            tar.extractall(directory, filter=input_tar_filter)  # the same rules as a consumer's unpacking
     except tarfile.TarError as error:
         shutil.rmtree(directory)
         raise _HttpError(400, f"the Files artifact is not a safe tar: {error}") from None
