@@ -10,7 +10,6 @@ import pytest
 
 from gitrepo import GitRepo
 from testlooper.cli import output
-from testlooper.cli.main import main
 from testlooper.definitions import resolve_text
 
 OPERATOR_DIR = Path(__file__).resolve().parent.parent / "operator"
@@ -49,18 +48,6 @@ DOCS_INCLUDE = textwrap.dedent("""\
       docs/linux:
         command: make docs
 """)
-
-
-@pytest.fixture
-def cli(capsys):
-    """Run `testlooper ARGS` in-process: (exit status, stdout, stderr)."""
-
-    def run(*args: str):
-        status = main(list(args))
-        captured = capsys.readouterr()
-        return status, captured.out, captured.err
-
-    return run
 
 
 @pytest.fixture

@@ -19,7 +19,6 @@ import pytest
 from gitrepo import GitRepo
 from redis_server import RedisServer, free_port
 from testlooper.cli import output
-from testlooper.cli.main import main
 from testlooper.gitio import open_repo
 from testlooper.local.target import repo_identity
 from testlooper.store import CaseResult, RunRecord, open_store
@@ -96,18 +95,6 @@ def project(tmp_path_factory):
     with open_store(url) as store:
         store.record_runs(history_records(identity(repo), shas))
     return repo, shas, url
-
-
-@pytest.fixture
-def cli(capsys):
-    """Run `testlooper ARGS` in-process: (exit status, stdout, stderr)."""
-
-    def run(*args: str):
-        status = main(list(args))
-        captured = capsys.readouterr()
-        return status, captured.out, captured.err
-
-    return run
 
 
 def test_history_grid_and_the_cases_to_look_at_on_the_newest_tested_commit(project, cli):

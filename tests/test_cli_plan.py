@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 from gitrepo import GitRepo
-from testlooper.cli.main import main
 
 OPERATOR_DIR = Path(__file__).resolve().parent.parent / "operator"
 
@@ -41,18 +40,6 @@ DEFINITIONS = textwrap.dedent("""\
       - {name: python, paths: ["HEAD/*.py", "HEAD/pyproject.toml"], test_sets: [python]}
       - {name: docs, paths: ["HEAD/docs/*"], test_sets: [docs]}
 """)
-
-
-@pytest.fixture
-def cli(capsys):
-    """Run `testlooper ARGS` in-process: (exit status, stdout, stderr)."""
-
-    def run(*args: str):
-        status = main(list(args))
-        captured = capsys.readouterr()
-        return status, captured.out, captured.err
-
-    return run
 
 
 @pytest.fixture

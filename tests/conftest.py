@@ -1,0 +1,17 @@
+"""Fixtures shared by many test files."""
+
+import pytest
+
+from testlooper.cli.main import main
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run `testlooper ARGS` in-process: (exit status, stdout, stderr)."""
+
+    def run(*args: str):
+        status = main(list(args))
+        captured = capsys.readouterr()
+        return status, captured.out, captured.err
+
+    return run
