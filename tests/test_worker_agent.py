@@ -791,3 +791,25 @@ def test_agent_from_stdin_runs_one_run_per_line_until_the_end_of_input(api_serve
     assert api_server.wait_result("kept-0", timeout=5)["result"] == "passed"
     second = api_server.wait_result("kept-1", timeout=5)
     assert (second["result"], second["exit_code"]) == ("failed", 3)
+
+
+def test_unpacking_refuses_an_escape_hidden_past_path_max(tmp_path):
+    """CVE-2025-4517: links to long names push the resolved path past PATH_MAX, where older
+    Pythons' realpath stops following links; a file then lands outside through an absolute link."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    long_name, path = "d" * 247, ""
+    with tarfile.open(tmp_path / "poc.tar", "w") as tar:
+        for step in "abcdefghijklmnop":
+            directory = tarfile.TarInfo(os.path.join(path, long_name))
+            directory.type = tarfile.DIRTYPE
+            tar.addfile(directory)
+            add_link(tar, os.path.join(path, step), long_name)
+            path = os.path.join(path, long_name)
+        chain = os.path.join(*"abcdefghijklmnop", "l" * 254)
+        add_link(tar, chain, os.path.join(*[".."] * 16))
+        add_link(tar, "escape", str(outside))
+        add_bytes(tar, chain + "/escape/evil.txt", b"pwned\n")
+    with pytest.raises(agent.InfrastructureError, match="cannot unpack"):
+        agent.unpack_archive(str(tmp_path / "poc.tar"), str(tmp_path / "dest"), "input 'x'")
+    assert list(outside.iterdir()) == []

@@ -505,6 +505,10 @@ def input_tar_filter(member, destination):
     _refuse_absolute_name(member)
     if not (member.isreg() or member.isdir() or member.issym() or member.islnk()):
         raise tarfile.SpecialFileError(member)
+    if not _resolves_inside(destination, member.name, follow_last=member.isreg()):
+        raise tarfile.OutsideDestinationError(member, os.path.join(destination, member.name))
+    if member.islnk() and not _resolves_inside(destination, member.linkname, follow_last=True):
+        raise tarfile.LinkOutsideDestinationError(member, os.path.join(destination, member.linkname))
     if member.islnk():
         # tarfile makes the hard link with os.link(destination/linkname), which follows symlinks.
         if _is_absolute_name(member.linkname):
@@ -518,6 +522,45 @@ def input_tar_filter(member, destination):
     if member.mode is not None and not (member.isdir() or member.issym()):
         changes["mode"] = member.mode | 0o600  # the agent can always read and remove what it unpacked
     return member.replace(**changes, deep=False)
+
+
+def _resolves_inside(destination, name, follow_last):
+    """Whether ``destination/name`` stays inside ``destination`` when the links already on disk
+    are followed (the last one too when ``follow_last``: writing a file follows it).
+
+    Resolved here step by step with ``lstat`` and ``readlink`` rather than with
+    ``os.path.realpath``, which older Pythons stop resolving past PATH_MAX (CVE-2025-4517); a
+    path that cannot be looked at, or a chain of more than 40 links, is refused. Absolute link
+    targets are kept as links when unpacked but never followed here.
+    """
+    root = os.path.abspath(destination)
+    pending = name.replace("\\", "/").split("/")
+    current, hops = root, 0
+    while pending:
+        part = pending.pop(0)
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if current == root:
+                return False
+            current = os.path.dirname(current)
+            continue
+        candidate = os.path.join(current, part)
+        try:
+            is_link = stat.S_ISLNK(os.lstat(candidate).st_mode)
+        except FileNotFoundError:
+            is_link = False
+        except OSError:
+            return False
+        if is_link and (pending or follow_last):
+            hops += 1
+            target = os.readlink(candidate)
+            if hops > 40 or _is_absolute_name(target):
+                return False
+            pending[:0] = target.split("/")
+            continue
+        current = candidate
+    return True
 
 
 def _is_absolute_name(name):
@@ -541,7 +584,7 @@ def _extract_zip(packed, destination):
     for info in packed.infolist():
         name = info.filename
         parts = name.replace("\\", "/").split("/")
-        if _is_absolute_name(name) or ".." in parts:
+        if _is_absolute_name(name) or ".." in parts or not _resolves_inside(root, name, follow_last=True):
             raise UnsafeMemberError(f"refusing zip member {name!r}: it points outside the directory")
         path = os.path.join(root, *[part for part in name.split("/") if part not in ("", ".")])
         real = os.path.realpath(path)
