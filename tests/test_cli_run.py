@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from gitrepo import GitRepo
 from redis_server import RedisServer
 from run_helpers import (
     RUN_KEYS, SUMMARY_KEYS, cli_env, explain, json_document, kill_quietly, make_repo, process_alive, read_pids,
@@ -714,3 +715,19 @@ def test_a_commit_with_no_finished_run_is_not_called_all_passed():
 
     lines = _render_comparison({"previous": None, "classes": {}, "counts": {}}, output.Styler(False))
     assert lines == ["", "no run of this commit finished, so there is nothing to compare"]
+
+
+def test_working_tree_snapshot_keeps_nested_repositories(tmp_path, env):
+    """git lists a submodule (or an embedded repository) as one entry: its files are copied."""
+    definitions = DEFINITIONS.replace("  pass/linux:\n", "  nested/linux:\n    dependencies: {src: HEAD}\n"
+                                      "    command: cat src/vendor/lib.txt\n  pass/linux:\n")
+    project = make_repo(tmp_path / "outer", definitions, {"value.txt": "v\n"})
+    vendor = GitRepo(project.path / "vendor")
+    vendor.commit({"lib.txt": "vendored library\n"})
+    project.git("add", "vendor")
+    project.git("commit", "-q", "-m", "Add vendor")
+    completed = tl(["run", project.path, "--store", tmp_path / "h.db", "--output", tmp_path / "out",
+                    "--test", "nested/linux", "--json"], env)
+    assert completed.returncode == 0, explain(completed)
+    (run,) = runs_of(json_document(completed), "nested/linux")
+    assert "vendored library" in Path(run["log"]).read_text()

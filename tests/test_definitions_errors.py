@@ -228,3 +228,12 @@ def test_shared_static_subtrees_count_toward_the_expansion_cap():
     t/${{i}}/linux: {{command: x, variables: {{V: '1'}}, stages_unused: {big}}}
 """)
     assert f"{macros.MAX_PRODUCED_VALUES:,} values" in err.message
+
+
+def test_deep_nesting_through_aliases_is_refused():
+    """An anchor defined shallow and used deep nests as deep as where it is used."""
+    lines = ["looper_version: 5", "a0: &a0 [[[[[x]]]]]"]
+    for i in range(1, 30):
+        lines.append(f"a{i}: &a{i} [[[[[*a{i - 1}]]]]]")
+    err = resolve_error("\n".join(lines) + "\n", header=False)
+    assert "nests deeper than 100 levels" in err.message

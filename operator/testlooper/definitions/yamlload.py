@@ -108,13 +108,18 @@ def _yaml_error(exc: yaml.YAMLError, filename: str) -> DefinitionsError:
 
 
 def _check_expanded_size(root: yaml.Node, filename: str) -> None:
-    """Refuse documents whose aliases expand past MAX_EXPANDED_NODES, without expanding them."""
+    """Refuse documents whose aliases expand past MAX_EXPANDED_NODES, or nest deeper than
+    MAX_DEPTH once expanded, without expanding them."""
     sizes: dict[int, int] = {}
+    heights: dict[int, int] = {}  # levels below a node, so an alias reused deep is measured too
     in_progress: set[int] = set()
 
     def size(node: yaml.Node, depth: int = 0) -> int:
         key = id(node)
         if key in sizes:
+            if depth + heights[key] > MAX_DEPTH:
+                raise DefinitionsError(f"the document nests deeper than {MAX_DEPTH} levels; refusing it",
+                                       filename=filename, line=node.start_mark.line + 1)
             return sizes[key]
         if key in in_progress:  # a recursive alias can never be expanded
             raise DefinitionsError("recursive YAML alias", filename=filename, line=node.start_mark.line + 1)
@@ -122,16 +127,16 @@ def _check_expanded_size(root: yaml.Node, filename: str) -> None:
             raise DefinitionsError(f"the document nests deeper than {MAX_DEPTH} levels; refusing it",
                                    filename=filename, line=node.start_mark.line + 1, column=node.start_mark.column + 1)
         total = 1
+        children = []
         if isinstance(node, yaml.MappingNode):
-            in_progress.add(key)
-            for k, v in node.value:
-                total += size(k, depth + 1) + size(v, depth + 1)
-            in_progress.discard(key)
+            children = [child for pair in node.value for child in pair]
         elif isinstance(node, yaml.SequenceNode):
-            in_progress.add(key)
-            for item in node.value:
-                total += size(item, depth + 1)
-            in_progress.discard(key)
+            children = node.value
+        in_progress.add(key)
+        for child in children:
+            total += size(child, depth + 1)
+        in_progress.discard(key)
+        heights[key] = 1 + max((heights[id(child)] for child in children), default=0) if children else 0
         total = min(total, MAX_EXPANDED_NODES + 1)
         sizes[key] = total
         return total

@@ -411,16 +411,23 @@ def kill_task_processes(run_id: str, workdir: str) -> None:
     the process groups the agent listed in WORKDIR/agent/process-groups."""
     marker = f"TEST_LOOPER_TEST_ID={run_id}".encode()
     if os.path.isdir("/proc/self"):
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry}/environ", "rb") as environ:
-                    if marker not in environ.read().split(b"\0"):
-                        continue
-                os.kill(int(entry), signal.SIGKILL)
-            except (OSError, ValueError):
-                continue  # gone already, or not ours to read
+        # Again until a pass finds nothing: a process may fork between the listing and its kill.
+        for _ in range(20):
+            killed = 0
+            for entry in os.listdir("/proc"):
+                if not entry.isdigit():
+                    continue
+                try:
+                    with open(f"/proc/{entry}/environ", "rb") as environ:
+                        if marker not in environ.read().split(b"\0"):
+                            continue
+                    os.kill(int(entry), signal.SIGKILL)
+                    killed += 1
+                except (OSError, ValueError):
+                    continue  # gone already, or not ours to read
+            if not killed:
+                return
+            time.sleep(0.05)
         return
     try:
         with open(os.path.join(workdir, "agent", "process-groups")) as listed:

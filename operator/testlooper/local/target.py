@@ -110,6 +110,9 @@ def copy_working_tree(root: Path, destination: Path, output_dir: Path, repo) -> 
         target.parent.mkdir(parents=True, exist_ok=True)
         if origin.is_symlink():
             os.symlink(os.readlink(origin), target)
+        elif origin.is_dir():  # a submodule (or a nested repository): git lists it as one entry
+            shutil.copytree(origin, target, symlinks=True, ignore=shutil.ignore_patterns(".git"),
+                            dirs_exist_ok=True)
         elif origin.is_file():
             shutil.copy2(origin, target)
 
