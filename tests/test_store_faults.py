@@ -72,6 +72,9 @@ class FailsAfter:
         self.left -= len(runs)
         self.store.record_runs(runs)
 
+    def __getattr__(self, name):  # reading goes to the real store
+        return getattr(self.store, name)
+
 
 def test_a_replay_cut_short_keeps_only_the_unrecorded_runs(tmp_path, monkeypatch):
     monkeypatch.setattr("testlooper.store.REPLAY_BATCH", 2)
@@ -187,6 +190,9 @@ class CountingStore:
             self.recorded[run.commit] = self.recorded.get(run.commit, 0) + 1
         self.store.record_runs(runs)
 
+    def __getattr__(self, name):  # reading goes to the real store
+        return getattr(self.store, name)
+
 
 def test_a_replay_racing_an_append_loses_no_line(tmp_path):
     """One process appends to the spool (a `watch` with the store down) while another replays
@@ -222,3 +228,24 @@ def test_spool_works_without_file_locks(tmp_path, monkeypatch):
         assert replay_spool(store, spool) == 2
         assert counted_runs(store, ["c1", "c2"]) == {"c1": 1, "c2": 1}
     assert not os.path.exists(spool)
+
+
+def test_a_spooled_run_never_replaces_another_commands_run(tmp_path):
+    """A command that could not reach the store numbered its runs from 0; the store already
+    held run 0 (attempts 1 and 2) of the same task from an earlier command. The spooled run
+    and its retry move to the next free index; replaying the spool again changes nothing."""
+    store = open_store(str(tmp_path / "history.db"))
+    earlier = [RunRecord(REPO, "c1", "unit", "test", 0, attempt, result, 1.0, 0, 100.0 + attempt, "main", [])
+               for attempt, result in ((1, "failed"), (2, "passed"))]
+    store.record_runs(earlier)
+    spool = str(tmp_path / "spool.jsonl")
+    later = [RunRecord(REPO, "c1", "unit", "test", 0, attempt, "passed", 1.0, 0, 200.0 + attempt, "main", [])
+             for attempt in (1, 2)]
+    write_spool(spool, later)
+    assert replay_spool(store, spool) == 2
+    stored = sorted((r.run_index, r.attempt, r.started_at) for r in store.runs(REPO, "c1"))
+    assert stored == [(0, 1, 101.0), (0, 2, 102.0), (1, 1, 201.0), (1, 2, 202.0)]
+    write_spool(spool, [stored_run for stored_run in store.runs(REPO, "c1") if stored_run.run_index == 1])
+    replay_spool(store, spool)  # a replay of what is already there: replaced, not moved
+    assert len(store.runs(REPO, "c1")) == 4
+    store.close()

@@ -163,12 +163,20 @@ def replay_spool(store: HistoryStore, path: str) -> int:
     that batch again on the next replay, which replaces rather than double counts. The spool
     is locked from its reading to its last rewrite, so processes appending to it meanwhile
     (`write_spool`) wait, and lose nothing.
+
+    A spooled run never replaces a different run already in the store: a command that could
+    not reach the store could not know which run indexes were taken, so a spooled run whose
+    (task, run index, attempt) is taken by another run (another start time) moves, with its
+    other attempts, to the task's next free run index. The renumbered runs are written back to
+    the spool before anything is recorded, so a replay cut short renumbers nothing twice.
     """
     if not os.path.exists(path):
         return 0  # and no lock file is made for a spool that was never written
     recorded = 0
     with _spool_lock(path):
         pending = read_spool(path)
+        if _move_off_taken_run_indexes(store, pending):
+            _rewrite_spool(path, pending)
         while pending:
             batch, pending = pending[:REPLAY_BATCH], pending[REPLAY_BATCH:]
             store.record_runs(batch)
@@ -177,6 +185,31 @@ def replay_spool(store: HistoryStore, path: str) -> int:
         if os.path.exists(path):
             os.remove(path)
     return recorded
+
+
+def _move_off_taken_run_indexes(store: HistoryStore, runs: list[RunRecord]) -> bool:
+    """Renumbers, in place, spooled runs whose identity another stored run holds; True if any."""
+    moved = False
+    commits = {(run.repo, run.commit) for run in runs}
+    for repo, commit in sorted(commits):
+        stored = {(r.task, r.run_index, r.attempt): r.started_at for r in store.runs(repo, commit)}
+        spooled = [run for run in runs if (run.repo, run.commit) == (repo, commit)]
+        following: dict[str, int] = {}
+        for task, index, _attempt in stored:
+            following[task] = max(following.get(task, 0), index + 1)
+        for run in spooled:
+            following[run.task] = max(following.get(run.task, 0), run.run_index + 1)
+        taken = sorted({(run.task, run.run_index) for run in spooled
+                        if stored.get((run.task, run.run_index, run.attempt), run.started_at) != run.started_at})
+        new_index = {}
+        for task, index in taken:
+            new_index[(task, index)] = following[task]
+            following[task] += 1
+        for run in spooled:
+            if (run.task, run.run_index) in new_index:
+                run.run_index = new_index[(run.task, run.run_index)]
+                moved = True
+    return moved
 
 
 def _rewrite_spool(path: str, runs: list[RunRecord]) -> None:
