@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import threading
 import time
 
 from testlooper.cli import UserError
@@ -47,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from testlooper.local.metrics import WatchMetrics
     from testlooper.local.progress import Progress
     from testlooper.local.recording import Recorder
+    from testlooper.local.session import raise_keyboard_interrupt
 
     if args.interval <= 0:
         raise UserError("--interval must be more than 0 seconds")
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     # SIGTERM stops the watcher as Ctrl-C does, between commits too (run_target handles it during
     # a run and then puts this handler back); without it, SIGTERM while polling or sleeping
     # killed the process at once (status 143), skipping the store's close.
-    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    previous = signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
     try:
         watcher.loop()
     except KeyboardInterrupt:
@@ -79,12 +79,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stop_on_sigterm(signum, frame):
-    raise KeyboardInterrupt
-
-
 class Watcher:
     def __init__(self, args, repo, recorder, metrics, progress, output_dir: str):
+        from testlooper.local.target import repo_identity
+
         self.args = args
         self.repo = repo
         self.recorder = recorder
@@ -92,7 +90,7 @@ class Watcher:
         self.progress = progress
         self.output_dir = output_dir
         self.seen: set[str] = set()  # heads already tested, or untestable, in this process
-        self.stopping = threading.Event()
+        self.repo_id = repo_identity(repo)
 
     def loop(self) -> None:
         polls = 0
@@ -145,15 +143,10 @@ class Watcher:
         from testlooper.store import StoreUnavailable
 
         try:
-            return self.recorder.store.tested_commits(self.recorder_repo_id(), shas)
+            return self.recorder.store.tested_commits(self.repo_id, shas)
         except StoreUnavailable as exc:
             self.recorder.went_down(exc)
             return set()
-
-    def recorder_repo_id(self) -> str:
-        from testlooper.local.target import repo_identity
-
-        return repo_identity(self.repo)
 
     def test(self, sha: str, branch: str) -> None:
         from testlooper import gitio

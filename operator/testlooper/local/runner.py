@@ -32,7 +32,6 @@ WORKER_DEADLINE_MARGIN_SECONDS = 60
 # How long interrupted agents get to kill their tasks and report `cancelled`: longer than the
 # time an agent gives a stage's cleanup after a stop (agent.CLEANUP_SECONDS_AFTER_STOP).
 CANCEL_GRACE_SECONDS = 40
-FAILED_RESULTS = ("failed", "timeout", "error", "blocked")
 
 
 @dataclass
@@ -112,7 +111,6 @@ class LocalRunner:
         self.agents: list[_Agent] = []  # alive, busy or idle
         self.idle_agents: list[_Agent] = []
         self.watchers: list[threading.Thread] = []
-        self.agents_started = 0
 
     # -- the loop ----------------------------------------------------------------------------
 

@@ -34,10 +34,6 @@ class Run:
     reason: str = ""  # why it was blocked or cancelled
 
     @property
-    def key(self) -> tuple[str, int]:
-        return (self.task, self.run_index)
-
-    @property
     def label(self) -> str:
         return f"{self.task}" if self.kind == "build" else f"{self.task} #{self.run_index + 1}"
 
@@ -154,8 +150,3 @@ class Schedule:
     @property
     def running(self) -> list[Run]:
         return [r for r in self.runs if r.state == RUNNING]
-
-    def final_runs(self) -> list[Run]:
-        """Every attempt, in plan order then attempt order."""
-        order = {name: i for i, name in enumerate(self.depends_on)}
-        return sorted(self.runs, key=lambda r: (order[r.task], r.run_index, r.attempt))

@@ -34,7 +34,7 @@ def run_target(target: Target, planned: dict, recorder: Recorder | None, options
 
     runner = LocalRunner(target.definitions, planned, target.source_dir, target.commit or "working-tree",
                          target.commit_message, options, on_event=event, on_outcome=finished, on_tick=progress.tick)
-    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    previous = signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
     try:
         return SessionResult(runner.run(), interrupted=False)
     except Interrupted as stop:
@@ -43,5 +43,6 @@ def run_target(target: Target, planned: dict, recorder: Recorder | None, options
         signal.signal(signal.SIGTERM, previous)
 
 
-def _raise_keyboard_interrupt(signum, frame):
+def raise_keyboard_interrupt(signum, frame):
+    """A SIGTERM handler: stop as Ctrl-C does, through the same clean-up."""
     raise KeyboardInterrupt
