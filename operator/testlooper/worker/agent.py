@@ -492,31 +492,28 @@ def input_tar_filter(member, destination):
     """The extraction filter for inputs: tarfile's ``tar`` filter, made strict where it is lax.
 
     In Python 3.11.4+ (``tarfile.tar_filter``), the ``tar`` filter strips a leading ``/`` and
-    refuses a member whose real path (``os.path.realpath``, so through the links extracted before
-    it) lies outside the destination; it clears setuid/setgid/sticky and group/other write bits.
-    It does not judge where a symlink points, which is what lets absolute links through (the
-    ``data`` filter refuses them). It does not check hard-link targets nor refuse device files
-    either, so this filter adds both, refuses absolute names outright rather than making them
-    relative, and drops the archive's owners as the ``data`` filter does.
+    clears setuid/setgid/sticky and group/other write bits. It does not judge where a symlink
+    points, which is what lets absolute links through (the ``data`` filter refuses them). Its
+    check that a member stays inside the destination rests on ``os.path.realpath``, which is not
+    trusted here (see ``_resolves_inside``), and it neither checks hard-link targets nor refuses
+    device files. So this filter refuses absolute names outright, special files, and members or
+    hard-link targets that resolve outside, and drops the archive's owners as the ``data``
+    filter does.
 
-    tarfile applies the filter to each member just before extracting it, so the real-path check
-    sees the links the earlier members created.
+    tarfile applies the filter to each member just before extracting it, so the checks see the
+    links the earlier members created.
     """
     _refuse_absolute_name(member)
     if not (member.isreg() or member.isdir() or member.issym() or member.islnk()):
         raise tarfile.SpecialFileError(member)
     if not _resolves_inside(destination, member.name, follow_last=member.isreg()):
         raise tarfile.OutsideDestinationError(member, os.path.join(destination, member.name))
-    if member.islnk() and not _resolves_inside(destination, member.linkname, follow_last=True):
-        raise tarfile.LinkOutsideDestinationError(member, os.path.join(destination, member.linkname))
     if member.islnk():
         # tarfile makes the hard link with os.link(destination/linkname), which follows symlinks.
         if _is_absolute_name(member.linkname):
             raise tarfile.AbsoluteLinkError(member)
-        root = os.path.realpath(destination)
-        target = os.path.realpath(os.path.join(root, member.linkname))
-        if os.path.commonpath([target, root]) != root:
-            raise tarfile.LinkOutsideDestinationError(member, target)
+        if not _resolves_inside(destination, member.linkname, follow_last=True):
+            raise tarfile.LinkOutsideDestinationError(member, os.path.join(destination, member.linkname))
     member = tarfile.tar_filter(member, destination)
     changes = {"uid": None, "gid": None, "uname": None, "gname": None}
     if member.mode is not None and not (member.isdir() or member.issym()):
@@ -579,7 +576,7 @@ ZIP_UNIX_SYSTEMS = (3, 19)
 def _extract_zip(packed, destination):
     """Extracts a zip with the care of ``input_tar_filter``: a Unix symlink entry becomes a link
     whatever its target, and every member is checked, just before it is written, against the
-    real path of the destination, so none is written through a link to the outside."""
+    links already on disk (``_resolves_inside``), so none is written through a link to the outside."""
     root = os.path.realpath(destination)
     for info in packed.infolist():
         name = info.filename
@@ -587,10 +584,6 @@ def _extract_zip(packed, destination):
         if _is_absolute_name(name) or ".." in parts or not _resolves_inside(root, name, follow_last=True):
             raise UnsafeMemberError(f"refusing zip member {name!r}: it points outside the directory")
         path = os.path.join(root, *[part for part in name.split("/") if part not in ("", ".")])
-        real = os.path.realpath(path)
-        if os.path.commonpath([real, root]) != root:
-            raise UnsafeMemberError(f"refusing zip member {name!r}: it would be written to {real}, "
-                                    "outside the directory")
         kind = _zip_member_kind(info)
         if kind == "link":
             os.makedirs(os.path.dirname(path), exist_ok=True)
