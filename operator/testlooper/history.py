@@ -11,14 +11,15 @@ from testlooper import stats
 
 
 def tested_aggregates(store, repo_id: str, line: list[str], batch: int,
-                      globs: list[str]) -> Iterator[tuple[str, dict]]:
+                      globs: list[str], tested: set[str] | None = None) -> Iterator[tuple[str, dict]]:
     """`(sha, aggregates)` of each commit of `line` that ran a task matching `globs` (any task
     without globs), newest first, with only those tasks' cases.
 
     Commits are read `batch` at a time, and only as far as the caller iterates: a line's
     commits can hold millions of cases in all, and most callers need a few dozen commits.
     """
-    tested = store.tested_commits(repo_id, line)
+    if tested is None:  # the caller may already know which commits of the line were tested
+        tested = store.tested_commits(repo_id, line)
     shas = [sha for sha in line if sha in tested]
     for start in range(0, len(shas), batch):
         chunk = shas[start:start + batch]
@@ -47,11 +48,12 @@ class ShownHistory:
     classes: dict  # sha -> {(task, case): class}, the shown commits
 
 
-def load_shown_history(store, repo_id: str, line: list[str], limit: int, globs: list[str]) -> ShownHistory:
+def load_shown_history(store, repo_id: str, line: list[str], limit: int, globs: list[str],
+                       tested: set[str] | None = None) -> ShownHistory:
     """The newest `limit` tested commits of `line` (first-parent shas, newest first) and their classes."""
     # One read covers the shown commits and, when every commit runs every task, the earlier
     # results they are classified against.
-    commits = tested_aggregates(store, repo_id, line, limit + 1, globs)
+    commits = tested_aggregates(store, repo_id, line, limit + 1, globs, tested)
     shown = dict(itertools.islice(commits, limit))
     if not shown:
         return ShownHistory([], {}, {})

@@ -149,12 +149,12 @@ def _compare(recorder, target) -> dict | None:
         return None
     line = gitio.first_parent_line(target.repo, target.commit, COMPARISON_DEPTH)
     try:
-        history = load_shown_history(recorder.store, target.repo_id, line, limit=1, globs=[])
-        tested_before = recorder.store.tested_commits(target.repo_id, line[1:])
+        tested = recorder.store.tested_commits(target.repo_id, line)
+        history = load_shown_history(recorder.store, target.repo_id, line, limit=1, globs=[], tested=tested)
     except StoreUnavailable as exc:
         recorder.went_down(exc)
         return None
-    previous = next((sha for sha in line[1:] if sha in tested_before), None)
+    previous = next((sha for sha in line[1:] if sha in tested), None)
     return {"previous": previous, "classes": history.classes.get(target.commit, {}),
             "counts": history.counts.get(target.commit, {})}
 
