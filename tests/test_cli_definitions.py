@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from gitrepo import GitRepo
-from testlooper.cli import output
+from testlooper import terminal
 from testlooper.definitions import resolve_text
 
 OPERATOR_DIR = Path(__file__).resolve().parent.parent / "operator"
@@ -208,24 +208,24 @@ def test_colour_only_on_a_terminal_without_no_color(monkeypatch):
             return True
 
     monkeypatch.delenv("NO_COLOR", raising=False)
-    assert output.colour_wanted(Terminal())
-    assert not output.colour_wanted(io.StringIO())
+    assert terminal.colour_wanted(Terminal())
+    assert not terminal.colour_wanted(io.StringIO())
     monkeypatch.setenv("NO_COLOR", "1")
-    assert not output.colour_wanted(Terminal())
+    assert not terminal.colour_wanted(Terminal())
 
 
 def test_tables_align_by_plain_text_even_in_colour():
-    rows = [["build/linux", output.kind_cell("build")], ["t", output.kind_cell("test")]]
-    plain = output.table(["NAME", "KIND"], rows, output.Styler(False))
+    rows = [["build/linux", terminal.kind_cell("build")], ["t", terminal.kind_cell("test")]]
+    plain = terminal.table(["NAME", "KIND"], rows, terminal.Styler(False))
     assert plain == "NAME         KIND\nbuild/linux  build\nt            test"
-    coloured = output.table(["NAME", "KIND"], rows, output.Styler(True))
+    coloured = terminal.table(["NAME", "KIND"], rows, terminal.Styler(True))
     assert coloured.splitlines()[2] == "t            \033[32mtest\033[0m"
     assert coloured.splitlines()[0] == "\033[1mNAME\033[0m         \033[1mKIND\033[0m"
 
 
 def test_durations_read_like_people_write_them():
     seconds = (0, 45, 90, 3600, 5400, 86461)
-    assert [output.duration(s) for s in seconds] == ["0s", "45s", "1m30s", "1h", "1h30m", "24h1m1s"]
+    assert [terminal.duration(s) for s in seconds] == ["0s", "45s", "1m30s", "1h", "1h30m", "24h1m1s"]
 
 
 def run_testlooper(*args, cwd=None):

@@ -18,7 +18,7 @@ import pytest
 
 from gitrepo import GitRepo
 from redis_server import RedisServer, free_port
-from testlooper.cli import output
+from testlooper import terminal
 from testlooper.gitio import open_repo
 from testlooper.local.target import repo_identity
 from testlooper.store import CaseResult, RunRecord, open_store
@@ -125,7 +125,7 @@ def test_history_grid_and_the_cases_to_look_at_on_the_newest_tested_commit(proje
 
 def test_history_colours_results_and_classes_on_a_terminal(project, cli, monkeypatch):
     repo, _, url = project
-    monkeypatch.setattr(output, "colour_wanted", lambda stream=None: True)
+    monkeypatch.setattr(terminal, "colour_wanted", lambda stream=None: True)
     _, out, _ = cli("history", str(repo.path), "--store", url)
     assert "\033[32mpassed 1/1\033[0m" in out
     assert "\033[31mfailed 0/3\033[0m" in out

@@ -710,10 +710,10 @@ def test_a_hard_stop_kills_the_tasks_left_by_a_killed_agent(tmp_path):
 
 
 def test_a_commit_with_no_finished_run_is_not_called_all_passed():
-    from testlooper.cli import output
+    from testlooper import terminal
     from testlooper.cli.run_cmd import _render_comparison
 
-    lines = _render_comparison({"previous": None, "classes": {}, "counts": {}}, output.Styler(False))
+    lines = _render_comparison({"previous": None, "classes": {}, "counts": {}}, terminal.Styler(False))
     assert lines == ["", "no run of this commit finished, so there is nothing to compare"]
 
 

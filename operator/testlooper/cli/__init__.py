@@ -1,5 +1,8 @@
-"""The `testlooper` command line: `main` in cli.main, one small module per subcommand."""
+"""The `testlooper` command line: `main` in cli.main, one small module per subcommand.
 
+Nothing outside this package imports it: what the shells share lives below them.
+"""
 
-class UserError(Exception):
-    """A mistake the user can fix (a bad path, an unknown test set): one line, no traceback."""
+from testlooper.errors import UserError
+
+__all__ = ["UserError"]

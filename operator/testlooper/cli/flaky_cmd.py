@@ -7,9 +7,11 @@ import dataclasses
 import itertools
 import json
 
-from testlooper.cli import UserError, output
+from testlooper import terminal
+from testlooper.errors import UserError
+from testlooper.local.recording import open_store_replaying_spool
 from testlooper.cli.history_cmd import (
-    BranchLine, add_branch_arguments, branch_line, no_history_message, open_history_store,
+    BranchLine, add_branch_arguments, branch_line, no_history_message,
 )
 from testlooper.history import tested_aggregates
 
@@ -37,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     if args.last < 1:
         raise UserError("--last must be at least 1")
     target = branch_line(args.path, args.branch, args.last)
-    with open_history_store(args.store) as store:
+    with open_store_replaying_spool(args.store) as store:
         commits = tested_aggregates(store, target.repo_id, target.line, args.last, globs=[])
         counts = dict(itertools.islice(commits, args.last))
         store_url = store.url
@@ -50,17 +52,17 @@ def run(args: argparse.Namespace) -> int:
     elif not flaky:
         print(f"no flaky cases in the last {_tested_commits(len(counts))} of {target.branch}")
     else:
-        print(render(target, flaky, len(counts), output.Styler(output.colour_wanted())))
+        print(render(target, flaky, len(counts), terminal.Styler(terminal.colour_wanted())))
     return 0
 
 
-def render(target: BranchLine, flaky: list, tested: int, styler: output.Styler) -> str:
+def render(target: BranchLine, flaky: list, tested: int, styler: terminal.Styler) -> str:
     title = f"Flaky cases of {target.branch} of {target.repo_id}, over its last {_tested_commits(tested)}:"
-    rows = [[str(rank), rate.task, rate.case or "(task)", output.Cell(f"{rate.flake_rate:.1%}", "yellow"),
+    rows = [[str(rank), rate.task, rate.case or "(task)", terminal.Cell(f"{rate.flake_rate:.1%}", "yellow"),
              f"{rate.flaky_commits}/{rate.commits_tested}", f"{rate.failures}/{rate.runs}"]
             for rank, rate in enumerate(flaky, start=1)]
     headers = ["#", "TASK", "CASE", "FLAKE RATE", "FLAKY COMMITS", "FAILED RUNS"]
-    return output.heading(title, styler) + "\n\n" + output.table(headers, rows, styler)
+    return terminal.heading(title, styler) + "\n\n" + terminal.table(headers, rows, styler)
 
 
 def _tested_commits(number: int) -> str:

@@ -11,9 +11,11 @@ import argparse
 import json
 from dataclasses import dataclass
 
-from testlooper.cli import UserError, output
+from testlooper import terminal
+from testlooper.errors import UserError
 from testlooper.cli.run_cmd import CLASS_STYLES
 from testlooper.history import ShownHistory, load_shown_history
+from testlooper.local.recording import open_store_replaying_spool
 
 DEFAULT_LIMIT = 20
 # How far back along the first parents to look for tested commits: untested ones (left out by
@@ -79,32 +81,11 @@ def branch_line(path: str, branch: str | None, tested_wanted: int) -> BranchLine
     return BranchLine(repo, repo_identity(repo), branch, gitio.first_parent_line(repo, branch, depth))
 
 
-def open_history_store(url: str):
-    """The store at `url`, with any results an earlier run could not record replayed into it
-    first, so that what is shown is complete."""
-    import os
-    import sys
-
-    from testlooper.local.recording import spool_path_for
-    from testlooper.store import open_store, replay_spool
-
-    try:
-        store = open_store(url or None)
-    except ValueError as exc:  # a malformed URL
-        raise UserError(str(exc)) from None
-    spool = spool_path_for(url)
-    if os.path.exists(spool):
-        count = replay_spool(store, spool)
-        if count:
-            print(f"recorded {count} results that an earlier run kept in {spool}", file=sys.stderr)
-    return store
-
-
 def run(args: argparse.Namespace) -> int:
     if args.limit < 1:
         raise UserError("--limit must be at least 1")
     target = branch_line(args.path, args.branch, args.limit)
-    with open_history_store(args.store) as store:
+    with open_store_replaying_spool(args.store) as store:
         history = load_shown_history(store, target.repo_id, target.line, args.limit, args.tests)
         store_url = store.url
     if args.json:
@@ -112,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     elif not history.counts:
         print(no_history_message(target, store_url, args.tests))
     else:
-        print(render(target, history, args.tests, output.Styler(output.colour_wanted())))
+        print(render(target, history, args.tests, terminal.Styler(terminal.colour_wanted())))
     return 0
 
 
@@ -134,7 +115,7 @@ def history_json(target: BranchLine, history: ShownHistory) -> dict:
     return {"repo": target.repo_id, "branch": target.branch, "commits": commits, "tasks": tasks}
 
 
-def render(target: BranchLine, history: ShownHistory, globs: list[str], styler: output.Styler) -> str:
+def render(target: BranchLine, history: ShownHistory, globs: list[str], styler: terminal.Styler) -> str:
     tested = len(history.counts)
     untested = len(history.line) - tested
     title = f"{target.branch} of {target.repo_id}: {_count(tested, 'tested commit')}, newest first"
@@ -142,11 +123,11 @@ def render(target: BranchLine, history: ShownHistory, globs: list[str], styler: 
         title += f" ({_count(untested, 'untested commit')} left out)"
     if globs:
         title += f"; tasks matching {', '.join(globs)}"
-    return "\n\n".join([output.heading(title, styler), _grid(target, history, styler),
+    return "\n\n".join([terminal.heading(title, styler), _grid(target, history, styler),
                         _notable_cases(history, styler)])
 
 
-def _grid(target: BranchLine, history: ShownHistory, styler: output.Styler) -> str:
+def _grid(target: BranchLine, history: ShownHistory, styler: terminal.Styler) -> str:
     """Commits as rows, tasks as columns, in blocks of MAX_TASK_COLUMNS tasks."""
     tasks = sorted({task for aggregates in history.counts.values() for task, _ in aggregates})
     commit_cells = {sha: [sha[:12], _truncate(_subject(target.repo, sha), MESSAGE_WIDTH)]
@@ -156,11 +137,11 @@ def _grid(target: BranchLine, history: ShownHistory, styler: output.Styler) -> s
         block = tasks[start:start + MAX_TASK_COLUMNS]
         rows = [commit_cells[sha] + [_result_cell(aggregates.get((task, ""))) for task in block]
                 for sha, aggregates in history.counts.items()]
-        blocks.append(output.table(["COMMIT", "MESSAGE", *block], rows, styler))
+        blocks.append(terminal.table(["COMMIT", "MESSAGE", *block], rows, styler))
     return "\n\n".join(blocks)
 
 
-def _notable_cases(history: ShownHistory, styler: output.Styler) -> str:
+def _notable_cases(history: ShownHistory, styler: terminal.Styler) -> str:
     """Every case of the newest tested commit whose class is not `good`, except new cases that
     passed: on a first tested commit every case is new, and a new passing case needs no look."""
     newest, aggregates = next(iter(history.counts.items()))
@@ -171,22 +152,22 @@ def _notable_cases(history: ShownHistory, styler: output.Styler) -> str:
     )
     if not notable:
         return f"Every case passed on {newest[:12]}, the newest tested commit."
-    rows = [[output.Cell(class_, CLASS_STYLES.get(class_)), task if not case else f"{task} :: {case}",
+    rows = [[terminal.Cell(class_, CLASS_STYLES.get(class_)), task if not case else f"{task} :: {case}",
              _result_cell(aggregates.get((task, case)))]
             for _, task, case, class_ in notable]
     heading = f"On {newest[:12]}, the newest tested commit, against each task's previous results:"
-    return output.heading(heading, styler) + "\n" + output.table(["CLASS", "CASE", "RESULT"], rows, styler)
+    return terminal.heading(heading, styler) + "\n" + terminal.table(["CLASS", "CASE", "RESULT"], rows, styler)
 
 
-def _result_cell(counts: tuple[int, int] | None) -> output.Cell:
+def _result_cell(counts: tuple[int, int] | None) -> terminal.Cell:
     """`passed 6/6`, `failed 0/1`, `flaky 4/6` (runs passed / runs), or `-` when not run."""
     from testlooper.stats import case_state
 
     if counts is None:
-        return output.Cell("-")
+        return terminal.Cell("-")
     runs, failures = counts
     word, style = STATE_CELLS[case_state(runs, failures)]
-    return output.Cell(f"{word} {runs - failures}/{runs}", style)
+    return terminal.Cell(f"{word} {runs - failures}/{runs}", style)
 
 
 def _subject(repo, sha: str) -> str:

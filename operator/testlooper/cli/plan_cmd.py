@@ -6,8 +6,9 @@ import argparse
 import json
 from dataclasses import dataclass
 
-from testlooper.cli import UserError, output
-from testlooper.cli.definitions_cmd import (
+from testlooper import terminal
+from testlooper.errors import UserError
+from testlooper.repos.definitions import (
     definitions_at_commit,
     definitions_on_disk,
     empty_definitions,
@@ -85,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({**result, "commit": target.commit}, indent=2, sort_keys=True))
     else:
-        print(render(result, target, output.Styler(output.colour_wanted())))
+        print(render(result, target, terminal.Styler(terminal.colour_wanted())))
     return 0
 
 
@@ -124,7 +125,7 @@ def _working_tree_target(args: argparse.Namespace) -> _Target:
     return _Target(definitions, changed, sha, f"working tree {args.path} (HEAD {sha[:12]} and uncommitted changes)")
 
 
-def render(result: dict, target: _Target, styler: output.Styler) -> str:
+def render(result: dict, target: _Target, styler: terminal.Styler) -> str:
     changed = target.changed_files
     summary = [
         ("Planning", target.description),
@@ -133,18 +134,18 @@ def render(result: dict, target: _Target, styler: output.Styler) -> str:
         ("Test sets", ", ".join(result["test_sets"]) or "none"),
     ]
     width = max(len(label) for label, _ in summary)
-    lines = [f"{output.heading(label.ljust(width), styler)}  {value}" for label, value in summary]
+    lines = [f"{terminal.heading(label.ljust(width), styler)}  {value}" for label, value in summary]
     tasks = result["tasks"]
     if not tasks:
         return "\n".join(lines + ["", "Nothing to run."])
     rows = [
-        [str(position), task["name"], output.kind_cell(task["kind"]), str(task["runs"]), ", ".join(task["depends_on"])]
+        [str(position), task["name"], terminal.kind_cell(task["kind"]), str(task["runs"]), ", ".join(task["depends_on"])]
         for position, task in enumerate(tasks, start=1)
     ]
     builds = sum(task["kind"] == "build" for task in tasks)
     runs = sum(task["runs"] for task in tasks)
     totals = f"{_count(builds, 'build')} and {_count(len(tasks) - builds, 'test')}: {_count(runs, 'run')} in all"
-    table = output.table(["#", "NAME", "KIND", "RUNS", "DEPENDS ON"], rows, styler)
+    table = terminal.table(["#", "NAME", "KIND", "RUNS", "DEPENDS ON"], rows, styler)
     return "\n".join(lines + ["", table, "", totals])
 
 

@@ -7,7 +7,8 @@ import json
 import os
 import sys
 
-from testlooper.cli import UserError, output
+from testlooper import terminal
+from testlooper.errors import UserError
 
 NOTABLE_CLASSES = ("broken", "fixed", "flaky", "bad", "new", "removed")
 CLASS_STYLES = {"broken": "red", "bad": "red", "fixed": "green", "flaky": "yellow", "new": "blue", "removed": "dim"}
@@ -76,7 +77,7 @@ def _run_target(args: argparse.Namespace, target, output_dir: str) -> int:
     from testlooper.planning import plan
 
     if target.definitions is None:
-        from testlooper.cli.definitions_cmd import looked_for
+        from testlooper.repos.definitions import looked_for
 
         print(f"{target.note}: no definitions file, so nothing to run (looked for {looked_for()})", file=sys.stderr)
         return EXIT_PASSED
@@ -113,7 +114,7 @@ def _run_target(args: argparse.Namespace, target, output_dir: str) -> int:
             document["classes"] = [{"task": t, "case": c, "class": k} for (t, c), k in sorted(comparison["classes"].items())]
         print(json.dumps(document, indent=2, ensure_ascii=False))
     else:
-        print(render_summary(outcomes, summary, comparison, output_dir, recorder, output.Styler(output.colour_wanted())))
+        print(render_summary(outcomes, summary, comparison, output_dir, recorder, terminal.Styler(terminal.colour_wanted())))
     if interrupted:
         return EXIT_INTERRUPTED
     return EXIT_PASSED if summary["passed"] == sum(summary.values()) else EXIT_FAILED
@@ -159,7 +160,7 @@ def _compare(recorder, target) -> dict | None:
             "counts": history.counts.get(target.commit, {})}
 
 
-def render_summary(outcomes, summary, comparison, output_dir, recorder, styler: output.Styler) -> str:
+def render_summary(outcomes, summary, comparison, output_dir, recorder, styler: terminal.Styler) -> str:
     from testlooper.local.runner import final_attempts
 
     by_task: dict[str, list] = {}
@@ -174,12 +175,12 @@ def render_summary(outcomes, summary, comparison, output_dir, recorder, styler: 
         status = "passed" if passed == len(runs) else ("flaky" if passed else _worst(results))
         style = {"passed": "green", "flaky": "yellow"}.get(status, "red")
         attempts = max(o.attempt for o in runs)
-        rows.append([task, output.kind_cell(runs[0].kind), output.Cell(status, style), f"{passed}/{len(runs)}",
+        rows.append([task, terminal.kind_cell(runs[0].kind), terminal.Cell(status, style), f"{passed}/{len(runs)}",
                      f"{cases - failed_cases}/{cases}" if cases else "-",
-                     output.duration(sum(o.duration_seconds for o in runs)),
+                     terminal.duration(sum(o.duration_seconds for o in runs)),
                      f"{attempts}" if attempts > 1 else ""])
-    lines = [output.heading("Results", styler),
-             output.table(["task", "kind", "result", "runs passed", "cases passed", "time", "attempts"], rows, styler)]
+    lines = [terminal.heading("Results", styler),
+             terminal.table(["task", "kind", "result", "runs passed", "cases passed", "time", "attempts"], rows, styler)]
     totals = ", ".join(f"{count} {name}" for name, count in summary.items() if count)
     lines.append("")
     lines.append(f"{sum(summary.values())} runs: {totals or 'none'}")

@@ -6,7 +6,7 @@ import sys
 import threading
 import time
 
-from testlooper.cli import output
+from testlooper import terminal
 
 _RESULT_STYLES = {"passed": "green", "failed": "red", "timeout": "red", "error": "magenta",
                   "blocked": "yellow", "cancelled": "yellow"}
@@ -17,7 +17,7 @@ STILL_RUNNING_EVERY_SECONDS = 15.0
 class Progress:
     def __init__(self, stream=None, total_runs: int = 0):
         self.stream = stream or sys.stderr
-        self.styler = output.Styler(output.colour_wanted(self.stream))
+        self.styler = terminal.Styler(terminal.colour_wanted(self.stream))
         self.started = time.monotonic()
         self.total = total_runs
         self.done = 0

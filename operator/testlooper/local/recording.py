@@ -27,6 +27,27 @@ def spool_path_for(store_url: str) -> str:
     return os.path.join(os.path.dirname(default_store_path()), f"unrecorded-{digest}.jsonl")
 
 
+def open_store_replaying_spool(url: str):
+    """The store at `url`, with any results an earlier run could not record replayed into it
+    first, so that what is shown is complete."""
+    import os
+    import sys
+
+    from testlooper.errors import UserError
+    from testlooper.store import open_store, replay_spool
+
+    try:
+        store = open_store(url or None)
+    except ValueError as exc:  # a malformed URL
+        raise UserError(str(exc)) from None
+    spool = spool_path_for(url)
+    if os.path.exists(spool):
+        count = replay_spool(store, spool)
+        if count:
+            print(f"recorded {count} results that an earlier run kept in {spool}", file=sys.stderr)
+    return store
+
+
 class Recorder:
     """Records each finished run in the store; while the store is down, spools it instead and
     asks the store again at most every `retry_seconds`. Once it answers, the spool is replayed

@@ -31,7 +31,7 @@ def commit_target(path: str, rev: str, snapshot_dir: str) -> Target:
     """Commit REV, exported into a folder of its own under `snapshot_dir` (two commands running
     the same commit at once never share one), without touching the working tree."""
     from testlooper import gitio
-    from testlooper.cli.definitions_cmd import definitions_at_commit
+    from testlooper.repos.definitions import definitions_at_commit
 
     repo = gitio.open_repo(path)
     sha = gitio.resolve_rev(repo, rev)
@@ -59,7 +59,7 @@ def working_tree_target(path: str, snapshot_dir: str) -> Target:
     when it lies inside the tree (`--output ./out`).
     """
     from testlooper import gitio
-    from testlooper.cli.definitions_cmd import definitions_on_disk, existing_directory
+    from testlooper.repos.definitions import definitions_on_disk, existing_directory
 
     root = existing_directory(path)
     definitions = definitions_on_disk(root)

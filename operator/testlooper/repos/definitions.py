@@ -1,0 +1,92 @@
+"""Definitions in a tree on disk or in a commit: find the file, read it and its includes from
+there, and resolve it. Shared by the local runner, the CLI and (later) the operator."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
+
+from testlooper.errors import UserError
+
+if TYPE_CHECKING:  # gitpython is imported only by the callers that read git
+    import git
+
+
+def existing_directory(path: str) -> Path:
+    directory = Path(path)
+    if not directory.exists():
+        raise UserError(f"{path} does not exist")
+    if not directory.is_dir():
+        raise UserError(f"{path} is not a directory")
+    return directory
+
+
+def definitions_on_disk(root: Path) -> dict | None:
+    """The resolved definitions of the files under `root` as they are now; None without a file."""
+    from testlooper.definitions import find_definitions_file, resolve_text
+
+    filename = find_definitions_file(_files_under(root))
+    if filename is None:
+        return None
+    # Includes are read relative to the tree root; a missing one raises FileNotFoundError,
+    # which the engine reports at the `includes` entry naming it.
+    return resolve_text(_read_text(root, filename), filename, lambda path: _read_text(root, path))
+
+
+def definitions_at_commit(repo: git.Repo, sha: str) -> dict | None:
+    """The resolved definitions committed at `sha` (includes read at `sha` too); None without a file."""
+    from testlooper import gitio
+    from testlooper.definitions import find_definitions_file, resolve_text
+
+    filename = find_definitions_file(gitio.list_files(repo, sha))
+    if filename is None:
+        return None
+
+    def read_include(path: str) -> str:
+        try:
+            return gitio.read_file(repo, sha, path)
+        except gitio.GitError as exc:
+            # The engine turns an OSError into an error at the `includes` entry that names the file.
+            raise OSError(str(exc)) from None
+
+    return resolve_text(gitio.read_file(repo, sha, filename), filename, read_include)
+
+
+def empty_definitions() -> dict:
+    """The resolved-definitions contract of a tree without a definitions file: no tests."""
+    from testlooper.definitions import LOOPER_VERSION
+
+    return {
+        "looper_version": LOOPER_VERSION,
+        "definitions_file": "",
+        "repos": {},
+        "environments": {},
+        "builds": {},
+        "tests": {},
+        "deployments": {},
+        "test_sets": {"all": []},
+        "triggers": [],
+    }
+
+
+def looked_for() -> str:
+    from testlooper.definitions import DEFINITIONS_FILE_NAMES, DEFINITIONS_FILE_SUFFIX
+
+    return ", ".join([*DEFINITIONS_FILE_NAMES, f"*{DEFINITIONS_FILE_SUFFIX}"])
+
+
+def _files_under(root: Path) -> Iterator[str]:
+    """Every file below `root` as a POSIX path relative to it, leaving out `.git`."""
+    for directory, subdirectories, files in os.walk(root):
+        subdirectories[:] = [name for name in subdirectories if name != ".git"]
+        relative = Path(directory).relative_to(root)
+        for name in files:
+            yield (relative / name).as_posix()
+
+
+def _read_text(root: Path, relative: str) -> str:
+    try:
+        return (root / relative).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{relative} is not UTF-8 text") from None
