@@ -34,12 +34,15 @@ def definitions_on_disk(root: Path) -> dict | None:
     return resolve_text(_read_text(root, filename), filename, lambda path: _read_text(root, path))
 
 
-def definitions_at_commit(repo: git.Repo, sha: str) -> dict | None:
-    """The resolved definitions committed at `sha` (includes read at `sha` too); None without a file."""
+def definitions_at_commit(repo: git.Repo, sha: str, path: str | None = None) -> dict | None:
+    """The resolved definitions committed at `sha` (includes read at `sha` too); None without a file.
+
+    `path` names the file (a Repo's `definitionsPath`); without it the file is found by name.
+    """
     from testlooper import gitio
     from testlooper.definitions import find_definitions_file, resolve_text
 
-    filename = find_definitions_file(gitio.list_files(repo, sha))
+    filename = path.strip("/") if path else find_definitions_file(gitio.list_files(repo, sha))
     if filename is None:
         return None
 

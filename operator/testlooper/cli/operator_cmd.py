@@ -1,0 +1,69 @@
+"""`testlooper operator`: the Kubernetes operator, the container's entrypoint."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from testlooper.errors import UserError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "operator",
+        help="run the Kubernetes operator (the container entrypoint)",
+        description="Watch Repo, TestRun and WorkerPool resources and test every new commit of each Repo. "
+        "Reads the cluster like every Kubernetes client: in-cluster config, else KUBECONFIG.",
+    )
+    scope = parser.add_mutually_exclusive_group()
+    scope.add_argument("-n", "--namespace", dest="namespaces", action="append", default=[], metavar="NS",
+                       help="watch this namespace (repeatable)")
+    scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace")
+    parser.add_argument("--standalone", action="store_true",
+                        help="no peering: do not look for (or stand by for) other replicas")
+    parser.add_argument("--peering", default="testlooper", metavar="NAME",
+                        help="the KopfPeering object replicas coordinate through (default: testlooper)")
+    parser.add_argument("--priority", type=int, default=0, metavar="N",
+                        help="peering priority; the replica with the highest runs, the others stand by (default: 0)")
+    parser.add_argument("--store", default=os.environ.get("TESTLOOPER_STORE", ""), metavar="URL",
+                        help="the history store, redis://HOST:PORT/DB (default: $TESTLOOPER_STORE)")
+    parser.add_argument("--api-host", default="0.0.0.0", metavar="ADDRESS",
+                        help="address of the HTTP server: /healthz, /readyz, /metrics, webhooks (default: 0.0.0.0)")
+    parser.add_argument("--api-port", type=int, default=8080, metavar="PORT", help="its port (default: 8080)")
+    parser.add_argument("--api-url", default=os.environ.get("TESTLOOPER_API_URL", ""), metavar="URL",
+                        help="how workers reach that server, e.g. http://testlooper.testlooper.svc:8080")
+    parser.add_argument("--cache-dir", default=os.environ.get("TESTLOOPER_CACHE_DIR", "/var/cache/testlooper"),
+                        metavar="DIR", help="where git mirrors are kept (default: /var/cache/testlooper)")
+    parser.add_argument("--max-concurrent-polls", type=int, default=4, metavar="N",
+                        help="git fetches running at once across all Repos (default: 4)")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="(default: INFO)")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import logging
+
+    from testlooper.cluster.app import run as run_operator
+    from testlooper.cluster.context import OperatorOptions
+
+    if not args.namespaces and not args.all_namespaces:
+        raise UserError("say which namespaces to watch: --namespace NS (repeatable) or --all-namespaces")
+    if not 0 < args.api_port < 65536:
+        raise UserError(f"--api-port must be between 1 and 65535, not {args.api_port}")
+    if args.max_concurrent_polls < 1:
+        raise UserError("--max-concurrent-polls must be at least 1")
+    if args.store and not args.store.startswith(("redis://", "rediss://", "unix://")):
+        raise UserError(f"--store must be a redis:// URL in the cluster, not {args.store!r}")
+    try:
+        os.makedirs(os.path.join(args.cache_dir, "mirrors"), exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--cache-dir {args.cache_dir}: {exc.strerror}") from None
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    options = OperatorOptions(
+        namespaces=tuple(args.namespaces), all_namespaces=args.all_namespaces, standalone=args.standalone,
+        peering_name=args.peering, priority=args.priority, store_url=args.store, api_host=args.api_host,
+        api_port=args.api_port, api_url=args.api_url, cache_dir=args.cache_dir,
+        max_concurrent_polls=args.max_concurrent_polls,
+    )
+    return run_operator(options)

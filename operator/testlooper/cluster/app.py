@@ -1,0 +1,85 @@
+"""`testlooper operator`: kopf with explicit settings, and the HTTP server beside it.
+
+kopf is started through `kopf.operator()` in our own event loop rather than `kopf run`, so the
+settings are set in one place from the command line (kopf's own style: settings are data) and
+the HTTP server shares the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+
+import kopf
+
+from testlooper.cluster import http, pool_handlers, repo_handlers, testrun_handlers
+from testlooper.cluster.context import OperatorContext, OperatorOptions
+from testlooper.cluster.metrics import OperatorMetrics
+
+FINALIZER = "testlooper.dev/finalizer"
+logger = logging.getLogger("testlooper.operator")
+
+
+def kopf_settings(options: OperatorOptions) -> kopf.OperatorSettings:
+    settings = kopf.OperatorSettings()
+    settings.persistence.finalizer = FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="testlooper.dev")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="testlooper.dev", key="last-handled-configuration")
+    settings.posting.reporting_component = "testlooper-operator"
+    settings.posting.reporting_instance = os.environ.get("HOSTNAME", "testlooper-operator")
+    settings.posting.event_name_prefix = "testlooper-"
+    settings.peering.name = options.peering_name
+    settings.peering.priority = options.priority
+    settings.peering.standalone = options.standalone
+    settings.peering.clusterwide = options.all_namespaces
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.networking.error_backoffs = (1, 2, 4, 8, 16, 30)
+    return settings
+
+
+def build_registry(options: OperatorOptions) -> kopf.OperatorRegistry:
+    registry = kopf.OperatorRegistry()
+    repo_handlers.register(registry)
+    testrun_handlers.register(registry)
+    pool_handlers.register(registry, options.pool_status_interval)
+    return registry
+
+
+async def serve(options: OperatorOptions) -> None:
+    from testlooper.kube.api import KubeApi
+
+    os.makedirs(os.path.join(options.cache_dir, "mirrors"), exist_ok=True)
+    api = KubeApi()
+    context = OperatorContext(options, api, OperatorMetrics())
+    runner = await http.start_server(context)
+    stop_flag = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop_flag.set)
+    logger.info("serving /healthz, /metrics and webhooks on %s:%d", options.api_host, options.api_port)
+    try:
+        await kopf.operator(
+            registry=build_registry(options),
+            settings=kopf_settings(options),
+            clusterwide=options.all_namespaces,
+            namespaces=list(options.namespaces),
+            standalone=options.standalone,
+            priority=options.priority,
+            peering_name=options.peering_name,
+            memo=context,
+            stop_flag=stop_flag,
+            ready_flag=context.ready,
+        )
+    finally:
+        await http.stop_server(runner)
+        api.close()
+        logger.info("stopped")
+
+
+def run(options: OperatorOptions) -> int:
+    asyncio.run(serve(options))
+    return 0

@@ -1,0 +1,77 @@
+"""What the handlers share, handed to them by kopf as `memo`: the options, the API client, the
+metrics, and the Repos being polled (so a webhook can wake them)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+
+from testlooper.repos.urls import normalize_url
+
+
+@dataclasses.dataclass(frozen=True)
+class OperatorOptions:
+    """Everything `testlooper operator` accepts, as data (see cli/operator_cmd.py for the flags)."""
+
+    namespaces: tuple[str, ...] = ()
+    all_namespaces: bool = False
+    standalone: bool = False
+    peering_name: str = "testlooper"
+    priority: int = 0
+    store_url: str = ""
+    api_host: str = "0.0.0.0"
+    api_port: int = 8080
+    api_url: str = ""
+    cache_dir: str = "/var/cache/testlooper"
+    max_concurrent_polls: int = 4
+    pool_status_interval: float = 10.0
+
+
+@dataclasses.dataclass
+class WatchedRepo:
+    namespace: str
+    name: str
+    uid: str
+    url_key: str  # repos.urls.normalize_url of spec.url
+    webhook_secret: str  # the name of the Secret holding key `secret`, or ""
+    wake: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+
+
+class RepoRegistry:
+    """The Repos whose daemons run in this process, by uid."""
+
+    def __init__(self):
+        self._repos: dict[str, WatchedRepo] = {}
+
+    def register(self, namespace: str, name: str, uid: str, spec: dict) -> WatchedRepo:
+        watched = self._repos.get(uid)
+        if watched is None:
+            watched = self._repos[uid] = WatchedRepo(namespace, name, uid, "", "")
+        watched.url_key = normalize_url(str(spec.get("url") or ""))
+        watched.webhook_secret = str(spec.get("webhookSecret") or "")
+        return watched
+
+    def unregister(self, uid: str) -> None:
+        self._repos.pop(uid, None)
+
+    def matching(self, url_keys: set[str]) -> list[WatchedRepo]:
+        return [repo for repo in self._repos.values() if repo.url_key in url_keys]
+
+    def __len__(self) -> int:
+        return len(self._repos)
+
+
+class OperatorContext:
+    def __init__(self, options: OperatorOptions, api, metrics):
+        self.options = options
+        self.api = api
+        self.metrics = metrics
+        self.repos = RepoRegistry()
+        self.poll_slots = asyncio.Semaphore(max(1, options.max_concurrent_polls))
+        self.ready = asyncio.Event()
+
+    def mirror_path(self, namespace: str, name: str, uid: str) -> str:
+        # By uid: a Repo deleted and created again under the same name (maybe with another URL)
+        # never reads the old one's mirror.
+        return os.path.join(self.options.cache_dir, "mirrors", f"{namespace}--{name}--{uid}.git")

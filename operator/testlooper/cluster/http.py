@@ -1,0 +1,141 @@
+"""The operator's one HTTP server: /healthz, /readyz, /metrics, and the push webhooks (the worker
+API joins it in part 2). aiohttp, which kopf already brings.
+
+Webhooks: a push names its repository by URL; every Repo whose `spec.url` is that repository
+(compared in normal form, repos/urls.py) is checked against its own `webhookSecret`, and the
+ones whose secret signs the body are polled at once. A payload no Repo matches gets 202 and
+nothing else; one that matches but no secret signs gets 401 and changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from testlooper.cluster.context import OperatorContext, WatchedRepo
+from testlooper.decisions.webhooks import (
+    MAX_PAYLOAD_BYTES, PayloadError, github_signature_valid, gitlab_token_valid, repository_urls,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def build_app(context: OperatorContext) -> web.Application:
+    app = web.Application(client_max_size=MAX_PAYLOAD_BYTES)
+    app["context"] = context
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_post("/webhooks/github", github_webhook)
+    app.router.add_post("/webhooks/gitlab", gitlab_webhook)
+    app.router.add_post("/githubReceivedAPush", github_webhook)  # the path old TestLooper hooks call
+    return app
+
+
+async def start_server(context: OperatorContext) -> web.AppRunner:
+    runner = web.AppRunner(build_app(context), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, context.options.api_host, context.options.api_port)
+    await site.start()
+    return runner
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Liveness: the event loop answers."""
+    return web.json_response({"ok": True})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: kopf has started its watches."""
+    context: OperatorContext = request.app["context"]
+    if not context.ready.is_set():
+        return web.json_response({"ok": False, "reason": "the operator is starting"}, status=503)
+    return web.json_response({"ok": True, "repos": len(context.repos)})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    context: OperatorContext = request.app["context"]
+    body = generate_latest(context.metrics.registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def github_webhook(request: web.Request) -> web.Response:
+    event = request.headers.get("X-GitHub-Event", "push")
+    signature = request.headers.get("X-Hub-Signature-256")
+    return await _receive(request, "github", event, lambda secret, body: github_signature_valid(secret, body, signature))
+
+
+async def gitlab_webhook(request: web.Request) -> web.Response:
+    event = request.headers.get("X-Gitlab-Event", "Push Hook")
+    token = request.headers.get("X-Gitlab-Token")
+    kind = "push" if event in ("Push Hook", "Tag Push Hook", "System Hook") else event
+    return await _receive(request, "gitlab", kind, lambda secret, body: gitlab_token_valid(secret, token))
+
+
+async def _receive(request: web.Request, provider: str, event: str, signed) -> web.Response:
+    context: OperatorContext = request.app["context"]
+    counter = context.metrics.webhooks
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        counter.labels(provider, "bad_payload").inc()
+        return _answer(413, f"payload larger than {MAX_PAYLOAD_BYTES} bytes")
+    if event == "ping":
+        counter.labels(provider, "ignored").inc()
+        return _answer(200, "pong")
+    try:
+        urls = repository_urls(provider, body)
+    except PayloadError as exc:
+        counter.labels(provider, "bad_payload").inc()
+        return _answer(400, str(exc))
+    candidates = context.repos.matching(urls)
+    if not candidates:
+        counter.labels(provider, "unknown_repo").inc()
+        return _answer(202, "no Repo here tests this repository")
+    woken = []
+    for repo in candidates:
+        secret = await _webhook_secret(context, repo)
+        if secret and signed(secret, body):
+            woken.append(repo)
+    if not woken:
+        counter.labels(provider, "bad_signature").inc()
+        # Which Repos exist is not told to a caller who cannot sign: the same answer either way.
+        return _answer(401, "signature does not match")
+    for repo in woken:
+        repo.wake.set()
+    counter.labels(provider, "accepted").inc()
+    if event != "push":
+        return _answer(202, f"{event} event: polling anyway")
+    return _answer(202, f"polling {len(woken)} Repo(s)")
+
+
+async def _webhook_secret(context: OperatorContext, repo: WatchedRepo) -> str:
+    """The key `secret` of the Repo's webhookSecret Secret; "" when it has none (such a Repo
+    takes no webhooks: an unsigned push could otherwise make it poll at will)."""
+    if not repo.webhook_secret:
+        return ""
+    try:
+        data = await context.api.read_secret_data(repo.namespace, repo.webhook_secret)
+    except Exception as exc:
+        logger.warning("Repo %s/%s: webhook Secret %r unreadable: %s", repo.namespace, repo.name,
+                       repo.webhook_secret, type(exc).__name__)
+        return ""
+    if not data or "secret" not in data:
+        return ""
+    try:
+        return base64.b64decode(data["secret"]).decode("utf-8").strip()
+    except (ValueError, UnicodeDecodeError):
+        return ""
+
+
+def _answer(status: int, message: str) -> web.Response:
+    return web.Response(status=status, text=json.dumps({"message": message}) + "\n", content_type="application/json")
+
+
+async def stop_server(runner: web.AppRunner) -> None:
+    await asyncio.wait_for(runner.cleanup(), timeout=10)

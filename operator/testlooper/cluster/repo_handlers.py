@@ -1,0 +1,264 @@
+"""Repos: one daemon per Repo polls its git mirror, plans each new head and creates its TestRuns.
+
+Thin by design: `poll` gathers observations (the Secret, the fetch, the definitions and plan of
+each moved head, the Repo's TestRuns, reachability) and `apply` carries out what
+`decisions.repo` decided. Git work runs in threads, at most `--max-concurrent-polls` at once
+across all Repos, so one slow or unreachable host never holds up the others' event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+import time
+
+import kopf
+
+from testlooper.cluster.context import OperatorContext
+from testlooper.decisions import repo as decide
+from testlooper.decisions.testrun import RESULT_FROM_COMMIT, RESULT_FROM_TESTRUN
+from testlooper.repos.mirror import GitCredentials, GitMirror, MirrorError
+
+CREATE_CONCURRENCY = 8
+logger = logging.getLogger(__name__)
+
+
+def register(registry: kopf.OperatorRegistry) -> None:
+    kopf.daemon("testlooper.dev", "v1alpha1", "repos", registry=registry, id="poll",
+                cancellation_timeout=10.0)(repo_daemon)
+    kopf.on.delete("testlooper.dev", "v1alpha1", "repos", registry=registry, id="forget",
+                   optional=True)(forget_repo)
+
+
+async def repo_daemon(name: str, namespace: str, uid: str, body: kopf.Body, stopped: kopf.DaemonStopped,
+                      memo: OperatorContext, **_) -> None:
+    """Poll until the Repo is deleted or the operator stops: now, then every
+    pollIntervalSeconds, at once when a webhook or a spec change asks."""
+    context = memo
+    watched = context.repos.register(namespace, name, uid, body.get("spec") or {})
+    context.metrics.repos.set(len(context.repos))
+    failures = 0
+    seen_generation = None
+    # This daemon is the only writer of the Repo's status, so what it wrote last is the truth even
+    # before the watch brings the patched object back; at start (a restart) the object's own.
+    status = dict(body.get("status") or {})
+    try:
+        while not stopped:
+            spec = dict(body.get("spec") or {})
+            watched = context.repos.register(namespace, name, uid, spec)
+            seen_generation = body.get("metadata", {}).get("generation")
+            watched.wake.clear()
+            try:
+                fetched, status = await poll(context, body, name, namespace, uid, status)
+                failures = 0 if fetched else failures + 1
+            except Exception as exc:  # an API error mid-apply: count it, retry with backoff, never crash
+                failures += 1
+                context.metrics.reconcile_errors.labels("Repo").inc()
+                logger.warning("Repo %s/%s: poll failed, retrying: %s", namespace, name, exc)
+            interval = max(10, int(spec.get("pollIntervalSeconds") or 60))
+            await _sleep_until_woken(decide.next_poll_delay(interval, failures), watched.wake, stopped,
+                                     lambda: body.get("metadata", {}).get("generation") != seen_generation)
+    finally:
+        context.repos.unregister(uid)
+        context.metrics.repos.set(len(context.repos))
+
+
+async def forget_repo(name: str, namespace: str, uid: str, memo: OperatorContext, **_) -> None:
+    """A deleted Repo's mirror and metric series go (its TestRuns follow by owner reference)."""
+    memo.metrics.forget_repo(namespace, name)
+    await asyncio.to_thread(GitMirror(memo.mirror_path(namespace, name, uid), "").remove)
+
+
+async def _sleep_until_woken(delay: float, wake: asyncio.Event, stopped: kopf.DaemonStopped, moved) -> None:
+    deadline = time.monotonic() + delay
+    while not stopped and not wake.is_set() and not moved():
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return
+        try:
+            await asyncio.wait_for(wake.wait(), timeout=min(remaining, 0.5))
+        except asyncio.TimeoutError:
+            pass
+
+
+async def poll(context: OperatorContext, body: kopf.Body, name: str, namespace: str, uid: str,
+               status: dict) -> tuple[bool, dict]:
+    """One poll from the last written `status`; returns (whether git could be reached, so the
+    caller backs off when not; the status written)."""
+    spec = dict(body.get("spec") or {})
+    now = _now()
+    invalid = _spec_problem(spec)
+    if invalid:
+        return True, await _apply_status(context, body, name, namespace, status, now,
+                                         [("Ready", "False", "InvalidSpec", invalid)], status.get("branches") or [],
+                                         status.get("branchesSummary", ""), message=invalid)
+    listed = await context.api.list_objects("testruns", namespace, f"testlooper.dev/repo={name}")
+    testruns = tuple(_existing(item) for item in listed)
+    if spec.get("suspend"):
+        decision = decide.decide_suspended(status, testruns)
+        return True, await apply(context, body, name, namespace, status, now, decision)
+
+    started = time.monotonic()
+    labels = (namespace, name)
+    try:
+        credentials = await _credentials(context, namespace, spec)
+        mirror = GitMirror(context.mirror_path(namespace, name, uid), spec["url"], credentials)
+        async with context.poll_slots:
+            heads = await asyncio.to_thread(mirror.fetch)
+            tested = decide.tested_branches(spec.get("branches") or ["main"], heads)
+            moved = decide.moved_heads(tested, status.get("branches") or [])
+            new_heads = []
+            for branch, sha in moved.items():
+                new_heads.append(await asyncio.to_thread(observe_head, mirror, branch, sha, spec))
+            unended = {run.commit for run in testruns if not run.ended and not run.cancel}
+            reachable = await asyncio.to_thread(mirror.reachable, unended, list(tested.values()))
+    except (MirrorError, CredentialsProblem) as exc:
+        context.metrics.git_poll_errors.labels(*labels).inc()
+        logger.warning("Repo %s/%s: %s", namespace, name, exc)  # redacted: see repos/mirror.py
+        return False, await apply(context, body, name, namespace, status, now,
+                                  decide.decide_git_failure(str(exc), status))
+    finally:
+        context.metrics.git_poll_seconds.labels(*labels).observe(time.monotonic() - started)
+        context.metrics.last_poll.labels(*labels).set_to_current_time()
+
+    for head in new_heads:
+        if head.error:
+            context.metrics.definitions_errors.labels(*labels).inc()
+    observed = decide.PollObservations(heads=heads, new_heads=tuple(new_heads), testruns=testruns,
+                                       reachable_commits=frozenset(reachable), now=now)
+    return True, await apply(context, body, name, namespace, status, now, decide.decide_poll(spec, status, observed))
+
+
+def observe_head(mirror: GitMirror, branch: str, sha: str, spec: dict) -> decide.HeadObservation:
+    """Resolve and plan one new head (blocking: runs in a thread)."""
+    from testlooper import gitio
+    from testlooper.definitions import DefinitionsError
+    from testlooper.planning import plan
+    from testlooper.repos.definitions import definitions_at_commit
+
+    repo = mirror.repo()
+    try:
+        definitions = definitions_at_commit(repo, sha, spec.get("definitionsPath") or None)
+    except (DefinitionsError, gitio.GitError, OSError) as exc:
+        return decide.HeadObservation(branch, sha, error=_one_line(exc))
+    if definitions is None:
+        return decide.HeadObservation(branch, sha, no_definitions=True)
+    try:
+        planned = plan(definitions, gitio.changed_files(repo, sha), test_sets=spec.get("testSets") or (),
+                       runs=spec.get("runs"))
+    except (ValueError, gitio.GitError) as exc:
+        return decide.HeadObservation(branch, sha, error=_one_line(exc))
+    tasks = tuple(
+        decide.PlannedTask(
+            name=task["name"], kind=task["kind"], runs=task["runs"], hash=task["hash"],
+            depends_on=tuple(task["depends_on"]),
+            definition=definitions["builds" if task["kind"] == "build" else "tests"][task["name"]],
+        )
+        for task in planned["tasks"]
+    )
+    return decide.HeadObservation(branch, sha, tasks=tasks, reason=planned["reason"])
+
+
+async def apply(context: OperatorContext, body: kopf.Body, name: str, namespace: str, status: dict, now: str,
+                decision: decide.PollDecision) -> dict:
+    from testlooper.kube.objects import build_testrun, testrun_name
+
+    repo_object = {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"), "metadata": dict(body.metadata),
+                   "spec": dict(body.get("spec") or {})}
+    pool = (body.get("spec") or {}).get("workerPool") or None
+    slots = asyncio.Semaphore(CREATE_CONCURRENCY)
+
+    async def create(item: decide.TestRunToCreate) -> bool:
+        task = item.task
+        testrun = build_testrun(
+            repo_object, commit=item.commit, branch=item.branch, task=task.definition, kind=task.kind,
+            runs=task.runs, depends_on=[testrun_name(name, item.commit, dep) for dep in task.depends_on],
+            worker_pool=pool, priority=0,
+        )
+        if item.reused_from is not None:
+            annotations = testrun["metadata"].setdefault("annotations", {})
+            annotations[RESULT_FROM_TESTRUN] = item.reused_from.name
+            annotations[RESULT_FROM_COMMIT] = item.reused_from.commit
+        async with slots:
+            return await context.api.create_object("testruns", namespace, testrun)
+
+    # Builds come first in the plan; creating in that order (with bounded overlap) means a
+    # consumer never exists long before the build it waits for.
+    created = await asyncio.gather(*(create(item) for item in decision.create))
+    count = sum(1 for made in created if made)
+    if count:
+        context.metrics.testruns_created.labels(namespace, name).inc(count)
+    for testrun in decision.cancel:
+        await context.api.patch_object("testruns", namespace, testrun, {"spec": {"cancel": True}})
+    if decision.cancel:
+        context.metrics.testruns_cancelled.labels(namespace, name).inc(len(decision.cancel))
+    for testrun in decision.delete:
+        await context.api.delete_object("testruns", namespace, testrun)
+    for event_type, reason, message in decision.events:
+        kopf.event(body, type=event_type, reason=reason, message=message[:1000])
+    return await _apply_status(context, body, name, namespace, status, now, decision.conditions,
+                               decision.branches, decision.branches_summary)
+
+
+async def _apply_status(context: OperatorContext, body: kopf.Body, name: str, namespace: str, status: dict,
+                        now: str, conditions: list[tuple[str, str, str, str]], branches: list[dict],
+                        summary: str, message: str = "") -> dict:
+    from testlooper.kube.objects import condition, set_condition
+
+    generation = body.get("metadata", {}).get("generation")
+    merged = list(status.get("conditions") or [])
+    for condition_type, condition_status, reason, text in conditions:
+        merged = set_condition(merged, condition(condition_type, condition_status, reason, text, now, generation))
+    patch = {"conditions": merged, "branches": branches, "branchesSummary": summary, "lastPollTime": now,
+             "observedGeneration": generation, "message": message}
+    await context.api.patch_status("repos", namespace, name, patch)
+    return {**status, **patch}
+
+
+class CredentialsProblem(Exception):
+    pass
+
+
+async def _credentials(context: OperatorContext, namespace: str, spec: dict) -> GitCredentials | None:
+    secret_name = spec.get("credentialsSecret")
+    if not secret_name:
+        return None
+    data = await context.api.read_secret_data(namespace, secret_name)
+    if data is None:
+        raise CredentialsProblem(f"credentials Secret {secret_name!r} not found in namespace {namespace}")
+    try:
+        return GitCredentials.from_secret_data(data)
+    except ValueError as exc:
+        raise CredentialsProblem(f"credentials Secret {secret_name!r} cannot be used: {exc}") from None
+
+
+def _spec_problem(spec: dict) -> str:
+    """What is wrong with a spec the schema let through (or that was written without it), or ""."""
+    from testlooper.kube.models import parse_repo_spec
+
+    try:
+        parse_repo_spec(spec)
+    except ValueError as exc:
+        return _one_line(exc)
+    return ""
+
+
+def _existing(item: dict) -> decide.ExistingTestRun:
+    spec = item.get("spec") or {}
+    status = item.get("status") or {}
+    origin = status.get("resultFrom") or {}
+    return decide.ExistingTestRun(
+        name=item["metadata"]["name"], commit=spec.get("commit", ""), task=spec.get("task", ""),
+        hash=spec.get("hash", ""), phase=status.get("phase", ""), result=status.get("result", ""),
+        cancel=bool(spec.get("cancel")), created=item["metadata"].get("creationTimestamp", ""),
+        result_from_commit=origin.get("commit", ""), result_from_testrun=origin.get("testRun", ""),
+    )
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -1,0 +1,120 @@
+"""The Kubernetes API as the operator uses it: the official client, run in threads, with retries.
+
+Every call the operator makes goes through here, which keeps the RBAC it needs in one place to
+read (charts/testlooper/templates/clusterrole.yaml must grant exactly these, and the RBAC
+coverage test checks that it does). Conflicts (409 on a write), throttling (429) and server or
+connection errors are retried with backoff; "already exists" on a create and "not found" on a
+delete are successes, since names are deterministic and the goal is the state, not the call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
+
+GROUP = "testlooper.dev"
+VERSION = "v1alpha1"
+RETRIED_STATUSES = frozenset({409, 429, 500, 502, 503, 504})
+BACKOFFS = (0.2, 0.5, 1, 2, 4)
+
+logger = logging.getLogger(__name__)
+
+
+class KubeApi:
+    def __init__(self, threads: int = 8):
+        from kubernetes import client, config
+
+        try:
+            config.load_incluster_config()
+        except config.ConfigException:
+            config.load_kube_config(config_file=os.environ.get("KUBECONFIG") or None)
+        api_client = client.ApiClient()
+        api_client.user_agent = "testlooper-operator"
+        self._client = api_client
+        self.custom = client.CustomObjectsApi(api_client)
+        self.core = client.CoreV1Api(api_client)
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kube-api")
+        self._api_exception = client.ApiException
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._client.close()
+
+    async def _call(self, function: Callable[..., Any], *args, ok_statuses: tuple[int, ...] = (), **kwargs) -> Any:
+        """Call `function` in a thread, retrying what may succeed later. A status in
+        `ok_statuses` returns None instead of raising."""
+        loop = asyncio.get_running_loop()
+        for attempt, backoff in enumerate((*BACKOFFS, None)):
+            try:
+                return await loop.run_in_executor(self._pool, lambda: function(*args, **kwargs))
+            except self._api_exception as exc:
+                if exc.status in ok_statuses:
+                    return None
+                if exc.status not in RETRIED_STATUSES or backoff is None:
+                    raise
+                reason = exc.reason
+            except (ConnectionError, OSError) as exc:  # urllib3 wraps these; the server may be restarting
+                if backoff is None:
+                    raise
+                reason = type(exc).__name__
+            delay = backoff * (1 + random.random() / 2)
+            logger.debug("retrying %s after %s (attempt %d, in %.1fs)", getattr(function, "__name__", "call"),
+                         reason, attempt + 1, delay)
+            await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    # -- custom resources ------------------------------------------------------------------------
+
+    async def list_objects(self, plural: str, namespace: str, label_selector: str = "") -> list[dict]:
+        answer = await self._call(self.custom.list_namespaced_custom_object, GROUP, VERSION, namespace, plural,
+                                  label_selector=label_selector)
+        return answer.get("items") or []
+
+    async def create_object(self, plural: str, namespace: str, body: dict) -> bool:
+        """True when created, False when an object of that name existed already (names are
+        deterministic, so that is the object we wanted)."""
+        try:
+            await self._call(self._create_once, plural, namespace, body)
+        except AlreadyExists:
+            return False
+        return True
+
+    def _create_once(self, plural: str, namespace: str, body: dict):
+        # A 409 on create means "exists": raised as AlreadyExists so that `_call` does not retry it.
+        try:
+            return self.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, plural, body)
+        except self._api_exception as exc:
+            if exc.status == 409:
+                raise AlreadyExists(body["metadata"]["name"]) from None
+            raise
+
+    async def patch_object(self, plural: str, namespace: str, name: str, patch: dict) -> dict | None:
+        """A merge patch of the main resource; None when it is gone."""
+        return await self._call(self.custom.patch_namespaced_custom_object, GROUP, VERSION, namespace, plural, name,
+                                patch, ok_statuses=(404,))
+
+    async def patch_status(self, plural: str, namespace: str, name: str, status: dict) -> dict | None:
+        """A merge patch of `status` through the status subresource; None when the object is gone."""
+        return await self._call(self.custom.patch_namespaced_custom_object_status, GROUP, VERSION, namespace,
+                                plural, name, {"status": status}, ok_statuses=(404,))
+
+    async def delete_object(self, plural: str, namespace: str, name: str) -> None:
+        await self._call(self.custom.delete_namespaced_custom_object, GROUP, VERSION, namespace, plural, name,
+                         ok_statuses=(404,))
+
+    # -- core ------------------------------------------------------------------------------------
+
+    async def read_secret_data(self, namespace: str, name: str) -> dict[str, str] | None:
+        """The Secret's `data` (base64 values), or None when there is no such Secret."""
+        secret = await self._call(self.core.read_namespaced_secret, name, namespace, ok_statuses=(404,))
+        if secret is None:
+            return None
+        return dict(secret.data or {})
+
+
+class AlreadyExists(Exception):
+    pass

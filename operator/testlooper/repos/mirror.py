@@ -1,0 +1,165 @@
+"""A bare git mirror of one remote repository, kept by the operator under its cache directory.
+
+The operator is the only place that holds git credentials: they reach git through environment
+variables and a private key file that exists only while a fetch runs, never through the command
+line (which `ps` shows) and never in a message (git's errors are redacted before they leave here).
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from testlooper.repos.urls import redact
+
+FETCH_TIMEOUT_SECONDS = 300
+
+
+class MirrorError(Exception):
+    """The remote cannot be read (unreachable, refused credentials, unknown host key): one line,
+    with every credential redacted."""
+
+
+@dataclasses.dataclass(frozen=True)
+class GitCredentials:
+    """What a Repo's credentials Secret holds: an https token, or a user name and password, or an
+    ssh private key with the hosts it may talk to."""
+
+    token: str = ""
+    username: str = ""
+    password: str = ""
+    ssh_private_key: str = ""
+    known_hosts: str = ""
+
+    def __repr__(self) -> str:  # a stray log line of this object shows which kind, never the values
+        kinds = [f.name for f in dataclasses.fields(self) if getattr(self, f.name) and f.name != "known_hosts"]
+        return f"GitCredentials({', '.join(kinds) or 'none'})"
+
+    @classmethod
+    def from_secret_data(cls, data: dict[str, str]) -> "GitCredentials":
+        """From a Secret's `data` (base64, as the API returns it). Raises ValueError naming what is missing."""
+        decoded = {}
+        for key, value in (data or {}).items():
+            try:
+                decoded[key] = base64.b64decode(value, validate=True).decode("utf-8")
+            except (ValueError, UnicodeDecodeError):
+                raise ValueError(f"key {key!r} is not base64-encoded UTF-8 text") from None
+        credentials = cls(
+            token=decoded.get("token", "").strip(),
+            username=decoded.get("username", "").strip(),
+            password=decoded.get("password", ""),
+            ssh_private_key=decoded.get("ssh-privatekey", ""),
+            known_hosts=decoded.get("known_hosts", ""),
+        )
+        if not (credentials.token or credentials.password or credentials.ssh_private_key):
+            raise ValueError("it has none of the keys token, username/password or ssh-privatekey")
+        if credentials.password and not credentials.username:
+            raise ValueError("it has a password but no username")
+        return credentials
+
+    def secrets(self) -> tuple[str, ...]:
+        return tuple(s for s in (self.token, self.password, self.ssh_private_key) if s)
+
+
+class GitMirror:
+    """A bare repository at `path` mirroring the branches of `url`."""
+
+    def __init__(self, path: str | os.PathLike, url: str, credentials: GitCredentials | None = None,
+                 git_executable: str = "git"):
+        self.path = Path(path)
+        self.url = url
+        self.credentials = credentials or GitCredentials()
+        self.git_executable = git_executable
+
+    def fetch(self, timeout: float = FETCH_TIMEOUT_SECONDS) -> dict[str, str]:
+        """Fetch every branch (force-pushed and deleted ones too) and return {branch: sha}."""
+        if not (self.path / "HEAD").exists():
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._git(["init", "--bare", "--quiet"], timeout=60)
+        with tempfile.TemporaryDirectory(prefix="testlooper-git-") as private:
+            os.chmod(private, 0o700)
+            env = self._fetch_environment(Path(private))
+            # The URL goes on the command line (it may not hold credentials: redacted in errors
+            # anyway); refspecs with + take force pushes, --prune drops deleted branches.
+            self._git(["fetch", "--prune", "--no-tags", "--quiet", "--", self.url, "+refs/heads/*:refs/heads/*"],
+                      env=env, timeout=timeout)
+        return self.heads()
+
+    def heads(self) -> dict[str, str]:
+        listing = self._git(["for-each-ref", "--format=%(objectname) %(refname)", "refs/heads/"])
+        heads = {}
+        for line in listing.splitlines():
+            sha, ref = line.split(" ", 1)
+            heads[ref.removeprefix("refs/heads/")] = sha
+        return heads
+
+    def repo(self):
+        """The mirror as a git.Repo, for the readers in gitio and repos.definitions."""
+        import git
+
+        return git.Repo(self.path)
+
+    def is_ancestor(self, ancestor: str, descendant: str) -> bool:
+        done = subprocess.run([self.git_executable, "--git-dir", str(self.path), "merge-base", "--is-ancestor",
+                               ancestor, descendant], capture_output=True, timeout=60)
+        return done.returncode == 0
+
+    def reachable(self, commits: set[str], heads: list[str]) -> set[str]:
+        """Those of `commits` that some head in `heads` contains."""
+        return {commit for commit in commits if any(commit == head or self.is_ancestor(commit, head) for head in heads)}
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def _fetch_environment(self, private: Path) -> dict[str, str]:
+        env = {
+            **os.environ,
+            "GIT_TERMINAL_PROMPT": "0",  # fail, never wait for a password on a terminal nobody reads
+            "GIT_ASKPASS": "/bin/false",
+            "SSH_ASKPASS": "/bin/false",
+        }
+        config = [("credential.helper", "")]  # never a helper's stored passwords of this machine
+        credentials = self.credentials
+        if credentials.token or credentials.password:
+            user = credentials.username or "x-access-token"  # GitHub's and GitLab's name for a token
+            secret = credentials.password or credentials.token
+            basic = base64.b64encode(f"{user}:{secret}".encode()).decode()
+            config.append(("http.extraHeader", f"Authorization: Basic {basic}"))
+        ssh_options = ["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes"]
+        if credentials.ssh_private_key:
+            key = private / "id"
+            key.write_text(credentials.ssh_private_key.rstrip("\n") + "\n")
+            key.chmod(0o600)
+            ssh_options += ["-i", str(key), "-o", "IdentitiesOnly=yes"]
+        known_hosts = private / "known_hosts"
+        known_hosts.write_text(credentials.known_hosts)
+        ssh_options += ["-o", f"UserKnownHostsFile={known_hosts}"]
+        env["GIT_SSH_COMMAND"] = " ".join(["ssh", *ssh_options])
+        # GIT_CONFIG_COUNT passes settings through the environment: not visible in `ps`, unlike -c.
+        env["GIT_CONFIG_COUNT"] = str(len(config))
+        for index, (key, value) in enumerate(config):
+            env[f"GIT_CONFIG_KEY_{index}"] = key
+            env[f"GIT_CONFIG_VALUE_{index}"] = value
+        return env
+
+    def _git(self, args: list[str], env: dict[str, str] | None = None, timeout: float = 60) -> str:
+        command = [self.git_executable, "--git-dir", str(self.path), *args]
+        try:
+            done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise MirrorError(f"git {args[0]} of {redact(self.url)} took longer than {timeout:g}s") from None
+        if done.returncode != 0:
+            raise MirrorError(self._describe_failure(args[0], done.stderr))
+        return done.stdout
+
+    def _describe_failure(self, verb: str, stderr: str) -> str:
+        lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+        # git prints "fatal: ..." last; an ssh refusal comes before it and says more.
+        useful = [line for line in lines if not line.startswith("hint:")]
+        detail = "; ".join(useful[-2:]) if useful else "no message from git"
+        return redact(f"git {verb} of {self.url} failed: {detail}", self.credentials.secrets())

@@ -1,0 +1,147 @@
+"""The pure Repo poll decisions: what to create, cancel and delete, and the status they leave."""
+
+from __future__ import annotations
+
+from testlooper.decisions import repo as decide
+from testlooper.decisions.pools import pool_for, pool_status
+from testlooper.decisions.testrun import RESULT_FROM_COMMIT, RESULT_FROM_TESTRUN, decide_status
+
+A, B, C = "a" * 40, "b" * 40, "c" * 40
+NOW = "2026-12-01T10:00:00Z"
+
+
+def task(name, kind="test", hash_="h-" , runs=1, depends_on=()):
+    return decide.PlannedTask(name, kind, runs, hash_ + name, tuple(depends_on), {"name": name})
+
+
+def existing(name, commit, task_name, *, hash_=None, phase="", result="", created="2026-12-01T09:00:00Z", **kw):
+    return decide.ExistingTestRun(name, commit, task_name, hash_ or f"h-{task_name}", phase, result,
+                                  kw.pop("cancel", False), created, **kw)
+
+
+def observe(heads, new_heads=(), testruns=(), reachable=()):
+    return decide.PollObservations(heads=heads, new_heads=tuple(new_heads), testruns=tuple(testruns),
+                                   reachable_commits=frozenset(reachable), now=NOW)
+
+
+def test_branch_globs_select_and_moved_heads_skip_what_was_processed():
+    heads = {"main": A, "release/1.0": B, "feature/x": C}
+    assert decide.tested_branches(["main", "release/*"], heads) == {"main": A, "release/1.0": B}
+    assert decide.moved_heads({"main": A, "release/1.0": B}, [{"name": "main", "commit": A}]) == {"release/1.0": B}
+
+
+def test_a_new_head_creates_one_testrun_per_planned_task():
+    head = decide.HeadObservation("main", A, tasks=(task("build/linux", "build"), task("unit/linux", depends_on=["build/linux"])),
+                                  reason="no triggers defined: running all")
+    decision = decide.decide_poll({"branches": ["main"]}, {}, observe({"main": A}, [head]))
+    assert [(item.commit, item.task.name) for item in decision.create] == [(A, "build/linux"), (A, "unit/linux")]
+    assert decision.branches == [{"name": "main", "commit": A, "passed": 0, "failed": 0, "flaky": 0, "running": 2}]
+    assert decision.branches_summary == f"main@{A[:8]} 2 running"
+    assert ("Normal", "TestRunsCreated", f"branch main at {A[:12]}: 2 TestRuns (no triggers defined: running all)") in decision.events
+    assert {c[0]: c[1] for c in decision.conditions} == {"GitReachable": "True", "DefinitionsValid": "True", "Ready": "True"}
+
+
+def test_a_commit_on_two_branches_and_a_partial_earlier_apply_create_nothing_twice():
+    tasks = (task("t1"), task("t2"))
+    heads = [decide.HeadObservation("main", A, tasks=tasks), decide.HeadObservation("dev", A, tasks=tasks)]
+    already = [existing("run-t1", A, "t1")]
+    decision = decide.decide_poll({"branches": ["*"]}, {}, observe({"main": A, "dev": A}, heads, already, reachable=[A]))
+    assert [item.task.name for item in decision.create] == ["t2"]
+
+
+def test_a_task_that_passed_before_with_the_same_hash_is_reused_not_run():
+    passed = existing("old-t1", B, "t1", phase="Succeeded", result="passed")
+    failed = existing("old-t2", B, "t2", phase="Failed", result="failed")
+    head = decide.HeadObservation("main", A, tasks=(task("t1"), task("t2")))
+    decision = decide.decide_poll({"branches": ["main"]}, {"branches": [{"name": "main", "commit": B}]},
+                                  observe({"main": A}, [head], [passed, failed]))
+    reused = {item.task.name: item.reused_from for item in decision.create}
+    assert reused["t1"] == passed and reused["t2"] is None
+    assert decision.branches[0]["passed"] == 1 and decision.branches[0]["running"] == 1
+
+
+def test_unended_testruns_of_unreachable_commits_are_cancelled_and_ended_ones_kept():
+    orphan = existing("orphan", B, "t1", phase="Pending")
+    done = existing("done", B, "t2", phase="Succeeded", result="passed")
+    live = existing("live", A, "t1", phase="Pending")
+    decision = decide.decide_poll({"branches": ["main"]}, {"branches": [{"name": "main", "commit": A}]},
+                                  observe({"main": A}, [], [orphan, done, live], reachable=[A]))
+    assert decision.cancel == ["orphan"]
+    assert decision.create == []
+
+
+def test_retention_deletes_testruns_of_old_commits_but_never_a_tested_head():
+    runs = [existing(f"r{i}", sha, "t", created=f"2026-12-01T0{i}:00:00Z", phase="Succeeded", result="passed")
+            for i, sha in enumerate([C, B, A])]
+    decision = decide.decide_poll({"branches": ["main"], "retention": {"keepCommits": 1}},
+                                  {"branches": [{"name": "main", "commit": C}]},
+                                  observe({"main": C}, [], runs, reachable=[]))
+    assert decision.delete == ["r1"]  # A is the newest, C is the head, B goes
+
+
+def test_a_definitions_error_is_one_event_and_a_condition_until_the_head_moves():
+    bad = decide.HeadObservation("main", A, error="testlooper.yml:3:5: tests.x: unknown key 'comand'")
+    first = decide.decide_poll({"branches": ["main"]}, {}, observe({"main": A}, [bad]))
+    assert [e for e in first.events if e[1] == "DefinitionsInvalid"] == [
+        ("Warning", "DefinitionsInvalid", f"branch main at {A[:12]}: testlooper.yml:3:5: tests.x: unknown key 'comand'")]
+    conditions = {c[0]: c for c in first.conditions}
+    assert conditions["DefinitionsValid"][1] == "False" and "unknown key 'comand'" in conditions["DefinitionsValid"][3]
+    assert conditions["Ready"][1] == "False"
+    status = {"branches": first.branches}
+    again = decide.decide_poll({"branches": ["main"]}, status, observe({"main": A}, []))
+    assert again.events == [] and {c[0]: c[1] for c in again.conditions}["DefinitionsValid"] == "False"
+    fixed = decide.decide_poll({"branches": ["main"]}, status,
+                               observe({"main": B}, [decide.HeadObservation("main", B, tasks=(task("t"),))]))
+    assert {c[0]: c[1] for c in fixed.conditions}["DefinitionsValid"] == "True"
+
+
+def test_git_failure_warns_once_and_keeps_the_last_known_branches():
+    branches = [{"name": "main", "commit": A, "passed": 1, "failed": 0, "flaky": 0, "running": 0}]
+    first = decide.decide_git_failure("git fetch of https://***@h/x failed: refused", {"branches": branches})
+    assert first.events == [("Warning", "GitUnreachable", "git fetch of https://***@h/x failed: refused")]
+    assert first.branches == branches and first.create == first.cancel == []
+    status = {"conditions": [{"type": "GitReachable", "status": "False"}]}
+    assert decide.decide_git_failure("still down", status).events == []
+
+
+def test_poll_delay_backs_off_and_is_capped():
+    assert decide.next_poll_delay(60, 0) == 60
+    assert decide.next_poll_delay(60, 1) == 120
+    assert decide.next_poll_delay(60, 9) == 600
+    assert decide.next_poll_delay(900, 3) == 900  # a long interval is never shortened
+
+
+def test_suspended_keeps_tallies_and_says_why():
+    decision = decide.decide_suspended({"branches": [{"name": "main", "commit": A}]},
+                                       [existing("r", A, "t", phase="Failed", result="failed")])
+    assert decision.branches[0]["failed"] == 1
+    assert decision.conditions == [("Ready", "False", "Suspended", "spec.suspend is true: not polling or creating TestRuns")]
+
+
+def test_testrun_status_first_pending_then_cancelled_and_reuse_is_succeeded():
+    assert decide_status({"runs": 6}, {}, {}, NOW)["runsSummary"] == "0/6"
+    assert decide_status({"runs": 6}, {"phase": "Pending"}, {}, NOW) is None
+    cancelled = decide_status({"runs": 6, "cancel": True}, {"phase": "Pending"}, {}, NOW)
+    assert (cancelled["phase"], cancelled["result"]) == ("Cancelled", "cancelled")
+    assert decide_status({"cancel": True}, {"phase": "Succeeded"}, {}, NOW) is None
+    reused = decide_status({"runs": 2}, {}, {RESULT_FROM_TESTRUN: "old", RESULT_FROM_COMMIT: B}, NOW)
+    assert reused["phase"] == "Succeeded" and reused["resultFrom"] == {"commit": B, "testRun": "old"}
+
+
+def test_pools_by_priority_platform_and_ceiling_count_what_is_queued():
+    pools = [
+        {"metadata": {"name": "small"}, "spec": {"provider": "kubernetes", "priority": 10, "maxPodCores": 2}},
+        {"metadata": {"name": "big"}, "spec": {"provider": "kubernetes", "priority": 1, "maxWorkers": 4}},
+        {"metadata": {"name": "win"}, "spec": {"provider": "ec2", "platform": "windows", "priority": 99}},
+    ]
+    assert pool_for({"min_cores": 1}, "", pools) == "small"
+    assert pool_for({"min_cores": 8}, "", pools) == "big"
+    assert pool_for({"platform": "windows"}, "", pools) == "win"
+    assert pool_for({"platform": "mac"}, "", pools) is None
+    testruns = [
+        {"spec": {"runs": 6, "definition": {"min_cores": 8}}, "status": {"phase": "Pending", "runCounts": {"queued": 6}}},
+        {"spec": {"runs": 3, "definition": {}, "workerPool": "big"}, "status": {}},
+        {"spec": {"runs": 5, "definition": {"min_cores": 8}}, "status": {"phase": "Succeeded"}},
+    ]
+    assert pool_status(pools[1], pools, testruns)["queued"] == 9
+    assert pool_status(pools[1], pools, testruns)["workersSummary"] == "0/4"
