@@ -93,7 +93,9 @@ async def poll(context: OperatorContext, body: kopf.Body, name: str, namespace: 
         return True, await _apply_status(context, body, name, namespace, status, now,
                                          [("Ready", "False", "InvalidSpec", invalid)], status.get("branches") or [],
                                          status.get("branchesSummary", ""), message=invalid)
-    listed = await context.api.list_objects("testruns", namespace, f"testlooper.dev/repo={name}")
+    from testlooper.kube.objects import REPO_LABEL, label_value
+
+    listed = await context.api.list_objects("testruns", namespace, f"{REPO_LABEL}={label_value(name)}")
     testruns = tuple(_existing(item) for item in listed)
     if spec.get("suspend"):
         decision = decide.decide_suspended(status, testruns)
@@ -197,21 +199,26 @@ async def apply(context: OperatorContext, body: kopf.Body, name: str, namespace:
         await context.api.delete_object("testruns", namespace, testrun)
     for event_type, reason, message in decision.events:
         kopf.event(body, type=event_type, reason=reason, message=message[:1000])
+    failed_condition = next((c for c in decision.conditions if c[0] == "GitReachable" and c[1] == "False"), None)
     return await _apply_status(context, body, name, namespace, status, now, decision.conditions,
-                               decision.branches, decision.branches_summary)
+                               decision.branches, decision.branches_summary,
+                               message=failed_condition[3] if failed_condition else "",
+                               fetched=any(c[0] == "GitReachable" and c[1] == "True" for c in decision.conditions))
 
 
 async def _apply_status(context: OperatorContext, body: kopf.Body, name: str, namespace: str, status: dict,
                         now: str, conditions: list[tuple[str, str, str, str]], branches: list[dict],
-                        summary: str, message: str = "") -> dict:
+                        summary: str, message: str = "", fetched: bool = False) -> dict:
     from testlooper.kube.objects import condition, set_condition
 
     generation = body.get("metadata", {}).get("generation")
     merged = list(status.get("conditions") or [])
     for condition_type, condition_status, reason, text in conditions:
         merged = set_condition(merged, condition(condition_type, condition_status, reason, text, now, generation))
-    patch = {"conditions": merged, "branches": branches, "branchesSummary": summary, "lastPollTime": now,
+    patch = {"conditions": merged, "branches": branches, "branchesSummary": summary,
              "observedGeneration": generation, "message": message}
+    if fetched:
+        patch["lastPollTime"] = now
     await context.api.patch_status("repos", namespace, name, patch)
     return {**status, **patch}
 
@@ -235,11 +242,11 @@ async def _credentials(context: OperatorContext, namespace: str, spec: dict) -> 
 
 def _spec_problem(spec: dict) -> str:
     """What is wrong with a spec the schema let through (or that was written without it), or ""."""
-    from testlooper.kube.models import parse_repo_spec
+    from testlooper.kube.models import SpecError, parse_repo_spec
 
     try:
         parse_repo_spec(spec)
-    except ValueError as exc:
+    except SpecError as exc:
         return _one_line(exc)
     return ""
 
