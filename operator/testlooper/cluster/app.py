@@ -43,6 +43,9 @@ def kopf_settings(options: OperatorOptions) -> kopf.OperatorSettings:
 
 def build_registry(options: OperatorOptions) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
+    # A registry of our own has no login handler: use the official client's (in-cluster, else
+    # KUBECONFIG), the same configuration kube/api.py loads.
+    kopf.on.login(registry=registry)(kopf.login_via_client)
     repo_handlers.register(registry)
     testrun_handlers.register(registry)
     pool_handlers.register(registry, options.pool_status_interval)
@@ -69,7 +72,9 @@ async def serve(options: OperatorOptions) -> None:
             namespaces=list(options.namespaces),
             standalone=options.standalone,
             priority=options.priority,
-            peering_name=options.peering_name,
+            # Naming the peering makes it mandatory in kopf (watches wait for the KopfPeering CRD),
+            # which is right for replicas and wrong for --standalone.
+            peering_name=None if options.standalone else options.peering_name,
             memo=context,
             stop_flag=stop_flag,
             ready_flag=context.ready,
