@@ -64,6 +64,11 @@ async def serve(options: OperatorOptions) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop_flag.set)
     logger.info("serving /healthz, /metrics and webhooks on %s:%d", options.api_host, options.api_port)
+    if not options.standalone:
+        # kopf only patches its peering object; a first replica creates it, so that a fresh
+        # install needs no extra manifest per namespace.
+        for namespace in (None,) if options.all_namespaces else options.namespaces:
+            await api.ensure_peering(options.peering_name, namespace)
     try:
         await kopf.operator(
             registry=build_registry(options),

@@ -151,9 +151,10 @@ def observe_head(mirror: GitMirror, branch: str, sha: str, spec: dict) -> decide
                        runs=spec.get("runs"))
     except (ValueError, gitio.GitError) as exc:
         return decide.HeadObservation(branch, sha, error=_one_line(exc))
+    tree = repo.git.rev_parse(f"{sha}^{{tree}}")
     tasks = tuple(
         decide.PlannedTask(
-            name=task["name"], kind=task["kind"], runs=task["runs"], hash=task["hash"],
+            name=task["name"], kind=task["kind"], runs=task["runs"], hash=decide.run_content_hash(task["hash"], tree),
             depends_on=tuple(task["depends_on"]),
             definition=definitions["builds" if task["kind"] == "build" else "tests"][task["name"]],
         )
@@ -178,6 +179,7 @@ async def apply(context: OperatorContext, body: kopf.Body, name: str, namespace:
             runs=task.runs, depends_on=[testrun_name(name, item.commit, dep) for dep in task.depends_on],
             worker_pool=pool, priority=0,
         )
+        testrun["spec"]["hash"] = task.hash  # what the result depends on: definition and source tree
         if item.reused_from is not None:
             annotations = testrun["metadata"].setdefault("annotations", {})
             annotations[RESULT_FROM_TESTRUN] = item.reused_from.name

@@ -10,6 +10,7 @@ the same decision twice (a retry, a restart) creates nothing twice.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections import defaultdict
 from typing import Iterable
 
@@ -89,6 +90,14 @@ class PollDecision:
     conditions: list[tuple[str, str, str, str]]  # (type, status, reason, message)
     branches: list[dict]  # status.branches
     branches_summary: str
+
+
+def run_content_hash(definition_hash: str, source_tree: str) -> str:
+    """What a TestRun's result depends on: the task's resolved definition (its hash covers the
+    environment, the commands and its inputs' hashes) and the commit's source tree, which every
+    task sees at TEST_SRC_DIR. Two commits share a result only when both are equal, as for an
+    empty commit, a revert to a tested tree or a rebase that changed nothing."""
+    return hashlib.sha256(f"testlooper-run-v1\0{definition_hash}\0{source_tree}".encode()).hexdigest()
 
 
 def tested_branches(globs: Iterable[str], heads: dict[str, str]) -> dict[str, str]:

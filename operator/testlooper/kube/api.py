@@ -106,6 +106,17 @@ class KubeApi:
         await self._call(self.custom.delete_namespaced_custom_object, GROUP, VERSION, namespace, plural, name,
                          ok_statuses=(404,))
 
+    async def ensure_peering(self, name: str, namespace: str | None) -> bool:
+        """Create kopf's peering object (a KopfPeering in `namespace`, or a ClusterKopfPeering
+        when None) unless it exists; kopf itself only patches it. True when created."""
+        body = {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering" if namespace else "ClusterKopfPeering",
+                "metadata": {"name": name, "labels": {"app.kubernetes.io/managed-by": "testlooper"}}}
+        if namespace:
+            create = lambda: self.custom.create_namespaced_custom_object("kopf.dev", "v1", namespace, "kopfpeerings", body)  # noqa: E731
+        else:
+            create = lambda: self.custom.create_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", body)  # noqa: E731
+        return await self._call(create, ok_statuses=(409,)) is not None
+
     # -- core ------------------------------------------------------------------------------------
 
     async def read_secret_data(self, namespace: str, name: str) -> dict[str, str] | None:
