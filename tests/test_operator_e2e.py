@@ -12,9 +12,6 @@ and the RBAC the chart grants is exactly what the operator used.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import json
 import shutil
 import time
 from pathlib import Path
@@ -22,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cluster_helpers import NAMESPACE, list_testruns, repo_object, signed_push, writes
 from gitrepo import GitRepo
 from operator_process import OperatorProcess, wait_for
 from testlooper.kube.objects import testrun_name
@@ -30,9 +28,6 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples" / "cluster"
 DEMO = ROOT / "examples" / "demo"
 CLUSTER_ROLE = ROOT / "charts" / "testlooper" / "templates" / "clusterrole.yaml"
-GITHUB_PUSH = json.loads((Path(__file__).parent / "fixtures" / "webhooks" / "github-push.json").read_text())
-NAMESPACE = "team-a"
-WEBHOOK_SECRET = "FAKE-PLACEHOLDER-WEBHOOK-SECRET-replace-me"  # examples/cluster/01-secrets.yaml
 DEMO_TASKS = ["calc/linux", "network/linux", "unit/linux"]
 
 
@@ -59,36 +54,6 @@ def apply_examples(kube, tmp_path: Path, url: str, **spec) -> None:
     path = tmp_path / "repo.yaml"
     path.write_text(yaml.safe_dump(repo))
     assert "created" in kube.kubectl("apply", "--validate=false", "-n", NAMESPACE, "-f", str(path)).stdout
-
-
-def list_testruns(kube, **labels) -> list[dict]:
-    selector = ",".join(f"{key}={value}" for key, value in labels.items())
-    path = f"/apis/testlooper.dev/v1alpha1/namespaces/{NAMESPACE}/testruns"
-    if selector:
-        path += f"?labelSelector={selector}"
-    return kube.api("GET", path)["items"]
-
-
-def repo_object(kube, name: str = "demo") -> dict:
-    return kube.api("GET", f"/apis/testlooper.dev/v1alpha1/namespaces/{NAMESPACE}/repos/{name}")
-
-
-def signed_push(url: str, after: str, secret: str = WEBHOOK_SECRET) -> tuple[bytes, dict]:
-    """GitHub's own push example with our repository's URLs in it, signed as GitHub signs."""
-    payload = json.loads(json.dumps(GITHUB_PUSH))
-    payload["ref"], payload["after"] = "refs/heads/main", after
-    for key in ("clone_url", "git_url", "ssh_url", "html_url", "url", "svn_url"):
-        payload["repository"][key] = url
-    body = json.dumps(payload).encode()
-    signature = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
-    return body, {"X-GitHub-Event": "push", "X-Hub-Signature-256": signature,
-                  "X-GitHub-Delivery": "72d3162e-cc78-11e3-81ab-4c9367dc0958"}
-
-
-def writes(kube, client: str) -> list[dict]:
-    """The client's writes to TestLooper's own resources (peering and events aside)."""
-    return [r for r in kube.requests(client=client)
-            if r["verb"] in ("create", "update", "patch", "delete") and r["group"] == "testlooper.dev"]
 
 
 def test_push_to_testruns_end_to_end(kube, origin, tmp_path):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 
 import kopf
 
@@ -59,10 +58,6 @@ async def serve(options: OperatorOptions) -> None:
     api = KubeApi()
     context = OperatorContext(options, api, OperatorMetrics())
     runner = await http.start_server(context)
-    stop_flag = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop_flag.set)
     logger.info("serving /healthz, /metrics and webhooks on %s:%d", options.api_host, options.api_port)
     if not options.standalone:
         # kopf only patches its peering object; a first replica creates it, so that a fresh
@@ -70,6 +65,7 @@ async def serve(options: OperatorOptions) -> None:
         for namespace in (None,) if options.all_namespaces else options.namespaces:
             await api.ensure_peering(options.peering_name, namespace)
     try:
+        # kopf handles SIGTERM and SIGINT itself: it stops the watches, then the daemons.
         await kopf.operator(
             registry=build_registry(options),
             settings=kopf_settings(options),
@@ -81,7 +77,6 @@ async def serve(options: OperatorOptions) -> None:
             # which is right for replicas and wrong for --standalone.
             peering_name=None if options.standalone else options.peering_name,
             memo=context,
-            stop_flag=stop_flag,
             ready_flag=context.ready,
         )
     finally:

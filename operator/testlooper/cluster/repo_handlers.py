@@ -56,8 +56,7 @@ async def repo_daemon(name: str, namespace: str, uid: str, body: kopf.Body, stop
                 failures += 1
                 context.metrics.reconcile_errors.labels("Repo").inc()
                 logger.warning("Repo %s/%s: poll failed, retrying: %s", namespace, name, exc)
-            interval = max(10, int(spec.get("pollIntervalSeconds") or 60))
-            await _sleep_until_woken(decide.next_poll_delay(interval, failures), watched.wake, stopped,
+            await _sleep_until_woken(decide.next_poll_delay(_poll_interval(spec), failures), watched.wake, stopped,
                                      lambda: body.get("metadata", {}).get("generation") != seen_generation)
     finally:
         context.repos.unregister(uid)
@@ -107,7 +106,11 @@ async def poll(context: OperatorContext, body: kopf.Body, name: str, namespace: 
         credentials = await _credentials(context, namespace, spec)
         mirror = GitMirror(context.mirror_path(namespace, name, uid), spec["url"], credentials)
         async with context.poll_slots:
-            heads = await asyncio.to_thread(mirror.fetch)
+            try:
+                heads = await asyncio.to_thread(mirror.fetch)
+            except asyncio.CancelledError:  # stopping: the fetch thread must not outlive us
+                mirror.abort()
+                raise
             tested = decide.tested_branches(spec.get("branches") or ["main"], heads)
             moved = decide.moved_heads(tested, status.get("branches") or [])
             new_heads = []
@@ -251,6 +254,14 @@ def _spec_problem(spec: dict) -> str:
     except SpecError as exc:
         return _one_line(exc)
     return ""
+
+
+def _poll_interval(spec: dict) -> float:
+    """spec.pollIntervalSeconds, or its default while the spec is invalid (its condition says why)."""
+    value = spec.get("pollIntervalSeconds", 60)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return 60.0
+    return max(10.0, float(value))
 
 
 def _existing(item: dict) -> decide.ExistingTestRun:

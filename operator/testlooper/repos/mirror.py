@@ -75,6 +75,8 @@ class GitMirror:
         self.url = url
         self.credentials = credentials or GitCredentials()
         self.git_executable = git_executable
+        self._running: subprocess.Popen | None = None
+        self._aborted = False
 
     def fetch(self, timeout: float = FETCH_TIMEOUT_SECONDS) -> dict[str, str]:
         """Fetch every branch (force-pushed and deleted ones too) and return {branch: sha}."""
@@ -149,13 +151,39 @@ class GitMirror:
 
     def _git(self, args: list[str], env: dict[str, str] | None = None, timeout: float = 60) -> str:
         command = [self.git_executable, "--git-dir", str(self.path), *args]
+        process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True, start_new_session=True)
+        self._running = process
         try:
-            done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+            stdout, stderr = process.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
+            self._kill(process)
             raise MirrorError(f"git {args[0]} of {redact(self.url)} took longer than {timeout:g}s") from None
-        if done.returncode != 0:
-            raise MirrorError(self._describe_failure(args[0], done.stderr))
-        return done.stdout
+        finally:
+            self._running = None
+        if self._aborted:
+            raise MirrorError(f"git {args[0]} of {redact(self.url)} was stopped")
+        if process.returncode != 0:
+            raise MirrorError(self._describe_failure(args[0], stderr))
+        return stdout
+
+    def abort(self) -> None:
+        """Stop the git command running now, from another thread (the operator is stopping or
+        the Repo went away): a fetch that hangs on a dead host must not hold up either."""
+        self._aborted = True
+        process = self._running
+        if process is not None:
+            self._kill(process)
+
+    @staticmethod
+    def _kill(process: subprocess.Popen) -> None:
+        import signal
+
+        try:
+            os.killpg(process.pid, signal.SIGKILL)  # git and the ssh or https helper it started
+        except ProcessLookupError:
+            pass
+        process.wait()
 
     def _describe_failure(self, verb: str, stderr: str) -> str:
         lines = [line.strip() for line in stderr.splitlines() if line.strip()]

@@ -1,0 +1,256 @@
+"""What a user can get wrong, and what the network can do, with the real operator process:
+each gives a clear condition, Event or HTTP answer, loses nothing, and never stops the others."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import socket
+import time
+
+import pytest
+import yaml
+
+from cluster_helpers import NAMESPACE, condition, events, list_testruns, repo_object, signed_push
+from git_http import GitHttpServer
+from gitrepo import GitRepo
+from operator_process import OperatorProcess, wait_for
+
+GOOD_DEFINITIONS = """looper_version: 5
+environments:
+  linux: {platform: linux, image: {name: "busybox"}}
+tests:
+  smoke/linux: {command: "true"}
+"""
+
+
+@pytest.fixture(autouse=True)
+def needs_kubectl():
+    if shutil.which("kubectl") is None:
+        pytest.skip("kubectl is not on the PATH (these machines have v1.32 in /usr/bin)")
+
+
+def make_origin(path, definitions: str = GOOD_DEFINITIONS):
+    work = GitRepo(path / "work")
+    first = work.commit({"testlooper.yml": definitions}, "first")
+    bare = path / "served" / "origin.git"
+    bare.parent.mkdir(parents=True, exist_ok=True)
+    work.git("clone", "--quiet", "--bare", str(work.path), str(bare))
+    work.git("remote", "add", "origin", str(bare))
+    return work, bare, first
+
+
+def apply(kube, *documents: dict) -> None:
+    text = yaml.safe_dump_all(documents)
+    kube.kubectl("apply", "--validate=false", "-n", NAMESPACE, "-f", "-", input=text)
+
+
+def repo(name: str, url: str, **spec) -> dict:
+    return {"apiVersion": "testlooper.dev/v1alpha1", "kind": "Repo", "metadata": {"name": name},
+            "spec": {"url": url, "branches": ["main"], "pollIntervalSeconds": 3600, **spec}}
+
+
+def secret(name: str, **data: str) -> dict:
+    return {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "type": "Opaque", "stringData": data}
+
+
+@pytest.fixture
+def operator(kube, tmp_path):
+    kube.create_namespace(NAMESPACE)
+    with OperatorProcess(kube, tmp_path, namespaces=[NAMESPACE]) as process:
+        yield process
+    assert "Traceback" not in process.log(), process.log()
+
+
+def test_bad_signatures_and_unknown_repositories_change_nothing(kube, operator, tmp_path):
+    work, bare, first = make_origin(tmp_path)
+    url = f"file://{bare}"
+    apply(kube, secret("hook", secret="right-secret"), repo("demo", url, webhookSecret="hook"),
+          repo("unsigned", url))
+    wait_for(lambda: len(list_testruns(kube)) == 2, message="the first commit's TestRun of each Repo")
+    second = work.commit({"x": "2"}, "second")
+    work.git("push", "--quiet", "origin", "main")
+
+    status, answer = operator.webhook("/webhooks/github", *signed_push(url, second, secret="wrong-secret"))
+    assert (status, answer["message"]) == (401, "signature does not match")
+    body, headers = signed_push(url, second, secret="right-secret")
+    status, _ = operator.webhook("/webhooks/github", body, {**headers, "X-Hub-Signature-256": "sha256=" + "0" * 64})
+    assert status == 401
+    status, _ = operator.webhook("/webhooks/github", body, {k: v for k, v in headers.items() if k != "X-Hub-Signature-256"})
+    assert status == 401
+    status, answer = operator.webhook("/webhooks/github", *signed_push("https://github.com/someone/else", second,
+                                                                      secret="right-secret"))
+    assert (status, answer["message"]) == (202, "no Repo here tests this repository")
+    status, answer = operator.webhook("/webhooks/github", b"{not json", {"X-GitHub-Event": "push"})
+    assert status == 400 and "not JSON" in answer["message"]
+    time.sleep(1.5)
+    assert len(list_testruns(kube)) == 2, "a refused webhook must not make a Repo poll"
+    assert operator.metric("testlooper_webhooks_total", provider="github", outcome="bad_signature") == 3
+    assert operator.metric("testlooper_webhooks_total", provider="github", outcome="unknown_repo") == 1
+    assert operator.metric("testlooper_webhooks_total", provider="github", outcome="bad_payload") == 1
+
+    # The right secret polls the Repo that has it; the Repo without a webhookSecret takes none.
+    status, _ = operator.webhook("/webhooks/github", body, headers)
+    assert status == 202
+    wait_for(lambda: {t["spec"]["repo"] for t in list_testruns(kube) if t["spec"]["commit"] == second} == {"demo"},
+             message="only the signed Repo polled")
+    time.sleep(1)
+    assert {t["spec"]["repo"] for t in list_testruns(kube) if t["spec"]["commit"] == second} == {"demo"}
+
+
+def test_gitlab_push_hooks_use_their_token(kube, operator, tmp_path):
+    work, bare, _first = make_origin(tmp_path)
+    url = f"file://{bare}"
+    apply(kube, secret("hook", secret="gl-token"), repo("demo", url, webhookSecret="hook"))
+    wait_for(lambda: len(list_testruns(kube)) == 1, message="the first TestRun")
+    second = work.commit({"x": "2"}, "second")
+    work.git("push", "--quiet", "origin", "main")
+    body = json.dumps({"object_kind": "push", "ref": "refs/heads/main", "after": second,
+                       "project": {"git_http_url": url, "git_ssh_url": url}}).encode()
+    status, _ = operator.webhook("/webhooks/gitlab", body, {"X-Gitlab-Event": "Push Hook", "X-Gitlab-Token": "nope"})
+    assert status == 401
+    status, _ = operator.webhook("/webhooks/gitlab", body, {"X-Gitlab-Event": "Push Hook", "X-Gitlab-Token": "gl-token"})
+    assert status == 202
+    wait_for(lambda: len(list_testruns(kube)) == 2, message="the pushed commit's TestRun")
+
+
+def test_unreachable_hosts_and_missing_secrets_show_conditions_and_never_delay_others(kube, operator, tmp_path):
+    """One Repo's host accepts connections and never answers (git would wait for minutes), one
+    names a Secret that does not exist, one is fine: the fine one is tested at once."""
+    _work, bare, first = make_origin(tmp_path)
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)  # accepts into the backlog, never reads: a hung host
+    hung_url = f"http://127.0.0.1:{silent.getsockname()[1]}/x.git"
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    closed_url = f"http://127.0.0.1:{closed.getsockname()[1]}/x.git"
+    closed.close()
+    try:
+        apply(kube, repo("hung", hung_url), repo("refused", closed_url),
+              repo("no-secret", f"file://{bare}", credentialsSecret="does-not-exist"))
+        time.sleep(0.5)
+        started = time.monotonic()
+        apply(kube, repo("good", f"file://{bare}"))
+        wait_for(lambda: [t for t in list_testruns(kube) if t["spec"]["repo"] == "good"], timeout=10,
+                 message="the good Repo's TestRun while another host hangs")
+        print(f"good Repo tested {time.monotonic() - started:.2f}s after apply, beside a hung host")
+
+        refused = wait_for(lambda: condition(repo_object(kube, "refused"), "GitReachable").get("status") == "False"
+                           and repo_object(kube, "refused"), message="GitReachable=False")
+        reachable = condition(refused, "GitReachable")
+        assert reachable["reason"] == "FetchFailed" and closed_url in reachable["message"]
+        assert condition(refused, "Ready")["status"] == "False"
+        missing = wait_for(lambda: condition(repo_object(kube, "no-secret"), "GitReachable").get("status") == "False"
+                           and repo_object(kube, "no-secret"), message="missing Secret condition")
+        assert "credentials Secret 'does-not-exist' not found" in condition(missing, "GitReachable")["message"]
+        warnings = [e for e in events(kube) if e.get("reason") == "GitUnreachable"]
+        assert {e["involvedObject"]["name"] for e in warnings} >= {"refused", "no-secret"}
+        assert [t for t in list_testruns(kube) if t["spec"]["repo"] != "good"] == []
+
+        # The Secret appears later: a spec edit (or the next poll) picks it up, nothing else to do.
+        apply(kube, secret("does-not-exist", token="t0ken-for-file-url"))
+        kube.kubectl("annotate", "repo", "no-secret", "-n", NAMESPACE, "example.com/poke=1")
+        kube.kubectl("patch", "repo", "no-secret", "-n", NAMESPACE, "--type", "merge",
+                     "-p", '{"spec": {"pollIntervalSeconds": 3599}}')
+        wait_for(lambda: condition(repo_object(kube, "no-secret"), "GitReachable").get("status") == "True",
+                 message="reachable once the Secret exists")
+    finally:
+        # The operator must stop promptly even with a fetch hanging (the fixture checks SIGTERM).
+        stopped = time.monotonic()
+        assert operator.stop(timeout=20) == 0
+        assert time.monotonic() - stopped < 15
+        silent.close()
+
+
+def test_definitions_that_do_not_resolve_give_a_condition_and_an_event_not_a_crash(kube, operator, tmp_path):
+    work, bare, _first = make_origin(tmp_path, GOOD_DEFINITIONS.replace('command: "true"', 'comand: "true"'))
+    apply(kube, secret("hook", secret="s"), repo("demo", f"file://{bare}", webhookSecret="hook"))
+    invalid = wait_for(lambda: condition(repo_object(kube), "DefinitionsValid").get("status") == "False"
+                       and repo_object(kube), message="DefinitionsValid=False")
+    message = condition(invalid, "DefinitionsValid")["message"]
+    assert "testlooper.yml:5:" in message and "comand" in message
+    event, = [e for e in events(kube) if e.get("reason") == "DefinitionsInvalid"]
+    assert event["type"] == "Warning" and "comand" in event["message"] and "testlooper.yml:5:" in event["message"]
+    assert "untestable" in invalid["status"]["branchesSummary"]
+    assert list_testruns(kube) == []
+
+    fixed = work.commit({"testlooper.yml": GOOD_DEFINITIONS}, "fix the typo")
+    work.git("push", "--quiet", "origin", "main")
+    operator.webhook("/webhooks/github", *signed_push(f"file://{bare}", fixed, secret="s"))
+    wait_for(lambda: condition(repo_object(kube), "DefinitionsValid").get("status") == "True", message="valid again")
+    assert len(list_testruns(kube)) == 1
+    assert len([e for e in events(kube) if e.get("reason") == "DefinitionsInvalid"]) == 1
+
+
+def test_a_spec_edited_to_nonsense_gets_a_condition_naming_the_field(kube, operator, tmp_path):
+    _work, bare, _first = make_origin(tmp_path)
+    apply(kube, repo("demo", f"file://{bare}"))
+    wait_for(lambda: len(list_testruns(kube)) == 1, message="the first TestRun")
+    # The API server's schema would refuse this; the emulator does not, as an old or absent CRD would not.
+    kube.kubectl("patch", "repo", "demo", "-n", NAMESPACE, "--type", "merge",
+                 "-p", '{"spec": {"pollIntervalSeconds": "soon", "branches": "main"}}')
+    invalid = wait_for(lambda: condition(repo_object(kube), "Ready").get("reason") == "InvalidSpec"
+                       and repo_object(kube), message="InvalidSpec")
+    message = condition(invalid, "Ready")["message"]
+    assert "spec.pollIntervalSeconds" in message and "spec.branches" in message
+    assert operator.process.poll() is None
+
+
+def test_conflicts_and_server_errors_are_retried(kube, operator, tmp_path):
+    _work, bare, first = make_origin(tmp_path)
+    kube.inject_fault("create", 500, times=2, group="testlooper.dev", resource="testruns", client="operator")
+    kube.inject_fault("patch", 409, times=1, group="testlooper.dev", resource="repos/status", client="operator")
+    kube.inject_fault("patch", 503, times=2, group="testlooper.dev", resource="testruns/status", client="operator")
+    apply(kube, repo("demo", f"file://{bare}"))
+    created = wait_for(lambda: list_testruns(kube), message="the TestRun despite two 500s")
+    wait_for(lambda: (list_testruns(kube)[0].get("status") or {}).get("phase") == "Pending",
+             message="its status despite two 503s")
+    wait_for(lambda: condition(repo_object(kube), "Ready").get("status") == "True", message="Repo status despite a 409")
+    assert len(created) == 1
+
+
+def test_credentials_never_reach_logs_events_status_or_metrics(kube, operator, tmp_path):
+    token, wrong = "ghp_R3alLookingT0kenValue", "ghp_Wr0ngT0kenValue"
+    _work, bare, first = make_origin(tmp_path)
+    with GitHttpServer(bare.parent, username="x-access-token", password=token) as server:
+        url = server.url("origin.git")
+        apply(kube, secret("git", token=wrong), secret("hook", secret="s"),
+              repo("demo", url, credentialsSecret="git", webhookSecret="hook"))
+        refused = wait_for(lambda: condition(repo_object(kube), "GitReachable").get("status") == "False"
+                           and repo_object(kube), message="refused credentials")
+        assert "failed" in condition(refused, "GitReachable")["message"]
+        apply(kube, secret("git", token=token))
+        operator.webhook("/webhooks/github", *signed_push(url, first, secret="s"))
+        wait_for(lambda: len(list_testruns(kube)) == 1, message="fetched with the right token")
+        sent = {header for header in server.authorizations if header}
+        assert "Basic " + base64.b64encode(f"x-access-token:{token}".encode()).decode() in sent
+
+    _, metrics = operator.get("/metrics")
+    everything = "\n".join([
+        operator.log(), json.dumps(events(kube)), json.dumps(repo_object(kube)),
+        json.dumps(list_testruns(kube)), metrics,
+    ])
+    for value in (token, wrong, base64.b64encode(token.encode()).decode(),
+                  base64.b64encode(f"x-access-token:{token}".encode()).decode()):
+        assert value not in everything
+
+
+def test_one_operator_for_all_namespaces_with_peering(kube, tmp_path):
+    """`--all-namespaces` (the chart's cluster-wide mode) watches every namespace and peers
+    through a ClusterKopfPeering."""
+    for namespace in ("team-b", "team-c"):
+        kube.create_namespace(namespace)
+    _work, bare, _first = make_origin(tmp_path)
+    for namespace in ("team-b", "team-c"):
+        text = json.dumps(repo("demo", f"file://{bare}"))
+        kube.kubectl("apply", "--validate=false", "-n", namespace, "-f", "-", input=text)
+    with OperatorProcess(kube, tmp_path, namespaces=[], args=["--all-namespaces"], priority=5) as process:
+        for namespace in ("team-b", "team-c"):
+            wait_for(lambda: len(list_testruns(kube, namespace=namespace)) == 1, message=f"TestRuns in {namespace}")
+    used = kube.permissions(client="operator")
+    assert ("kopf.dev", "clusterkopfpeerings", "create") in used
+    assert not [p for p in used if p[1] == "kopfpeerings"]
+    assert "Traceback" not in process.log()
+
