@@ -56,9 +56,14 @@ def default_output_dir() -> str:
 
 def run(args: argparse.Namespace) -> int:
     from testlooper.local.target import commit_target, working_tree_target
+    from testlooper.planning.planner import check_runs
 
-    if args.jobs < 0 or (args.runs is not None and args.runs < 1):
-        raise UserError("--jobs must be 0 or more and --runs at least 1")
+    if args.jobs < 0:
+        raise UserError(f"--jobs must be 0 or more, not {args.jobs}")
+    try:  # before the snapshot: `--runs 30000000` fails at once
+        check_runs(args.runs)
+    except ValueError as exc:
+        raise UserError(f"--{exc}") from None
     output_dir = os.path.abspath(args.output or default_output_dir())
     snapshots = os.path.join(output_dir, "sources")
     target = commit_target(args.path, args.rev, snapshots) if args.rev else working_tree_target(args.path, snapshots)
