@@ -1086,8 +1086,9 @@ JUNIT_ROOT_TAGS = ("testsuites", "testsuite", "testcase")
 def collect_results(output_dir):
     """Collects every case reported under ``output_dir``: its testSummary.json and all JUnit files.
 
-    A missing directory reports nothing. Cases from all files are concatenated, so a runner that
-    writes the same test into two files reports it twice.
+    A missing directory reports nothing. A case reported more than once (pytest writes a second
+    ``<testcase>`` for a test whose teardown errors after it failed; a runner may write one test
+    into two files) is one case of this run: it fails if any of its entries failed.
     """
     cases, errors = [], []
     if not os.path.isdir(output_dir):
@@ -1098,7 +1099,23 @@ def collect_results(output_dir):
     for path in _xml_files(output_dir):
         label = os.path.relpath(path, output_dir).replace(os.sep, "/")
         _extend(cases, errors, parse_junit(path, label=label))
-    return cases, errors
+    return merge_duplicate_cases(cases), errors
+
+
+def merge_duplicate_cases(cases):
+    """One case per name, in the order first seen: failed if any entry failed, and the sum of the
+    known durations (pytest's second entry times the teardown). The first entry is updated in
+    place: the parsers' cases are fresh dicts, and 100,000 of them are not copied."""
+    merged = {}
+    for case in cases:
+        seen = merged.get(case["name"])
+        if seen is None:
+            merged[case["name"]] = case
+            continue
+        seen["success"] = seen["success"] and case["success"]
+        durations = [d for d in (seen["duration_seconds"], case["duration_seconds"]) if d is not None]
+        seen["duration_seconds"] = sum(durations) if durations else None
+    return list(merged.values())
 
 
 def parse_test_summary(path, label=None):
@@ -1121,8 +1138,9 @@ def parse_test_summary(path, label=None):
 
 
 def parse_junit(path, label=None):
-    """Parses a JUnit XML file. A case with ``<failure>`` or ``<error>`` fails, a ``<skipped>``
-    one is left out, any other passes. A file whose root is not a JUnit element is not a result
+    """Parses a JUnit XML file, one case per ``<testcase>`` (``collect_results`` merges repeated
+    names). A case with ``<failure>`` or ``<error>`` fails, a ``<skipped>`` one is left out, any
+    other passes. A file whose root is not a JUnit element is not a result
     file and reports nothing. A JUnit file declaring a DOCTYPE is refused, so no entity is ever
     defined (the "billion laughs" expansion and external entities cannot happen)."""
     label = label or path
@@ -1218,6 +1236,9 @@ class _JUnitCollector:
 
 def _case_from_summary_item(name, value):
     """One ``name: value`` pair of the dict shape; returns a case, or a problem message."""
+    if not name:
+        # The history keeps a task's own result as its case "": a case of that name would replace it.
+        return f"a test has an empty name (its value: {_json_preview(value)})"
     if isinstance(value, bool):
         return {"name": name, "success": value, "duration_seconds": None}
     if isinstance(value, dict) and isinstance(value.get("success"), bool):
