@@ -473,6 +473,38 @@ def test_leftover_background_processes_live_until_the_task_ends(api_server, sour
     assert not process_is_running(int((run.workdir / "scratch" / "daemon.pid").read_text()))
 
 
+def test_processes_that_leave_their_group_are_killed_at_the_end_of_every_run(api_server, source, tmp_path):
+    """`setsid` takes a process out of the command's process group and session, so killing the
+    groups misses it; it still carries the run's TEST_LOOPER_TEST_ID, and dies by that."""
+    command = ('setsid sleep 120 & echo $! > "$TEST_SCRATCH_DIR/escaped.pid"; '
+               'setsid sh -c "sleep 130 & sleep 140" & sleep 0.3')
+    try:
+        run = run_agent(api_server, make_assignment(make_task(command), source), tmp_path / "work")
+        escaped = int((run.workdir / "scratch" / "escaped.pid").read_text())
+
+        assert run.result["result"] == "passed", run.log_text
+        assert not process_is_running(escaped)
+        line = next(line for line in run.log_text.splitlines() if "outlived the run" in line)
+        assert line.startswith("[testlooper] killed 4 processes that outlived the run outside its process groups: ")
+        assert f"{escaped} (sleep 120)" in line and "(sleep 130)" in line and "(sleep 140)" in line
+    finally:
+        for pid, name in list(sleepers_named(("sleep 120", "sleep 130", "sleep 140")).items()):
+            os.kill(pid, signal.SIGKILL)
+
+
+def sleepers_named(commands):
+    found = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                text = cmdline.read().replace(b"\0", b" ").decode().strip()
+        except OSError:
+            continue
+        if text in commands:
+            found[int(entry)] = text
+    return found
+
+
 def process_is_running(pid):
     """True unless the process is gone or a zombie (its parent may never reap it in a container)."""
     try:

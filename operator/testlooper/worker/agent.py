@@ -806,6 +806,51 @@ def _signal_group(group_id, signum):
         pass
 
 
+def kill_processes_of_run(run_id):
+    """Kills every process still carrying ``TEST_LOOPER_TEST_ID=run_id`` in its environment, and
+    returns ``[(pid, command line)]`` of those killed.
+
+    A command's process group dies with ``kill_all``, but a process can leave it (``setsid``,
+    a daemon that double-forks); every process the task starts inherits the variable, whatever
+    group or session it moves to. Linux only (``/proc/PID/environ``); elsewhere there is nothing
+    to scan and an empty list comes back. Processes of other users cannot be read, so are left.
+    """
+    if not run_id or not os.path.isdir("/proc/self"):
+        return []
+    marker = f"TEST_LOOPER_TEST_ID={run_id}".encode()
+    killed, own = [], os.getpid()
+    # Again until a pass finds nothing: a process may fork between the listing and its kill.
+    for _ in range(20):
+        found = 0
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) == own:
+                continue
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as environ:
+                    if marker not in environ.read().split(b"\0"):
+                        continue
+                with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                    command = cmdline.read().replace(b"\0", b" ").strip().decode("utf-8", "replace")
+                os.kill(int(entry), signal.SIGKILL)
+            except (OSError, ValueError):
+                continue  # gone already, or not ours to read
+            found += 1
+            killed.append((int(entry), command))
+        if not found:
+            break
+        time.sleep(0.05)
+    return killed
+
+
+def report_escaped(killed, log):
+    if not killed:
+        return
+    shown = ", ".join(f"{pid} ({command[:80] or '?'})" for pid, command in killed[:10])
+    more = f" and {len(killed) - 10} more" if len(killed) > 10 else ""
+    log.note(f"killed {len(killed)} process{'es' if len(killed) > 1 else ''} that outlived the run "
+             f"outside its process groups: {shown}{more}")
+
+
 def _kill_trees_windows(processes):
     """``taskkill /T /F`` ends a process and its descendants. Windows finds descendants through
     the parent, so leftovers of a command whose shell has already exited cannot be reached."""
@@ -1393,6 +1438,7 @@ class Agent:
                                artifacts=task_run.artifacts)
         finally:
             runner.kill_all()
+            report_escaped(kill_processes_of_run(environment["TEST_LOOPER_TEST_ID"]), log)
         duration = time.monotonic() - started
         heartbeat.phase = "collecting results"
         cases, parse_errors = collect_results(self.workspace.output)
