@@ -6,6 +6,7 @@ import ast
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import stat
@@ -645,6 +646,34 @@ def test_a_task_printing_200_mb_keeps_agent_memory_flat_and_the_log_complete(api
 JUNIT = ('<testsuites><testsuite name="s"><testcase classname="pkg.Mod" name="test_ok" time="0.5"/>'
          '<testcase classname="pkg.Mod" name="test_bad"><failure message="no"/></testcase>'
          '<testcase name="test_skip"><skipped/></testcase></testsuite></testsuites>')
+
+
+@pytest.mark.parametrize("then", ["sleep 30", "true"], ids=["still-running", "exited"])
+def test_a_log_past_its_limit_keeps_head_and_tail_and_fails_the_run(api_server, source, tmp_path, then):
+    task = make_task(stages=[stage(f"seq 1 3000000; {then}", cleanup="echo cleanup-ran"),
+                             stage("echo stage-two-ran", order=1, always_run=False)])
+    task["max_log_mb"] = 1
+    started = time.monotonic()
+
+    run = run_agent(api_server, make_assignment(task, source), tmp_path / "work")
+
+    assert time.monotonic() - started < 20
+    assert run.result["result"] == "failed", run.log_text[-2000:]
+    assert "the log passed its limit of 1 MiB (max_log_mb), so the task was stopped" in run.result["error"]
+    local = (run.workdir / "log.txt").read_text()
+    assert local == run.log_text  # the API has the same log as the workdir
+    assert len(local.encode()) < 1024 * 1024 + 4096  # the limit, and the agent's last notes
+    head, cut, tail = re.split(r"\n\[testlooper\] ---- (\d+) bytes of output cut here: the log passed its limit "
+                               r"of 1 MiB \(max_log_mb\); what follows is its end ----\n", local)
+    assert "\n1\n2\n3\n" in head and len(head.encode()) == 512 * 1024
+    numbers = [int(line) for line in tail.splitlines() if line.isdigit()][1:]  # the first may be cut
+    assert len(numbers) > 10_000 and numbers == list(range(numbers[0], numbers[0] + len(numbers)))
+    written = len("".join(f"{n}\n" for n in range(1, numbers[-1] + 1)).encode())
+    shown = len(head.encode()) + len(tail.encode())
+    assert abs(int(cut) - (written - shown)) < 4096  # what was cut, give or take the agent's notes
+    assert "cleanup-ran" in tail and "stage-two-ran" not in local
+    assert "[testlooper] stage 2/2: not run (failed)" in tail
+
 
 
 @pytest.mark.parametrize("summary", [

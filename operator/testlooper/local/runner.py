@@ -42,6 +42,7 @@ class RunnerOptions:
     isolation: str = "host"  # or "container"
     keep_workspaces: bool = False
     heartbeat_seconds: float = 2.0
+    max_log_mb: int | None = None  # every task's log limit, instead of its own `max_log_mb`
 
 
 @dataclass
@@ -366,6 +367,8 @@ class LocalRunner:
                     raise _CannotRun(f"input {key!r}: build {dependency['build']!r} produced no artifact "
                                      f"{dependency['artifact'] or '(its whole output)'!r}")
                 inputs[key] = {"kind": "build", "path": produced[dependency["artifact"]]}
+        if self.options.max_log_mb:
+            task = {**task, "max_log_mb": self.options.max_log_mb}
         return {
             "run_id": run_id, "task": task, "commit": self.commit, "commit_message": self.commit_message,
             "source": {"path": self.source_dir}, "inputs": inputs, "run_index": run.run_index,
