@@ -136,3 +136,25 @@ def test_sigterm_while_the_working_tree_is_copied_leaves_no_snapshot(repo, tmp_p
     assert process.returncode == 130, stderr
     assert "copying the working tree" in stderr and "(8001 files)" in stderr, stderr
     assert list(sources.iterdir()) == []
+
+
+def test_the_copy_of_a_tree_reports_from_its_start_and_every_two_seconds():
+    import io
+
+    from testlooper.cli.run_cmd import _snapshot_progress
+    from testlooper.local.progress import Progress
+
+    def lines_for(total, steps):
+        stream = io.StringIO()
+        clock = iter(steps)
+        report = _snapshot_progress(Progress(stream=stream), "tree", clock=lambda: next(clock))
+        for copied in range(1, len(steps)):
+            report(copied, total)
+        return [line.split("] ", 1)[1] for line in stream.getvalue().splitlines()]
+
+    # A large tree: said before its first file, then every 2 s; 1 s apart per file here.
+    assert lines_for(30_000, [0, 0, 1, 2, 3, 4, 5]) == [
+        "copying the working tree tree (30000 files)", "copied 3/30000 files", "copied 5/30000 files"]
+    # A small one says nothing unless its copy is slow; an unknown total is counted up.
+    assert lines_for(10, [0, 0.5, 1.0]) == []
+    assert lines_for(None, [0, 1, 2.5, 3, 5]) == ["copying the working tree tree", "copied 4 files"]
