@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from run_helpers import cli_env, explain, json_document, make_repo, run_args, runs_of, start_tl, stop_process, tl
+from run_helpers import (
+    cli_env, explain, json_document, make_repo, run_args, runs_of, start_tl, stop_process, stored_runs, tl,
+)
 
 DEFINITIONS = r"""
 looper_version: 5
@@ -34,6 +36,10 @@ tests:
   newline/linux:
     command: |
       printf '{"bad\\nname": false, "fine": true}' > "$TEST_OUTPUT_DIR/testSummary.json"
+  nameless/linux:
+    command: |
+      printf '{"": true, "named": true}' > "$TEST_OUTPUT_DIR/testSummary.json"
+      exit 1
   missing-input/linux:
     dependencies: {src: HEAD/source/no-such-folder, base: base/linux}
     command: "true"
@@ -102,6 +108,19 @@ def test_a_run_that_ended_in_error_is_named_not_called_passed(repo, tmp_path, en
     assert "  every counted case passed\n1 run tested nothing, so no case of it is counted:\n" \
            "  error      missing-input/linux #1: input 'src': the source folder 'no-such-folder' does not exist" \
            in completed.stdout
+
+
+def test_a_case_named_empty_cannot_turn_a_failed_task_green(repo, tmp_path, env):
+    completed = tl(run_args(repo, tmp_path, "--test", "nameless/linux", "--json"), env)
+    assert completed.returncode == 1, explain(completed)
+    (run,) = runs_of(json_document(completed), "nameless/linux")
+    assert run["result"] == "failed" and run["cases"] == {"total": 1, "passed": 1, "failed": 0}
+    assert "testSummary.json: a test has an empty name (its value: true)" in Path(run["log"]).read_text()
+    (recorded,) = stored_runs(str(tmp_path / "history.db"), repo, repo.head(), with_cases=True)
+    assert [case.name for case in recorded.cases] == ["named"]
+    history = json.loads(tl(["history", repo.path, "--store", tmp_path / "history.db", "--json"], env).stdout)
+    (own,) = history["tasks"]["nameless/linux"][""]
+    assert (own["runs"], own["failures"]) == (1, 1)
 
 
 def test_a_newline_in_a_case_name_stays_on_its_line(repo, tmp_path, env):
