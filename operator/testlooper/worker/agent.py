@@ -902,12 +902,13 @@ def kill_processes_of_run(run_id):
     if not run_id or not os.path.isdir("/proc/self"):
         return []
     marker = f"TEST_LOOPER_TEST_ID={run_id}".encode()
-    killed, own = [], os.getpid()
-    # Again until a pass finds nothing: a process may fork between the listing and its kill.
+    killed, own, signalled = [], os.getpid(), set()
+    # Again until a pass finds nothing new: a process may fork between the listing and its kill.
+    # (One killed but not yet gone may still show its environment: it is not counted twice.)
     for _ in range(20):
         found = 0
         for entry in os.listdir("/proc"):
-            if not entry.isdigit() or int(entry) == own:
+            if not entry.isdigit() or int(entry) == own or int(entry) in signalled:
                 continue
             try:
                 with open(f"/proc/{entry}/environ", "rb") as environ:
@@ -919,6 +920,7 @@ def kill_processes_of_run(run_id):
             except (OSError, ValueError):
                 continue  # gone already, or not ours to read
             found += 1
+            signalled.add(int(entry))
             killed.append((int(entry), command))
         if not found:
             break
