@@ -64,6 +64,12 @@ def test_a_runs_option_out_of_bounds_fails_at_once_before_any_snapshot(repo, tmp
     assert not (tmp_path / "out").exists(), "nothing may be copied or allocated for an impossible plan"
 
 
+def test_watch_refuses_an_impossible_runs_option_at_once(repo, tmp_path, env):
+    completed = tl(["watch", repo.path, "--store", tmp_path / "h.db", "--runs", "100001", "--max-polls", "1"], env)
+    assert (completed.returncode, completed.stderr) == (
+        2, "testlooper: error: --runs must be a whole number from 1 to 100000, not 100001\n"), explain(completed)
+
+
 def test_a_plan_of_more_than_100000_runs_is_refused_in_one_line(tmp_path, env):
     many = make_repo(tmp_path / "many", "looper_version: 5\nenvironments:\n  linux: {platform: linux, image: {name: x}}\n"
                                         "tests:\n  a/linux: {command: 'true', runs: 60000}\n"
