@@ -874,3 +874,31 @@ def test_unpacking_refuses_an_escape_hidden_past_path_max(tmp_path):
     with pytest.raises(agent.InfrastructureError, match="cannot unpack"):
         agent.unpack_archive(str(tmp_path / "poc.tar"), str(tmp_path / "dest"), "input 'x'")
     assert list(outside.iterdir()) == []
+
+
+def test_a_log_cut_twice_keeps_one_head_one_marker_and_counts_what_was_left_out(tmp_path):
+    log = agent.TaskLog(str(tmp_path / "log.txt"), limit_bytes=64 * 1024)
+    written = bytearray()
+
+    def write(count, fill):
+        data = bytes([fill]) * count
+        log.file.write(data)
+        written.extend(data)
+
+    write(40 * 1024, ord("h"))  # the head: the first 32 KiB of these stay
+    write(160 * 1024, ord("m"))
+    assert log.enforce_limit()
+    write(8 * 1024, ord("c"))  # a cleanup's output, within the room left after the cut
+    assert not log.enforce_limit()
+    write(100 * 1024, ord("t"))
+    assert log.enforce_limit()
+    log.close()
+
+    text = (tmp_path / "log.txt").read_bytes()
+    assert len(text) <= 64 * 1024 - 8 * 1024
+    head, marker, tail = re.split(rb"(\n\[testlooper\] ---- \d+ bytes of output cut here: [^\n]*\n)", text)
+    assert head == written[:32 * 1024] and text.count(b"bytes of output cut here") == 1
+    assert written.endswith(tail)
+    left_out = len(written) - len(head) - len(tail)
+    assert int(marker.split()[2]) == left_out == log.left_out_bytes
+    assert log.limit_message().endswith(f"{left_out} bytes were cut from its middle")
