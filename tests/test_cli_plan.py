@@ -177,7 +177,7 @@ def test_requested_sets_tests_and_runs_override_triggers(cli, repo):
     [
         (["--test-set", "pyhton"], "testlooper: error: unknown test set 'pyhton'; known test sets: all, docs, python"),
         (["--test", "integration/*"], "testlooper: error: no test name matches 'integration/*'"),
-        (["--runs", "0"], "testlooper: error: runs must be at least 1, not 0"),
+        (["--runs", "0"], "testlooper: error: runs must be a whole number from 1 to 100000, not 0"),
         (["--rev", "nope"], "testlooper: error: unknown revision 'nope'"),
         (["--rev", "HEAD", "--base", "v0"], "testlooper: error: unknown revision 'v0'"),
     ],

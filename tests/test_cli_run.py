@@ -157,7 +157,7 @@ def scratch(env) -> Path:
 def test_exit_0_when_everything_passed(repo, tmp_path, env):
     completed = tl(run_args(repo, tmp_path, "--test", "pass/linux"), env)
     assert completed.returncode == 0, explain(completed)
-    assert "1 runs: 1 passed" in completed.stdout
+    assert "1 run: 1 passed" in completed.stdout
 
 
 def test_exit_1_when_a_test_failed(repo, tmp_path, env):

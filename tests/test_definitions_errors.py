@@ -2,7 +2,7 @@
 
 import pytest
 
-from definitions_helpers import resolve_error
+from definitions_helpers import resolve, resolve_error
 from testlooper.definitions import DefinitionsError, resolve_text
 from testlooper.definitions.yamlload import MAX_FILE_BYTES
 
@@ -73,7 +73,7 @@ def test_unknown_keys_anywhere(text, key_path, words):
     ("tests:\n  t/linux: {stages: [{command: x, always_run: maybe}]}\n", "tests.t/linux.stages.0.always_run",
      "true or false"),
     ("tests:\n  t/linux: {command: x, variables: {A: [1]}}\n", "tests.t/linux.variables.A", "must be a string"),
-    ("tests:\n  t/linux: {command: x, runs: 0}\n", "tests.t/linux.runs", "at least 1"),
+    ("tests:\n  t/linux: {command: x, runs: 0}\n", "tests.t/linux.runs", "from 1 to 100000"),
     ("builds:\n  b/linux: {command: x, runs: 2}\n", "builds.b/linux.runs", "tests only"),
     ("tests: [1, 2]\n", "tests.0", "must be a mapping"),
     ("tests:\n  t/linux: {stages: [{command: x, artifacts: [{format: Rar}]}]}\n",
@@ -85,6 +85,40 @@ def test_wrong_types(text, key_path, words):
     err = resolve_error(text)
     assert err.key_path == key_path
     assert words in err.message
+
+
+@pytest.mark.parametrize("written, shown", [
+    ("-3", "-3"), ("0", "0"), ("1.5", "the float 1.5"), ("true", "the boolean true"), ("100001", "100001"),
+    ("'many'", "the string 'many'"), ("'${N}'", "the string '${N}'"),
+])
+def test_every_wrong_runs_gets_one_message_naming_the_type_and_the_bounds(written, shown):
+    err = resolve_error(f"tests:\n  t/linux: {{command: x, runs: {written}}}\n")
+    assert err.key_path == "tests.t/linux.runs"
+    assert err.message == f"'runs' must be a whole number from 1 to 100000, not {shown}"
+
+
+def test_runs_may_come_from_a_variable():
+    resolved = resolve("tests:\n  t/linux: {command: x, variables: {N: '7'}, runs: '${N}'}\n")
+    assert resolved["tests"]["t/linux"]["runs"] == 7
+
+
+@pytest.mark.parametrize("text, key_path", [
+    ("tests:\n  t/linux: {command: x, timeout: 0}\n", "tests.t/linux.timeout"),
+    ("looper_version: 5\nenvironments:\n  zero: {platform: linux, image: {name: x}, test_timeout: 0}\n"
+     "tests:\n  t/zero: {command: x}\n", "environments.zero.test_timeout"),
+])
+def test_a_timeout_of_0_is_refused_rather_than_read_as_an_hour_or_as_never(text, key_path):
+    err = resolve_error(text, header=not text.startswith("looper_version"))
+    assert err.key_path == key_path
+    assert "'timeout' must be at least 1 second, not 0" in err.message
+
+
+def test_max_log_mb_defaults_to_1_gib_and_is_bounded():
+    resolved = resolve("tests:\n  a/linux: {command: x}\n  b/linux: {command: x, max_log_mb: 5}\n")
+    assert resolved["tests"]["a/linux"]["max_log_mb"] == 1024
+    assert resolved["tests"]["b/linux"]["max_log_mb"] == 5
+    err = resolve_error("tests:\n  t/linux: {command: x, max_log_mb: 0}\n")
+    assert err.message == "'max_log_mb' must be a whole number from 1 to 1048576, not 0"
 
 
 def test_looper_version_missing_or_unsupported():

@@ -155,8 +155,18 @@ def test_runs_come_from_the_test_or_the_override_and_builds_run_once():
     )
     assert {t["name"]: t["runs"] for t in plan(defs, [])["tasks"]} == {"build": 1, "flaky": 5, "plain": 1}
     assert {t["name"]: t["runs"] for t in plan(defs, [], runs=3)["tasks"]} == {"build": 1, "flaky": 3, "plain": 3}
-    with pytest.raises(ValueError, match="runs must be at least 1, not 0"):
+    with pytest.raises(ValueError, match="runs must be a whole number from 1 to 100000, not 0"):
         plan(defs, [], runs=0)
+
+
+def test_one_plan_runs_at_most_100000_runs_in_all():
+    defs = definitions(tests=[task(f"t{i}", "test", runs=40_000) for i in range(3)])
+    with pytest.raises(ValueError, match="this plan has 120000 runs, more than the 100000 one command may run"):
+        plan(defs, [])
+    assert sum(t["runs"] for t in plan(defs, [], runs=33_333)["tasks"]) == 99_999
+    for wrong in (100_001, 30_000_000, True, 1.5):
+        with pytest.raises(ValueError, match=f"runs must be a whole number from 1 to 100000, not {wrong!r}"):
+            plan(defs, [], runs=wrong)
 
 
 def test_builds_are_pulled_in_transitively_once_and_in_dependency_order():

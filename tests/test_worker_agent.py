@@ -6,6 +6,7 @@ import ast
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import stat
@@ -473,6 +474,38 @@ def test_leftover_background_processes_live_until_the_task_ends(api_server, sour
     assert not process_is_running(int((run.workdir / "scratch" / "daemon.pid").read_text()))
 
 
+def test_processes_that_leave_their_group_are_killed_at_the_end_of_every_run(api_server, source, tmp_path):
+    """`setsid` takes a process out of the command's process group and session, so killing the
+    groups misses it; it still carries the run's TEST_LOOPER_TEST_ID, and dies by that."""
+    command = ('setsid sleep 120 & echo $! > "$TEST_SCRATCH_DIR/escaped.pid"; '
+               'setsid sh -c "sleep 130 & sleep 140" & sleep 0.3')
+    try:
+        run = run_agent(api_server, make_assignment(make_task(command), source), tmp_path / "work")
+        escaped = int((run.workdir / "scratch" / "escaped.pid").read_text())
+
+        assert run.result["result"] == "passed", run.log_text
+        assert not process_is_running(escaped)
+        line = next(line for line in run.log_text.splitlines() if "outlived the run" in line)
+        assert line.startswith("[testlooper] killed 4 processes that outlived the run outside its process groups: ")
+        assert f"{escaped} (sleep 120)" in line and "(sleep 130)" in line and "(sleep 140)" in line
+    finally:
+        for pid, name in list(sleepers_named(("sleep 120", "sleep 130", "sleep 140")).items()):
+            os.kill(pid, signal.SIGKILL)
+
+
+def sleepers_named(commands):
+    found = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                text = cmdline.read().replace(b"\0", b" ").decode().strip()
+        except OSError:
+            continue
+        if text in commands:
+            found[int(entry)] = text
+    return found
+
+
 def process_is_running(pid):
     """True unless the process is gone or a zombie (its parent may never reap it in a container)."""
     try:
@@ -613,6 +646,34 @@ def test_a_task_printing_200_mb_keeps_agent_memory_flat_and_the_log_complete(api
 JUNIT = ('<testsuites><testsuite name="s"><testcase classname="pkg.Mod" name="test_ok" time="0.5"/>'
          '<testcase classname="pkg.Mod" name="test_bad"><failure message="no"/></testcase>'
          '<testcase name="test_skip"><skipped/></testcase></testsuite></testsuites>')
+
+
+@pytest.mark.parametrize("then", ["sleep 30", "true"], ids=["still-running", "exited"])
+def test_a_log_past_its_limit_keeps_head_and_tail_and_fails_the_run(api_server, source, tmp_path, then):
+    task = make_task(stages=[stage(f"seq 1 3000000; {then}", cleanup="echo cleanup-ran"),
+                             stage("echo stage-two-ran", order=1, always_run=False)])
+    task["max_log_mb"] = 1
+    started = time.monotonic()
+
+    run = run_agent(api_server, make_assignment(task, source), tmp_path / "work")
+
+    assert time.monotonic() - started < 20
+    assert run.result["result"] == "failed", run.log_text[-2000:]
+    assert "the log passed its limit of 1 MiB (max_log_mb), so the task was stopped" in run.result["error"]
+    local = (run.workdir / "log.txt").read_text()
+    assert local == run.log_text  # the API has the same log as the workdir
+    assert len(local.encode()) < 1024 * 1024 + 4096  # the limit, and the agent's last notes
+    head, cut, tail = re.split(r"\n\[testlooper\] ---- (\d+) bytes of output cut here: the log passed its limit "
+                               r"of 1 MiB \(max_log_mb\); what follows is its end ----\n", local)
+    assert "\n1\n2\n3\n" in head and len(head.encode()) == 512 * 1024
+    numbers = [int(line) for line in tail.splitlines() if line.isdigit()][1:]  # the first may be cut
+    assert len(numbers) > 10_000 and numbers == list(range(numbers[0], numbers[0] + len(numbers)))
+    written = len("".join(f"{n}\n" for n in range(1, numbers[-1] + 1)).encode())
+    shown = len(head.encode()) + len(tail.encode())
+    assert abs(int(cut) - (written - shown)) < 4096  # what was cut, give or take the agent's notes
+    assert "cleanup-ran" in tail and "stage-two-ran" not in local
+    assert "[testlooper] stage 2/2: not run (failed)" in tail
+
 
 
 @pytest.mark.parametrize("summary", [
@@ -813,3 +874,31 @@ def test_unpacking_refuses_an_escape_hidden_past_path_max(tmp_path):
     with pytest.raises(agent.InfrastructureError, match="cannot unpack"):
         agent.unpack_archive(str(tmp_path / "poc.tar"), str(tmp_path / "dest"), "input 'x'")
     assert list(outside.iterdir()) == []
+
+
+def test_a_log_cut_twice_keeps_one_head_one_marker_and_counts_what_was_left_out(tmp_path):
+    log = agent.TaskLog(str(tmp_path / "log.txt"), limit_bytes=64 * 1024)
+    written = bytearray()
+
+    def write(count, fill):
+        data = bytes([fill]) * count
+        log.file.write(data)
+        written.extend(data)
+
+    write(40 * 1024, ord("h"))  # the head: the first 32 KiB of these stay
+    write(160 * 1024, ord("m"))
+    assert log.enforce_limit()
+    write(8 * 1024, ord("c"))  # a cleanup's output, within the room left after the cut
+    assert not log.enforce_limit()
+    write(100 * 1024, ord("t"))
+    assert log.enforce_limit()
+    log.close()
+
+    text = (tmp_path / "log.txt").read_bytes()
+    assert len(text) <= 64 * 1024 - 8 * 1024
+    head, marker, tail = re.split(rb"(\n\[testlooper\] ---- \d+ bytes of output cut here: [^\n]*\n)", text)
+    assert head == written[:32 * 1024] and text.count(b"bytes of output cut here") == 1
+    assert written.endswith(tail)
+    left_out = len(written) - len(head) - len(tail)
+    assert int(marker.split()[2]) == left_out == log.left_out_bytes
+    assert log.limit_message().endswith(f"{left_out} bytes were cut from its middle")

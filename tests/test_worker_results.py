@@ -78,6 +78,19 @@ def test_bad_entries_are_reported_and_good_ones_kept(tmp_path):
                       's.json: entry 4 (\'numeric\'): "success" must be true or false']
 
 
+def test_an_empty_case_name_is_refused_in_every_shape(tmp_path):
+    """The history keeps a task's own result as its case "": a case named so would replace it."""
+    dict_shape = write(tmp_path / "d" / "testSummary.json", json.dumps({"": False, "real": True}))
+    list_shape = write(tmp_path / "l" / "testSummary.json", json.dumps([{"testName": "", "success": False}]))
+    junit = write(tmp_path / "j" / "junit.xml", '<testsuite><testcase classname="" name=""><failure/></testcase>'
+                                                '<testcase name="real"/></testsuite>')
+
+    assert parse_test_summary(dict_shape, label="s.json") == (
+        [case("real", True)], ["s.json: a test has an empty name (its value: false)"])
+    assert parse_test_summary(list_shape, label="s.json") == ([], ['s.json: entry 0: "testName" must be a non-empty string'])
+    assert parse_junit(junit, label="j.xml") == ([case("real", True)], ["j.xml: a <testcase> has no name attribute (case 1)"])
+
+
 def test_thousands_of_bad_entries_give_a_bounded_report(tmp_path):
     path = write(tmp_path / "testSummary.json", json.dumps({f"t{index}": "yes" for index in range(5000)}))
 
@@ -110,6 +123,29 @@ def test_junit_outcomes_names_and_durations(tmp_path):
         case("tests.test_x.test_error", False, None),
         case("bare_name", True),
     ], [])
+
+
+# What pytest writes for a test that fails and whose fixture then errors in teardown.
+PYTEST_FAIL_THEN_TEARDOWN_ERROR = """<?xml version="1.0" encoding="utf-8"?>
+<testsuites><testsuite name="pytest" errors="1" failures="1" tests="2">
+  <testcase classname="tests.test_y" name="test_both" time="0.5"><failure message="assert 0">x</failure></testcase>
+  <testcase classname="tests.test_y" name="test_both" time="0.25"><error message="teardown">y</error></testcase>
+  <testcase classname="tests.test_y" name="test_teardown_only" time="0.5"/>
+  <testcase classname="tests.test_y" name="test_teardown_only" time="0.1"><error message="teardown"/></testcase>
+  <testcase classname="tests.test_y" name="test_fine" time="0.1"/>
+</testsuite></testsuites>
+"""
+
+
+def test_a_case_reported_twice_is_one_case_failed_if_either_entry_failed(tmp_path):
+    write(tmp_path / "out" / "junit.xml", PYTEST_FAIL_THEN_TEARDOWN_ERROR)
+    write(tmp_path / "out" / "testSummary.json", json.dumps({"tests.test_y.test_fine": False, "other": True}))
+
+    cases, errors = collect_results(tmp_path / "out")
+
+    assert errors == []
+    assert cases == [case("tests.test_y.test_fine", False, 0.1), case("other", True),
+                     case("tests.test_y.test_both", False, 0.75), case("tests.test_y.test_teardown_only", False, 0.6)]
 
 
 def test_junit_with_a_bare_testsuite_root_and_a_namespace(tmp_path):

@@ -144,6 +144,10 @@ def test_the_result_is_validated_kept_once_and_waited_for(tmp_path, source):
         invalid = {"result": "great"}
         assert call_api_json(server, "POST", "/runs/run-1/result", token=token, document=invalid)[0] == 400
         assert call_api(server, "POST", "/runs/run-1/result", token=token, body=b"[1]")[0] == 400
+        for cases in ([{"name": "", "success": False}], [{"name": "a", "success": "yes"}], {"a": True}):
+            status, answer = call_api_json(server, "POST", "/runs/run-1/result", token=token,
+                                           document={"result": "passed", "cases": cases})
+            assert status == 400, (cases, answer)
         poster = threading.Timer(0.1, call_api_json, (server, "POST", "/runs/run-1/result"),
                                  {"token": token, "document": {"result": "passed", "cases": []}})
         poster.start()

@@ -47,8 +47,9 @@ def heading(text: str, styler: Styler) -> str:
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str | Cell]], styler: Styler) -> str:
     """Columns separated by two spaces, with a bold header line and no trailing spaces."""
-    cells = [[Cell(header, "bold") for header in headers]]
-    cells += [[value if isinstance(value, Cell) else Cell(value) for value in row] for row in rows]
+    cells = [[Cell(printable(header), "bold") for header in headers]]
+    cells += [[Cell(printable(value.text), value.style) if isinstance(value, Cell) else Cell(printable(value))
+               for value in row] for row in rows]
     widths = [max(len(row[column].text) for row in cells) for column in range(len(headers))]
     lines = []
     for row in cells:
@@ -64,3 +65,21 @@ def duration(seconds: float) -> str:
     minutes, secs = divmod(rest, 60)
     parts = [f"{hours}h" if hours else "", f"{minutes}m" if minutes else "", f"{secs}s" if secs else ""]
     return "".join(parts) or "0s"
+
+
+def count(number: int, noun: str) -> str:
+    """`1 task`, `2 tasks`, `0 runs`."""
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
+
+
+def printable(text: str) -> str:
+    """`text` on one line: a newline, a tab or another control character in a test's name shows
+    as its escape (`\\n`), so it can neither break a line of progress nor a table's rows."""
+    if text.isprintable():
+        return text
+    return "".join(character if character.isprintable() else _escape(character) for character in text)
+
+
+def _escape(character: str) -> str:
+    return {"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(character, f"\\x{ord(character):02x}"
+                                                            if ord(character) < 0x100 else f"\\u{ord(character):04x}")

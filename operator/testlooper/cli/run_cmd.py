@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import time
 
 from testlooper import terminal
 from testlooper.errors import UserError
@@ -15,6 +17,10 @@ CLASS_STYLES = {"broken": "red", "bad": "red", "fixed": "green", "flaky": "yello
 EXIT_PASSED, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 # How far down the first-parent line a run looks for each task's previous results.
 COMPARISON_DEPTH = 1000
+# While a working tree is copied, a line of progress at most this often; a tree of this many
+# files is announced before its copy starts.
+SNAPSHOT_PROGRESS_EVERY_SECONDS = 2.0
+SNAPSHOT_SAY_FROM_FILES = 1000
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -44,6 +50,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--isolation", choices=("host", "container"), default="host",
                         help="run tasks on this host (default) or in their images through docker or podman")
     parser.add_argument("--keep-workspaces", action="store_true", help="keep each run's workspace for debugging")
+    parser.add_argument("--max-log-mb", metavar="MB", type=int,
+                        help="cut every run's log past MB MiB, keeping its head and tail, and fail the run "
+                        "(default: each task's `max_log_mb`, else 1024)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
     parser.set_defaults(run=run)
 
@@ -55,22 +64,64 @@ def default_output_dir() -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from testlooper.local.target import commit_target, working_tree_target
+    from testlooper.local.progress import Progress
+    from testlooper.local.session import raise_keyboard_interrupt
+    from testlooper.local.target import commit_target, is_bare_repository, working_tree_target
+    from testlooper.planning.planner import check_runs
 
-    if args.jobs < 0 or (args.runs is not None and args.runs < 1):
-        raise UserError("--jobs must be 0 or more and --runs at least 1")
+    if args.jobs < 0:
+        raise UserError(f"--jobs must be 0 or more, not {args.jobs}")
+    if args.max_log_mb is not None and args.max_log_mb < 1:
+        raise UserError(f"--max-log-mb must be at least 1, not {args.max_log_mb}")
+    try:  # before the snapshot: `--runs 30000000` fails at once
+        check_runs(args.runs)
+    except ValueError as exc:
+        raise UserError(f"--{exc}") from None
     output_dir = os.path.abspath(args.output or default_output_dir())
     snapshots = os.path.join(output_dir, "sources")
-    target = commit_target(args.path, args.rev, snapshots) if args.rev else working_tree_target(args.path, snapshots)
+    rev = args.rev
+    if rev is None and is_bare_repository(args.path):
+        rev = "HEAD"  # a bare repository has no working tree: its HEAD is what there is to run
+    # The clock starts now and SIGTERM stops the command as Ctrl-C does, from before the
+    # snapshot on: copying a large tree takes a while, and an interrupted copy is removed.
+    progress = Progress()
+    previous = signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
     try:
-        return _run_target(args, target, output_dir)
+        if rev:
+            target = commit_target(args.path, rev, snapshots)
+        else:
+            target = working_tree_target(args.path, snapshots, _snapshot_progress(progress, args.path))
+        try:
+            return _run_target(args, target, output_dir, progress)
+        finally:
+            target.remove_snapshot()
     finally:
-        target.remove_snapshot()
+        signal.signal(signal.SIGTERM, previous)
 
 
-def _run_target(args: argparse.Namespace, target, output_dir: str) -> int:
+def _snapshot_progress(progress, path: str, clock=time.monotonic):
+    """Says how far the working tree's copy is: at once for a large tree, else once it has taken
+    a while, then every few seconds. A small tree's copy says nothing (nor before a usage error)."""
+    started = clock()
+    last_said = None
+
+    def report(copied: int, total: int | None) -> None:
+        nonlocal last_said
+        now = clock()
+        if last_said is None:
+            if (total or 0) < SNAPSHOT_SAY_FROM_FILES and now - started < SNAPSHOT_PROGRESS_EVERY_SECONDS:
+                return
+            progress.say(f"copying the working tree {path}" + (f" ({terminal.count(total, 'file')})" if total else ""))
+            last_said = now
+        if now - last_said >= SNAPSHOT_PROGRESS_EVERY_SECONDS:
+            progress.say(f"copied {copied}/{total} files" if total else f"copied {copied} files")
+            last_said = now
+
+    return report
+
+
+def _run_target(args: argparse.Namespace, target, output_dir: str, progress) -> int:
     from testlooper.local import containers
-    from testlooper.local.progress import Progress
     from testlooper.local.recording import Recorder
     from testlooper.local.runner import RunnerOptions, summarize
     from testlooper.local.session import run_target
@@ -87,15 +138,16 @@ def _run_target(args: argparse.Namespace, target, output_dir: str) -> int:
     except ValueError as exc:
         raise UserError(str(exc)) from None
 
-    progress = Progress(total_runs=sum(t["runs"] for t in planned["tasks"]))
+    progress.total = sum(t["runs"] for t in planned["tasks"])
     try:  # before anything is said: a malformed --store URL is a usage error of one line
         recorder = Recorder(args.store, progress.say) if target.record else None
     except ValueError as exc:  # a malformed --store URL
         raise UserError(str(exc)) from None
     _continue_run_indexes(planned, recorder, target)
-    progress.say(f"running {target.note}: {len(planned['tasks'])} tasks, {progress.total} runs")
+    progress.say(f"running {target.note}: {terminal.count(len(planned['tasks']), 'task')}, "
+                 f"{terminal.count(progress.total, 'run')}")
     options = RunnerOptions(output_dir=output_dir, jobs=args.jobs, isolation=args.isolation,
-                            keep_workspaces=args.keep_workspaces)
+                            keep_workspaces=args.keep_workspaces, max_log_mb=args.max_log_mb)
     try:
         result = run_target(target, planned, recorder, options, progress)
     except containers.ContainerError as exc:
@@ -183,9 +235,9 @@ def render_summary(outcomes, summary, comparison, output_dir, recorder, styler: 
              terminal.table(["task", "kind", "result", "runs passed", "cases passed", "time", "attempts"], rows, styler)]
     totals = ", ".join(f"{count} {name}" for name, count in summary.items() if count)
     lines.append("")
-    lines.append(f"{sum(summary.values())} runs: {totals or 'none'}")
+    lines.append(f"{terminal.count(sum(summary.values()), 'run')}: {totals or 'none'}")
     if comparison is not None:
-        lines += _render_comparison(comparison, styler)
+        lines += _render_comparison(comparison, styler, _uncounted(outcomes))
     lines.append(f"logs and artifacts: {os.path.join(output_dir, 'runs')}")
     if recorder is not None and recorder.spooled:
         lines.append(styler(f"{recorder.spooled} results could not reach the history store and wait in "
@@ -193,8 +245,18 @@ def render_summary(outcomes, summary, comparison, output_dir, recorder, styler: 
     return "\n".join(lines)
 
 
-def _render_comparison(comparison, styler) -> list[str]:
-    """Cases worth a look: every class but `good`; a `new` case shows its state when it is not good."""
+def _uncounted(outcomes) -> list:
+    """The runs that ended without a verdict on their cases (error, blocked, cancelled): the
+    history counts none of their cases, so "every case passed" must not hide them."""
+    from testlooper.local.runner import final_attempts
+    from testlooper.store.base import UNCOUNTED_RESULTS
+
+    return [o for o in final_attempts(outcomes) if o.result in UNCOUNTED_RESULTS]
+
+
+def _render_comparison(comparison, styler, uncounted=()) -> list[str]:
+    """Cases worth a look: every class but `good`; a `new` case shows its state when it is not good.
+    Runs in `uncounted` are named after them: they tested nothing."""
     from testlooper.stats import case_state
 
     previous = comparison["previous"]
@@ -210,18 +272,35 @@ def _render_comparison(comparison, styler) -> list[str]:
     lines = [""]
     if not comparison["counts"]:
         lines.append("no run of this commit finished, so there is nothing to compare")
-        return lines
+        return lines + _uncounted_lines(uncounted, styler)
     if previous is None:
         lines.append("first tested commit of this branch in the history: nothing to compare with yet")
     else:
         lines.append(f"compared with the nearest earlier tested commit ({previous[:12]}):")
     if not rows:
-        lines.append("  no case changed state" if previous is not None else "  every case passed")
+        if previous is not None:
+            lines.append("  no counted case changed state" if uncounted else "  no case changed state")
+        else:
+            lines.append("  every counted case passed" if uncounted else "  every case passed")
     for (task, case), cls in rows:
         style = CLASS_STYLES.get(cls.split(", ")[-1])
         runs, failures = comparison["counts"].get((task, case), (0, 0))
         tally = f" ({runs - failures}/{runs} runs passed)" if runs else ""
-        lines.append(f"  {styler(f'{cls:<10}', style)} {task}" + (f" :: {case}" if case else "") + tally)
+        lines.append(f"  {styler(f'{cls:<10}', style)} {task}" + (f" :: {terminal.printable(case)}" if case else "")
+                     + tally)
+    return lines + _uncounted_lines(uncounted, styler)
+
+
+def _uncounted_lines(uncounted, styler) -> list[str]:
+    if not uncounted:
+        return []
+    counted = f"{len(uncounted)} run{'s' if len(uncounted) > 1 else ''}"
+    lines = [styler(f"{counted} tested nothing, so no case of {'them' if len(uncounted) > 1 else 'it'} "
+                    "is counted:", "red")]
+    for outcome in uncounted:
+        label = outcome.task if outcome.kind == "build" else f"{outcome.task} #{outcome.run_index + 1}"
+        lines.append(f"  {outcome.result:<10} {label}" + (f": {terminal.printable(outcome.message)}"
+                                                          if outcome.message else ""))
     return lines
 
 

@@ -47,9 +47,14 @@ def run(args: argparse.Namespace) -> int:
     from testlooper.local.progress import Progress
     from testlooper.local.recording import Recorder
     from testlooper.local.session import raise_keyboard_interrupt
+    from testlooper.planning.planner import check_runs
 
     if args.interval <= 0:
         raise UserError("--interval must be more than 0 seconds")
+    try:  # at once, not on the first commit to test
+        check_runs(args.runs)
+    except ValueError as exc:
+        raise UserError(f"--{exc}") from None
     repo = gitio.open_repo(args.path)
     progress = Progress()
     try:

@@ -23,7 +23,7 @@ IMAGE_SOURCES = ("name", "dockerfile", "dockerfile_contents", "base_ami")
 TASK_KEYS = (
     "command", "cleanup", "stages", "environment", "mixins", "dependencies", "variables", "timeout",
     "min_cores", "max_cores", "min_ram_gb", "min_disk_gb", "max_retries", "retry_wait_seconds",
-    "project", "configuration", "runs",
+    "project", "configuration", "runs", "max_log_mb",
 )
 STAGE_KEYS = ("command", "cleanup", "always_run", "order", "artifacts", "list_tests_command", "run_tests_command")
 ARTIFACT_KEYS = ("name", "directory", "include_patterns", "exclude_patterns", "format")

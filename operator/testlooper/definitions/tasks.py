@@ -10,6 +10,12 @@ from .yamlload import error_at
 
 RESERVED_NAMES = ("data", "source", "HEAD")
 DEFAULT_TIMEOUT_SECONDS = 3600
+# More runs than this in one command is a typing mistake, not a measurement (and it would only
+# fill the history); the planner caps the sum over a command's tasks the same way.
+MAX_RUNS = 100_000
+# A run's log is cut past this (its head and tail kept) and the run fails: a runaway test can
+# write hundreds of megabytes a second. `max_log_mb` changes it per task.
+DEFAULT_MAX_LOG_MB = 1024
 
 # task field -> (environment default key, integer?, default)
 _NUMERIC_FIELDS = {
@@ -90,13 +96,15 @@ class TaskParser:
             if isinstance(value_, str):
                 value_ = substitute_known(value_, variables)
             number = schema.need_number(value_, where, f"'{field_name}'", holder[0], holder[1], integer=integer)
+            if field_name == "timeout" and number < 1:
+                # Refused rather than read as "no timeout": a hung run would hold its machine
+                # forever, and CI must end. A long task says so with a large number.
+                raise error_at(f"'{field_name}' must be at least 1 second, not 0 (there is no \"no timeout\": "
+                               "give a large number of seconds instead)", where, holder[0], holder[1])
             resolved[_OUTPUT_NAMES.get(field_name, field_name)] = number
-        resolved["runs"] = 1
-        if "runs" in task:
-            runs = schema.need_number(substitute_known(str(task["runs"]), variables), path + ("runs",), "'runs'", task, "runs")
-            if runs < 1:
-                raise error_at("'runs' must be at least 1", path + ("runs",), task, "runs")
-            resolved["runs"] = runs
+        resolved["runs"] = self.bounded_count(task, "runs", variables, path, 1, MAX_RUNS, 1)
+        resolved["max_log_mb"] = self.bounded_count(task, "max_log_mb", variables, path, 1, 1024 * 1024,
+                                                    DEFAULT_MAX_LOG_MB)
         for label in ("project", "configuration"):
             raw = task.get(label, defaults.get(f"test_{label}", ""))
             text = schema.need_string(raw, path + (label,), f"'{label}'", task, label)
@@ -106,6 +114,22 @@ class TaskParser:
         own_refs = schema.string_mapping(task.get("dependencies"), path + ("dependencies",), "'dependencies'", task, "dependencies")
         references.update(own_refs)
         return resolved, {"references": references, "source": task, "own": set(own_refs)}
+
+    @staticmethod
+    def bounded_count(task, key: str, variables: dict, path: tuple, lowest: int, highest: int, default: int) -> int:
+        """A whole number from `lowest` to `highest`; every wrong value gets the one message
+        naming both the type and the bounds (a boolean or 1.5 is not a count)."""
+        if key not in task:
+            return default
+        value = task[key]
+        if isinstance(value, str):
+            value = substitute_known(value, variables)
+            value = int(value) if value.strip().lstrip("+-").isdigit() else value
+        if isinstance(value, bool) or not isinstance(value, int) or not lowest <= value <= highest:
+            shown = value if isinstance(value, int) and not isinstance(value, bool) else schema.describe(value)
+            raise error_at(f"'{key}' must be a whole number from {lowest} to {highest}, not {shown}",
+                           path + (key,), task, key)
+        return value
 
     def stages(self, task, defaults: dict, kind: str, variables: dict, path: tuple) -> list[dict]:
         if "command" in task and "stages" in task:

@@ -35,7 +35,7 @@ class Progress:
     def event(self, kind: str, run, outcome) -> None:
         if kind == "started":
             self.running[run.label] = time.monotonic()
-            self.say(f"start    {run.label}" + (f" (attempt {run.attempt})" if run.attempt > 1 else ""))
+            self.say(f"start    {terminal.printable(run.label)}" + (f" (attempt {run.attempt})" if run.attempt > 1 else ""))
         elif kind == "finished":
             self.running.pop(run.label, None)
             self.done += 1
@@ -43,20 +43,21 @@ class Progress:
         elif kind == "retry":
             if self.total:
                 self.total += 1  # a retry is one more run to finish: counters never read [6/5]
-            self.say(f"retry    {run.label} in {max(0.0, run.not_before - time.time()):.0f}s "
+            self.say(f"retry    {terminal.printable(run.label)} in {max(0.0, run.not_before - time.time()):.0f}s "
                      f"(attempt {run.attempt})")
 
     def finished_line(self, run, outcome) -> str:
         result = self.styler(f"{outcome.result:<8}", _RESULT_STYLES.get(outcome.result))
-        parts = [f"{result} {run.label}", f"({outcome.duration_seconds:.1f}s)"]
+        # Names and messages come from the task: a newline in them must not start a line of its own.
+        parts = [f"{result} {terminal.printable(run.label)}", f"({outcome.duration_seconds:.1f}s)"]
         if outcome.cases:
-            failed = [c["name"] for c in outcome.cases if not c["success"]]
+            failed = [terminal.printable(c["name"]) for c in outcome.cases if not c["success"]]
             parts.append(f"{len(outcome.cases) - len(failed)}/{len(outcome.cases)} cases passed")
             if failed:
                 shown = ", ".join(failed[:3]) + (f" and {len(failed) - 3} more" if len(failed) > 3 else "")
                 parts.append(f"failed: {shown}")
         if outcome.message:
-            parts.append(f"- {outcome.message}")
+            parts.append(f"- {terminal.printable(outcome.message)}")
         parts.append(self.styler(f"[{self.done}/{self.total}]", "dim") if self.total else "")
         return " ".join(p for p in parts if p)
 
@@ -64,5 +65,6 @@ class Progress:
         """Called while waiting: says what is still running when nothing was said for a while."""
         if self.running and time.monotonic() - self.last_line >= STILL_RUNNING_EVERY_SECONDS:
             now = time.monotonic()
-            items = ", ".join(f"{label} ({now - since:.0f}s)" for label, since in sorted(self.running.items()))
+            items = ", ".join(f"{terminal.printable(label)} ({now - since:.0f}s)"
+                              for label, since in sorted(self.running.items()))
             self.say(f"running  {items}")

@@ -24,6 +24,7 @@ import testlooper
 from testlooper.local import containers
 from testlooper.local.machine import available_cores, total_ram_gb
 from testlooper.local.schedule import Capacity, Run, Schedule
+from testlooper.worker.agent import kill_processes_of_run
 from testlooper.worker.server import WorkerApiServer, safe_file_name
 
 # An agent enforces its task's timeout itself; past it plus this margin the runner assumes the
@@ -41,6 +42,7 @@ class RunnerOptions:
     isolation: str = "host"  # or "container"
     keep_workspaces: bool = False
     heartbeat_seconds: float = 2.0
+    max_log_mb: int | None = None  # every task's log limit, instead of its own `max_log_mb`
 
 
 @dataclass
@@ -365,6 +367,8 @@ class LocalRunner:
                     raise _CannotRun(f"input {key!r}: build {dependency['build']!r} produced no artifact "
                                      f"{dependency['artifact'] or '(its whole output)'!r}")
                 inputs[key] = {"kind": "build", "path": produced[dependency["artifact"]]}
+        if self.options.max_log_mb:
+            task = {**task, "max_log_mb": self.options.max_log_mb}
         return {
             "run_id": run_id, "task": task, "commit": self.commit, "commit_message": self.commit_message,
             "source": {"path": self.source_dir}, "inputs": inputs, "run_index": run.run_index,
@@ -407,25 +411,8 @@ def kill_task_processes(run_id: str, workdir: str) -> None:
     """Kills what is left of a run whose agent was killed. On Linux, every process whose
     environment carries the run's TEST_LOOPER_TEST_ID (all its commands inherit it); elsewhere,
     the process groups the agent listed in WORKDIR/agent/process-groups."""
-    marker = f"TEST_LOOPER_TEST_ID={run_id}".encode()
     if os.path.isdir("/proc/self"):
-        # Again until a pass finds nothing: a process may fork between the listing and its kill.
-        for _ in range(20):
-            killed = 0
-            for entry in os.listdir("/proc"):
-                if not entry.isdigit():
-                    continue
-                try:
-                    with open(f"/proc/{entry}/environ", "rb") as environ:
-                        if marker not in environ.read().split(b"\0"):
-                            continue
-                    os.kill(int(entry), signal.SIGKILL)
-                    killed += 1
-                except (OSError, ValueError):
-                    continue  # gone already, or not ours to read
-            if not killed:
-                return
-            time.sleep(0.05)
+        kill_processes_of_run(run_id)
         return
     try:
         with open(os.path.join(workdir, "agent", "process-groups")) as listed:

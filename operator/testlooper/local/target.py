@@ -50,13 +50,24 @@ def commit_target(path: str, rev: str, snapshot_dir: str) -> Target:
     )
 
 
-def working_tree_target(path: str, snapshot_dir: str) -> Target:
+def is_bare_repository(path: str) -> bool:
+    """True when `path` is a bare git repository (`project.git`): it has no working tree to run."""
+    from testlooper import gitio
+
+    try:
+        return bool(gitio.open_repo(path).bare)
+    except gitio.GitError:
+        return False
+
+
+def working_tree_target(path: str, snapshot_dir: str, on_progress=None) -> Target:
     """The files on disk, copied once into a folder of this command's own, so edits made during
     the run change nothing and two commands never share a snapshot.
 
     In a git repository the copy holds what git would commit: tracked and untracked files,
     not ignored ones (no `.venv`, no build trees). `snapshot_dir` itself is never copied, even
-    when it lies inside the tree (`--output ./out`).
+    when it lies inside the tree (`--output ./out`). `on_progress(copied, total)` hears each
+    file copied (`total` is None when not known beforehand).
     """
     from testlooper import gitio
     from testlooper.repos.definitions import definitions_on_disk, existing_directory
@@ -70,7 +81,7 @@ def working_tree_target(path: str, snapshot_dir: str) -> Target:
     os.makedirs(snapshot_dir, exist_ok=True)
     source = tempfile.mkdtemp(prefix="working-tree-", dir=snapshot_dir)
     try:
-        copy_working_tree(Path(root), Path(source), Path(snapshot_dir), repo)
+        copy_working_tree(Path(root), Path(source), Path(snapshot_dir), repo, on_progress)
     except BaseException:
         shutil.rmtree(source, ignore_errors=True)
         raise
@@ -88,8 +99,9 @@ def working_tree_target(path: str, snapshot_dir: str) -> Target:
                   note=note, repo=repo)
 
 
-def copy_working_tree(root: Path, destination: Path, output_dir: Path, repo) -> None:
+def copy_working_tree(root: Path, destination: Path, output_dir: Path, repo, on_progress=None) -> None:
     root, output_dir = root.resolve(), output_dir.resolve()
+    on_progress = on_progress or (lambda copied, total: None)
 
     def inside_output(path: Path) -> bool:
         return path == output_dir or output_dir in path.parents
@@ -98,11 +110,22 @@ def copy_working_tree(root: Path, destination: Path, output_dir: Path, repo) -> 
         def ignore(directory, names):
             return [n for n in names if n == ".git" or inside_output(Path(directory).resolve() / n)]
 
-        shutil.copytree(root, destination, symlinks=True, ignore=ignore, dirs_exist_ok=True)
+        copied = 0
+
+        def copy_counted(source, target):
+            nonlocal copied
+            shutil.copy2(source, target)
+            copied += 1
+            on_progress(copied, None)
+
+        shutil.copytree(root, destination, symlinks=True, ignore=ignore, dirs_exist_ok=True,
+                        copy_function=copy_counted)
         return
     listed = subprocess.run(["git", "-C", str(root), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
                             capture_output=True, check=True).stdout
-    for relative in sorted(set(listed.decode("utf-8", "surrogateescape").split("\0")) - {""}):
+    files = sorted(set(listed.decode("utf-8", "surrogateescape").split("\0")) - {""})
+    for copied, relative in enumerate(files, 1):
+        on_progress(copied, len(files))
         origin = root / relative
         if not os.path.lexists(origin) or inside_output(origin.parent.resolve() / origin.name):
             continue  # deleted but still tracked, or our own output

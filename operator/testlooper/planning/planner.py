@@ -12,6 +12,12 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
+from testlooper.definitions.tasks import MAX_RUNS
+
+# One command plans at most this many runs in all (as one test's `runs` is at most MAX_RUNS):
+# past it the plan is refused before anything is allocated for its runs.
+MAX_RUNS_PER_PLAN = MAX_RUNS
+
 
 def match_glob(pattern: str, name: str) -> bool:
     """Whether `name` matches the shell-style `pattern`, case-sensitively.
@@ -33,10 +39,10 @@ def plan(
     `changed_files` are the commit's paths changed relative to its first parent; None means they
     are unknown (as for a root commit), so every path counts as changed. Naming `test_sets` or `tests`
     (test-name globs) overrides the triggers. `runs` overrides each test's own `runs`.
-    Raises ValueError for an unknown test set, a test glob matching nothing, or runs < 1.
+    Raises ValueError for an unknown test set, a test glob matching nothing, `runs` that is not
+    a whole number from 1 to MAX_RUNS, or a plan of more than MAX_RUNS_PER_PLAN runs in all.
     """
-    if runs is not None and runs < 1:
-        raise ValueError(f"runs must be at least 1, not {runs}")
+    check_runs(runs)
     if test_sets or tests:
         selection = _select_requested(definitions, test_sets, tests)
     elif not definitions["triggers"]:
@@ -47,12 +53,23 @@ def plan(
         )
     else:
         selection = _select_by_triggers(definitions, changed_files)
+    tasks = _ordered_tasks(definitions, selection.test_names, runs)
+    total = sum(task["runs"] for task in tasks)
+    if total > MAX_RUNS_PER_PLAN:
+        raise ValueError(f"this plan has {total} runs, more than the {MAX_RUNS_PER_PLAN} one command may run: "
+                         "ask for fewer (--runs, --test) or split them over several commands")
     return {
         "test_sets": selection.test_sets,
         "triggers_fired": selection.triggers_fired,
         "reason": selection.reason,
-        "tasks": _ordered_tasks(definitions, selection.test_names, runs),
+        "tasks": tasks,
     }
+
+
+def check_runs(runs: int | None) -> None:
+    """A `runs` override must be a whole number from 1 to MAX_RUNS (None: no override)."""
+    if runs is not None and (isinstance(runs, bool) or not isinstance(runs, int) or not 1 <= runs <= MAX_RUNS):
+        raise ValueError(f"runs must be a whole number from 1 to {MAX_RUNS}, not {runs!r}")
 
 
 @dataclass

@@ -51,6 +51,8 @@ RESULT_RETRY_DELAYS = (0.5, 1, 2, 4, 8)
 LOG_FINAL_ATTEMPTS = 8
 
 ARCHIVE_EXTENSIONS = {"Tar": ".tar.gz", "Zip": ".zip", "Files": ".tar"}
+# A run's log is cut past max_log_mb (the task's, else this), keeping its head and its tail.
+DEFAULT_MAX_LOG_MB = 1024
 
 
 class ApiError(Exception):
@@ -219,7 +221,8 @@ def artifact_url_segment(name):
 
 
 class StopSignal:
-    """Why the task must stop before its end: ``"timeout"`` or ``"cancelled"``, else None.
+    """Why the task must stop before its end: ``"timeout"``, ``"cancelled"`` or ``"failed"`` (its
+    log passed its limit), else None.
 
     Set from the heartbeat thread and from signal handlers, so it holds plain attributes and no
     lock: a signal handler that waited on a lock the main thread holds would deadlock.
@@ -293,6 +296,9 @@ class LogShipper(threading.Thread):
         super().__init__(name="log-shipper", daemon=True)
         self.shipped_bytes = 0
         self.error = None
+        # While the task's processes may write, bytes past this offset are not shipped: a log cut
+        # for its size (TaskLog.enforce_limit) rewrites what follows its head. None: ship all.
+        self.hold_beyond = None
         self._api = api
         self._path = log_path
         self._chunk_bytes = chunk_bytes
@@ -326,8 +332,12 @@ class LogShipper(threading.Thread):
 
     def _ship_chunk(self, log):
         """Sends the next chunk, if any; returns False when there was nothing to send."""
+        hold = self.hold_beyond
+        wanted = self._chunk_bytes if hold is None else min(self._chunk_bytes, hold - self.shipped_bytes)
+        if wanted <= 0:
+            return False
         log.seek(self.shipped_bytes)
-        data = log.read(self._chunk_bytes)
+        data = log.read(wanted)
         if not data:
             return False
         try:
@@ -390,12 +400,26 @@ class Workspace:
 
 
 class TaskLog:
-    """The task's log file: commands write into it directly, the agent adds its own notes."""
+    """The task's log file: commands write into it directly, the agent adds its own notes.
 
-    def __init__(self, path):
+    With a limit (``limit_bytes``), ``enforce_limit`` keeps it at most that long: past it, the
+    first half stays as written (``head_bytes``, what the shipper may send while the task runs)
+    and the rest becomes a line marking the cut followed by the newest bytes.
+    """
+
+    def __init__(self, path, limit_bytes=None):
         open(path, "wb").close()
-        # Append mode: the agent and the commands share the file, every write must land at its end.
+        self.path = path
+        # Append mode: the agent and the commands share the file, every write must land at its end
+        # (after a cut too: appending writers follow the file's new end).
         self.file = open(path, "ab")
+        self.limit_bytes = limit_bytes
+        self.left_out_bytes = 0
+        self._marker_length = 0  # of the cut marker in the file, if any
+
+    @property
+    def head_bytes(self):
+        return None if self.limit_bytes is None else self.limit_bytes // 2
 
     def note(self, text):
         self.file.write(f"[testlooper] {text}\n".encode("utf-8", "replace"))
@@ -403,6 +427,58 @@ class TaskLog:
 
     def close(self):
         self.file.close()
+
+    def limit_message(self):
+        return (f"the log passed its limit of {_size_text(self.limit_bytes)} (max_log_mb), so the task was stopped; "
+                f"{self.left_out_bytes} bytes were cut from its middle")
+
+    def enforce_limit(self):
+        """Cuts the log when it is longer than its limit; returns True if it did."""
+        self.file.flush()
+        size = os.fstat(self.file.fileno()).st_size
+        if self.limit_bytes is None or size <= self.limit_bytes:
+            return False
+        head, previous_marker = self.head_bytes, self._marker_length
+        # After a cut an eighth of the limit stays free, so that a stage's cleanup and the agent's
+        # notes have room before the log would be cut (and the cleanup stopped) again.
+        room = self.limit_bytes // 8
+        marker_length = 0
+        while True:  # the marker shows the count it is part of: settle its length
+            tail = max(0, self.limit_bytes - head - room - marker_length)
+            removed = max(0, size - head - tail - previous_marker)  # output only, not an earlier marker
+            marker = (f"\n[testlooper] ---- {self.left_out_bytes + removed} bytes of output cut here: the log "
+                      f"passed its limit of {_size_text(self.limit_bytes)} (max_log_mb); what follows is its "
+                      "end ----\n").encode()
+            if len(marker) == marker_length:
+                break
+            marker_length = len(marker)
+        self.left_out_bytes += removed
+        self._marker_length = len(marker)
+        _move_tail(self.path, size - tail, head, marker, tail)
+        return True
+
+
+def _move_tail(path, tail_start, head, marker, tail):
+    """Rewrites ``path`` as its first ``head`` bytes, ``marker``, and the ``tail`` bytes that began
+    at ``tail_start``, copied forwards in blocks (the destination is always before the source)."""
+    with open(path, "r+b") as log:
+        log.seek(head)
+        log.write(marker)
+        destination, source, left = head + len(marker), tail_start, tail
+        while left > 0:
+            log.seek(source)
+            block = log.read(min(COPY_BLOCK_BYTES, left))
+            if not block:
+                break
+            log.seek(destination)
+            log.write(block)
+            destination, source, left = destination + len(block), source + len(block), left - len(block)
+        log.truncate(destination)
+
+
+def _size_text(size):
+    mib = size / (1024 * 1024)
+    return f"{mib:g} MiB" if mib >= 1 else f"{size} bytes"
 
 
 def prepare_workspace(workspace, assignment, api, stop, log):
@@ -682,8 +758,12 @@ class CommandRunner:
         process = self._start(command, extra_environment or {})
         started = time.monotonic()
         stopped = self._wait(process, deadline, stop)
+        if not stopped and self._log.enforce_limit():  # it wrote too much in its last moments
+            if stop is not None:
+                stop.request("failed", self._log.limit_message())
+            stopped = "failed"
         if stopped:
-            self._log.note(f"{label}: {stopped}, killing its processes")
+            self._log.note(f"{label}: {'log too long' if stopped == 'failed' else stopped}, killing its processes")
             self._kill([process])
             # Killed for good; checking its group again at the end could only find zombies that
             # an init which does not reap leaves behind, and wait a grace period for nothing.
@@ -755,6 +835,10 @@ class CommandRunner:
                 pass
             if time.monotonic() - self._groups_checked >= PROCESS_GROUPS_CHECK_SECONDS:
                 self._write_groups()  # drops the groups of earlier commands that have ended since
+            if self._log.enforce_limit():
+                if stop is not None:
+                    stop.request("failed", self._log.limit_message())
+                return "failed"
             if stop is not None and stop.reason:
                 return stop.reason
             if time.monotonic() >= deadline:
@@ -804,6 +888,53 @@ def _signal_group(group_id, signum):
         os.killpg(group_id, signum)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def kill_processes_of_run(run_id):
+    """Kills every process still carrying ``TEST_LOOPER_TEST_ID=run_id`` in its environment, and
+    returns ``[(pid, command line)]`` of those killed.
+
+    A command's process group dies with ``kill_all``, but a process can leave it (``setsid``,
+    a daemon that double-forks); every process the task starts inherits the variable, whatever
+    group or session it moves to. Linux only (``/proc/PID/environ``); elsewhere there is nothing
+    to scan and an empty list comes back. Processes of other users cannot be read, so are left.
+    """
+    if not run_id or not os.path.isdir("/proc/self"):
+        return []
+    marker = f"TEST_LOOPER_TEST_ID={run_id}".encode()
+    killed, own, signalled = [], os.getpid(), set()
+    # Again until a pass finds nothing new: a process may fork between the listing and its kill.
+    # (One killed but not yet gone may still show its environment: it is not counted twice.)
+    for _ in range(20):
+        found = 0
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) == own or int(entry) in signalled:
+                continue
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as environ:
+                    if marker not in environ.read().split(b"\0"):
+                        continue
+                with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                    command = cmdline.read().replace(b"\0", b" ").strip().decode("utf-8", "replace")
+                os.kill(int(entry), signal.SIGKILL)
+            except (OSError, ValueError):
+                continue  # gone already, or not ours to read
+            found += 1
+            signalled.add(int(entry))
+            killed.append((int(entry), command))
+        if not found:
+            break
+        time.sleep(0.05)
+    return killed
+
+
+def report_escaped(killed, log):
+    if not killed:
+        return
+    shown = ", ".join(f"{pid} ({command[:80] or '?'})" for pid, command in killed[:10])
+    more = f" and {len(killed) - 10} more" if len(killed) > 10 else ""
+    log.note(f"killed {len(killed)} process{'es' if len(killed) > 1 else ''} that outlived the run "
+             f"outside its process groups: {shown}{more}")
 
 
 def _kill_trees_windows(processes):
@@ -1086,8 +1217,9 @@ JUNIT_ROOT_TAGS = ("testsuites", "testsuite", "testcase")
 def collect_results(output_dir):
     """Collects every case reported under ``output_dir``: its testSummary.json and all JUnit files.
 
-    A missing directory reports nothing. Cases from all files are concatenated, so a runner that
-    writes the same test into two files reports it twice.
+    A missing directory reports nothing. A case reported more than once (pytest writes a second
+    ``<testcase>`` for a test whose teardown errors after it failed; a runner may write one test
+    into two files) is one case of this run: it fails if any of its entries failed.
     """
     cases, errors = [], []
     if not os.path.isdir(output_dir):
@@ -1098,7 +1230,23 @@ def collect_results(output_dir):
     for path in _xml_files(output_dir):
         label = os.path.relpath(path, output_dir).replace(os.sep, "/")
         _extend(cases, errors, parse_junit(path, label=label))
-    return cases, errors
+    return merge_duplicate_cases(cases), errors
+
+
+def merge_duplicate_cases(cases):
+    """One case per name, in the order first seen: failed if any entry failed, and the sum of the
+    known durations (pytest's second entry times the teardown). The first entry is updated in
+    place: the parsers' cases are fresh dicts, and 100,000 of them are not copied."""
+    merged = {}
+    for case in cases:
+        seen = merged.get(case["name"])
+        if seen is None:
+            merged[case["name"]] = case
+            continue
+        seen["success"] = seen["success"] and case["success"]
+        durations = [d for d in (seen["duration_seconds"], case["duration_seconds"]) if d is not None]
+        seen["duration_seconds"] = sum(durations) if durations else None
+    return list(merged.values())
 
 
 def parse_test_summary(path, label=None):
@@ -1121,8 +1269,9 @@ def parse_test_summary(path, label=None):
 
 
 def parse_junit(path, label=None):
-    """Parses a JUnit XML file. A case with ``<failure>`` or ``<error>`` fails, a ``<skipped>``
-    one is left out, any other passes. A file whose root is not a JUnit element is not a result
+    """Parses a JUnit XML file, one case per ``<testcase>`` (``collect_results`` merges repeated
+    names). A case with ``<failure>`` or ``<error>`` fails, a ``<skipped>`` one is left out, any
+    other passes. A file whose root is not a JUnit element is not a result
     file and reports nothing. A JUnit file declaring a DOCTYPE is refused, so no entity is ever
     defined (the "billion laughs" expansion and external entities cannot happen)."""
     label = label or path
@@ -1218,6 +1367,9 @@ class _JUnitCollector:
 
 def _case_from_summary_item(name, value):
     """One ``name: value`` pair of the dict shape; returns a case, or a problem message."""
+    if not name:
+        # The history keeps a task's own result as its case "": a case of that name would replace it.
+        return f"a test has an empty name (its value: {_json_preview(value)})"
     if isinstance(value, bool):
         return {"name": name, "success": value, "duration_seconds": None}
     if isinstance(value, dict) and isinstance(value.get("success"), bool):
@@ -1316,6 +1468,7 @@ class Agent:
         self.api = api
         self.stop = stop
         self.workspace = Workspace(options.workdir, options.ccache_dir)
+        self.shipper = None
 
     def run(self):
         """Returns the RESULT; the log has been shipped (as far as the API allowed) by then."""
@@ -1323,7 +1476,7 @@ class Agent:
             log = self.workspace.open_log()
         except OSError as error:
             return make_result("error", error=f"cannot create the workspace in {self.workspace.root}: {error}")
-        shipper = LogShipper(self.api, self.workspace.log_path)
+        shipper = self.shipper = LogShipper(self.api, self.workspace.log_path)
         heartbeat = Heartbeat(self.api, self.options.heartbeat_seconds, self.stop)
         shipper.start()
         heartbeat.start()
@@ -1360,6 +1513,8 @@ class Agent:
 
     def _run_task(self, assignment, log, heartbeat):
         environment = task_environment(self.workspace, assignment, os.environ)
+        log.limit_bytes = int(assignment["task"].get("max_log_mb") or DEFAULT_MAX_LOG_MB) * 1024 * 1024
+        self.shipper.hold_beyond = log.head_bytes
         runner = CommandRunner(self.options.shell, self.workspace.inputs, environment, log,
                                self.options.kill_grace_seconds, self.workspace.process_groups_path)
         task_run = TaskRun(assignment, self.workspace, runner, self.api, self.stop, heartbeat, log)
@@ -1372,6 +1527,12 @@ class Agent:
                                artifacts=task_run.artifacts)
         finally:
             runner.kill_all()
+            report_escaped(kill_processes_of_run(environment["TEST_LOOPER_TEST_ID"]), log)
+            if log.enforce_limit():  # what processes left running wrote last
+                self.stop.request("failed", log.limit_message())
+            if self.stop.reason == "failed":
+                log.note(f"error: {self.stop.message}")
+            self.shipper.hold_beyond = None  # nothing but the agent writes from here on
         duration = time.monotonic() - started
         heartbeat.phase = "collecting results"
         cases, parse_errors = collect_results(self.workspace.output)

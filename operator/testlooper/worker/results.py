@@ -14,9 +14,11 @@ from testlooper.worker.agent import (  # noqa: F401 - re-exported
     TEST_SUMMARY_FILE,
     XML_READ_BLOCK_BYTES,
     collect_results,
+    merge_duplicate_cases,
     parse_junit,
     parse_test_summary,
 )
 
 __all__ = ["JUNIT_ROOT_TAGS", "MAX_ERRORS_PER_FILE", "MAX_TEST_SUMMARY_BYTES", "TEST_SUMMARY_FILE",
-           "XML_READ_BLOCK_BYTES", "collect_results", "parse_junit", "parse_test_summary"]
+           "XML_READ_BLOCK_BYTES", "collect_results", "merge_duplicate_cases", "parse_junit",
+           "parse_test_summary"]

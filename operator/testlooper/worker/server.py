@@ -312,6 +312,9 @@ class _Handler(BaseHTTPRequestHandler):
         result = self._read_json(MAX_JSON_BYTES)
         if result.get("result") not in OUTCOMES:
             raise _HttpError(400, f"\"result\" must be one of {', '.join(OUTCOMES)}")
+        problem = _cases_problem(result.get("cases", []))
+        if problem:
+            raise _HttpError(400, problem)
         with run.lock:
             first = run.result is None
             if first:  # a retried post is the same result; the first one counts
@@ -471,3 +474,17 @@ def _call_back(callback, *arguments):
         callback(*arguments)
     except Exception:  # noqa: BLE001 - a broken callback must not break the agent's request
         _log.exception("worker API callback %r failed", callback)
+
+
+def _cases_problem(cases):
+    """Why a RESULT's cases cannot be recorded, or "". The agent's parsers refuse such cases
+    already; an agent of another version must not slip them in: a case named "" would take the
+    place of the task's own result in the history."""
+    if not isinstance(cases, list):
+        return "\"cases\" must be a list"
+    for index, case in enumerate(cases):
+        if not isinstance(case, dict) or not isinstance(case.get("name"), str) or not case["name"]:
+            return f"case {index}: \"name\" must be a non-empty string"
+        if not isinstance(case.get("success"), bool):
+            return f"case {index} ({case['name']!r}): \"success\" must be true or false"
+    return ""
