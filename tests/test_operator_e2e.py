@@ -104,11 +104,12 @@ def test_push_to_testruns_end_to_end(kube, origin, tmp_path):
         repos = kube.kubectl("get", "repos", "-n", NAMESPACE).stdout.splitlines()
         assert repos[0].split()[:5] == ["NAME", "URL", "BRANCHES", "READY", "LAST"]
         assert f"main@{first[:8]} 3 running" in repos[1] and " True " in repos[1]
-        pools = kube.kubectl("get", "workerpools", "-n", NAMESPACE).stdout
         wait_for(lambda: kube.kubectl("get", "workerpools", "-n", NAMESPACE, "-o",
                                       "jsonpath={.items[0].status.queued}").stdout == "8",
                  message="the pool counts 8 queued runs (1 + 6 + 1)")
-        assert "PROVIDER" in pools
+        pools = kube.kubectl("get", "workerpools", "-n", NAMESPACE).stdout.splitlines()
+        assert pools[0].split() == ["NAME", "PROVIDER", "WORKERS", "CORES", "QUEUED", "AGE"]
+        assert pools[1].split()[:5] == ["linux", "kubernetes", "0/20", "0", "8"]
 
         # 3. A webhook push creates the next commit's TestRuns without waiting for the poll
         #    (the poll interval goes up to an hour first: that edit itself is picked up at once).

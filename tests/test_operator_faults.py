@@ -254,3 +254,20 @@ def test_one_operator_for_all_namespaces_with_peering(kube, tmp_path):
     assert not [p for p in used if p[1] == "kopfpeerings"]
     assert "Traceback" not in process.log()
 
+
+
+def test_the_history_store_is_checked_at_startup_and_a_dead_one_stops_nothing(kube, tmp_path):
+    from redis_server import RedisServer, free_port
+
+    kube.create_namespace(NAMESPACE)
+    _work, bare, _first = make_origin(tmp_path)
+    with RedisServer() as redis:
+        with OperatorProcess(kube, tmp_path, args=["--store", redis.url]) as live:
+            pass
+    assert f"history store {redis.url} answers" in live.log()
+    dead = f"redis://:hunter2pass@127.0.0.1:{free_port()}/0"
+    with OperatorProcess(kube, tmp_path, args=["--store", dead], client="operator-dead-store") as process:
+        apply(kube, repo("demo", f"file://{bare}"))
+        wait_for(lambda: len(list_testruns(kube)) == 1, message="TestRuns while the store is down")
+    assert "does not answer" in process.log()
+    assert "hunter2pass" not in process.log()

@@ -59,6 +59,7 @@ async def serve(options: OperatorOptions) -> None:
     context = OperatorContext(options, api, OperatorMetrics())
     runner = await http.start_server(context)
     logger.info("serving /healthz, /metrics and webhooks on %s:%d", options.api_host, options.api_port)
+    await asyncio.to_thread(check_store, options.store_url)
     if not options.standalone:
         # kopf only patches its peering object; a first replica creates it, so that a fresh
         # install needs no extra manifest per namespace.
@@ -83,6 +84,26 @@ async def serve(options: OperatorOptions) -> None:
         await http.stop_server(runner)
         api.close()
         logger.info("stopped")
+
+
+def check_store(url: str) -> None:
+    """Say at startup whether the history store answers. Not fatal: part 1 only creates
+    TestRuns, and results are kept until the store is back (part 2 records them)."""
+    if not url:
+        logger.warning("no --store: results will not be recorded in a history store")
+        return
+    from testlooper.store import StoreError, open_store, store_identity
+
+    try:
+        store = open_store(url)
+        try:
+            store.ping()
+        finally:
+            store.close()
+    except (StoreError, ValueError, OSError) as exc:
+        logger.warning("history store %s does not answer: %s", store_identity(url), exc)
+    else:
+        logger.info("history store %s answers", store_identity(url))
 
 
 def run(options: OperatorOptions) -> int:
