@@ -1,5 +1,6 @@
 """The resource models: what the operator accepts from a spec, and how it says what is wrong."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -160,3 +161,15 @@ def test_the_api_servers_defaults_are_the_models(names, model, minimal):
     assert problems == []
     assert stored["spec"] == model.model_validate(minimal).model_dump(exclude_none=True)
     assert crds.all_crds()[f"{names.crd_name}.yaml"] == crd
+
+
+def test_docs_describe_every_field():
+    text = (ROOT / "docs" / "resources.md").read_text(encoding="utf-8")
+    missing = []
+    for model in (models.RepoSpec, models.RepoStatus, models.BranchStatus, models.Retention,
+                  models.TestRunSpec, models.TestRunStatus, models.RunCounts, models.CaseCounts,
+                  models.ResultFrom, models.WorkerPoolSpec, models.WorkerPoolStatus,
+                  models.Toleration, models.Condition):
+        missing += [f"{model.__name__}.{field}" for field in model.model_fields
+                    if not re.search(rf"\b{field}\b", text)]
+    assert missing == []
