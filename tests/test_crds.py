@@ -214,3 +214,28 @@ def test_retention_defaults_even_when_left_out():
     assert stored["spec"] == {"url": "file:///srv/git/r", "branches": ["main"],
                               "pollIntervalSeconds": 60, "suspend": False,
                               "retention": {"keepCommits": 50}}
+
+
+def round_trip_through_the_kubernetes_client(crd: dict) -> dict:
+    import json
+
+    from kubernetes import client
+
+    api = client.ApiClient()
+    typed = api.deserialize(json.dumps(crd), "V1CustomResourceDefinition", "application/json")
+    return api.sanitize_for_serialization(typed)
+
+
+@pytest.mark.parametrize("names", [models.REPO, models.TESTRUN, models.WORKERPOOL])
+def test_every_crd_field_is_one_the_kubernetes_api_defines(names):
+    # The official client's typed CustomResourceDefinition drops what it does not know, so a
+    # misspelt key (printerColumns, openAPIv3Schema, x-kubernetes-preserve-unknownfields) shows.
+    crd = on_disk(names.crd_name)
+    assert round_trip_through_the_kubernetes_client(crd) == crd
+
+
+def test_the_round_trip_does_catch_a_misspelt_key():
+    crd = on_disk("repos.testlooper.dev")
+    (version,) = crd["spec"]["versions"]
+    version["printerColumns"] = version.pop("additionalPrinterColumns")
+    assert round_trip_through_the_kubernetes_client(crd) != crd
