@@ -27,3 +27,13 @@ def test_nothing_outside_the_cli_imports_it():
             if name == "testlooper.cli" or name.startswith("testlooper.cli."):
                 offenders.append(f"{relative} imports {name}")
     assert not offenders, offenders
+
+
+def test_the_kube_adapter_imports_no_shell():
+    shells = ("testlooper.cluster", "testlooper.local", "testlooper.cli")
+    offenders = []
+    for path in (PACKAGE / "kube").rglob("*.py"):
+        for name in imported_modules(path):
+            if any(name == shell or name.startswith(shell + ".") for shell in shells):
+                offenders.append(f"{path.relative_to(PACKAGE)} imports {name}")
+    assert not offenders, offenders

@@ -1,0 +1,410 @@
+"""Typed models of the three custom resources: Repo, TestRun and WorkerPool.
+
+These models are the single source of the resources' shape. `crds.py` generates the
+CustomResourceDefinitions from them, and the operator validates every spec it reads with them
+(`parse_repo_spec` and friends), so that a resource edited by hand into something the schema
+could not refuse still ends as one clear line in a condition rather than a traceback.
+
+Field names are camelCase, exactly as they appear in the resources, so that a field reads the
+same in YAML, in Python and in `kubectl explain`. Validation is strict (no "60" for 60), as the
+API server's is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from testlooper.errors import UserError
+
+GROUP = "testlooper.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+
+@dataclasses.dataclass(frozen=True)
+class ResourceNames:
+    """How the API server names one of our resources."""
+
+    kind: str
+    plural: str
+    singular: str
+    short_name: str
+
+    @property
+    def crd_name(self) -> str:
+        return f"{self.plural}.{GROUP}"
+
+
+REPO = ResourceNames(kind="Repo", plural="repos", singular="repo", short_name="tlrepo")
+TESTRUN = ResourceNames(kind="TestRun", plural="testruns", singular="testrun", short_name="tlrun")
+WORKERPOOL = ResourceNames(
+    kind="WorkerPool", plural="workerpools", singular="workerpool", short_name="tlpool"
+)
+
+DateTime = Annotated[str, Field(json_schema_extra={"format": "date-time"})]
+"""An RFC 3339 timestamp, as Kubernetes writes them (`2026-12-01T08:30:00Z`)."""
+
+NonEmptyString = Annotated[str, Field(min_length=1)]
+
+# Conditions are a list keyed by their type: server-side apply merges them entry by entry.
+CONDITIONS_LIST = {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]}
+
+
+class _Spec(BaseModel):
+    """A spec: what the user asks for. Unknown fields are an error the user should see."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", use_attribute_docstrings=True)
+
+
+class _Status(BaseModel):
+    """A status: what the operator observed. Written by the operator, read back tolerantly."""
+
+    model_config = ConfigDict(strict=True, extra="ignore", use_attribute_docstrings=True)
+
+
+class Condition(_Status):
+    """One aspect of the resource's state, in the usual Kubernetes form."""
+
+    type: NonEmptyString
+    """The aspect this condition describes, e.g. Ready."""
+    status: Literal["True", "False", "Unknown"]
+    """Whether the aspect holds: True, False or Unknown."""
+    reason: str | None = None
+    """A CamelCase word for why, e.g. GitUnreachable."""
+    message: str | None = None
+    """One line a person can act on."""
+    lastTransitionTime: DateTime | None = None
+    """When status last changed (not when the condition was last written)."""
+    observedGeneration: int | None = Field(default=None, ge=0)
+    """The metadata.generation of the spec this condition was computed from."""
+
+
+# ----------------------------------------------------------------------------------------- Repo
+
+
+class Retention(_Spec):
+    """How many TestRuns of a Repo stay in the cluster. The history store keeps everything."""
+
+    keepCommits: int = Field(default=50, ge=1)
+    """Keep the TestRuns of the newest N processed commits; older ones are deleted."""
+
+
+class RepoSpec(_Spec):
+    """A git repository to watch: every new commit on its branches gets its TestRuns."""
+
+    url: NonEmptyString
+    """Where to fetch from: https://, http://, ssh://, git@host:path or file://."""
+    branches: list[NonEmptyString] = Field(default=["main"], min_length=1)
+    """Globs of the branch names to test, e.g. main or release/*."""
+    pollIntervalSeconds: int = Field(default=60, ge=10)
+    """Seconds between two fetches. Push webhooks trigger a fetch at once."""
+    credentialsSecret: NonEmptyString | None = None
+    """A Secret in this namespace with key token, or username and password, or ssh-privatekey (and optionally known_hosts)."""
+    webhookSecret: NonEmptyString | None = None
+    """A Secret in this namespace whose key secret checks the push webhooks' signatures."""
+    definitionsPath: NonEmptyString | None = None
+    """The path of the test definitions file in the repository, when it is not found by its usual names."""
+    testSets: list[NonEmptyString] | None = None
+    """Test sets to run on every commit. When given, they are run instead of what the triggers choose."""
+    runs: int | None = Field(default=None, ge=1, le=1000)
+    """Run every test this many times, whatever its own runs says."""
+    workerPool: NonEmptyString | None = None
+    """The WorkerPool that runs this repository's TestRuns (default: the pools by priority)."""
+    suspend: bool = False
+    """Stop polling and creating TestRuns; the ones that exist carry on."""
+    retention: Retention = Field(default_factory=Retention, json_schema_extra={"default": {}})
+    """How many commits' TestRuns to keep in the cluster."""
+
+
+class BranchStatus(_Status):
+    """The head of one tested branch and the tally of its TestRuns."""
+
+    name: str
+    """The branch name."""
+    commit: str
+    """The commit at the head of the branch when last polled."""
+    passed: int = Field(ge=0)
+    """TestRuns of that commit that passed."""
+    failed: int = Field(ge=0)
+    """TestRuns of that commit that failed (timeouts and errors included)."""
+    flaky: int = Field(ge=0)
+    """TestRuns of that commit whose runs both passed and failed."""
+    running: int = Field(ge=0)
+    """TestRuns of that commit not finished yet."""
+
+
+class RepoStatus(_Status):
+    """What the operator last saw of the repository."""
+
+    conditions: list[Condition] | None = Field(default=None, json_schema_extra=CONDITIONS_LIST)
+    """Ready, GitReachable and DefinitionsValid."""
+    branches: list[BranchStatus] | None = None
+    """Each tested branch's head and its tally."""
+    branchesSummary: str | None = None
+    """The branches in one line, e.g. main@0123abcd 3 passed 1 failed."""
+    lastPollTime: DateTime | None = None
+    """When the repository was last fetched successfully."""
+    observedGeneration: int | None = Field(default=None, ge=0)
+    """The metadata.generation of the spec last acted on."""
+    message: str | None = None
+    """The last problem, in one line, or empty."""
+
+
+# -------------------------------------------------------------------------------------- TestRun
+
+TaskKind = Literal["build", "test"]
+TestRunPhase = Literal[
+    "Pending", "Blocked", "Queued", "Running", "Succeeded", "Failed", "Error", "Cancelled"
+]
+TestRunResult = Literal["passed", "failed", "flaky", "timeout", "error", "blocked", "cancelled"]
+
+
+class TestRunSpec(_Spec):
+    """One build or test of one commit of a Repo, run `runs` times."""
+
+    __test__ = False  # not a pytest test class, despite its name
+
+    repo: NonEmptyString
+    """The name of the Repo in this namespace."""
+    commit: str = Field(pattern=r"^[0-9a-f]{40}$")
+    """The full commit sha (40 lowercase hex characters)."""
+    branch: str | None = None
+    """The branch whose head the commit was when it was planned."""
+    task: NonEmptyString
+    """The build or test name from the definitions file, e.g. unit/linux."""
+    kind: TaskKind
+    """build or test."""
+    runs: int = Field(default=1, ge=1, le=100000)
+    """How many times to run it. Raise it to ask for more runs."""
+    hash: str | None = None
+    """The task's content hash: an equal hash that passed before is not run again."""
+    definition: dict[str, Any] | None = Field(
+        default=None, json_schema_extra={"x-kubernetes-preserve-unknown-fields": True}
+    )
+    """The resolved task, exactly as `testlooper definitions --json` gives it under builds or tests."""
+    dependsOn: list[NonEmptyString] | None = None
+    """The names of the TestRuns of the builds it consumes, in this namespace."""
+    workerPool: NonEmptyString | None = None
+    """The WorkerPool to run on (default: the pools by priority)."""
+    priority: int = 0
+    """Higher runs first."""
+    cancel: bool = False
+    """Set to true to stop its runs; the result becomes cancelled."""
+
+
+class RunCounts(_Status):
+    """How the runs of a TestRun stand."""
+
+    total: int = Field(ge=0)
+    """Runs asked for (spec.runs)."""
+    passed: int = Field(ge=0)
+    """Runs that ended and passed."""
+    failed: int = Field(ge=0)
+    """Runs that ended and failed (timeouts included)."""
+    running: int = Field(ge=0)
+    """Runs placed on a worker and not ended."""
+    queued: int = Field(ge=0)
+    """Runs waiting for a worker."""
+    errored: int = Field(ge=0)
+    """Runs that could not run (the worker or the infrastructure failed)."""
+
+
+class CaseCounts(_Status):
+    """The test cases reported by the runs, counted once per case."""
+
+    total: int = Field(ge=0)
+    """Distinct test cases seen."""
+    passed: int = Field(ge=0)
+    """Cases that passed in every run."""
+    failed: int = Field(ge=0)
+    """Cases that failed in at least one run."""
+
+
+class ResultFrom(_Status):
+    """Where a reused result came from: an earlier commit whose task had the same hash."""
+
+    commit: str
+    """The earlier commit."""
+    testRun: str
+    """The TestRun of that commit, when it still exists."""
+
+
+class TestRunStatus(_Status):
+    """Where the TestRun stands, and its result once it ends."""
+
+    __test__ = False  # not a pytest test class, despite its name
+
+    phase: TestRunPhase | None = None
+    """Pending, Blocked, Queued, Running, Succeeded, Failed, Error or Cancelled."""
+    result: TestRunResult | None = None
+    """Once it ends: passed, failed, flaky, timeout, error, blocked or cancelled."""
+    runCounts: RunCounts | None = None
+    """The runs by state."""
+    runsSummary: str | None = None
+    """passed/total, e.g. 3/6."""
+    cases: CaseCounts | None = None
+    """The test cases' tally."""
+    casesSummary: str | None = None
+    """passed/total cases, e.g. 118/120."""
+    failingCases: list[str] | None = Field(default=None, max_length=20)
+    """The first failing case names (at most 20)."""
+    resultFrom: ResultFrom | None = None
+    """Set when the result was reused from an earlier commit."""
+    startTime: DateTime | None = None
+    """When its first run started."""
+    completionTime: DateTime | None = None
+    """When its last run ended."""
+    conditions: list[Condition] | None = Field(default=None, json_schema_extra=CONDITIONS_LIST)
+    """The TestRun's conditions."""
+    message: str | None = None
+    """The last problem, in one line, or empty."""
+
+
+# ----------------------------------------------------------------------------------- WorkerPool
+
+
+class Toleration(_Spec):
+    """A toleration given to the pool's pods, as in a Pod spec."""
+
+    key: str | None = None
+    """The taint key; empty with operator Exists matches every taint."""
+    operator: Literal["Exists", "Equal"] | None = None
+    """Exists or Equal (the default)."""
+    value: str | None = None
+    """The taint value, for operator Equal."""
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    """The taint effect to tolerate; empty tolerates all."""
+    tolerationSeconds: int | None = None
+    """For NoExecute: how long the pod stays bound after the taint appears."""
+
+
+class WorkerPoolSpec(_Spec):
+    """Where runs execute, and how much of it they may take at once."""
+
+    provider: Literal["kubernetes", "ec2"]
+    """kubernetes (runs are pods in this cluster) or ec2 (not yet implemented)."""
+    platform: Literal["linux", "windows"] = "linux"
+    """The platform of the tasks this pool runs."""
+    priority: int = 0
+    """Pools with a higher priority are tried first."""
+    namespace: NonEmptyString | None = None
+    """The namespace the pods run in (default: the pool's own)."""
+    nodeSelector: dict[str, str] | None = None
+    """Node labels the pods must be scheduled on."""
+    tolerations: list[Toleration] | None = None
+    """Taints the pods tolerate."""
+    defaultImage: NonEmptyString | None = None
+    """The image used when a task's environment names no prebuilt image."""
+    maxPodCores: int | None = Field(default=None, ge=1)
+    """The most cores one pod may ask for."""
+    maxPodRamGb: float | None = Field(default=None, ge=0)
+    """The most memory, in GB, one pod may ask for."""
+    maxWorkers: int | None = Field(default=None, ge=0)
+    """The most pods running at once."""
+    maxCores: int | None = Field(default=None, ge=0)
+    """The most cores all pods may hold at once."""
+    maxRamGb: float | None = Field(default=None, ge=0)
+    """The most memory, in GB, all pods may hold at once."""
+
+
+class WorkerPoolStatus(_Status):
+    """What the pool holds now."""
+
+    workers: int | None = Field(default=None, ge=0)
+    """Pods placed and not finished."""
+    cores: int | None = Field(default=None, ge=0)
+    """Cores those pods asked for."""
+    ramGb: float | None = Field(default=None, ge=0)
+    """Memory, in GB, those pods asked for."""
+    queued: int | None = Field(default=None, ge=0)
+    """Runs waiting for room in this pool."""
+    workersSummary: str | None = None
+    """in use/max, e.g. 3/10."""
+    conditions: list[Condition] | None = Field(default=None, json_schema_extra=CONDITIONS_LIST)
+    """The pool's conditions."""
+    observedGeneration: int | None = Field(default=None, ge=0)
+    """The metadata.generation of the spec last acted on."""
+
+
+# ----------------------------------------------------------------------------------- Validation
+
+
+class SpecError(UserError, ValueError):
+    """A resource's spec that the models refuse. Its message is one line naming the field paths.
+
+    Also a ValueError: to code that only validates, a bad spec is a bad value like any other."""
+
+
+def parse_spec(model: type[BaseModel], spec: Any, path: str = "spec"):
+    """Validate `spec` (a dict as the API returns it) with `model`, or raise SpecError."""
+    if not isinstance(spec, dict):
+        raise SpecError(f"{path}: must be an object, not {_type_name(spec)}")
+    try:
+        return model.model_validate(spec)
+    except ValidationError as error:
+        problems = [_describe(path, detail) for detail in error.errors(include_url=False)]
+        raise SpecError("; ".join(problems)) from None
+
+
+def parse_repo_spec(spec: Any) -> RepoSpec:
+    return parse_spec(RepoSpec, spec)
+
+
+def parse_testrun_spec(spec: Any) -> TestRunSpec:
+    return parse_spec(TestRunSpec, spec)
+
+
+def parse_workerpool_spec(spec: Any) -> WorkerPoolSpec:
+    return parse_spec(WorkerPoolSpec, spec)
+
+
+def _field_path(path: str, loc: tuple) -> str:
+    text = path
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return text
+
+
+def _describe(path: str, detail: dict) -> str:
+    kind, context, value = detail["type"], detail.get("ctx") or {}, detail.get("input")
+    where = _field_path(path, detail["loc"])
+    if kind == "missing":
+        return f"{where}: is required"
+    if kind == "extra_forbidden":
+        return f"{where}: is not a known field"
+    explained = {
+        "greater_than_equal": lambda: f"must be at least {context.get('ge')}",
+        "less_than_equal": lambda: f"must be at most {context.get('le')}",
+        "string_pattern_mismatch": lambda: f"must match {context.get('pattern')}",
+        "string_too_short": lambda: "must not be empty",
+        "too_short": lambda: f"must have at least {context.get('min_length')} item(s)",
+        "too_long": lambda: f"must have at most {context.get('max_length')} item(s)",
+        "literal_error": lambda: f"must be one of {context.get('expected')}",
+        "int_type": lambda: "must be an integer",
+        "float_type": lambda: "must be a number",
+        "bool_type": lambda: "must be true or false",
+        "string_type": lambda: "must be a string",
+        "list_type": lambda: "must be a list",
+        "dict_type": lambda: "must be an object",
+        "model_type": lambda: "must be an object",
+    }
+    message = explained[kind]() if kind in explained else detail["msg"][:1].lower() + detail["msg"][1:]
+    return f"{where}: {message}{_got(value)}"
+
+
+def _got(value: Any) -> str:
+    """Quote a short scalar input; objects and long strings are described, not echoed."""
+    if isinstance(value, bool) or value is None or isinstance(value, (int, float)):
+        return f" (got {value!r})"
+    if isinstance(value, str):
+        return f" (got {value!r})" if len(value) <= 60 else f" (got a string of {len(value)} characters)"
+    return f" (got {_type_name(value)})"
+
+
+def _type_name(value: Any) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
+             int: "an integer", float: "a number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
