@@ -79,7 +79,7 @@ def test_a_spec_that_is_not_an_object():
 
 
 def test_spec_errors_are_user_errors():
-    assert issubclass(SpecError, UserError)
+    assert issubclass(SpecError, UserError) and issubclass(SpecError, ValueError)
 
 
 def test_long_or_structured_inputs_are_described_not_echoed():

@@ -75,7 +75,11 @@ class AgentRun:
     stderr: str
     workdir: Path
     log_text: str
-    peak_rss_kib: int  # of the agent and the commands it ran
+    peak_rss_kib: int  # of the agent and the commands it ran, but see agent_peak_rss_kib
+    # The agent's own peak, read from /proc while it ran. ru_maxrss above also holds the peak of
+    # the pytest process that spawned it (Linux carries the pre-exec high-water mark over exec),
+    # so it grows with whatever the suite imported before.
+    agent_peak_rss_kib: int = 0
 
 
 class AgentProcess:
@@ -106,7 +110,9 @@ class AgentProcess:
     def finish(self, timeout=60):
         """Waits for the agent to exit (through wait4, to get its peak RSS) and gathers the run."""
         deadline = time.monotonic() + timeout
+        agent_peak = 0
         while True:
+            agent_peak = max(agent_peak, _high_water_kib(self.process.pid))
             pid, status, usage = os.wait4(self.process.pid, os.WNOHANG)
             if pid:
                 break
@@ -119,7 +125,19 @@ class AgentProcess:
         return AgentRun(run_id=self.run_id, result=self.server.wait_result(self.run_id, 0),
                         returncode=self.process.returncode, stderr=self._stderr_path.read_text(),
                         workdir=self.workdir, log_text=Path(log_path).read_text(errors="replace"),
-                        peak_rss_kib=usage.ru_maxrss)
+                        peak_rss_kib=usage.ru_maxrss, agent_peak_rss_kib=agent_peak)
+
+
+def _high_water_kib(pid: int) -> int:
+    """The process's peak resident memory since its exec (VmHWM), or 0 once it has gone."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
 
 
 def run_agent(server, assignment, workdir, **options):

@@ -332,8 +332,10 @@ class WorkerPoolStatus(_Status):
 # ----------------------------------------------------------------------------------- Validation
 
 
-class SpecError(UserError):
-    """A resource's spec that the models refuse. Its message is one line naming the field paths."""
+class SpecError(UserError, ValueError):
+    """A resource's spec that the models refuse. Its message is one line naming the field paths.
+
+    Also a ValueError: to code that only validates, a bad spec is a bad value like any other."""
 
 
 def parse_spec(model: type[BaseModel], spec: Any, path: str = "spec"):
