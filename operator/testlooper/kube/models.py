@@ -134,6 +134,8 @@ class BranchStatus(_Status):
     """TestRuns of that commit whose runs both passed and failed."""
     running: int = Field(ge=0)
     """TestRuns of that commit not finished yet."""
+    error: str | None = None
+    """Why the head is untestable (its definitions do not resolve), in one line; absent otherwise."""
 
 
 class RepoStatus(_Status):
