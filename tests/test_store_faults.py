@@ -249,3 +249,17 @@ def test_a_spooled_run_never_replaces_another_commands_run(tmp_path):
     replay_spool(store, spool)  # a replay of what is already there: replaced, not moved
     assert len(store.runs(REPO, "c1")) == 4
     store.close()
+
+
+def test_a_spooled_run_moves_past_indexes_another_command_allocated_but_not_recorded(tmp_path):
+    """The spooling command numbered its run 0 (it could not reach the store); meanwhile
+    another command allocated indexes 0 and 1 and is still running. The spooled run takes a
+    fresh index, so the other command's runs, recorded later, replace nothing."""
+    with open_store(str(tmp_path / "history.db")) as store:
+        assert store.allocate_run_indexes(REPO, "c1", "unit", 2) == 0
+        spool = str(tmp_path / "spool.jsonl")
+        write_spool(spool, [make_run("c1", 0)])
+        assert replay_spool(store, spool) == 1
+        assert [r.run_index for r in store.runs(REPO, "c1")] == [2]
+        store.record_runs([make_run("c1", 0), make_run("c1", 1)])
+        assert counted_runs(store, ["c1"]) == {"c1": 3}

@@ -143,7 +143,6 @@ def _run_target(args: argparse.Namespace, target, output_dir: str, progress) -> 
         recorder = Recorder(args.store, progress.say) if target.record else None
     except ValueError as exc:  # a malformed --store URL
         raise UserError(str(exc)) from None
-    _continue_run_indexes(planned, recorder, target)
     progress.say(f"running {target.note}: {terminal.count(len(planned['tasks']), 'task')}, "
                  f"{terminal.count(progress.total, 'run')}")
     options = RunnerOptions(output_dir=output_dir, jobs=args.jobs, isolation=args.isolation,
@@ -170,25 +169,6 @@ def _run_target(args: argparse.Namespace, target, output_dir: str, progress) -> 
     if interrupted:
         return EXIT_INTERRUPTED
     return EXIT_PASSED if summary["passed"] == sum(summary.values()) else EXIT_FAILED
-
-
-def _continue_run_indexes(planned: dict, recorder, target) -> None:
-    """Running a commit again adds runs to its history rather than replacing the earlier ones:
-    each task's run indexes continue after those already recorded for this commit."""
-    from testlooper.store import StoreUnavailable
-
-    if recorder is None or recorder.store is None or recorder.down_reason:
-        return
-    try:
-        recorded = recorder.store.runs(target.repo_id, target.commit)
-    except StoreUnavailable as exc:
-        recorder.went_down(exc)
-        return
-    following: dict[str, int] = {}
-    for run in recorded:
-        following[run.task] = max(following.get(run.task, 0), run.run_index + 1)
-    for task in planned["tasks"]:
-        task["first_run_index"] = following.get(task["name"], 0)
 
 
 def _compare(recorder, target) -> dict | None:

@@ -83,6 +83,23 @@ class Recorder:
         if count:
             self.say(f"recorded {count} results that an earlier run kept in {self.spool}")
 
+    def allocate_run_indexes(self, planned: dict, repo_id: str, commit: str) -> None:
+        """Number each planned task's runs from indexes the store allocates to this command
+        alone (`first_run_index`), so that its runs add to the commit's history and never
+        replace those of another command, earlier or running at the same time.
+
+        With the store down the runs are numbered from 0; replaying the spool moves them to
+        indexes allocated then (`replay_spool`).
+        """
+        if self.store is None or self.down_reason:
+            return
+        try:
+            for task in planned["tasks"]:
+                task["first_run_index"] = self.store.allocate_run_indexes(
+                    repo_id, commit, task["name"], task["runs"])
+        except StoreUnavailable as exc:
+            self.went_down(exc)
+
     def record(self, record: RunRecord) -> None:
         if self.down_reason and self.clock() - self.last_try >= self.retry_seconds:
             self.try_again()

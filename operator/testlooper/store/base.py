@@ -159,6 +159,16 @@ class HistoryStore(abc.ABC):
         """
 
     @abc.abstractmethod
+    def allocate_run_indexes(self, repo: str, commit: str, task: str, count: int) -> int:
+        """Reserve `count` run indexes of the task on the commit; returns the first of them.
+
+        The range `[first, first + count)` is given to this caller alone, however many
+        processes allocate at once, and lies after every index recorded or allocated before,
+        so runs recorded under it never replace another command's. Indexes allocated but never
+        recorded (the command was interrupted) stay unused.
+        """
+
+    @abc.abstractmethod
     def runs(self, repo: str, commit: str, with_cases: bool = False) -> list[RunRecord]:
         """Every recorded attempt of every run of the commit, by (task, run_index, attempt).
 

@@ -21,7 +21,8 @@ from testlooper.store.base import (
 )
 
 # 2: `error` runs are no longer counted (schema 1 counted them as failures).
-SCHEMA_VERSION = 2
+# 3: run indexes are allocated (run_index_allocations).
+SCHEMA_VERSION = 3
 BUSY_TIMEOUT_MS = 30_000
 # Errors (by primary result code) meaning the file cannot be used now, rather than a bug.
 UNAVAILABLE_ERRORS = frozenset({
@@ -30,6 +31,13 @@ UNAVAILABLE_ERRORS = frozenset({
 })
 # Stay well under SQLite's limit on bound parameters per statement.
 IDS_PER_QUERY = 500
+
+# Per (commit, task), the first run index not yet given out by `allocate_run_indexes`.
+ALLOCATIONS_TABLE = """CREATE TABLE IF NOT EXISTS run_index_allocations (
+        commit_id INTEGER NOT NULL REFERENCES commits (id),
+        task TEXT NOT NULL,
+        following INTEGER NOT NULL,
+        PRIMARY KEY (commit_id, task)) WITHOUT ROWID"""
 
 SCHEMA = (
     """CREATE TABLE commits (
@@ -73,6 +81,7 @@ SCHEMA = (
         runs INTEGER NOT NULL,
         failures INTEGER NOT NULL,
         PRIMARY KEY (commit_id, case_id)) WITHOUT ROWID""",
+    ALLOCATIONS_TABLE,
 )
 
 
@@ -141,8 +150,11 @@ class SqliteHistoryStore(HistoryStore):
             # Statement by statement: executescript() would commit our transaction first.
             for statement in SCHEMA:
                 cursor.execute(statement)
-        elif version == 1:
-            self._stop_counting_errors(cursor)
+        else:
+            if version == 1:
+                self._stop_counting_errors(cursor)
+            if version <= 2:
+                cursor.execute(ALLOCATIONS_TABLE)
         cursor.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def _stop_counting_errors(self, cursor: sqlite3.Cursor) -> None:
@@ -198,6 +210,24 @@ class SqliteHistoryStore(HistoryStore):
             ((run_id, ids[c.name], c.success, c.duration_seconds) for c in cases))
         if contributes:
             self._add_counts(cursor, commit_id, ids, run_outcomes(run), sign=1)
+
+    def allocate_run_indexes(self, repo: str, commit: str, task: str, count: int) -> int:
+        # BEGIN IMMEDIATE holds the write lock from the read to the update: no other process
+        # can allocate, or record, in between.
+        with self._transaction() as cursor:
+            commit_id = self._commit_id(cursor, repo, commit)
+            (recorded,) = cursor.execute(
+                "SELECT COALESCE(MAX(run_index) + 1, 0) FROM runs WHERE commit_id = ? AND task = ?",
+                (commit_id, task)).fetchone()
+            allocated = cursor.execute(
+                "SELECT following FROM run_index_allocations WHERE commit_id = ? AND task = ?",
+                (commit_id, task)).fetchone()
+            first = max(recorded, allocated[0] if allocated else 0)
+            cursor.execute(
+                "INSERT INTO run_index_allocations (commit_id, task, following) VALUES (?, ?, ?)"
+                " ON CONFLICT DO UPDATE SET following = excluded.following",
+                (commit_id, task, first + count))
+            return first
 
     @staticmethod
     def _commit_id(cursor: sqlite3.Cursor, repo: str, sha: str) -> int:
