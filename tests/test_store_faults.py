@@ -116,10 +116,51 @@ def test_redis_url_passwords_stay_out_of_messages():
     assert "/2 is unreachable" in str(raised.value)
 
 
-def test_sqlite_in_an_unusable_place_is_unavailable(tmp_path):
+def test_sqlite_whose_folder_is_a_file_or_missing_is_refused_and_nothing_is_made(tmp_path):
+    """A path typed wrong must not start a new, empty history: a fault to fix, not an outage
+    to spool through."""
     (tmp_path / "a-file").write_text("")
-    with pytest.raises(StoreUnavailable, match="a-file"):
+    with pytest.raises(StoreError, match="a-file is not a folder") as raised:
         open_store(str(tmp_path / "a-file" / "history.db"))
+    assert not isinstance(raised.value, StoreUnavailable)
+    with pytest.raises(StoreError, match="typo does not exist"):
+        open_store(str(tmp_path / "typo" / "history.db"))
+    assert not (tmp_path / "typo").exists()
+
+
+def test_the_default_sqlite_store_makes_its_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "fresh" / "data"))
+    with open_store("") as store:
+        assert store.path == str(tmp_path / "fresh" / "data" / "testlooper" / "history.db")
+    assert os.path.isfile(tmp_path / "fresh" / "data" / "testlooper" / "history.db")
+
+
+def test_a_sqlite_database_of_another_program_is_refused_untouched(tmp_path):
+    path = tmp_path / "other.db"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE recipes (name TEXT)")
+    with pytest.raises(StoreError, match="database of another program"):
+        open_store(str(path))
+    with sqlite3.connect(path) as db:
+        assert [name for (name,) in db.execute("SELECT name FROM sqlite_master")] == ["recipes"]
+
+
+def test_a_read_only_sqlite_store_opens_for_reading_only(tmp_path):
+    from fs_helpers import read_only
+    from testlooper.store import StoreReadOnly
+
+    folder = tmp_path / "store"
+    folder.mkdir()
+    path = str(folder / "history.db")
+    with open_store(path) as store:
+        store.record_run(make_run("c1"))
+    with read_only(folder):
+        with pytest.raises(StoreReadOnly, match="is read-only"):
+            open_store(path)
+        with open_store(path, read_only=True) as reader:
+            assert counted_runs(reader, ["c1"]) == {"c1": 1}
+            with pytest.raises(StoreUnavailable):
+                reader.record_run(make_run("c2"))
 
 
 def test_sqlite_written_by_a_newer_testlooper_is_refused(tmp_path):

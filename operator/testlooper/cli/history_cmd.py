@@ -59,6 +59,9 @@ def add_branch_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", metavar="URL", default="",
                         help=f"history store: a path or sqlite:///ABS/PATH.db, or redis://HOST:PORT/DB "
                         f"(default: {DEFAULT_STORE_PATH})")
+    parser.add_argument("--spool", metavar="DIR",
+                        help="record first the results a run kept in DIR while the store was down "
+                        "(default: the default store's folder)")
 
 
 @dataclass
@@ -85,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     if args.limit < 1:
         raise UserError("--limit must be at least 1")
     target = branch_line(args.path, args.branch, args.limit)
-    with open_store_replaying_spool(args.store) as store:
+    with open_store_replaying_spool(args.store, args.spool) as store:
         history = load_shown_history(store, target.repo_id, target.line, args.limit, args.tests)
         store_url = store.url
     if args.json:

@@ -36,13 +36,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--runs", metavar="N", type=int, help="run each test N times instead of its own `runs`")
     parser.add_argument("--jobs", metavar="N", type=int, default=0, help="runs at once (default: one per core)")
     parser.add_argument("--output", metavar="DIR", help="where logs, workspaces and snapshots go")
+    parser.add_argument("--spool", metavar="DIR", help="where results wait while the history store is down "
+                        "(default: the default store's folder; if DIR cannot be written, the --output folder)")
     parser.add_argument("--max-polls", metavar="N", type=int, default=0, help=argparse.SUPPRESS)  # for tests
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from testlooper import gitio
-    from testlooper.cli.run_cmd import default_output_dir
+    from testlooper.cli.run_cmd import checked_output_dir
     from testlooper.local.metrics import WatchMetrics
     from testlooper.local.progress import Progress
     from testlooper.local.recording import Recorder
@@ -56,9 +58,10 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UserError(f"--{exc}") from None
     repo = gitio.open_repo(args.path)
+    output_dir = checked_output_dir(args.output)
     progress = Progress()
     try:
-        recorder = Recorder(args.store, progress.say)
+        recorder = Recorder(args.store, progress.say, spool_dir=args.spool, output_dir=output_dir)
     except ValueError as exc:
         raise UserError(str(exc)) from None
     metrics = WatchMetrics()
@@ -68,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise UserError(f"cannot serve metrics on {args.metrics_address}:{args.metrics_port}: {exc}") from None
         progress.say(f"metrics on http://{args.metrics_address}:{server.server_port}/metrics")
-    watcher = Watcher(args, repo, recorder, metrics, progress, os.path.abspath(args.output or default_output_dir()))
+    watcher = Watcher(args, repo, recorder, metrics, progress, output_dir)
     # SIGTERM stops the watcher as Ctrl-C does, between commits too (run_target handles it during
     # a run and then puts this handler back); without it, SIGTERM while polling or sleeping
     # killed the process at once (status 143), skipping the store's close.

@@ -20,13 +20,13 @@ except ImportError:  # Windows: no advisory locks; see `_spool_lock`
     fcntl = None
 
 from testlooper.store.base import (
-    Aggregates, CaseResult, HistoryStore, RunRecord, StoreError, StoreUnavailable,
+    Aggregates, CaseResult, HistoryStore, RunRecord, StoreError, StoreReadOnly, StoreUnavailable,
 )
 from testlooper.store.sqlite import SqliteHistoryStore
 
 __all__ = [
     "Aggregates", "CaseResult", "DEFAULT_STORE_PATH", "HistoryStore", "RunRecord", "StoreError",
-    "StoreUnavailable", "default_store_path", "open_store", "read_spool", "replay_spool",
+    "StoreReadOnly", "StoreUnavailable", "default_store_path", "open_store", "read_spool", "replay_spool",
     "store_identity", "write_spool",
 ]
 
@@ -44,14 +44,18 @@ def default_store_path() -> str:
 DEFAULT_STORE_PATH = default_store_path()
 
 
-def open_store(url: str | None = None) -> HistoryStore:
+def open_store(url: str | None = None, read_only: bool = False) -> HistoryStore:
     """Open the history store at `url`: a path or `sqlite:///ABS/PATH.db` for SQLite,
-    `redis://HOST:PORT/DB` for Redis, None or "" for the default SQLite file."""
+    `redis://HOST:PORT/DB` for Redis, None or "" for the default SQLite file (whose folder is
+    made if need be; any other file's folder must exist).
+
+    A SQLite file that cannot be written raises StoreReadOnly, unless `read_only` (for
+    readers): then it is opened for reading only."""
     if _is_redis(url):
         # Imported here so that the local runner, which uses SQLite, never loads redis-py.
         from testlooper.store.redis_store import RedisHistoryStore
         return RedisHistoryStore(url)
-    return SqliteHistoryStore(_sqlite_path(url))
+    return SqliteHistoryStore(_sqlite_path(url), create_folder=not url, read_only=read_only)
 
 
 def store_identity(url: str | None) -> str:

@@ -29,6 +29,10 @@ class StoreError(Exception):
     """The history store cannot do what was asked."""
 
 
+class StoreReadOnly(StoreError):
+    """The store can be read but not written (a read-only file or file system)."""
+
+
 class StoreUnavailable(StoreError):
     """The backend is down or unreachable; the caller may spool runs and replay them later."""
 
