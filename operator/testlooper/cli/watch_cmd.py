@@ -127,10 +127,6 @@ class Watcher:
         for branch, sha in sorted(heads.items()):
             if sha not in self.seen:
                 new.setdefault(sha, branch)
-        if new and self.recorder.store is not None and not self.recorder.down_reason:
-            for sha in self.already_tested(list(new)):
-                self.seen.add(sha)
-                new.pop(sha)
         for sha, branch in new.items():
             self.test(sha, branch)
             self.seen.add(sha)
@@ -147,14 +143,26 @@ class Watcher:
                 heads[name] = sha
         return heads
 
-    def already_tested(self, shas: list[str]) -> set[str]:
-        from testlooper.store import StoreUnavailable
+    def recorded_results(self, sha: str) -> dict[str, list[str]] | None:
+        """What the store holds of this commit (`final_results`), or None if it cannot say."""
+        from testlooper.local.recording import final_results
+        from testlooper.store import StoreError
 
+        if self.recorder.store is None or self.recorder.down_reason:
+            return None
         try:
-            return self.recorder.store.tested_commits(self.repo_id, shas)
-        except StoreUnavailable as exc:
+            return final_results(self.recorder.store.runs(self.repo_id, sha))
+        except StoreError as exc:
             self.recorder.went_down(exc)
-            return set()
+            return None
+
+    def still_to_run(self, sha: str, planned: dict) -> dict:
+        """The planned runs the store has no counted result of (a watch stopped part way
+        through this commit left them cancelled or missing); all of them if it cannot say."""
+        from testlooper.planning.resume import remaining_plan
+
+        recorded = self.recorded_results(sha)
+        return remaining_plan(planned, recorded) if recorded else planned
 
     def test(self, sha: str, branch: str) -> None:
         from testlooper import gitio
@@ -163,8 +171,32 @@ class Watcher:
         from testlooper.local.session import run_target
         from testlooper.local.target import commit_target
         from testlooper.planning import plan
+        from testlooper.repos.definitions import definitions_at_commit
 
+        # Planned before anything is exported: a head tested in full already needs no snapshot.
+        try:
+            definitions = definitions_at_commit(self.repo, sha)
+            planned = None if definitions is None else plan(
+                definitions, gitio.changed_files(self.repo, sha), runs=self.args.runs)
+        except (DefinitionsError, ValueError, gitio.GitError) as exc:
+            self.progress.say(f"new head of {branch}: {sha[:12]}")
+            self.untestable(sha, exc)
+            return
+        remaining = planned
+        if planned is not None and planned["tasks"]:
+            remaining = self.still_to_run(sha, planned)
+            if not remaining["tasks"]:
+                return  # every planned run has a counted result: tested
         self.progress.say(f"new head of {branch}: {sha[:12]}")
+        if remaining is not planned:
+            planned_runs = sum(t["runs"] for t in planned["tasks"])
+            self.progress.say(f"{sha[:12]} was tested only in part: running the {sum(t['runs'] for t in remaining['tasks'])} "
+                              f"of its {planned_runs} planned runs (with the builds they need) that have no result")
+            planned = remaining
+        if planned is None:
+            self.metrics.commits.labels("no_definitions").inc()
+            self.progress.say(f"{sha[:12]} has no definitions file: nothing to test")
+            return
         try:
             target = commit_target(self.args.path, sha, os.path.join(self.output_dir, "sources"))
         except (DefinitionsError, gitio.GitError) as exc:
@@ -172,15 +204,6 @@ class Watcher:
             return
         try:
             target.branch = branch
-            if target.definitions is None:
-                self.metrics.commits.labels("no_definitions").inc()
-                self.progress.say(f"{sha[:12]} has no definitions file: nothing to test")
-                return
-            try:
-                planned = plan(target.definitions, gitio.changed_files(self.repo, sha), runs=self.args.runs)
-            except (ValueError, gitio.GitError) as exc:
-                self.untestable(sha, exc)
-                return
             self.progress.say(planned["reason"])
             self.progress.total, self.progress.done = sum(t["runs"] for t in planned["tasks"]), 0
             options = RunnerOptions(output_dir=self.output_dir, jobs=self.args.jobs)

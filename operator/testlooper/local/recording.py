@@ -219,6 +219,19 @@ class Recorder:
             self.store.close()
 
 
+def final_results(runs: list[RunRecord]) -> dict[str, list[str]]:
+    """`{task: [result of the final attempt of each recorded run index]}`."""
+    finals: dict[tuple[str, int], RunRecord] = {}
+    for run in runs:
+        key = (run.task, run.run_index)
+        if key not in finals or run.attempt > finals[key].attempt:
+            finals[key] = run
+    results: dict[str, list[str]] = {}
+    for (task, _index), run in sorted(finals.items()):
+        results.setdefault(task, []).append(run.result)
+    return results
+
+
 def run_record(outcome, target) -> RunRecord:
     return RunRecord(
         repo=target.repo_id, commit=target.commit, task=outcome.task, kind=outcome.kind,
