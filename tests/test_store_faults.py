@@ -304,3 +304,25 @@ def test_a_spooled_run_moves_past_indexes_another_command_allocated_but_not_reco
         assert [r.run_index for r in store.runs(REPO, "c1")] == [2]
         store.record_runs([make_run("c1", 0), make_run("c1", 1)])
         assert counted_runs(store, ["c1"]) == {"c1": 3}
+
+
+OPENER = textwrap.dedent("""
+    import sys, time
+    from testlooper.store import open_store
+    time.sleep(max(0.0, float(sys.argv[2]) - time.time()))  # all processes open at once
+    with open_store(sys.argv[1]) as store:
+        store.ping()
+""")
+
+
+def test_many_processes_opening_a_new_sqlite_store_at_once_all_succeed(tmp_path):
+    """Switching a new file to WAL takes a lock SQLite does not wait for: without asking again,
+    some of them failed "database is locked" (and a `testlooper run` then spooled its results)."""
+    for trial in range(2):
+        path = str(tmp_path / f"new-{trial}.db")
+        start_at = time.time() + 1.5
+        openers = [subprocess.Popen([sys.executable, "-c", OPENER, path, str(start_at)],
+                                    env={**os.environ, "PYTHONPATH": OPERATOR_DIR},
+                                    stderr=subprocess.PIPE, text=True) for _ in range(8)]
+        errors = [opener.communicate(timeout=60)[1] for opener in openers]
+        assert [opener.returncode for opener in openers] == [0] * 8, "\n".join(errors)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+import time
 import urllib.parse
 from contextlib import contextmanager
 from typing import Iterable, Iterator
@@ -112,13 +113,30 @@ class SqliteHistoryStore(HistoryStore):
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
                                        timeout=BUSY_TIMEOUT_MS / 1000)
             self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            self._db.execute("PRAGMA journal_mode = WAL")
+            self._use_wal()
             # WAL stays consistent after a crash at NORMAL; only the last commits may be lost.
             self._db.execute("PRAGMA synchronous = NORMAL")
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
         if version != SCHEMA_VERSION:
             with self._transaction() as cursor:
                 self._migrate(cursor)
+
+    def _use_wal(self) -> None:
+        """Switch the file to WAL, once for its life. Switching takes a lock for which SQLite
+        does not wait (busy_timeout does not apply): two commands opening a new store at the same
+        moment, one of them would fail "database is locked". So it asks again, up to the busy
+        timeout."""
+        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        while True:
+            try:
+                if self._db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                    self._db.execute("PRAGMA journal_mode = WAL")
+                return
+            except sqlite3.OperationalError as error:
+                busy = error.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+                if not busy or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
 
     def _check_writable_place(self, create_folder: bool) -> None:
         folder = os.path.dirname(os.path.abspath(self.path))
