@@ -12,7 +12,7 @@ from testlooper.local.output import why_unwritable
 
 from testlooper.store import (
     CaseResult, RunRecord, StoreError, StoreReadOnly, StoreUnavailable, default_store_path, open_store,
-    replay_spool, store_identity, write_spool,
+    record_kept_runs, replay_spool, store_identity, write_spool,
 )
 
 # While the store is down, a Recorder asks it again at most this often (on the next record).
@@ -126,15 +126,21 @@ class Recorder:
 
     def replay(self) -> None:
         for spool in self.spools:
-            if not os.path.exists(spool):
-                continue
             try:
-                count = replay_spool(self.store, spool)
+                count = self._replay(spool)
             except StoreError as exc:
                 self.went_down(exc)
                 return
             if count:
                 self.say(f"recorded {count} results that an earlier run kept in {spool}")
+
+    def _replay(self, spool: str) -> int:
+        """Replays one spool; one that cannot be read or rewritten is left as it is, said."""
+        try:
+            return replay_spool(self.store, spool)
+        except OSError as exc:
+            self.say(f"warning: cannot replay the spool {spool} ({exc.strerror or exc}); its results stay there")
+            return 0
 
     def allocate_run_indexes(self, planned: dict, repo_id: str, commit: str) -> None:
         """Number each planned task's runs from indexes the store allocates to this command
@@ -189,12 +195,11 @@ class Recorder:
                 self.store = open_store(self.url or None)
             self.store.ping()
             for spool in self.spools:
-                count += replay_spool(self.store, spool)
-            self.store.record_runs(self.unkept)
+                count += self._replay(spool)
+            count += record_kept_runs(self.store, self.unkept)
         except StoreError:
             self.last_try = self.clock()
             return
-        count += len(self.unkept)
         self.unkept = []
         self.down_reason = ""
         self.spooled = 0

@@ -26,8 +26,8 @@ from testlooper.store.sqlite import SqliteHistoryStore
 
 __all__ = [
     "Aggregates", "CaseResult", "DEFAULT_STORE_PATH", "HistoryStore", "RunRecord", "StoreError",
-    "StoreReadOnly", "StoreUnavailable", "default_store_path", "open_store", "read_spool", "replay_spool",
-    "store_identity", "write_spool",
+    "StoreReadOnly", "StoreUnavailable", "default_store_path", "open_store", "read_spool", "record_kept_runs",
+    "replay_spool", "store_identity", "write_spool",
 ]
 
 # Runs recorded per store call while replaying; the spool is rewritten after each batch, so a
@@ -190,6 +190,14 @@ def replay_spool(store: HistoryStore, path: str) -> int:
         if os.path.exists(path):
             os.remove(path)
     return recorded
+
+
+def record_kept_runs(store: HistoryStore, runs: list[RunRecord]) -> int:
+    """Record runs a command kept outside the store and outside any spool (no spool could be
+    written), renumbered as `replay_spool` renumbers spooled runs; returns how many."""
+    _renumber_unplaced_runs(store, runs)
+    store.record_runs(runs)
+    return len(runs)
 
 
 def _renumber_unplaced_runs(store: HistoryStore, runs: list[RunRecord]) -> bool:
