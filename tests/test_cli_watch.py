@@ -253,6 +253,10 @@ def test_a_restarted_watch_runs_what_the_stopped_one_left_unfinished(tmp_path, s
     assert [(r.task, r.result) for r in recorded if r.task == "lib/linux"] == [("lib/linux", "passed")]
     assert all(r.result == "cancelled" for r in recorded if r.task == "slow/linux")
     assert len([r for r in recorded if r.task == "slow/linux"]) == (2 if stop == "sigterm" else 0)
+    if stop == "sigterm":  # what history can know of it: the cancelled runs
+        shown = tl(["history", str(repo.path), "--store", store], env)
+        assert "Every case passed" not in shown.stdout, explain(shown)
+        assert "2 runs ended cancelled or in error: it is not tested in full" in shown.stdout
 
     (scratch / "go").write_text("")
     second = Watcher(args, env)
