@@ -4,6 +4,7 @@ metrics endpoint, SIGTERM, and a reader (`testlooper history`) on the same SQLit
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -16,7 +17,7 @@ import pytest
 
 from redis_server import free_port
 from run_helpers import (
-    cli_env, explain, kill_quietly, make_repo, read_pids, start_tl, stop_process, stored_runs, tl, wait_for,
+    cli_env, explain, kill_quietly, make_repo, start_tl, stop_process, stored_runs, tl, wait_for,
 )
 
 WATCH_DEFINITIONS = """
@@ -204,6 +205,19 @@ def test_watch_records_while_history_reads_the_same_sqlite_store(tmp_path):
         watcher.close()
 
 
+def processes_with_environment(entry: str) -> list[int]:
+    """The pids of this machine's processes whose environment holds `entry` (NAME=VALUE)."""
+    pids = []
+    for name in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{name}/environ", "rb") as environ:
+                if entry.encode() in environ.read().split(b"\0"):
+                    pids.append(int(name))
+        except (OSError, ValueError):
+            continue
+    return [pid for pid in pids if pid != os.getpid()]
+
+
 RESTART_DEFINITIONS = r"""
 looper_version: 5
 environments:
@@ -246,7 +260,8 @@ def test_a_restarted_watch_runs_what_the_stopped_one_left_unfinished(tmp_path, s
         else:
             first.process.kill()
             first.process.wait(timeout=10)
-            kill_quietly(read_pids(scratch, "slow-*.pid"))  # the orphaned tasks, as a reboot would
+            # The orphaned agents and tasks (in sessions of their own), as a reboot would.
+            kill_quietly(processes_with_environment(f"TL_SCRATCH={scratch}"))
     finally:
         first.close()
     recorded = stored_runs(store, repo, sha)
