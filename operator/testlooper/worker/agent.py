@@ -1501,7 +1501,7 @@ class Agent:
                       "error": f"cannot write the run's log: {log.write_error}; it is kept up to that point"}
         shipping_error = shipper.finish()
         if shipping_error:
-            sys.stderr.write(f"testlooper agent: the log could not be shipped completely: {shipping_error}\n")
+            complain(f"the log could not be shipped completely: {shipping_error}")
         return result
 
     def _run_logged_guarded(self, log, heartbeat):
@@ -1562,13 +1562,23 @@ class Agent:
         return "; ".join(task_run.artifact_problems)
 
 
+def complain(text):
+    """A line on stderr, which may be a file on the disk that just filled up: a line that cannot
+    be written must not keep the RESULT from being posted."""
+    try:
+        sys.stderr.write(f"testlooper agent: {text}\n")
+        sys.stderr.flush()
+    except OSError:
+        pass
+
+
 def deliver_result(api, result_path, result):
     """Writes ``result.json`` first (so nothing is lost), then posts the RESULT with retries."""
     try:
         with open(result_path, "w", encoding="utf-8") as out:
             json.dump(result, out, indent=1)
     except OSError as error:
-        sys.stderr.write(f"testlooper agent: cannot write result.json: {error}\n")
+        complain(f"cannot write result.json: {error}")
     for delay in (0,) + RESULT_RETRY_DELAYS:
         time.sleep(delay)
         try:
@@ -1578,7 +1588,7 @@ def deliver_result(api, result_path, result):
             last_error = error
             if error.permanent:
                 break
-    sys.stderr.write(f"testlooper agent: cannot post the result ({last_error}); it is in {result_path}\n")
+    complain(f"cannot post the result ({last_error}); it is in {result_path}")
     return False
 
 
