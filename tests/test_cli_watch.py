@@ -4,15 +4,21 @@ metrics endpoint, SIGTERM, and a reader (`testlooper history`) on the same SQLit
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
 import threading
 import time
 import urllib.request
+from pathlib import Path
+
+import pytest
 
 from redis_server import free_port
-from run_helpers import cli_env, explain, make_repo, start_tl, stop_process, stored_runs, tl
+from run_helpers import (
+    cli_env, explain, kill_quietly, make_repo, start_tl, stop_process, stored_runs, tl, wait_for,
+)
 
 WATCH_DEFINITIONS = """
 looper_version: 5
@@ -197,3 +203,99 @@ def test_watch_records_while_history_reads_the_same_sqlite_store(tmp_path):
         assert "database is locked" not in watcher.stderr and "warning" not in watcher.stderr
     finally:
         watcher.close()
+
+
+def processes_with_environment(entry: str) -> list[int]:
+    """The pids of this machine's processes whose environment holds `entry` (NAME=VALUE)."""
+    pids = []
+    for name in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{name}/environ", "rb") as environ:
+                if entry.encode() in environ.read().split(b"\0"):
+                    pids.append(int(name))
+        except (OSError, ValueError):
+            continue
+    return [pid for pid in pids if pid != os.getpid()]
+
+
+RESTART_DEFINITIONS = r"""
+looper_version: 5
+environments:
+  linux: {platform: linux, image: {name: "example/runner:1"}}
+builds:
+  lib/linux:
+    command: |
+      echo "built" > "$TEST_BUILD_OUTPUT_DIR/lib.txt"
+      echo built >> "$TL_SCRATCH/builds"
+tests:
+  slow/linux:
+    runs: 2
+    dependencies: {lib: lib/linux}
+    command: |
+      echo $$ > "$TL_SCRATCH/slow-$TEST_LOOPER_RUN_INDEX.pid"
+      while [ ! -e "$TL_SCRATCH/go" ]; do sleep 0.05; done
+      cat lib/lib.txt
+      echo '{"works": true}' > "$TEST_OUTPUT_DIR/testSummary.json"
+"""
+
+
+@pytest.mark.parametrize("stop", ["sigterm", "sigkill"])
+def test_a_restarted_watch_runs_what_the_stopped_one_left_unfinished(tmp_path, stop):
+    """A watch stopped while a commit's tests ran (its build had passed) left those runs
+    cancelled (SIGTERM) or not recorded at all (SIGKILL). Started again, it runs them, with the
+    build they need, so the commit is tested in full; a third watch finds nothing to do."""
+    env = cli_env(tmp_path)
+    scratch = Path(env["TL_SCRATCH"])
+    repo = make_repo(tmp_path / "project", RESTART_DEFINITIONS)
+    sha = repo.head()
+    store = str(tmp_path / "history.db")
+    args = [str(repo.path), "--interval", "0.2", "--metrics-port", "0", "--store", store,
+            "--output", tmp_path / "out"]
+    first = Watcher(args, env)
+    try:
+        first.wait_for_line(r"\] start    slow/linux #2")
+        wait_for(lambda: len(list(scratch.glob("slow-*.pid"))) == 2, 30, "both test runs to start")
+        if stop == "sigterm":
+            assert first.stop() == 0, first.stderr
+        else:
+            first.process.kill()
+            first.process.wait(timeout=10)
+            # The orphaned agents and tasks (in sessions of their own), as a reboot would.
+            kill_quietly(processes_with_environment(f"TL_SCRATCH={scratch}"))
+    finally:
+        first.close()
+    recorded = stored_runs(store, repo, sha)
+    assert [(r.task, r.result) for r in recorded if r.task == "lib/linux"] == [("lib/linux", "passed")]
+    assert all(r.result == "cancelled" for r in recorded if r.task == "slow/linux")
+    assert len([r for r in recorded if r.task == "slow/linux"]) == (2 if stop == "sigterm" else 0)
+    if stop == "sigterm":  # what history can know of it: the cancelled runs
+        shown = tl(["history", str(repo.path), "--store", store], env)
+        assert "Every case passed" not in shown.stdout, explain(shown)
+        assert "2 runs ended cancelled or in error: it is not tested in full" in shown.stdout
+
+    (scratch / "go").write_text("")
+    second = Watcher(args, env)
+    try:
+        found = second.wait_for_line(rf"{sha[:12]} was tested only in part: (.*)$")
+        assert "running the 3 of its 3 planned runs" in found.group(1)  # the build runs again
+        assert second.tested(sha, "main") == "3 passed"
+        assert second.stop() == 0, second.stderr
+    finally:
+        second.close()
+    finals = [r for r in stored_runs(store, repo, sha) if r.task == "slow/linux" and r.result == "passed"]
+    assert len(finals) == 2
+    assert (scratch / "builds").read_text() == "built\nbuilt\n"
+    history = json.loads(tl(["history", str(repo.path), "--store", store, "--json"], env).stdout)
+    assert history["tasks"]["slow/linux"][""][0]["runs"] == 2
+    assert history["tasks"]["slow/linux"]["works"][0]["runs"] == 2
+
+    before = len(stored_runs(store, repo, sha))
+    third = Watcher([*args, "--max-polls", "2"], env)
+    try:
+        assert third.process.wait(timeout=60) == 0, third.stderr
+        third.reader.join(timeout=5)
+        assert "new head" not in third.stderr
+    finally:
+        third.close()
+    assert len(stored_runs(store, repo, sha)) == before
+    assert (scratch / "builds").read_text() == "built\nbuilt\n"

@@ -192,3 +192,17 @@ def test_uncommitted_changes_lists_staged_modified_deleted_and_untracked(repo):
     assert sorted(gitio.uncommitted_changes(gitio.open_repo(repo.path))) == [
         "deleted.txt", "modified.txt", "new/untracked.txt", "staged.txt",
     ]
+
+
+def test_uncommitted_changes_leave_out_the_given_paths_taken_literally(repo, tmp_path):
+    repo.commit({"kept.txt": "1"})
+    repo.write({"out*[1]/runs/log.txt": "x", "out1/other.txt": "x", "store.db": "x", "store.db-wal": "x",
+                "real-change.txt": "x"})
+    opened = gitio.open_repo(repo.path)
+    leaving_out = [repo.path / "out*[1]", repo.path / "store.db", repo.path / "store.db-wal",
+                   tmp_path / "elsewhere", repo.path]  # outside the tree, or the tree itself: ignored
+    assert sorted(gitio.uncommitted_changes(opened, leaving_out=leaving_out)) == [
+        "out1/other.txt", "real-change.txt"]
+    (repo.path / "real-change.txt").unlink()
+    (repo.path / "out1" / "other.txt").unlink()
+    assert gitio.uncommitted_changes(opened, leaving_out=leaving_out) == []

@@ -153,3 +153,46 @@ def test_store_identity_is_the_absolute_file_or_the_url_without_its_password(dat
     assert store_identity("redis://:s3cret@127.0.0.1:6390/2") == "redis://127.0.0.1:6390/2"
     assert store_identity("redis://me:s3cret@host:6390/2") == "redis://me@host:6390/2"
     assert store_identity("rediss://host:6390/2") == "rediss://host:6390/2"
+
+
+# -- when no spool can be written ------------------------------------------------------------------
+
+
+def test_a_recorder_falls_back_to_the_output_folder_and_then_to_its_report(data_home, tmp_path):
+    """The spool folder is unwritable from the start: said at once, results go to the output
+    folder. When that too fails (the disk fills), results are kept in memory and recorded, with
+    fresh run indexes, as soon as the store answers again."""
+    said, clock = [], Clock()
+    (tmp_path / "a-file").write_text("")
+    output = tmp_path / "out"
+    server = RedisServer(persistent=True)  # down at first
+    try:
+        recorder = Recorder(server.url, said.append, retry_seconds=RETRY, clock=clock,
+                            spool_dir=str(tmp_path / "a-file" / "spool"), output_dir=str(output))
+        assert said[0].startswith(f"warning: cannot write a spool in {tmp_path / 'a-file' / 'spool'} (")
+        assert recorder.spool == spool_path_for(server.url, str(output))
+        assert f"will be kept in {recorder.spool}" in said[0]
+        recorder.record(make_run("c1"))
+        assert [run.commit for run in read_spool(recorder.spool)] == ["c1"]
+
+        output_spool = recorder.spool
+        os.remove(output_spool)
+        os.mkdir(output_spool)  # now the output spool cannot be appended to either
+        recorder.record(make_run("c2"))
+        assert recorder.spool is None and [run.commit for run in recorder.unkept] == ["c2"]
+        assert f"cannot write the spool {output_spool}" in said[-1]
+        os.rmdir(output_spool)
+
+        server.start()
+        with open_store(server.url) as other:  # another command took run index 0 of c2 meanwhile
+            other.record_run(RunRecord(REPO, "c2", "unit", "test", 0, 0, "failed", 1.0, 1, 5.0, "main"))
+        clock.now += RETRY
+        recorder.record(make_run("c3"))
+        assert recorder.unkept == [] and recorder.down_reason == ""
+        assert said[-1] == f"history store {server.url} is reachable again; recorded 1 kept results"
+        recorder.close()
+        with open_store(server.url) as store:
+            assert sorted((r.run_index, r.result) for r in store.runs(REPO, "c2")) == [(0, "failed"), (1, "passed")]
+        assert counted(server.url, ["c2", "c3"]) == {"c2": 2, "c3": 1}
+    finally:
+        server.__exit__(None, None, None)

@@ -1,7 +1,11 @@
 """One suite run against every history store: they must be interchangeable."""
 
+import json
 import os
 import sqlite3
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import redis
@@ -14,6 +18,7 @@ from testlooper.store import (
 from testlooper.store.sqlite import SqliteHistoryStore
 
 REPO = "org/app"
+OPERATOR_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "operator")
 
 
 @pytest.fixture(scope="module")
@@ -158,6 +163,18 @@ def test_a_store_that_counted_errors_stops_counting_them_when_opened(store, monk
             ("unit", ""): (2, 0), ("unit", "a"): (2, 0)}
 
 
+def test_a_schema_2_sqlite_store_gains_run_index_allocations_when_opened(tmp_path):
+    path = tmp_path / "history.db"
+    with open_store(str(path)) as store:
+        store.record_run(make_run(run_index=2))
+    with sqlite3.connect(path) as db:  # as TestLooper wrote it before allocations existed
+        db.execute("DROP TABLE run_index_allocations")
+        db.execute("PRAGMA user_version = 2")
+    with open_store(str(path)) as reopened:
+        assert reopened.allocate_run_indexes(REPO, "c1", "unit", 1) == 3
+        assert len(reopened.runs(REPO, "c1")) == 1
+
+
 def set_schema_version(store, version):
     if isinstance(store, SqliteHistoryStore):
         with sqlite3.connect(store.path) as db:
@@ -193,6 +210,48 @@ def test_batches_apply_like_runs_recorded_one_by_one(store):
         "c1": {("unit", ""): (2, 1), ("unit", "a"): (1, 0), ("unit", "b"): (2, 1)},
         "c2": {("unit", ""): (1, 0), ("unit", "a"): (1, 0)}}
     assert len(store.runs(REPO, "c1")) == 3
+
+
+# -- allocating run indexes ------------------------------------------------------------------
+
+
+def test_allocated_run_indexes_follow_the_recorded_and_the_allocated_ones(store):
+    assert store.allocate_run_indexes(REPO, "c1", "unit", 3) == 0
+    assert store.allocate_run_indexes(REPO, "c1", "unit", 2) == 3
+    # Other tasks, commits and repos have their own numbering.
+    assert store.allocate_run_indexes(REPO, "c1", "lint", 1) == 0
+    assert store.allocate_run_indexes(REPO, "c2", "unit", 1) == 0
+    assert store.allocate_run_indexes("org/other", "c1", "unit", 1) == 0
+    # Runs recorded without allocating (a spool replay) move the next range past them.
+    store.record_run(make_run(commit="c1", run_index=9))
+    assert store.allocate_run_indexes(REPO, "c1", "unit", 1) == 10
+    store.record_run(make_run(commit="c3", run_index=4))
+    assert store.allocate_run_indexes(REPO, "c3", "unit", 2) == 5
+    assert store.allocate_run_indexes(REPO, "c3", "unit", 1) == 7
+    # Allocating records no run: nothing is counted, the commit is not tested.
+    assert store.runs(REPO, "c2") == []
+    assert store.tested_commits(REPO, ["c2"]) == set()
+
+
+def test_run_indexes_allocated_by_many_processes_at_once_never_overlap(store, tmp_path):
+    """Eight processes, each with its own connection, allocate at once: every range is given out
+    once."""
+    script = textwrap.dedent(f"""
+        import json, sys
+        from testlooper.store import open_store
+        with open_store(sys.argv[1]) as store:
+            print(json.dumps([store.allocate_run_indexes({REPO!r}, "c1", "unit", 3)
+                              for _ in range(25)]))
+    """)
+    env = {**os.environ, "PYTHONPATH": OPERATOR_DIR}
+    processes = [subprocess.Popen([sys.executable, "-c", script, store.url], env=env,
+                                  stdout=subprocess.PIPE, text=True) for _ in range(8)]
+    firsts = []
+    for process in processes:
+        out, _ = process.communicate(timeout=120)
+        assert process.returncode == 0
+        firsts += json.loads(out)
+    assert sorted(firsts) == list(range(0, 8 * 25 * 3, 3))
 
 
 # -- reading -----------------------------------------------------------------------------

@@ -116,10 +116,51 @@ def test_redis_url_passwords_stay_out_of_messages():
     assert "/2 is unreachable" in str(raised.value)
 
 
-def test_sqlite_in_an_unusable_place_is_unavailable(tmp_path):
+def test_sqlite_whose_folder_is_a_file_or_missing_is_refused_and_nothing_is_made(tmp_path):
+    """A path typed wrong must not start a new, empty history: a fault to fix, not an outage
+    to spool through."""
     (tmp_path / "a-file").write_text("")
-    with pytest.raises(StoreUnavailable, match="a-file"):
+    with pytest.raises(StoreError, match="a-file is not a folder") as raised:
         open_store(str(tmp_path / "a-file" / "history.db"))
+    assert not isinstance(raised.value, StoreUnavailable)
+    with pytest.raises(StoreError, match="typo does not exist"):
+        open_store(str(tmp_path / "typo" / "history.db"))
+    assert not (tmp_path / "typo").exists()
+
+
+def test_the_default_sqlite_store_makes_its_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "fresh" / "data"))
+    with open_store("") as store:
+        assert store.path == str(tmp_path / "fresh" / "data" / "testlooper" / "history.db")
+    assert os.path.isfile(tmp_path / "fresh" / "data" / "testlooper" / "history.db")
+
+
+def test_a_sqlite_database_of_another_program_is_refused_untouched(tmp_path):
+    path = tmp_path / "other.db"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE recipes (name TEXT)")
+    with pytest.raises(StoreError, match="database of another program"):
+        open_store(str(path))
+    with sqlite3.connect(path) as db:
+        assert [name for (name,) in db.execute("SELECT name FROM sqlite_master")] == ["recipes"]
+
+
+def test_a_read_only_sqlite_store_opens_for_reading_only(tmp_path):
+    from fs_helpers import read_only
+    from testlooper.store import StoreReadOnly
+
+    folder = tmp_path / "store"
+    folder.mkdir()
+    path = str(folder / "history.db")
+    with open_store(path) as store:
+        store.record_run(make_run("c1"))
+    with read_only(folder):
+        with pytest.raises(StoreReadOnly, match="is read-only"):
+            open_store(path)
+        with open_store(path, read_only=True) as reader:
+            assert counted_runs(reader, ["c1"]) == {"c1": 1}
+            with pytest.raises(StoreUnavailable):
+                reader.record_run(make_run("c2"))
 
 
 def test_sqlite_written_by_a_newer_testlooper_is_refused(tmp_path):
@@ -249,3 +290,39 @@ def test_a_spooled_run_never_replaces_another_commands_run(tmp_path):
     replay_spool(store, spool)  # a replay of what is already there: replaced, not moved
     assert len(store.runs(REPO, "c1")) == 4
     store.close()
+
+
+def test_a_spooled_run_moves_past_indexes_another_command_allocated_but_not_recorded(tmp_path):
+    """The spooling command numbered its run 0 (it could not reach the store); meanwhile
+    another command allocated indexes 0 and 1 and is still running. The spooled run takes a
+    fresh index, so the other command's runs, recorded later, replace nothing."""
+    with open_store(str(tmp_path / "history.db")) as store:
+        assert store.allocate_run_indexes(REPO, "c1", "unit", 2) == 0
+        spool = str(tmp_path / "spool.jsonl")
+        write_spool(spool, [make_run("c1", 0)])
+        assert replay_spool(store, spool) == 1
+        assert [r.run_index for r in store.runs(REPO, "c1")] == [2]
+        store.record_runs([make_run("c1", 0), make_run("c1", 1)])
+        assert counted_runs(store, ["c1"]) == {"c1": 3}
+
+
+OPENER = textwrap.dedent("""
+    import sys, time
+    from testlooper.store import open_store
+    time.sleep(max(0.0, float(sys.argv[2]) - time.time()))  # all processes open at once
+    with open_store(sys.argv[1]) as store:
+        store.ping()
+""")
+
+
+def test_many_processes_opening_a_new_sqlite_store_at_once_all_succeed(tmp_path):
+    """Switching a new file to WAL takes a lock SQLite does not wait for: without asking again,
+    some of them failed "database is locked" (and a `testlooper run` then spooled its results)."""
+    for trial in range(2):
+        path = str(tmp_path / f"new-{trial}.db")
+        start_at = time.time() + 1.5
+        openers = [subprocess.Popen([sys.executable, "-c", OPENER, path, str(start_at)],
+                                    env={**os.environ, "PYTHONPATH": OPERATOR_DIR},
+                                    stderr=subprocess.PIPE, text=True) for _ in range(8)]
+        errors = [opener.communicate(timeout=60)[1] for opener in openers]
+        assert [opener.returncode for opener in openers] == [0] * 8, "\n".join(errors)

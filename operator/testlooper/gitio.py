@@ -123,13 +123,24 @@ def export_tree(repo: git.Repo, sha: str, dest_dir: str | os.PathLike) -> None:
                 raise GitError(f"cannot export commit {sha[:12]}: {done.stderr.strip()}")
 
 
-def uncommitted_changes(repo: git.Repo) -> list[str]:
-    """Paths that are staged, modified, deleted or untracked (not ignored) in the working tree."""
+def uncommitted_changes(repo: git.Repo, leaving_out=()) -> list[str]:
+    """Paths that are staged, modified, deleted or untracked (not ignored) in the working tree.
+
+    Nothing at or under the paths in `leaving_out` counts (the runner's own output, spool and
+    store, when they lie in the tree): git is told to skip them, so it never lists their files.
+    """
     if repo.bare:
         return []
+    root = os.path.realpath(repo.working_tree_dir)
+    pathspecs = []
+    for path in leaving_out:
+        relative = os.path.relpath(os.path.realpath(path), root)
+        if relative != os.curdir and relative != os.pardir and not relative.startswith(os.pardir + os.sep):
+            pathspecs.append(":(top,literal,exclude)" + relative.replace(os.sep, "/"))
     # GIT_OPTIONAL_LOCKS=0: status must not rewrite the index as a side effect of reading it.
+    limits = ["--", ":(top)", *pathspecs] if pathspecs else []
     output = repo.git.status(
-        "--porcelain=v1", "-z", "--no-renames", "--untracked-files=all", env={"GIT_OPTIONAL_LOCKS": "0"}
+        "--porcelain=v1", "-z", "--no-renames", "--untracked-files=all", *limits, env={"GIT_OPTIONAL_LOCKS": "0"}
     )
     # Each entry is "XY PATH": two status letters and a space before the path.
     return [entry[3:] for entry in output.split("\0") if entry]

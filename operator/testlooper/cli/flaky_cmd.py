@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     if args.last < 1:
         raise UserError("--last must be at least 1")
     target = branch_line(args.path, args.branch, args.last)
-    with open_store_replaying_spool(args.store) as store:
+    with open_store_replaying_spool(args.store, args.spool) as store:
         commits = tested_aggregates(store, target.repo_id, target.line, args.last, globs=[])
         counts = dict(itertools.islice(commits, args.last))
         store_url = store.url

@@ -59,6 +59,9 @@ def add_branch_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", metavar="URL", default="",
                         help=f"history store: a path or sqlite:///ABS/PATH.db, or redis://HOST:PORT/DB "
                         f"(default: {DEFAULT_STORE_PATH})")
+    parser.add_argument("--spool", metavar="DIR",
+                        help="record first the results a run kept in DIR while the store was down "
+                        "(default: the default store's folder)")
 
 
 @dataclass
@@ -85,16 +88,30 @@ def run(args: argparse.Namespace) -> int:
     if args.limit < 1:
         raise UserError("--limit must be at least 1")
     target = branch_line(args.path, args.branch, args.limit)
-    with open_store_replaying_spool(args.store) as store:
+    with open_store_replaying_spool(args.store, args.spool) as store:
         history = load_shown_history(store, target.repo_id, target.line, args.limit, args.tests)
         store_url = store.url
+        unfinished = unfinished_runs(store, target.repo_id, next(iter(history.counts), None), args.tests)
     if args.json:
         print(json.dumps(history_json(target, history), indent=2, sort_keys=True, ensure_ascii=False))
     elif not history.counts:
         print(no_history_message(target, store_url, args.tests))
     else:
-        print(render(target, history, args.tests, terminal.Styler(terminal.colour_wanted())))
+        print(render(target, history, args.tests, terminal.Styler(terminal.colour_wanted()), unfinished))
     return 0
+
+
+def unfinished_runs(store, repo_id: str, sha: str | None, globs: list[str]) -> int:
+    """How many run indexes of commit `sha` (of the tasks matching `globs`) ended cancelled or in
+    error, without a counted result: the commit is not tested in full, whatever its cases say."""
+    from testlooper.local.recording import final_results
+    from testlooper.planning import match_glob
+
+    if sha is None:
+        return 0
+    return sum(results.count("cancelled") + results.count("error")
+               for task, results in final_results(store.runs(repo_id, sha)).items()
+               if not globs or any(match_glob(glob, task) for glob in globs))
 
 
 def no_history_message(target: BranchLine, store_url: str, globs: list[str]) -> str:
@@ -115,7 +132,8 @@ def history_json(target: BranchLine, history: ShownHistory) -> dict:
     return {"repo": target.repo_id, "branch": target.branch, "commits": commits, "tasks": tasks}
 
 
-def render(target: BranchLine, history: ShownHistory, globs: list[str], styler: terminal.Styler) -> str:
+def render(target: BranchLine, history: ShownHistory, globs: list[str], styler: terminal.Styler,
+           unfinished: int = 0) -> str:
     tested = len(history.counts)
     untested = len(history.line) - tested
     title = f"{target.branch} of {target.repo_id}: {_count(tested, 'tested commit')}, newest first"
@@ -124,7 +142,7 @@ def render(target: BranchLine, history: ShownHistory, globs: list[str], styler: 
     if globs:
         title += f"; tasks matching {', '.join(globs)}"
     return "\n\n".join([terminal.heading(title, styler), _grid(target, history, styler),
-                        _notable_cases(history, styler)])
+                        _notable_cases(history, styler, unfinished)])
 
 
 def _grid(target: BranchLine, history: ShownHistory, styler: terminal.Styler) -> str:
@@ -141,7 +159,7 @@ def _grid(target: BranchLine, history: ShownHistory, styler: terminal.Styler) ->
     return "\n\n".join(blocks)
 
 
-def _notable_cases(history: ShownHistory, styler: terminal.Styler) -> str:
+def _notable_cases(history: ShownHistory, styler: terminal.Styler, unfinished: int = 0) -> str:
     """Every case of the newest tested commit whose class is not `good`, except new cases that
     passed: on a first tested commit every case is new, and a new passing case needs no look."""
     newest, aggregates = next(iter(history.counts.items()))
@@ -150,6 +168,9 @@ def _notable_cases(history: ShownHistory, styler: terminal.Styler) -> str:
         for (task, case), class_ in history.classes[newest].items()
         if class_ != "good" and not (class_ == "new" and aggregates[task, case][1] == 0)
     )
+    if not notable and unfinished:
+        return (f"Every case that ran passed on {newest[:12]}, the newest tested commit, but "
+                f"{_count(unfinished, 'run')} ended cancelled or in error: it is not tested in full.")
     if not notable:
         return f"Every case passed on {newest[:12]}, the newest tested commit."
     rows = [[terminal.Cell(class_, CLASS_STYLES.get(class_)), task if not case else f"{task} :: {case}",

@@ -47,6 +47,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         f"(default: {DEFAULT_STORE_PATH})")
     parser.add_argument("--output", metavar="DIR", help="where logs (DIR/runs), workspaces (DIR/work) and "
                         "source snapshots (DIR/sources) go (default: the default store's folder)")
+    parser.add_argument("--spool", metavar="DIR", help="where results wait while the history store is down "
+                        "(default: the default store's folder; if DIR cannot be written, the --output folder)")
     parser.add_argument("--isolation", choices=("host", "container"), default="host",
                         help="run tasks on this host (default) or in their images through docker or podman")
     parser.add_argument("--keep-workspaces", action="store_true", help="keep each run's workspace for debugging")
@@ -63,8 +65,21 @@ def default_output_dir() -> str:
     return os.path.dirname(default_store_path())
 
 
+def checked_output_dir(option: str | None) -> str:
+    """The --output folder (made if need be), once a file was written in it: a folder that
+    cannot be written is a usage error before anything runs."""
+    from testlooper.local.output import why_unwritable
+
+    output_dir = os.path.abspath(option or default_output_dir())
+    problem = why_unwritable(output_dir)
+    if problem:
+        raise UserError(f"cannot write the output folder {output_dir} ({problem}): give --output DIR")
+    return output_dir
+
+
 def run(args: argparse.Namespace) -> int:
     from testlooper.local.progress import Progress
+    from testlooper.local.recording import own_paths
     from testlooper.local.session import raise_keyboard_interrupt
     from testlooper.local.target import commit_target, is_bare_repository, working_tree_target
     from testlooper.planning.planner import check_runs
@@ -77,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
         check_runs(args.runs)
     except ValueError as exc:
         raise UserError(f"--{exc}") from None
-    output_dir = os.path.abspath(args.output or default_output_dir())
+    output_dir = checked_output_dir(args.output)
     snapshots = os.path.join(output_dir, "sources")
     rev = args.rev
     if rev is None and is_bare_repository(args.path):
@@ -90,7 +105,9 @@ def run(args: argparse.Namespace) -> int:
         if rev:
             target = commit_target(args.path, rev, snapshots)
         else:
-            target = working_tree_target(args.path, snapshots, _snapshot_progress(progress, args.path))
+            # What this command writes itself is no change of the tree, even inside it.
+            target = working_tree_target(args.path, snapshots, _snapshot_progress(progress, args.path),
+                                         own_paths=[output_dir, *own_paths(args.store, args.spool)])
         try:
             return _run_target(args, target, output_dir, progress)
         finally:
@@ -140,10 +157,10 @@ def _run_target(args: argparse.Namespace, target, output_dir: str, progress) -> 
 
     progress.total = sum(t["runs"] for t in planned["tasks"])
     try:  # before anything is said: a malformed --store URL is a usage error of one line
-        recorder = Recorder(args.store, progress.say) if target.record else None
+        recorder = (Recorder(args.store, progress.say, spool_dir=args.spool, output_dir=output_dir)
+                    if target.record else None)
     except ValueError as exc:  # a malformed --store URL
         raise UserError(str(exc)) from None
-    _continue_run_indexes(planned, recorder, target)
     progress.say(f"running {target.note}: {terminal.count(len(planned['tasks']), 'task')}, "
                  f"{terminal.count(progress.total, 'run')}")
     options = RunnerOptions(output_dir=output_dir, jobs=args.jobs, isolation=args.isolation,
@@ -170,25 +187,6 @@ def _run_target(args: argparse.Namespace, target, output_dir: str, progress) -> 
     if interrupted:
         return EXIT_INTERRUPTED
     return EXIT_PASSED if summary["passed"] == sum(summary.values()) else EXIT_FAILED
-
-
-def _continue_run_indexes(planned: dict, recorder, target) -> None:
-    """Running a commit again adds runs to its history rather than replacing the earlier ones:
-    each task's run indexes continue after those already recorded for this commit."""
-    from testlooper.store import StoreUnavailable
-
-    if recorder is None or recorder.store is None or recorder.down_reason:
-        return
-    try:
-        recorded = recorder.store.runs(target.repo_id, target.commit)
-    except StoreUnavailable as exc:
-        recorder.went_down(exc)
-        return
-    following: dict[str, int] = {}
-    for run in recorded:
-        following[run.task] = max(following.get(run.task, 0), run.run_index + 1)
-    for task in planned["tasks"]:
-        task["first_run_index"] = following.get(task["name"], 0)
 
 
 def _compare(recorder, target) -> dict | None:
@@ -241,7 +239,10 @@ def render_summary(outcomes, summary, comparison, output_dir, recorder, styler: 
     lines.append(f"logs and artifacts: {os.path.join(output_dir, 'runs')}")
     if recorder is not None and recorder.spooled:
         lines.append(styler(f"{recorder.spooled} results could not reach the history store and wait in "
-                            f"{recorder.spool}", "yellow"))
+                            f"{recorder.spool or ', '.join(recorder.spools)}", "yellow"))
+    if recorder is not None and recorder.unkept:
+        lines.append(styler(f"{len(recorder.unkept)} results could not reach the history store and could not be "
+                            "kept in a spool: they are only in this report", "red"))
     return "\n".join(lines)
 
 

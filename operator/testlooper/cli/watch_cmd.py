@@ -36,13 +36,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--runs", metavar="N", type=int, help="run each test N times instead of its own `runs`")
     parser.add_argument("--jobs", metavar="N", type=int, default=0, help="runs at once (default: one per core)")
     parser.add_argument("--output", metavar="DIR", help="where logs, workspaces and snapshots go")
+    parser.add_argument("--spool", metavar="DIR", help="where results wait while the history store is down "
+                        "(default: the default store's folder; if DIR cannot be written, the --output folder)")
     parser.add_argument("--max-polls", metavar="N", type=int, default=0, help=argparse.SUPPRESS)  # for tests
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from testlooper import gitio
-    from testlooper.cli.run_cmd import default_output_dir
+    from testlooper.cli.run_cmd import checked_output_dir
     from testlooper.local.metrics import WatchMetrics
     from testlooper.local.progress import Progress
     from testlooper.local.recording import Recorder
@@ -56,9 +58,10 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UserError(f"--{exc}") from None
     repo = gitio.open_repo(args.path)
+    output_dir = checked_output_dir(args.output)
     progress = Progress()
     try:
-        recorder = Recorder(args.store, progress.say)
+        recorder = Recorder(args.store, progress.say, spool_dir=args.spool, output_dir=output_dir)
     except ValueError as exc:
         raise UserError(str(exc)) from None
     metrics = WatchMetrics()
@@ -68,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise UserError(f"cannot serve metrics on {args.metrics_address}:{args.metrics_port}: {exc}") from None
         progress.say(f"metrics on http://{args.metrics_address}:{server.server_port}/metrics")
-    watcher = Watcher(args, repo, recorder, metrics, progress, os.path.abspath(args.output or default_output_dir()))
+    watcher = Watcher(args, repo, recorder, metrics, progress, output_dir)
     # SIGTERM stops the watcher as Ctrl-C does, between commits too (run_target handles it during
     # a run and then puts this handler back); without it, SIGTERM while polling or sleeping
     # killed the process at once (status 143), skipping the store's close.
@@ -124,10 +127,6 @@ class Watcher:
         for branch, sha in sorted(heads.items()):
             if sha not in self.seen:
                 new.setdefault(sha, branch)
-        if new and self.recorder.store is not None and not self.recorder.down_reason:
-            for sha in self.already_tested(list(new)):
-                self.seen.add(sha)
-                new.pop(sha)
         for sha, branch in new.items():
             self.test(sha, branch)
             self.seen.add(sha)
@@ -144,14 +143,26 @@ class Watcher:
                 heads[name] = sha
         return heads
 
-    def already_tested(self, shas: list[str]) -> set[str]:
-        from testlooper.store import StoreUnavailable
+    def recorded_results(self, sha: str) -> dict[str, list[str]] | None:
+        """What the store holds of this commit (`final_results`), or None if it cannot say."""
+        from testlooper.local.recording import final_results
+        from testlooper.store import StoreError
 
+        if self.recorder.store is None or self.recorder.down_reason:
+            return None
         try:
-            return self.recorder.store.tested_commits(self.repo_id, shas)
-        except StoreUnavailable as exc:
+            return final_results(self.recorder.store.runs(self.repo_id, sha))
+        except StoreError as exc:
             self.recorder.went_down(exc)
-            return set()
+            return None
+
+    def still_to_run(self, sha: str, planned: dict) -> dict:
+        """The planned runs the store has no counted result of (a watch stopped part way
+        through this commit left them cancelled or missing); all of them if it cannot say."""
+        from testlooper.planning.resume import remaining_plan
+
+        recorded = self.recorded_results(sha)
+        return remaining_plan(planned, recorded) if recorded else planned
 
     def test(self, sha: str, branch: str) -> None:
         from testlooper import gitio
@@ -160,8 +171,32 @@ class Watcher:
         from testlooper.local.session import run_target
         from testlooper.local.target import commit_target
         from testlooper.planning import plan
+        from testlooper.repos.definitions import definitions_at_commit
 
+        # Planned before anything is exported: a head tested in full already needs no snapshot.
+        try:
+            definitions = definitions_at_commit(self.repo, sha)
+            planned = None if definitions is None else plan(
+                definitions, gitio.changed_files(self.repo, sha), runs=self.args.runs)
+        except (DefinitionsError, ValueError, gitio.GitError) as exc:
+            self.progress.say(f"new head of {branch}: {sha[:12]}")
+            self.untestable(sha, exc)
+            return
+        remaining = planned
+        if planned is not None and planned["tasks"]:
+            remaining = self.still_to_run(sha, planned)
+            if not remaining["tasks"]:
+                return  # every planned run has a counted result: tested
         self.progress.say(f"new head of {branch}: {sha[:12]}")
+        if remaining is not planned:
+            planned_runs = sum(t["runs"] for t in planned["tasks"])
+            self.progress.say(f"{sha[:12]} was tested only in part: running the {sum(t['runs'] for t in remaining['tasks'])} "
+                              f"of its {planned_runs} planned runs (with the builds they need) that have no result")
+            planned = remaining
+        if planned is None:
+            self.metrics.commits.labels("no_definitions").inc()
+            self.progress.say(f"{sha[:12]} has no definitions file: nothing to test")
+            return
         try:
             target = commit_target(self.args.path, sha, os.path.join(self.output_dir, "sources"))
         except (DefinitionsError, gitio.GitError) as exc:
@@ -169,15 +204,6 @@ class Watcher:
             return
         try:
             target.branch = branch
-            if target.definitions is None:
-                self.metrics.commits.labels("no_definitions").inc()
-                self.progress.say(f"{sha[:12]} has no definitions file: nothing to test")
-                return
-            try:
-                planned = plan(target.definitions, gitio.changed_files(self.repo, sha), runs=self.args.runs)
-            except (ValueError, gitio.GitError) as exc:
-                self.untestable(sha, exc)
-                return
             self.progress.say(planned["reason"])
             self.progress.total, self.progress.done = sum(t["runs"] for t in planned["tasks"]), 0
             options = RunnerOptions(output_dir=self.output_dir, jobs=self.args.jobs)

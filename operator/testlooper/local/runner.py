@@ -335,6 +335,12 @@ class LocalRunner:
             log=status.log_path, artifacts=os.path.join(os.path.dirname(status.log_path), "artifacts"),
             message=result.get("error") or "",
         )
+        if status.storage_error:
+            # The disk filled: the log is cut, so the result is no verdict on the code.
+            _keep_longer_log(os.path.join(workdir, "log.txt"), status.log_path)
+            if outcome.result != "cancelled":
+                outcome.result = "error"
+                outcome.message = f"{status.storage_error}: the log is kept up to that point in {status.log_path}"
         # The workspace goes before the agent is free again: the agent wrote its last there
         # before posting the result, and a slot must not be reused before its disk is back.
         if self.engine:
@@ -394,6 +400,17 @@ class _CannotRun(Exception):
 class _Agent:
     process: subprocess.Popen
     log_path: str  # its own stdout and stderr (not the tasks': those are in each run's log)
+
+
+def _keep_longer_log(workspace_log: str, shipped_log: str) -> None:
+    """The agent's own copy of a run's log holds what was written before its disk filled, which
+    may be more than reached the output folder: it takes the shipped log's place. A rename on
+    one file system needs no free space."""
+    try:
+        if os.path.getsize(workspace_log) > os.path.getsize(shipped_log):
+            os.replace(workspace_log, shipped_log)
+    except OSError:
+        pass  # on another file system, or gone: the shipped log stays as it is
 
 
 def _kill_group(process: subprocess.Popen) -> None:

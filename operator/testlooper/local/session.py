@@ -32,6 +32,8 @@ def run_target(target: Target, planned: dict, recorder: Recorder | None, options
         if on_queue is not None:
             on_queue(*runner.schedule.queue_counts())
 
+    if recorder is not None and target.record:
+        recorder.allocate_run_indexes(planned, target.repo_id, target.commit)
     runner = LocalRunner(target.definitions, planned, target.source_dir, target.commit or "working-tree",
                          target.commit_message, options, on_event=event, on_outcome=finished, on_tick=progress.tick)
     previous = signal.signal(signal.SIGTERM, raise_keyboard_interrupt)

@@ -60,13 +60,14 @@ def is_bare_repository(path: str) -> bool:
         return False
 
 
-def working_tree_target(path: str, snapshot_dir: str, on_progress=None) -> Target:
+def working_tree_target(path: str, snapshot_dir: str, on_progress=None, own_paths=()) -> Target:
     """The files on disk, copied once into a folder of this command's own, so edits made during
     the run change nothing and two commands never share a snapshot.
 
     In a git repository the copy holds what git would commit: tracked and untracked files,
-    not ignored ones (no `.venv`, no build trees). `snapshot_dir` itself is never copied, even
-    when it lies inside the tree (`--output ./out`). `on_progress(copied, total)` hears each
+    not ignored ones (no `.venv`, no build trees). `snapshot_dir` and `own_paths` (the
+    command's output folder, spool and store) are never copied and never make the tree dirty,
+    even when they lie inside it (`--output ./out`). `on_progress(copied, total)` hears each
     file copied (`total` is None when not known beforehand).
     """
     from testlooper import gitio
@@ -81,7 +82,8 @@ def working_tree_target(path: str, snapshot_dir: str, on_progress=None) -> Targe
     os.makedirs(snapshot_dir, exist_ok=True)
     source = tempfile.mkdtemp(prefix="working-tree-", dir=snapshot_dir)
     try:
-        copy_working_tree(Path(root), Path(source), Path(snapshot_dir), repo, on_progress)
+        copy_working_tree(Path(root), Path(source), [Path(snapshot_dir), *map(Path, own_paths)], repo,
+                          on_progress)
     except BaseException:
         shutil.rmtree(source, ignore_errors=True)
         raise
@@ -90,7 +92,7 @@ def working_tree_target(path: str, snapshot_dir: str, on_progress=None) -> Targe
                       commit_message="", branch="", record=False, repo=repo,
                       note=f"working tree {path} (not a commit: results are not kept in the history)")
     sha = gitio.resolve_rev(repo, "HEAD")
-    dirty = bool(gitio.uncommitted_changes(repo))
+    dirty = bool(gitio.uncommitted_changes(repo, leaving_out=[snapshot_dir, *own_paths]))
     note = f"working tree {path} at {sha[:12]}"
     if dirty:
         note += " with uncommitted changes (results are not kept in the history; commit, or use --rev)"
@@ -99,12 +101,13 @@ def working_tree_target(path: str, snapshot_dir: str, on_progress=None) -> Targe
                   note=note, repo=repo)
 
 
-def copy_working_tree(root: Path, destination: Path, output_dir: Path, repo, on_progress=None) -> None:
-    root, output_dir = root.resolve(), output_dir.resolve()
+def copy_working_tree(root: Path, destination: Path, left_out: list[Path], repo, on_progress=None) -> None:
+    root = root.resolve()
+    left_out = [path.resolve() for path in left_out]
     on_progress = on_progress or (lambda copied, total: None)
 
     def inside_output(path: Path) -> bool:
-        return path == output_dir or output_dir in path.parents
+        return any(path == own or own in path.parents for own in left_out)
 
     if repo is None or repo.bare:
         def ignore(directory, names):

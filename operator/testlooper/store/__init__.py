@@ -20,14 +20,14 @@ except ImportError:  # Windows: no advisory locks; see `_spool_lock`
     fcntl = None
 
 from testlooper.store.base import (
-    Aggregates, CaseResult, HistoryStore, RunRecord, StoreError, StoreUnavailable,
+    Aggregates, CaseResult, HistoryStore, RunRecord, StoreError, StoreReadOnly, StoreUnavailable,
 )
 from testlooper.store.sqlite import SqliteHistoryStore
 
 __all__ = [
     "Aggregates", "CaseResult", "DEFAULT_STORE_PATH", "HistoryStore", "RunRecord", "StoreError",
-    "StoreUnavailable", "default_store_path", "open_store", "read_spool", "replay_spool",
-    "store_identity", "write_spool",
+    "StoreReadOnly", "StoreUnavailable", "default_store_path", "open_store", "read_spool", "record_kept_runs",
+    "replay_spool", "store_identity", "write_spool",
 ]
 
 # Runs recorded per store call while replaying; the spool is rewritten after each batch, so a
@@ -44,14 +44,18 @@ def default_store_path() -> str:
 DEFAULT_STORE_PATH = default_store_path()
 
 
-def open_store(url: str | None = None) -> HistoryStore:
+def open_store(url: str | None = None, read_only: bool = False) -> HistoryStore:
     """Open the history store at `url`: a path or `sqlite:///ABS/PATH.db` for SQLite,
-    `redis://HOST:PORT/DB` for Redis, None or "" for the default SQLite file."""
+    `redis://HOST:PORT/DB` for Redis, None or "" for the default SQLite file (whose folder is
+    made if need be; any other file's folder must exist).
+
+    A SQLite file that cannot be written raises StoreReadOnly, unless `read_only` (for
+    readers): then it is opened for reading only."""
     if _is_redis(url):
         # Imported here so that the local runner, which uses SQLite, never loads redis-py.
         from testlooper.store.redis_store import RedisHistoryStore
         return RedisHistoryStore(url)
-    return SqliteHistoryStore(_sqlite_path(url))
+    return SqliteHistoryStore(_sqlite_path(url), create_folder=not url, read_only=read_only)
 
 
 def store_identity(url: str | None) -> str:
@@ -164,18 +168,19 @@ def replay_spool(store: HistoryStore, path: str) -> int:
     is locked from its reading to its last rewrite, so processes appending to it meanwhile
     (`write_spool`) wait, and lose nothing.
 
-    A spooled run never replaces a different run already in the store: a command that could
-    not reach the store could not know which run indexes were taken, so a spooled run whose
-    (task, run index, attempt) is taken by another run (another start time) moves, with its
-    other attempts, to the task's next free run index. The renumbered runs are written back to
-    the spool before anything is recorded, so a replay cut short renumbers nothing twice.
+    A spooled run never replaces another command's run: a command that could not reach the
+    store could not allocate its run indexes (`HistoryStore.allocate_run_indexes`), and those
+    it numbered may be another command's, recorded or still running. So each spooled run
+    index that is not in the store yet moves, with its attempts, to an index allocated now.
+    The renumbered runs are written back to the spool before anything is recorded, so a
+    replay cut short renumbers nothing twice.
     """
     if not os.path.exists(path):
         return 0  # and no lock file is made for a spool that was never written
     recorded = 0
     with _spool_lock(path):
         pending = read_spool(path)
-        if _move_off_taken_run_indexes(store, pending):
+        if _renumber_unplaced_runs(store, pending):
             _rewrite_spool(path, pending)
         while pending:
             batch, pending = pending[:REPLAY_BATCH], pending[REPLAY_BATCH:]
@@ -187,28 +192,38 @@ def replay_spool(store: HistoryStore, path: str) -> int:
     return recorded
 
 
-def _move_off_taken_run_indexes(store: HistoryStore, runs: list[RunRecord]) -> bool:
-    """Renumbers, in place, spooled runs whose identity another stored run holds; True if any."""
+def record_kept_runs(store: HistoryStore, runs: list[RunRecord]) -> int:
+    """Record runs a command kept outside the store and outside any spool (no spool could be
+    written), renumbered as `replay_spool` renumbers spooled runs; returns how many."""
+    _renumber_unplaced_runs(store, runs)
+    store.record_runs(runs)
+    return len(runs)
+
+
+def _renumber_unplaced_runs(store: HistoryStore, runs: list[RunRecord]) -> bool:
+    """Gives each spooled run index none of whose attempts the store holds a freshly allocated
+    index, in place (its attempts move together); True if any moved.
+
+    An index already placed (one of its attempts is in the store with the same start time: a
+    replay cut short) keeps its number, so nothing is counted twice.
+    """
     moved = False
-    commits = {(run.repo, run.commit) for run in runs}
-    for repo, commit in sorted(commits):
+    for repo, commit in sorted({(run.repo, run.commit) for run in runs}):
         stored = {(r.task, r.run_index, r.attempt): r.started_at for r in store.runs(repo, commit)}
-        spooled = [run for run in runs if (run.repo, run.commit) == (repo, commit)]
-        following: dict[str, int] = {}
-        for task, index, _attempt in stored:
-            following[task] = max(following.get(task, 0), index + 1)
-        for run in spooled:
-            following[run.task] = max(following.get(run.task, 0), run.run_index + 1)
-        taken = sorted({(run.task, run.run_index) for run in spooled
-                        if stored.get((run.task, run.run_index, run.attempt), run.started_at) != run.started_at})
-        new_index = {}
-        for task, index in taken:
-            new_index[(task, index)] = following[task]
-            following[task] += 1
-        for run in spooled:
-            if (run.task, run.run_index) in new_index:
-                run.run_index = new_index[(run.task, run.run_index)]
-                moved = True
+        groups: dict[tuple[str, int], list[RunRecord]] = {}
+        for run in runs:
+            if (run.repo, run.commit) == (repo, commit):
+                groups.setdefault((run.task, run.run_index), []).append(run)
+        unplaced: dict[str, list[list[RunRecord]]] = {}
+        for (task, index), attempts in sorted(groups.items()):
+            if not any(stored.get((task, index, run.attempt)) == run.started_at for run in attempts):
+                unplaced.setdefault(task, []).append(attempts)
+        for task, task_groups in unplaced.items():
+            first = store.allocate_run_indexes(repo, commit, task, len(task_groups))
+            for new_index, attempts in enumerate(task_groups, start=first):
+                for run in attempts:
+                    moved = moved or run.run_index != new_index
+                    run.run_index = new_index
     return moved
 
 

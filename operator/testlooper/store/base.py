@@ -29,6 +29,10 @@ class StoreError(Exception):
     """The history store cannot do what was asked."""
 
 
+class StoreReadOnly(StoreError):
+    """The store can be read but not written (a read-only file or file system)."""
+
+
 class StoreUnavailable(StoreError):
     """The backend is down or unreachable; the caller may spool runs and replay them later."""
 
@@ -156,6 +160,16 @@ class HistoryStore(abc.ABC):
         """Record many runs, as `record_run` would one by one, in fewer round trips.
 
         If it raises, some of the runs may be recorded already; recording them again is safe.
+        """
+
+    @abc.abstractmethod
+    def allocate_run_indexes(self, repo: str, commit: str, task: str, count: int) -> int:
+        """Reserve `count` run indexes of the task on the commit; returns the first of them.
+
+        The range `[first, first + count)` is given to this caller alone, however many
+        processes allocate at once, and lies after every index recorded or allocated before,
+        so runs recorded under it never replace another command's. Indexes allocated but never
+        recorded (the command was interrupted) stay unused.
         """
 
     @abc.abstractmethod

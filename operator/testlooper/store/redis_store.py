@@ -6,6 +6,7 @@ MULTI/EXEC so that a reader never sees a run without its counts:
     tl:{repo}:{sha}:runs    [task,run_index,attempt] -> the run without its cases (JSON)
     tl:{repo}:{sha}:cases   [task,run_index,attempt] -> its cases, column-wise JSON
     tl:{repo}:{sha}:counts  task -> the task's aggregates on this commit, column-wise JSON
+    tl:{repo}:{sha}:next    task -> the first run index `allocate_run_indexes` has not given out
 
 Cases and counts are stored column-wise (`{"cases": [...], "runs": [...], ...}`) because
 decoding three long lists in C is much faster than decoding one small object per case, and
@@ -52,6 +53,7 @@ class CommitKeys:
         self.runs = f"{prefix}:runs"
         self.cases = f"{prefix}:cases"
         self.counts = f"{prefix}:counts"
+        self.next_index = f"{prefix}:next"
 
 
 def run_field(task: str, run_index: int, attempt: int) -> str:
@@ -248,6 +250,26 @@ class RedisHistoryStore(HistoryStore):
                 pipe.hdel(keys.counts, task)
         pipe.sadd(REPOS_KEY, repo)
         pipe.execute()
+
+    @unavailable_on_connection_error
+    def allocate_run_indexes(self, repo: str, commit: str, task: str, count: int) -> int:
+        keys = CommitKeys(repo, commit)
+        with self._client.pipeline() as pipe:
+            while True:
+                try:
+                    # The runs too: a spool replay may record runs without allocating.
+                    pipe.watch(keys.next_index, keys.runs)
+                    allocated = pipe.hget(keys.next_index, task)
+                    recorded = max((run_index + 1 for recorded_task, run_index, _ in
+                                    map(json.loads, pipe.hkeys(keys.runs))
+                                    if recorded_task == task), default=0)
+                    first = max(recorded, int(allocated) if allocated is not None else 0)
+                    pipe.multi()
+                    pipe.hset(keys.next_index, task, first + count)
+                    pipe.execute()
+                    return first
+                except WatchError:
+                    pipe.reset()  # another command allocated or recorded meanwhile: again
 
     # -- reading -----------------------------------------------------------------------------
 

@@ -12,16 +12,19 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+import time
+import urllib.parse
 from contextlib import contextmanager
 from typing import Iterable, Iterator
 
 from testlooper.store.base import (
-    Aggregates, CaseResult, HistoryStore, RunRecord, StoreError, StoreUnavailable,
+    Aggregates, CaseResult, HistoryStore, RunRecord, StoreError, StoreReadOnly, StoreUnavailable,
     TASK_CASE, case_outcomes, distinct_cases, final_attempt_change, run_outcomes,
 )
 
 # 2: `error` runs are no longer counted (schema 1 counted them as failures).
-SCHEMA_VERSION = 2
+# 3: run indexes are allocated (run_index_allocations).
+SCHEMA_VERSION = 3
 BUSY_TIMEOUT_MS = 30_000
 # Errors (by primary result code) meaning the file cannot be used now, rather than a bug.
 UNAVAILABLE_ERRORS = frozenset({
@@ -30,6 +33,13 @@ UNAVAILABLE_ERRORS = frozenset({
 })
 # Stay well under SQLite's limit on bound parameters per statement.
 IDS_PER_QUERY = 500
+
+# Per (commit, task), the first run index not yet given out by `allocate_run_indexes`.
+ALLOCATIONS_TABLE = """CREATE TABLE IF NOT EXISTS run_index_allocations (
+        commit_id INTEGER NOT NULL REFERENCES commits (id),
+        task TEXT NOT NULL,
+        following INTEGER NOT NULL,
+        PRIMARY KEY (commit_id, task)) WITHOUT ROWID"""
 
 SCHEMA = (
     """CREATE TABLE commits (
@@ -73,11 +83,20 @@ SCHEMA = (
         runs INTEGER NOT NULL,
         failures INTEGER NOT NULL,
         PRIMARY KEY (commit_id, case_id)) WITHOUT ROWID""",
+    ALLOCATIONS_TABLE,
 )
 
 
 class SqliteHistoryStore(HistoryStore):
-    def __init__(self, path: str):
+    """The store in the SQLite file at `path`.
+
+    The file's folder must exist unless `create_folder` (the default store's folder is made;
+    a path the user typed wrong must not silently start a new, empty history). A file that
+    cannot be written is refused with StoreReadOnly, unless `read_only`: then it is opened
+    for reading only (and writing raises StoreUnavailable).
+    """
+
+    def __init__(self, path: str, create_folder: bool = False, read_only: bool = False):
         self.path = path
         self.url = f"sqlite://{os.path.abspath(path)}"
         # One connection shared by the caller's threads, one transaction at a time.
@@ -86,12 +105,15 @@ class SqliteHistoryStore(HistoryStore):
         # of the store; ids are cached only once the transaction that made them committed.
         self._case_ids: dict[tuple[str, str], int] = {}
         self._case_keys: dict[int, tuple[str, str]] = {}
+        if read_only:
+            self._open_read_only()
+            return
+        self._check_writable_place(create_folder)
         with self._unavailable_when_unusable():
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
                                        timeout=BUSY_TIMEOUT_MS / 1000)
             self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            self._db.execute("PRAGMA journal_mode = WAL")
+            self._use_wal()
             # WAL stays consistent after a crash at NORMAL; only the last commits may be lost.
             self._db.execute("PRAGMA synchronous = NORMAL")
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
@@ -99,16 +121,86 @@ class SqliteHistoryStore(HistoryStore):
             with self._transaction() as cursor:
                 self._migrate(cursor)
 
+    def _use_wal(self) -> None:
+        """Switch the file to WAL, once for its life. Switching takes a lock for which SQLite
+        does not wait (busy_timeout does not apply): two commands opening a new store at the same
+        moment, one of them would fail "database is locked". So it asks again, up to the busy
+        timeout."""
+        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        while True:
+            try:
+                if self._db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                    self._db.execute("PRAGMA journal_mode = WAL")
+                return
+            except sqlite3.OperationalError as error:
+                busy = error.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+                if not busy or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+
+    def _check_writable_place(self, create_folder: bool) -> None:
+        folder = os.path.dirname(os.path.abspath(self.path))
+        if create_folder:
+            with self._unavailable_when_unusable():
+                os.makedirs(folder, exist_ok=True)
+        elif not os.path.isdir(folder):
+            what = "is not a folder" if os.path.exists(folder) else "does not exist"
+            raise StoreError(f"history store {self.url}: its folder {folder} {what}")
+        if os.path.isdir(self.path):
+            raise StoreError(f"history store {self.url} is a folder, not a database file")
+        # SQLite opens a file it cannot write read-only without a word, and WAL needs the
+        # folder writable too (for FILE-wal and FILE-shm): refuse here, not at the first run.
+        exists = os.path.exists(self.path)
+        if exists and not (os.access(self.path, os.W_OK) and os.access(folder, os.W_OK)):
+            raise StoreReadOnly(f"history store {self.url} is read-only: it can be read "
+                                "(testlooper history, flaky) but no run can be recorded in it")
+        if not exists and not os.access(folder, os.W_OK):
+            raise StoreReadOnly(f"history store {self.url} cannot be created: its folder "
+                                f"{folder} is not writable")
+
+    def _open_read_only(self) -> None:
+        if not os.path.isfile(self.path):
+            raise StoreError(f"history store {self.url} does not exist")
+        location = urllib.parse.quote(os.path.abspath(self.path))
+        with self._unavailable_when_unusable():
+            self._db = sqlite3.connect(f"file:{location}?mode=ro", uri=True, isolation_level=None,
+                                       check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000)
+            try:
+                version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            except sqlite3.OperationalError as error:
+                if error.sqlite_errorcode & 0xFF != sqlite3.SQLITE_CANTOPEN:
+                    raise
+                # A WAL file in a read-only folder: SQLite cannot make FILE-shm to read it
+                # shared. Closed cleanly, the file holds everything; read it as immutable.
+                self._db.close()
+                self._db = sqlite3.connect(f"file:{location}?immutable=1", uri=True,
+                                           isolation_level=None, check_same_thread=False)
+                version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version == 0:
+            raise StoreError(f"history store {self.url} holds no TestLooper history "
+                             "(and is read-only)")
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"history store {self.url} has schema version {version}; this "
+                             f"TestLooper knows up to {SCHEMA_VERSION}: upgrade TestLooper")
+
     @contextmanager
     def _unavailable_when_unusable(self) -> Iterator[None]:
         """Errors meaning the file cannot be used now (busy, unreadable, disk full) become
-        StoreUnavailable; other errors are bugs and stay as they are."""
+        StoreUnavailable; a file that is no database, or a damaged one, is a StoreError the
+        user can fix; other errors are bugs and stay as they are."""
         try:
             yield
         except OSError as error:
             raise StoreUnavailable(f"history store {self.url} is unavailable: {error}") from error
-        except sqlite3.OperationalError as error:
-            if error.sqlite_errorcode & 0xFF in UNAVAILABLE_ERRORS:
+        except sqlite3.DatabaseError as error:  # OperationalError too
+            code = (getattr(error, "sqlite_errorcode", None) or 0) & 0xFF
+            if code == sqlite3.SQLITE_NOTADB:
+                raise StoreError(f"history store {self.url} is not a SQLite database "
+                                 f"({error})") from None
+            if code == sqlite3.SQLITE_CORRUPT:
+                raise StoreError(f"history store {self.url} is damaged ({error}): move it aside "
+                                 "to start a new history, or restore a copy") from None
+            if isinstance(error, sqlite3.OperationalError) and code in UNAVAILABLE_ERRORS:
                 raise StoreUnavailable(
                     f"history store {self.url} is unavailable: {error}") from error
             raise
@@ -138,11 +230,17 @@ class SqliteHistoryStore(HistoryStore):
             raise StoreError(f"history store {self.url} has schema version {version}; this "
                              f"TestLooper knows up to {SCHEMA_VERSION}: upgrade TestLooper")
         if version == 0:
+            if cursor.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone():
+                raise StoreError(f"history store {self.url} is a SQLite database of another "
+                                 "program (it has tables, but no TestLooper schema)")
             # Statement by statement: executescript() would commit our transaction first.
             for statement in SCHEMA:
                 cursor.execute(statement)
-        elif version == 1:
-            self._stop_counting_errors(cursor)
+        else:
+            if version == 1:
+                self._stop_counting_errors(cursor)
+            if version <= 2:
+                cursor.execute(ALLOCATIONS_TABLE)
         cursor.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def _stop_counting_errors(self, cursor: sqlite3.Cursor) -> None:
@@ -198,6 +296,24 @@ class SqliteHistoryStore(HistoryStore):
             ((run_id, ids[c.name], c.success, c.duration_seconds) for c in cases))
         if contributes:
             self._add_counts(cursor, commit_id, ids, run_outcomes(run), sign=1)
+
+    def allocate_run_indexes(self, repo: str, commit: str, task: str, count: int) -> int:
+        # BEGIN IMMEDIATE holds the write lock from the read to the update: no other process
+        # can allocate, or record, in between.
+        with self._transaction() as cursor:
+            commit_id = self._commit_id(cursor, repo, commit)
+            (recorded,) = cursor.execute(
+                "SELECT COALESCE(MAX(run_index) + 1, 0) FROM runs WHERE commit_id = ? AND task = ?",
+                (commit_id, task)).fetchone()
+            allocated = cursor.execute(
+                "SELECT following FROM run_index_allocations WHERE commit_id = ? AND task = ?",
+                (commit_id, task)).fetchone()
+            first = max(recorded, allocated[0] if allocated else 0)
+            cursor.execute(
+                "INSERT INTO run_index_allocations (commit_id, task, following) VALUES (?, ?, ?)"
+                " ON CONFLICT DO UPDATE SET following = excluded.following",
+                (commit_id, task, first + count))
+            return first
 
     @staticmethod
     def _commit_id(cursor: sqlite3.Cursor, repo: str, sha: str) -> int:

@@ -66,7 +66,9 @@ class ApiError(Exception):
     @property
     def permanent(self):
         """True when asking again cannot help (bad token, unknown run, refused request)."""
-        return self.status is not None and 400 <= self.status < 500 and self.status not in (408, 409, 429)
+        # 507: the API's disk is full; the run is an error, resending its log would only wait.
+        return self.status is not None and (400 <= self.status < 500 and self.status not in (408, 409, 429)
+                                            or self.status == 507)
 
 
 class InfrastructureError(Exception):
@@ -416,17 +418,24 @@ class TaskLog:
         self.limit_bytes = limit_bytes
         self.left_out_bytes = 0
         self._marker_length = 0  # of the cut marker in the file, if any
+        self.write_error = ""  # why a note could not be written (a full disk): the log is cut
 
     @property
     def head_bytes(self):
         return None if self.limit_bytes is None else self.limit_bytes // 2
 
     def note(self, text):
-        self.file.write(f"[testlooper] {text}\n".encode("utf-8", "replace"))
-        self.file.flush()
+        try:
+            self.file.write(f"[testlooper] {text}\n".encode("utf-8", "replace"))
+            self.file.flush()
+        except OSError as error:  # the run goes on to its result; that result says the log is cut
+            self.write_error = self.write_error or (error.strerror or str(error))
 
     def close(self):
-        self.file.close()
+        try:
+            self.file.close()
+        except OSError as error:
+            self.write_error = self.write_error or (error.strerror or str(error))
 
     def limit_message(self):
         return (f"the log passed its limit of {_size_text(self.limit_bytes)} (max_log_mb), so the task was stopped; "
@@ -1486,9 +1495,13 @@ class Agent:
         finally:
             heartbeat.finish()
             log.close()
+        if log.write_error and result["result"] in ("passed", "failed", "timeout"):
+            # The task's output was cut too: its verdict cannot be trusted.
+            result = {**result, "result": "error",
+                      "error": f"cannot write the run's log: {log.write_error}; it is kept up to that point"}
         shipping_error = shipper.finish()
         if shipping_error:
-            sys.stderr.write(f"testlooper agent: the log could not be shipped completely: {shipping_error}\n")
+            complain(f"the log could not be shipped completely: {shipping_error}")
         return result
 
     def _run_logged_guarded(self, log, heartbeat):
@@ -1549,13 +1562,23 @@ class Agent:
         return "; ".join(task_run.artifact_problems)
 
 
+def complain(text):
+    """A line on stderr, which may be a file on the disk that just filled up: a line that cannot
+    be written must not keep the RESULT from being posted."""
+    try:
+        sys.stderr.write(f"testlooper agent: {text}\n")
+        sys.stderr.flush()
+    except OSError:
+        pass
+
+
 def deliver_result(api, result_path, result):
     """Writes ``result.json`` first (so nothing is lost), then posts the RESULT with retries."""
     try:
         with open(result_path, "w", encoding="utf-8") as out:
             json.dump(result, out, indent=1)
     except OSError as error:
-        sys.stderr.write(f"testlooper agent: cannot write result.json: {error}\n")
+        complain(f"cannot write result.json: {error}")
     for delay in (0,) + RESULT_RETRY_DELAYS:
         time.sleep(delay)
         try:
@@ -1565,7 +1588,7 @@ def deliver_result(api, result_path, result):
             last_error = error
             if error.permanent:
                 break
-    sys.stderr.write(f"testlooper agent: cannot post the result ({last_error}); it is in {result_path}\n")
+    complain(f"cannot post the result ({last_error}); it is in {result_path}")
     return False
 
 

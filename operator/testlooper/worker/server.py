@@ -63,6 +63,7 @@ class RunStatus:
     log_size: int
     artifacts: dict
     result: dict | None
+    storage_error: str = ""  # why the log or an artifact could not be stored (a full disk), if so
 
 
 @dataclass
@@ -80,6 +81,7 @@ class _Run:
     log_size: int = 0
     artifacts: dict = field(default_factory=dict)
     result: dict | None = None
+    storage_error: str = ""
 
     @property
     def log_path(self):
@@ -163,7 +165,8 @@ class WorkerApiServer:
         with run.lock:
             return RunStatus(phase=run.phase, last_heartbeat=run.last_heartbeat,
                              cancel_requested=run.cancel_requested, log_path=run.log_path,
-                             log_size=run.log_size, artifacts=dict(run.artifacts), result=run.result)
+                             log_size=run.log_size, artifacts=dict(run.artifacts), result=run.result,
+                             storage_error=run.storage_error)
 
     def find_run(self, run_id):
         with self._runs_lock:
@@ -294,7 +297,10 @@ class _Handler(BaseHTTPRequestHandler):
             if offset > run.log_size:
                 raise _HttpError(409, f"offset {offset} leaves a gap: the log holds {run.log_size} bytes",
                                  size=run.log_size)
-            self._write_log(run, offset, data)
+            try:
+                self._write_log(run, offset, data)
+            except OSError as error:  # a full disk: what was written before stays
+                raise self._cannot_store(run, "the log", error) from None
         self._send_json(200, {"ok": True, "size": run.log_size})
 
     def _put_artifact(self, run, argument, query):
@@ -303,7 +309,10 @@ class _Handler(BaseHTTPRequestHandler):
         if archive_format not in ARTIFACT_FORMATS:
             raise _HttpError(400, f"unknown artifact format {archive_format!r}")
         length = self._content_length(self.api.max_artifact_bytes)
-        record = self._store_artifact(run, name, archive_format, length)
+        try:
+            record = self._store_artifact(run, name, archive_format, length)
+        except OSError as error:
+            raise self._cannot_store(run, f"artifact {name!r}" if name else "the output artifact", error) from None
         with run.lock:
             run.artifacts[name] = record
         self._send_json(200, {"ok": True})
@@ -326,6 +335,13 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_json(200, {"ok": True})
 
     # -- helpers ----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _cannot_store(run, what, error):
+        """507 Insufficient Storage; the run remembers why, and its runner reports it."""
+        reason = error.strerror or str(error)
+        run.storage_error = run.storage_error or f"{reason} (storing {what})"
+        return _HttpError(507, f"cannot store {what}: {reason}")
 
     def _write_log(self, run, offset, data):
         """Writes ``data`` at ``offset``: a resent chunk rewrites the same bytes, so it is harmless."""
