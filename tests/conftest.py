@@ -1,5 +1,7 @@
 """Fixtures shared by many test files."""
 
+pytest_plugins = ["kube_fixtures"]  # the Kubernetes emulator: `kube`, `kube_emulator_process`
+
 import pytest
 
 from testlooper.cli.main import main

@@ -1,0 +1,366 @@
+"""The Kubernetes emulator (tests/kube_emulator.py) behaves as the API server where kubectl, the
+official client and kopf can tell: each test drives it with one of those real clients."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+import urllib.request
+
+import kubernetes
+import pytest
+import yaml
+
+from kube_jsonpath import JsonPathError, compile_path
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+GROUP, VERSION = "example.testlooper.dev", "v1alpha1"
+WIDGETS = f"/apis/{GROUP}/{VERSION}/namespaces/default/widgets"
+
+
+def widget(name: str, color: str = "blue", size: int = 3, labels: dict | None = None) -> dict:
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "Widget",
+            "metadata": {"name": name, "labels": labels or {}},
+            "spec": {"color": color, "size": size}}
+
+
+def write_yaml(path: pathlib.Path, *documents: dict) -> str:
+    path.write_text(yaml.safe_dump_all(documents))
+    return str(path)
+
+
+def table(output: str) -> list[dict[str, str]]:
+    """kubectl's table output as rows of {HEADER: cell}, cut at the header's column starts."""
+    lines = [line for line in output.splitlines() if line.strip()]
+    header = lines[0]
+    # Columns start at a non-space after at least two spaces (a header may be "LAST SEEN").
+    starts = [0] + [i for i in range(1, len(header))
+                    if header[i] != " " and header[i - 1] == " " and header[i - 2] == " "]
+    names = [header[s:e].strip() for s, e in zip(starts, starts[1:] + [None])]
+    return [{name: line[s:e].strip() for name, s, e in zip(names, starts, starts[1:] + [None])}
+            for line in lines[1:]]
+
+
+@pytest.fixture
+def api(kube):
+    """The official client, talking to the emulator as client "python"."""
+    client = kubernetes.config.new_client_from_config(config_file=kube.kubeconfig("python"))
+    yield kubernetes.client.CustomObjectsApi(client), kubernetes.client.CoreV1Api(client)
+    client.close()
+
+
+# ---------- kubectl ----------
+
+def test_kubectl_apply_creates_then_reports_unchanged(kube, tmp_path):
+    path = write_yaml(tmp_path / "w.yaml", widget("w1"))
+    assert kube.kubectl("apply", "--validate=false", "-f", path).stdout.strip() == \
+        "widget.example.testlooper.dev/w1 created"
+    assert kube.kubectl("apply", "--validate=false", "-f", path).stdout.strip() == \
+        "widget.example.testlooper.dev/w1 unchanged"
+    stored = kube.api("GET", f"{WIDGETS}/w1")
+    metadata = stored["metadata"]
+    assert metadata["generation"] == 1 and metadata["uid"] and metadata["namespace"] == "default"
+    assert int(metadata["resourceVersion"]) > 0
+    assert datetime.datetime.fromisoformat(metadata["creationTimestamp"].replace("Z", "+00:00"))
+    # A changed file is a merge patch: spec changes bump the generation.
+    write_yaml(tmp_path / "w.yaml", widget("w1", color="red"))
+    assert "configured" in kube.kubectl("apply", "--validate=false", "-f", path).stdout
+    assert kube.api("GET", f"{WIDGETS}/w1")["metadata"]["generation"] == 2
+
+
+def test_kubectl_get_prints_the_crd_printer_columns(kube, tmp_path):
+    write_yaml(tmp_path / "w.yaml",
+               widget("w1", labels={"testlooper.dev/short-commit": "0123456789ab"}),
+               widget("w2", color="green", size=5))
+    kube.kubectl("apply", "--validate=false", "-f", str(tmp_path / "w.yaml"))
+    two_days_ago = (datetime.datetime.now(datetime.UTC) - datetime.timedelta(hours=50)
+                    ).strftime("%Y-%m-%dT%H:%M:%SZ")
+    kube.kubectl("patch", "widget", "w1", "--subresource", "status", "--type", "merge", "-p",
+                 json.dumps({"status": {"lastSeen": two_days_ago, "conditions": [
+                     {"type": "Synced", "status": "False"},
+                     {"type": "Ready", "status": "True"}]}}))
+    output = kube.kubectl("get", "widgets").stdout
+    assert output.splitlines()[0].split() == ["NAME", "COLOR", "READY", "COMMIT", "SIZE", "LAST",
+                                              "SEEN", "AGE"]
+    rows = {row["NAME"]: row for row in table(output)}
+    assert rows["w1"]["COLOR"] == "blue"
+    assert rows["w1"]["READY"] == "True"  # the filter picked the Ready condition, not Synced
+    assert rows["w1"]["COMMIT"] == "0123456789ab"  # the label key with an escaped dot
+    assert rows["w1"]["SIZE"] == "3"
+    assert rows["w1"]["LAST SEEN"] == "2d2h"  # a date column is shown as an age
+    assert rows["w1"]["AGE"].endswith("s")
+    assert rows["w2"]["READY"] == "" and rows["w2"]["COMMIT"] == "" and rows["w2"]["SIZE"] == "5"
+    # One object by name, by short name, and a resource without columns (NAME, AGE).
+    assert table(kube.kubectl("get", "wdg", "w2").stdout)[0]["COLOR"] == "green"
+    kube.kubectl("apply", "--validate=false", "-f", "-", input=yaml.safe_dump(
+        {"apiVersion": f"{GROUP}/{VERSION}", "kind": "Gadget", "metadata": {"name": "g1"}}))
+    assert kube.kubectl("get", "gadgets").stdout.split()[:3] == ["NAME", "AGE", "g1"]
+
+
+def test_kubectl_get_jsonpath_and_label_selector(kube, tmp_path):
+    write_yaml(tmp_path / "w.yaml", widget("w1", labels={"tier": "a"}),
+               widget("w2", labels={"tier": "b"}), widget("w3"))
+    kube.kubectl("apply", "--validate=false", "-f", str(tmp_path / "w.yaml"))
+    names = kube.kubectl("get", "widgets", "-o", "jsonpath={.items[*].metadata.name}").stdout
+    assert names.split() == ["w1", "w2", "w3"]
+    assert kube.kubectl("get", "widget", "w2", "-o", "jsonpath={.spec.color}").stdout == "blue"
+    selected = kube.kubectl("get", "widgets", "-l", "tier in (a,b),tier!=b", "-o", "name").stdout
+    assert selected.split() == ["widget.example.testlooper.dev/w1"]
+    assert kube.kubectl("get", "widgets", "-l", "!tier", "-o", "name").stdout.split() == [
+        "widget.example.testlooper.dev/w3"]
+
+
+def test_kubectl_patch_keeps_spec_and_status_apart(kube, tmp_path):
+    kube.kubectl("apply", "--validate=false", "-f", write_yaml(tmp_path / "w.yaml", widget("w1")))
+    kube.kubectl("patch", "widget", "w1", "--type", "merge", "-p", '{"spec": {"size": 4}}')
+    after_spec = kube.api("GET", f"{WIDGETS}/w1")
+    assert after_spec["spec"]["size"] == 4 and after_spec["metadata"]["generation"] == 2
+
+    kube.kubectl("patch", "widget", "w1", "--subresource", "status", "--type", "merge",
+                 "-p", '{"status": {"phase": "Ready"}, "spec": {"size": 99}}')
+    after_status = kube.api("GET", f"{WIDGETS}/w1")
+    assert after_status["status"] == {"phase": "Ready"}
+    assert after_status["spec"]["size"] == 4  # /status changes only the status
+    assert after_status["metadata"]["generation"] == 2  # and does not bump the generation
+    assert int(after_status["metadata"]["resourceVersion"]) > int(
+        after_spec["metadata"]["resourceVersion"])
+
+    # Through the main endpoint the status does not change.
+    kube.kubectl("patch", "widget", "w1", "--type", "merge", "-p", '{"status": {"phase": "X"}}')
+    assert kube.api("GET", f"{WIDGETS}/w1")["status"] == {"phase": "Ready"}
+
+
+def test_kubectl_delete_waits_for_finalizers(kube, tmp_path):
+    held = widget("held")
+    held["metadata"]["finalizers"] = ["example.testlooper.dev/hold"]
+    kube.kubectl("apply", "--validate=false", "-f",
+                 write_yaml(tmp_path / "w.yaml", widget("free"), held))
+    assert kube.kubectl("delete", "widget", "free").stdout.strip() == \
+        'widget.example.testlooper.dev "free" deleted'
+    assert "NotFound" in kube.kubectl("get", "widget", "free", check=False).stderr
+
+    kube.kubectl("delete", "widget", "held", "--wait=false")
+    marked = kube.api("GET", f"{WIDGETS}/held")
+    assert marked["metadata"]["deletionTimestamp"]
+    kube.kubectl("patch", "widget", "held", "--type", "json",
+                 "-p", '[{"op": "remove", "path": "/metadata/finalizers"}]')
+    assert kube.kubectl("get", "widgets", "-o", "name").stdout == ""
+
+
+def test_kubectl_applies_core_objects_and_namespaces(kube, tmp_path):
+    path = write_yaml(
+        tmp_path / "core.yaml",
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "team"}},
+        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "git", "namespace": "team"},
+         "stringData": {"token": "s3cret"}},
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c", "namespace": "team"},
+         "data": {"k": "v"}})
+    output = kube.kubectl("apply", "--validate=false", "-f", path).stdout
+    assert output.split("\n")[:3] == ["namespace/team created", "secret/git created",
+                                      "configmap/c created"]
+    assert kube.kubectl("get", "configmap", "c", "-n", "team", "-o",
+                        "jsonpath={.data.k}").stdout == "v"
+    assert "team" in kube.kubectl("get", "namespaces", "-o", "name").stdout
+    # Deleting the namespace deletes what it holds.
+    kube.kubectl("delete", "namespace", "team")
+    assert kube.kubectl("get", "configmaps", "-n", "team", "-o", "name").stdout == ""
+
+
+# ---------- the official client ----------
+
+def test_client_create_list_replace_and_conflicts(api):
+    custom, _ = api
+    created = custom.create_namespaced_custom_object(
+        GROUP, VERSION, "default", "widgets", widget("w1", labels={"tier": "a"}))
+    assert created["metadata"]["name"] == "w1" and created["metadata"]["resourceVersion"]
+    for name, tier in (("w2", "b"), ("w3", None)):
+        custom.create_namespaced_custom_object(
+            GROUP, VERSION, "default", "widgets",
+            widget(name, labels={"tier": tier} if tier else {}))
+
+    def names(**kwargs) -> list[str]:
+        listing = custom.list_namespaced_custom_object(GROUP, VERSION, "default", "widgets",
+                                                       **kwargs)
+        assert listing["kind"] == "WidgetList" and listing["apiVersion"] == f"{GROUP}/{VERSION}"
+        return [item["metadata"]["name"] for item in listing["items"]]
+
+    assert names(label_selector="tier=a") == ["w1"]
+    assert names(label_selector="tier!=a") == ["w2", "w3"]
+    assert names(label_selector="tier in (a, b)") == ["w1", "w2"]
+    assert names(label_selector="tier") == ["w1", "w2"]
+    first = custom.list_namespaced_custom_object(GROUP, VERSION, "default", "widgets", limit=2)
+    assert [i["metadata"]["name"] for i in first["items"]] == ["w1", "w2"]
+    rest = names(limit=2, _continue=first["metadata"]["continue"])
+    assert rest == ["w3"]
+
+    with pytest.raises(kubernetes.client.ApiException) as exists:
+        custom.create_namespaced_custom_object(GROUP, VERSION, "default", "widgets", widget("w1"))
+    assert exists.value.status == 409
+    assert json.loads(exists.value.body)["reason"] == "AlreadyExists"
+
+    replacement = dict(created, spec={"color": "red", "size": 1})
+    replaced = custom.replace_namespaced_custom_object(GROUP, VERSION, "default", "widgets", "w1",
+                                                       replacement)
+    assert replaced["spec"] == {"color": "red", "size": 1}
+    assert replaced["metadata"]["generation"] == 2
+    with pytest.raises(kubernetes.client.ApiException) as stale:  # created's version is old now
+        custom.replace_namespaced_custom_object(GROUP, VERSION, "default", "widgets", "w1",
+                                                replacement)
+    assert stale.value.status == 409 and json.loads(stale.value.body)["reason"] == "Conflict"
+    with pytest.raises(kubernetes.client.ApiException) as stale_patch:
+        custom.patch_namespaced_custom_object(
+            GROUP, VERSION, "default", "widgets", "w1",
+            {"metadata": {"resourceVersion": created["metadata"]["resourceVersion"]},
+             "spec": {"size": 7}})
+    assert stale_patch.value.status == 409
+
+
+def test_client_errors_the_api_server_would_give(api, kube):
+    custom, core = api
+    custom.create_namespaced_custom_object(GROUP, VERSION, "default", "widgets", widget("w1"))
+    with pytest.raises(kubernetes.client.ApiException) as failed_test:
+        custom.patch_namespaced_custom_object(
+            GROUP, VERSION, "default", "widgets", "w1",
+            [{"op": "test", "path": "/metadata/resourceVersion", "value": "0"},
+             {"op": "replace", "path": "/spec/size", "value": 9}],
+            _content_type="application/json-patch+json")
+    assert failed_test.value.status == 422, failed_test.value.body
+    with pytest.raises(kubernetes.client.ApiException) as no_namespace:
+        custom.create_namespaced_custom_object(GROUP, VERSION, "nowhere", "widgets", widget("w"))
+    assert no_namespace.value.status == 404
+    assert json.loads(no_namespace.value.body)["message"] == 'namespaces "nowhere" not found'
+    with pytest.raises(kubernetes.client.ApiException) as bad_label:
+        custom.create_namespaced_custom_object(
+            GROUP, VERSION, "default", "widgets",
+            widget("w2", labels={"testlooper.dev/task": "network/linux"}))
+    assert bad_label.value.status == 422 and "network/linux" in bad_label.value.body
+    with pytest.raises(kubernetes.client.ApiException) as bad_name:
+        custom.create_namespaced_custom_object(GROUP, VERSION, "default", "widgets",
+                                               widget("Not_A_Name"))
+    assert bad_name.value.status == 422
+    with pytest.raises(kubernetes.client.ApiException) as bad_selector:
+        custom.list_namespaced_custom_object(GROUP, VERSION, "default", "widgets",
+                                             field_selector="spec.color=blue")
+    assert bad_selector.value.status == 400
+    # Secrets, events and generated names, as kopf and the operator use them.
+    core.create_namespaced_secret("default", {"metadata": {"name": "s"},
+                                              "stringData": {"token": "t"}})
+    assert core.read_namespaced_secret("s", "default").metadata.name == "s"
+    event = core.create_namespaced_event("default", {
+        "metadata": {"generateName": "w1-"}, "reason": "Seen", "message": "hello",
+        "involvedObject": {"kind": "Widget", "name": "w1", "namespace": "default"}})
+    assert event.metadata.name.startswith("w1-") and len(event.metadata.name) == 8
+    listed = core.list_namespaced_event("default", field_selector="involvedObject.name=w1")
+    assert [e.message for e in listed.items] == ["hello"]
+    # An injected fault fails the next matching request only.
+    kube.inject_fault("create", 500, group=GROUP, resource="widgets", client="python")
+    with pytest.raises(kubernetes.client.ApiException) as injected:
+        custom.create_namespaced_custom_object(GROUP, VERSION, "default", "widgets", widget("w3"))
+    assert injected.value.status == 500
+    custom.create_namespaced_custom_object(GROUP, VERSION, "default", "widgets", widget("w3"))
+
+
+def test_watch_replays_from_a_resource_version(kube):
+    first = kube.api("POST", WIDGETS, widget("w1"))
+    since = first["metadata"]["resourceVersion"]
+    kube.api("PATCH", f"{WIDGETS}/w1", {"spec": {"size": 8}},
+             content_type="application/merge-patch+json")
+    kube.api("DELETE", f"{WIDGETS}/w1")
+    request = urllib.request.Request(
+        f"{kube.url}{WIDGETS}?watch=true&resourceVersion={since}&timeoutSeconds=1")
+    with urllib.request.urlopen(request, timeout=10) as response:
+        events = [json.loads(line) for line in response.read().splitlines()]
+    assert [(e["type"], e["object"]["spec"]["size"]) for e in events] == [
+        ("MODIFIED", 8), ("DELETED", 8)]
+
+
+def test_reset_and_the_request_record(kube):
+    kube.api("POST", WIDGETS, widget("w1"))
+    kube.kubectl("get", "widgets")
+    assert ("example.testlooper.dev", "widgets", "list") in kube.permissions("kubectl")
+    assert kube.permissions("tests") == {("example.testlooper.dev", "widgets", "create")}
+    kube.reset()
+    assert kube.requests() == []
+    assert kube.api("GET", WIDGETS)["items"] == []
+    assert kube.api("GET", "/version")["gitVersion"].startswith("v1.32")
+
+
+# ---------- kopf, as a real process ----------
+
+@pytest.mark.parametrize("scope", [["--namespace", "team"], ["--all-namespaces"]],
+                         ids=["namespaced", "cluster"])
+def test_a_kopf_operator_runs_its_whole_lifecycle(kube, tmp_path, scope):
+    kube.create_namespace("team")
+    log = open(tmp_path / "kopf.log", "w")
+    operator = subprocess.Popen(
+        [sys.executable, "-m", "kopf", "run", "--standalone", *scope,
+         str(FIXTURES / "kopf_widget_operator.py")],
+        env=kube.client_env("operator"), stdout=log, stderr=subprocess.STDOUT)
+    path = f"/apis/{GROUP}/{VERSION}/namespaces/team/widgets"
+    try:
+        kube.kubectl("apply", "--validate=false", "-n", "team", "-f",
+                     write_yaml(tmp_path / "w.yaml", widget("w1", color="teal")))
+
+        def wait_for(check, what: str, seconds: float = 15):
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline:
+                value = check()
+                if value:
+                    return value
+                time.sleep(0.1)
+            raise AssertionError(f"{what} did not happen; kopf said:\n"
+                                 f"{(tmp_path / 'kopf.log').read_text()}")
+
+        def status():
+            return kube.api("GET", f"{path}/w1").get("status") or {}
+
+        wait_for(lambda: status().get("phase") == "Seen", "the create handler")
+        wait_for(lambda: (status().get("ticks") or 0) >= 2, "two timer ticks")
+        assert table(kube.kubectl("get", "widgets", "-n", "team").stdout)[0]["READY"] == "True"
+        stored = kube.api("GET", f"{path}/w1")
+        assert "example.testlooper.dev/widget-operator" in stored["metadata"]["finalizers"]
+        seen = kube.api("GET", "/api/v1/namespaces/team/configmaps/w1-seen")
+        assert seen["data"] == {"color": "teal"}
+        events = wait_for(lambda: kube.api("GET", "/api/v1/namespaces/team/events")["items"],
+                          "the Event")
+        assert events[0]["message"] == "widget w1 is teal"
+
+        kube.kubectl("delete", "widget", "w1", "-n", "team", "--timeout=20s")
+        assert kube.api("GET", "/api/v1/namespaces/team/configmaps/w1-gone")
+        assert kube.api("GET", path)["items"] == []
+    finally:
+        operator.terminate()
+        operator.wait(timeout=20)
+        log.close()
+
+    used = kube.permissions("operator")
+    widgets = {(GROUP, "widgets", verb) for verb in ("list", "watch", "patch")}
+    assert widgets | {(GROUP, "widgets/status", "patch"), ("", "configmaps", "create"),
+                      ("", "events", "create")} <= used
+    assert not any(verb in ("create", "delete") and resource == "widgets"
+                   for _, resource, verb in used)  # kubectl created and deleted, not kopf
+    assert ("", "configmaps", "create") not in kube.permissions("kubectl")
+
+
+# ---------- pure parts ----------
+
+def test_jsonpath_evaluator():
+    obj = {"metadata": {"labels": {"testlooper.dev/short-commit": "abc"}},
+           "status": {"conditions": [{"type": "A", "status": "False"},
+                                     {"type": "Ready", "status": "True"}]},
+           "spec": {"items": [1, 2, 3]}}
+    assert compile_path('.status.conditions[?(@.type=="Ready")].status')(obj) == ["True"]
+    assert compile_path(r".metadata.labels.testlooper\.dev/short-commit")(obj) == ["abc"]
+    assert compile_path(".spec.items[-1]")(obj) == [3]
+    assert compile_path(".spec.items[*]")(obj) == [1, 2, 3]
+    assert compile_path("{.metadata.labels['testlooper.dev/short-commit']}")(obj) == ["abc"]
+    assert compile_path(".status.missing.deeper")(obj) == []
+    with pytest.raises(JsonPathError):
+        compile_path("status.phase")
+    with pytest.raises(JsonPathError):
+        compile_path(".status.conditions[?(@.type=~/x/)]")
