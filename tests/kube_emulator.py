@@ -16,6 +16,8 @@ else the product in its User-Agent (kubectl sends no token over http, so it is "
     POST /_testing/reset                      back to the state at start; closes watches
     POST /_testing/faults  {"verb", "group", "resource", "status", "times", "client"?}
                                               the next matching requests fail with that status
+    GET  /_testing/wait?version=V&resource=R&count=N[&group=G&namespace=NS&labelSelector=S
+                        &timeout=SECONDS]     answers once R holds N objects (or at the timeout)
 """
 
 from __future__ import annotations
@@ -179,6 +181,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
         self.faults: list[Fault] = []
         self.startup_documents: list[dict] = []
         self.startup_namespaces: list[str] = list(STARTUP_NAMESPACES)
+        self._changed = asyncio.Event()  # set and replaced on every change, for /_testing/wait
         self._load_builtin_types()
 
     # ---------- resource types ----------
@@ -886,6 +889,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
     # ---------- watches ----------
 
     def _emit(self, resource: ResourceType, event_type: str, obj: dict) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
         revision = int(obj["metadata"]["resourceVersion"])
         history = self.events[resource.storage_key]
         if len(history) == history.maxlen:
@@ -1021,6 +1026,25 @@ class KubeEmulator(kmock.KubernetesEmulator):
                 client=spec.get("client"),
                 message=spec.get("message", "injected by the test")))
             return aiohttp.web.json_response({"faults": len(self.faults)})
+        if path == "/_testing/wait" and raw.method == "GET":
+            # Long-poll until a resource holds `count` objects (in `namespace`, matching
+            # `labelSelector`), so that a bench waits without loading the server with lists.
+            resource = self._type(query.get("group", ""), query["version"], query["resource"])
+            wanted = int(query["count"])
+            deadline = time.monotonic() + float(query.get("timeout", "60"))
+            labels_match = parse_label_selector(query.get("labelSelector", ""))
+            while True:
+                count = sum(1 for (namespace, _), obj in
+                            self.store[resource.storage_key].items()
+                            if query.get("namespace") in (None, namespace)
+                            and labels_match(obj["metadata"].get("labels") or {}))
+                remaining = deadline - time.monotonic()
+                if count >= wanted or remaining <= 0:
+                    return aiohttp.web.json_response({"count": count, "reached": count >= wanted})
+                try:
+                    await asyncio.wait_for(self._changed.wait(), remaining)
+                except asyncio.TimeoutError:
+                    pass
         if path == "/_testing/objects" and raw.method == "GET":
             return aiohttp.web.json_response({"count": sum(len(o) for o in self.store.values()),
                                               "resourceVersion": str(self.revision)})
