@@ -1,4 +1,5 @@
-"""Helpers for benches that run an operator against the Kubernetes emulator (tests/kube_emulator.py).
+"""Helpers for benches that run an operator against the Kubernetes emulator
+(tests/kube_emulator.py).
 
     from kube_bench_support import Emulator, OperatorProcess, cpu_seconds
     with Emulator() as kube:                      # its own process, on a free loopback port

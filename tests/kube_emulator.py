@@ -9,7 +9,8 @@ prints `ready URL` on stdout once it serves, and writes a kubeconfig for kubectl
 
 Every request is recorded as (API group, resource[/subresource], Kubernetes verb) with the
 client that made it: the bearer token of its kubeconfig (see `write_kubeconfig(client=...)`),
-else the product in its User-Agent (kubectl sends no token over http, so it is "kubectl"). The testing endpoints, beside the API:
+else the product in its User-Agent (kubectl sends no token over http, so it is "kubectl").
+The testing endpoints, beside the API:
 
     GET  /_testing/requests[?client=NAME]     every recorded request, oldest first
     GET  /_testing/permissions[?client=NAME]  the distinct (group, resource, verb) used
@@ -1150,6 +1151,11 @@ def _merge_patch(target: Any, patch: Any) -> Any:
 def _parse_body(body: bytes, content_type: str) -> Any:
     if not body:
         return None
+    if "protobuf" in content_type or "cbor" in content_type:
+        # kubectl's typed commands (`kubectl create configmap`, `create secret`) send protobuf.
+        raise ApiError(415, "UnsupportedMediaType",
+                       f"the emulator reads JSON and YAML bodies only, not {content_type}: "
+                       f"use `kubectl apply -f` or `kubectl create -f`")
     try:
         if "yaml" in content_type:
             return yaml.safe_load(body)

@@ -166,9 +166,32 @@ def test_kubectl_applies_core_objects_and_namespaces(kube, tmp_path):
     assert kube.kubectl("get", "configmap", "c", "-n", "team", "-o",
                         "jsonpath={.data.k}").stdout == "v"
     assert "team" in kube.kubectl("get", "namespaces", "-o", "name").stdout
-    # Deleting the namespace deletes what it holds.
-    kube.kubectl("delete", "namespace", "team")
+    dry = kube.kubectl("apply", "--validate=false", "--dry-run=server", "-f", "-", input=yaml.
+                       safe_dump({"apiVersion": "v1", "kind": "ConfigMap",
+                                  "metadata": {"name": "dry", "namespace": "team"}}))
+    assert dry.stdout.strip() == "configmap/dry created (server dry run)"
+    assert "NotFound" in kube.kubectl("get", "configmap", "dry", "-n", "team",
+                                      check=False).stderr
+
+    # Deleting a namespace deletes what it holds; it stays Terminating while a finalizer holds
+    # one of its objects, and refuses new objects meanwhile.
+    held = widget("held")
+    held["metadata"].update(namespace="team", finalizers=["example.testlooper.dev/hold"])
+    kube.api("POST", f"/apis/{GROUP}/{VERSION}/namespaces/team/widgets", held)
+    kube.kubectl("delete", "namespace", "team", "--wait=false")
     assert kube.kubectl("get", "configmaps", "-n", "team", "-o", "name").stdout == ""
+    assert kube.api("GET", "/api/v1/namespaces/team")["status"]["phase"] == "Terminating"
+    late = {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "late", "namespace": "team"}}
+    refused = kube.kubectl("create", "--validate=false", "-f", "-", check=False,
+                           input=yaml.safe_dump(late))
+    assert "because it is being terminated" in refused.stderr
+    kube.kubectl("patch", "widget", "held", "-n", "team", "--type", "merge",
+                 "-p", '{"metadata": {"finalizers": null}}')
+    assert "team" not in kube.kubectl("get", "namespaces", "-o", "name").stdout
+    # kubectl's typed commands send protobuf, which the emulator says it cannot read.
+    typed = kube.kubectl("create", "configmap", "typed", check=False)
+    assert "reads JSON and YAML bodies only" in typed.stderr
 
 
 # ---------- the official client ----------
@@ -364,3 +387,63 @@ def test_jsonpath_evaluator():
         compile_path("status.phase")
     with pytest.raises(JsonPathError):
         compile_path(".status.conditions[?(@.type=~/x/)]")
+
+
+def test_kopf_priority_peering_leaves_the_lower_replica_standing_by(kube, tmp_path):
+    kube.create_namespace("team")
+    kube.api("POST", "/apis/kopf.dev/v1/namespaces/team/kopfpeerings",
+             {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": "peers"}})
+    log = open(tmp_path / "kopf.log", "w")
+    replicas = {
+        priority: subprocess.Popen(
+            [sys.executable, "-m", "kopf", "run", "--peering", "peers", "--priority",
+             str(priority), "--namespace", "team", str(FIXTURES / "kopf_widget_operator.py")],
+            env=kube.client_env(f"replica-{priority}"), stdout=log, stderr=subprocess.STDOUT)
+        for priority in (10, 20)}
+    try:
+        deadline = time.monotonic() + 15
+        peers = {}
+        while time.monotonic() < deadline and len(peers) < 2:
+            peers = kube.api("GET", "/apis/kopf.dev/v1/namespaces/team/kopfpeerings/peers"
+                             ).get("status") or {}
+            time.sleep(0.1)
+        assert sorted(peer["priority"] for peer in peers.values()) == [10, 20]
+        time.sleep(0.5)  # for replica-10 to read replica-20's record from its watch and pause
+        kube.api("POST", f"/apis/{GROUP}/{VERSION}/namespaces/team/widgets", widget("w1"))
+        while time.monotonic() < deadline + 10:
+            status = kube.api("GET", f"/apis/{GROUP}/{VERSION}/namespaces/team/widgets/w1"
+                              ).get("status") or {}
+            if status.get("phase") == "Seen":
+                break
+            time.sleep(0.1)
+        assert status.get("phase") == "Seen", (tmp_path / "kopf.log").read_text()
+    finally:
+        for replica in replicas.values():
+            replica.terminate()
+        for replica in replicas.values():
+            replica.wait(timeout=20)
+        log.close()
+    assert (GROUP, "widgets/status", "patch") in kube.permissions("replica-20")
+    # The replica standing by may list and watch, but it never writes to a widget.
+    assert not {(resource, verb) for _, resource, verb in kube.permissions("replica-10")} & {
+        ("widgets", "patch"), ("widgets/status", "patch")}
+
+
+def test_the_emulator_refuses_bad_crds_with_a_clear_message(tmp_path):
+    from kube_fixtures import KubeEmulatorProcess
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({
+        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+        "metadata": {"name": "things.example.com"},
+        "spec": {"group": "example.com", "scope": "Namespaced",
+                 "names": {"plural": "things", "kind": "Thing"},
+                 "versions": [{"name": "v1", "served": True, "storage": True,
+                               "additionalPrinterColumns": [
+                                   {"name": "X", "type": "string", "jsonPath": "spec.x"}]}]}}))
+    with pytest.raises(RuntimeError) as refused:
+        KubeEmulatorProcess(crds=[str(bad)]).start()
+    assert "CRD things.example.com: printer column: a jsonPath must start with '.'" in str(
+        refused.value)
+    with pytest.raises(RuntimeError) as empty:
+        KubeEmulatorProcess(crds=[str(tmp_path / "nothing")]).start()
+    assert "nothing" in str(empty.value)
