@@ -17,6 +17,7 @@ The testing endpoints, beside the API:
     POST /_testing/reset                      back to the state at start; closes watches
     POST /_testing/faults  {"verb", "group", "resource", "status", "times", "client"?}
                                               the next matching requests fail with that status
+    GET  /_testing/objects                    every stored object
     GET  /_testing/wait?version=V&resource=R&count=N[&group=G&namespace=NS&labelSelector=S
                         &timeout=SECONDS]     answers once R holds N objects (or at the timeout)
 """
@@ -658,10 +659,17 @@ class KubeEmulator(kmock.KubernetesEmulator):
                                              f"{namespace} because it is being terminated")
 
     def _check_kind(self, resource: ResourceType, obj: dict) -> None:
-        if obj.get("kind") and obj["kind"] != resource.kind:
+        # Built-in endpoints default the kind and apiVersion from the URL; custom resources
+        # are decoded without a type, so they must say theirs.
+        if resource.is_custom and (not obj.get("kind") or not obj.get("apiVersion")):
+            missing = "Kind" if not obj.get("kind") else "apiVersion"
+            raise ApiError(400, "BadRequest", f"Object '{missing}' is missing in the body")
+        obj.setdefault("kind", resource.kind)
+        obj.setdefault("apiVersion", resource.api_version)
+        if obj["kind"] != resource.kind:
             raise ApiError(400, "BadRequest", f"the kind {obj['kind']!r} does not match the "
                                               f"resource {resource.qualified} ({resource.kind})")
-        group_version = obj.get("apiVersion", resource.api_version)
+        group_version = obj["apiVersion"]
         group = group_version.rpartition("/")[0]
         if group != resource.group:
             raise ApiError(400, "BadRequest", f"the apiVersion {group_version!r} does not match "
@@ -1047,8 +1055,10 @@ class KubeEmulator(kmock.KubernetesEmulator):
                 except asyncio.TimeoutError:
                     pass
         if path == "/_testing/objects" and raw.method == "GET":
-            return aiohttp.web.json_response({"count": sum(len(o) for o in self.store.values()),
-                                              "resourceVersion": str(self.revision)})
+            # Every stored object, e.g. for a test that greps them all for a leaked secret.
+            return aiohttp.web.json_response({
+                "resourceVersion": str(self.revision),
+                "objects": [obj for objects in self.store.values() for obj in objects.values()]})
         raise ApiError(404, "NotFound", f"no testing endpoint {raw.method} {path}")
 
 

@@ -175,6 +175,10 @@ class KubeEmulatorProcess:
         return {(p["group"], p["resource"], p["verb"])
                 for p in self.api("GET", f"/_testing/permissions{query}")["permissions"]}
 
+    def all_objects(self) -> list[dict]:
+        """Every object the emulator stores, of every resource and namespace."""
+        return self.api("GET", "/_testing/objects")["objects"]
+
     def inject_fault(self, verb: str, status: int, times: int = 1, group: str | None = None,
                      resource: str | None = None, client: str | None = None,
                      message: str = "injected by the test") -> None:

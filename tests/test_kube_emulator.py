@@ -270,6 +270,8 @@ def test_client_errors_the_api_server_would_give(api, kube):
         custom.list_namespaced_custom_object(GROUP, VERSION, "default", "widgets",
                                              field_selector="spec.color=blue")
     assert bad_selector.value.status == 400
+    status, answer = kube._call("POST", WIDGETS, {"metadata": {"name": "kindless"}})
+    assert (status, answer["message"]) == (400, "Object 'Kind' is missing in the body")
     # Secrets, events and generated names, as kopf and the operator use them.
     core.create_namespaced_secret("default", {"metadata": {"name": "s"},
                                               "stringData": {"token": "t"}})
@@ -294,10 +296,9 @@ def test_watch_replays_from_a_resource_version(kube):
     kube.api("PATCH", f"{WIDGETS}/w1", {"spec": {"size": 8}},
              content_type="application/merge-patch+json")
     kube.api("DELETE", f"{WIDGETS}/w1")
-    request = urllib.request.Request(
-        f"{kube.url}{WIDGETS}?watch=true&resourceVersion={since}&timeoutSeconds=1")
+    request = urllib.request.Request(f"{kube.url}{WIDGETS}?watch=true&resourceVersion={since}")
     with urllib.request.urlopen(request, timeout=10) as response:
-        events = [json.loads(line) for line in response.read().splitlines()]
+        events = [json.loads(response.readline()) for _ in range(2)]
     assert [(e["type"], e["object"]["spec"]["size"]) for e in events] == [
         ("MODIFIED", 8), ("DELETED", 8)]
 
@@ -307,6 +308,7 @@ def test_reset_and_the_request_record(kube):
     kube.kubectl("get", "widgets")
     assert ("example.testlooper.dev", "widgets", "list") in kube.permissions("kubectl")
     assert kube.permissions("tests") == {("example.testlooper.dev", "widgets", "create")}
+    assert [o["metadata"]["name"] for o in kube.all_objects() if o["kind"] == "Widget"] == ["w1"]
     kube.reset()
     assert kube.requests() == []
     assert kube.api("GET", WIDGETS)["items"] == []
