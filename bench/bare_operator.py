@@ -11,11 +11,12 @@ to use the project's own.
 
 As a script, it measures itself and prints JSON:
 
-    python bench/bare_operator.py [--count 100 --count 500]
+    python bench/bare_operator.py [--count 100 --count 500] [--repeat 3] [--idle SECONDS]
 
-For each count: a fresh operator on one emulator process (reset between counts), the time from
-creating the trigger to the last object stored, and the operator's CPU time over that span
-(/proc, the emulator excluded), each also per object.
+For each count, the median of `--repeat` runs, each with a fresh operator on one emulator process
+(reset between runs): the time from creating the trigger to the last object stored, and the
+operator's CPU time over that span (/proc, the emulator excluded), each also per object.
+`--idle` adds the operator's CPU share while idle afterwards, its objects present.
 """
 
 from __future__ import annotations
@@ -96,44 +97,69 @@ def fan_out(body, namespace, spec, patch, **_):
     patch.status["created"] = created
 
 
-def measure(counts: list[int]) -> dict:
-    import sys
+def _fan_out_once(kube, count: int, namespace: str, idle_seconds: float) -> dict:
     import time
+    from kube_bench_support import OperatorProcess
+
+    kube.reset()
+    arguments = ["-m", "kopf", "run", "--standalone", "--namespace", namespace,
+                 os.path.abspath(__file__)]
+    with OperatorProcess(kube, arguments, client="bare-operator") as operator:
+        operator.wait_until_watching(TRIGGER_GROUP, TRIGGER_PLURAL)
+        time.sleep(0.5)  # let kopf finish starting, so only the fan-out is measured
+        cpu_before, emulator_before = operator.cpu_seconds(), kube.cpu_seconds()
+        started = time.perf_counter()
+        kube.api("POST", f"/apis/{TRIGGER_GROUP}/{TRIGGER_VERSION}/namespaces/{namespace}/"
+                         f"{TRIGGER_PLURAL}", {
+                     "apiVersion": f"{TRIGGER_GROUP}/{TRIGGER_VERSION}", "kind": TRIGGER_KIND,
+                     "metadata": {"name": "trigger"}, "spec": {"parts": count}})
+        kube.wait_for_count(TARGET_GROUP, TARGET_VERSION, TARGET_PLURAL, count, namespace)
+        wall = time.perf_counter() - started
+        cpu = operator.cpu_seconds() - cpu_before
+        emulator_cpu = kube.cpu_seconds() - emulator_before
+        result = {"wall_seconds": wall, "operator_cpu_seconds": cpu,
+                  "emulator_cpu_seconds": emulator_cpu,
+                  "operator_rss_mb": operator.resident_bytes() / 2**20}
+        if idle_seconds:
+            time.sleep(1)  # the handler's last status patch
+            idle_before = operator.cpu_seconds()
+            time.sleep(idle_seconds)
+            result["idle_cpu_percent"] = (operator.cpu_seconds() - idle_before) / idle_seconds * 100
+        return result
+
+
+def measure(counts: list[int], repeat: int, idle_seconds: float) -> dict:
+    """Median over `repeat` runs per count, each with a fresh operator on one emulator."""
+    import statistics
+    import sys
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from kube_bench_support import Emulator, OperatorProcess
+    from kube_bench_support import Emulator
 
     namespace = "bench"
     results = []
     with Emulator(namespaces=[namespace]) as kube:
         for count in counts:
-            kube.reset()
-            arguments = ["-m", "kopf", "run", "--standalone", "--namespace", namespace,
-                         os.path.abspath(__file__)]
-            with OperatorProcess(kube, arguments, client="bare-operator") as operator:
-                operator.wait_until_watching(TRIGGER_GROUP, TRIGGER_PLURAL)
-                time.sleep(0.5)  # let kopf finish starting, so only the fan-out is measured
-                cpu_before, emulator_before = operator.cpu_seconds(), kube.cpu_seconds()
-                started = time.perf_counter()
-                kube.api("POST", f"/apis/{TRIGGER_GROUP}/{TRIGGER_VERSION}/namespaces/"
-                                 f"{namespace}/{TRIGGER_PLURAL}", {
-                             "apiVersion": f"{TRIGGER_GROUP}/{TRIGGER_VERSION}",
-                             "kind": TRIGGER_KIND,
-                             "metadata": {"name": "trigger"}, "spec": {"parts": count}})
-                kube.wait_for_count(TARGET_GROUP, TARGET_VERSION, TARGET_PLURAL, count,
-                                    namespace)
-                wall = time.perf_counter() - started
-                cpu = operator.cpu_seconds() - cpu_before
-                emulator_cpu = kube.cpu_seconds() - emulator_before
-                results.append({
-                    "objects": count, "wall_seconds": round(wall, 3),
-                    "wall_ms_per_object": round(wall / count * 1000, 2),
-                    "operator_cpu_seconds": round(cpu, 3),
-                    "operator_cpu_ms_per_object": round(cpu / count * 1000, 2),
-                    "emulator_cpu_seconds": round(emulator_cpu, 3),
-                    "operator_rss_mb": round(operator.resident_bytes() / 2**20, 1)})
+            runs = [_fan_out_once(kube, count, namespace, idle_seconds) for _ in range(repeat)]
+
+            def median(key: str) -> float:
+                return statistics.median(run[key] for run in runs)
+
+            result = {
+                "objects": count, "repeats": repeat,
+                "wall_seconds": round(median("wall_seconds"), 3),
+                "wall_ms_per_object": round(median("wall_seconds") / count * 1000, 2),
+                "operator_cpu_seconds": round(median("operator_cpu_seconds"), 3),
+                "operator_cpu_ms_per_object": round(
+                    median("operator_cpu_seconds") / count * 1000, 2),
+                "emulator_cpu_seconds": round(median("emulator_cpu_seconds"), 3),
+                "operator_rss_mb": round(median("operator_rss_mb"), 1)}
+            if idle_seconds:
+                result["idle_cpu_percent"] = round(median("idle_cpu_percent"), 2)
+            results.append(result)
     return {"bench": "bare_operator", "trigger": TRIGGER, "target": TARGET,
             "client": "kubernetes (official, sync) in a kopf sync handler",
-            "cpus": os.cpu_count(), "results": results}
+            "cpu_clock_ticks_per_second": os.sysconf("SC_CLK_TCK"), "cpus": os.cpu_count(),
+            "results": results}
 
 
 if __name__ == "__main__":
@@ -142,5 +168,9 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Measure the bare kopf operator.")
     parser.add_argument("--count", type=int, action="append",
                         help="objects to create from one trigger (repeatable; default 100, 500)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per count (the median)")
+    parser.add_argument("--idle", type=float, default=0, metavar="SECONDS",
+                        help="also measure the operator's CPU while idle for SECONDS")
     arguments = parser.parse_args()
-    print(json.dumps(measure(arguments.count or [100, 500]), indent=2))
+    print(json.dumps(measure(arguments.count or [100, 500], arguments.repeat, arguments.idle),
+                     indent=2))

@@ -449,3 +449,32 @@ def test_the_emulator_refuses_bad_crds_with_a_clear_message(tmp_path):
     with pytest.raises(RuntimeError) as empty:
         KubeEmulatorProcess(crds=[str(tmp_path / "nothing")]).start()
     assert "nothing" in str(empty.value)
+
+
+def test_the_bare_bench_operator_creates_its_objects(kube, tmp_path):
+    """bench/bare_operator.py, the yardstick of the operator's benches, does its work."""
+    kube.create_namespace("bench")
+    log = open(tmp_path / "kopf.log", "w")
+    operator = subprocess.Popen(
+        [sys.executable, "-m", "kopf", "run", "--standalone", "--namespace", "bench",
+         str(pathlib.Path(__file__).parent.parent / "bench" / "bare_operator.py")],
+        env=kube.client_env("bare"), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 15
+        while (GROUP, "widgets", "watch") not in kube.permissions("bare"):
+            assert time.monotonic() < deadline, (tmp_path / "kopf.log").read_text()
+            time.sleep(0.05)
+        trigger = kube.api("POST", f"/apis/{GROUP}/{VERSION}/namespaces/bench/widgets",
+                           dict(widget("trigger"), spec={"parts": 20}))
+        reached = kube.api("GET", f"/_testing/wait?group={GROUP}&version={VERSION}"
+                                  f"&resource=parts&namespace=bench&count=20&timeout=15")
+        assert reached == {"count": 20, "reached": True}
+    finally:
+        operator.terminate()
+        operator.wait(timeout=20)
+        log.close()
+    parts = kube.api("GET", f"/apis/{GROUP}/{VERSION}/namespaces/bench/parts")["items"]
+    assert len({part["spec"]["task"] for part in parts}) == 20
+    owner = parts[0]["metadata"]["ownerReferences"][0]
+    assert (owner["kind"], owner["uid"]) == ("Widget", trigger["metadata"]["uid"])
+    assert parts[0]["metadata"]["labels"]["testlooper.dev/kind"] == "test"
