@@ -626,9 +626,12 @@ class KubeEmulator(kmock.KubernetesEmulator):
         for managed in ("deletionTimestamp", "deletionGracePeriodSeconds", "resourceVersion",
                         "uid", "generation", "creationTimestamp", "managedFields", "selfLink"):
             metadata.pop(managed, None)
-        # With a status subresource, the API server drops the status sent on create.
-        if resource.has_status and resource.is_custom:
+        # With a status subresource, the API server drops the status sent on create (a node,
+        # which its kubelet registers with its status, aside); pods start Pending.
+        if resource.has_status and resource.storage_key != ("", "nodes"):
             obj.pop("status", None)
+        if resource.storage_key == ("", "pods"):
+            obj["status"] = {"phase": "Pending"}
         if resource.storage_key == ("", "namespaces"):
             obj["status"] = {"phase": "Active"}
             obj.setdefault("spec", {"finalizers": ["kubernetes"]})

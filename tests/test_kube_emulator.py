@@ -290,6 +290,42 @@ def test_client_errors_the_api_server_would_give(api, kube):
     custom.create_namespaced_custom_object(GROUP, VERSION, "default", "widgets", widget("w3"))
 
 
+def test_client_pods_leases_and_new_style_events(kube):
+    client = kubernetes.config.new_client_from_config(config_file=kube.kubeconfig("python"))
+    try:
+        core = kubernetes.client.CoreV1Api(client)
+        pod = core.create_namespaced_pod("default", {
+            "metadata": {"name": "p1", "labels": {"testlooper.dev/kind": "test"}},
+            "spec": {"containers": [{"name": "run", "image": "debian:12"}]},
+            "status": {"phase": "Succeeded"}})
+        assert pod.metadata.uid and pod.spec.containers[0].image == "debian:12"
+        assert pod.status.phase == "Pending"  # the status sent on create is dropped
+        # A test plays the kubelet through /status; the main endpoint leaves status alone.
+        core.patch_namespaced_pod_status("p1", "default", {"status": {"phase": "Running"}})
+        core.patch_namespaced_pod("p1", "default", {"status": {"phase": "Failed"}})
+        assert core.read_namespaced_pod("p1", "default").status.phase == "Running"
+        assert [p.metadata.name for p in core.list_namespaced_pod(
+            "default", label_selector="testlooper.dev/kind=test").items] == ["p1"]
+
+        leases = kubernetes.client.CoordinationV1Api(client)
+        leases.create_namespaced_lease("default", {"metadata": {"name": "leader"},
+                                                   "spec": {"holderIdentity": "a"}})
+        assert leases.read_namespaced_lease("leader", "default").spec.holder_identity == "a"
+
+        events = kubernetes.client.EventsV1Api(client)
+        events.create_namespaced_event("default", {
+            "metadata": {"name": "e1"}, "reason": "Seen", "note": "hello", "type": "Normal",
+            "eventTime": "2026-01-01T00:00:00.000000Z", "action": "Seen",
+            "reportingController": "tests", "reportingInstance": "tests-1",
+            "regarding": {"kind": "Pod", "name": "p1", "namespace": "default"}})
+        assert [e.note for e in events.list_namespaced_event(
+            "default", field_selector="regarding.name=p1").items] == ["hello"]
+    finally:
+        client.close()
+    assert {("", "pods/status", "patch"), ("coordination.k8s.io", "leases", "create"),
+            ("events.k8s.io", "events", "list")} <= kube.permissions("python")
+
+
 def test_watch_replays_from_a_resource_version(kube):
     first = kube.api("POST", WIDGETS, widget("w1"))
     since = first["metadata"]["resourceVersion"]
