@@ -184,6 +184,13 @@ class KubeEmulator(kmock.KubernetesEmulator):
         self.startup_documents: list[dict] = []
         self.startup_namespaces: list[str] = list(STARTUP_NAMESPACES)
         self._changed = asyncio.Event()  # set and replaced on every change, for /_testing/wait
+        # For the garbage collector: uid -> (storage key, namespace, name, kind) of every object,
+        # owner uid -> the objects whose ownerReferences name it, and the owners whose deletion
+        # orphans their dependents.
+        self.by_uid: dict[str, tuple[tuple[str, str], str, str, str]] = {}
+        self.dependents: dict[str, set[tuple[tuple[str, str], str, str]]] = {}
+        self.orphaning: set[str] = set()
+        self.types_by_storage: dict[tuple[str, str], ResourceType] = {}
         self._load_builtin_types()
 
     # ---------- resource types ----------
@@ -213,6 +220,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
 
     def _register(self, resource: ResourceType) -> None:
         self.types[(resource.group, resource.version, resource.plural)] = resource
+        self.types_by_storage[resource.storage_key] = resource
         self.store.setdefault(resource.storage_key, {})
         self.events.setdefault(resource.storage_key,
                                collections.deque(maxlen=EVENT_HISTORY))
@@ -258,7 +266,9 @@ class KubeEmulator(kmock.KubernetesEmulator):
         group, plural = spec.get("group"), (spec.get("names") or {}).get("plural")
         for key in [key for key in self.types if key[0] == group and key[2] == plural]:
             del self.types[key]
-        self.store.pop((group, plural), None)
+        resource = self.types_by_storage.pop((group, plural), None)
+        for obj in self.store.pop((group, plural), {}).values():
+            self._unindex(resource, obj)
 
     def load_documents(self, paths: Iterable[str]) -> None:
         """Load the CRDs (and any other objects) of YAML files, or of folders of them."""
@@ -287,6 +297,9 @@ class KubeEmulator(kmock.KubernetesEmulator):
         self.events_floor = {key: self.revision for key in self.events_floor}
         self.recorded.clear()
         self.faults.clear()
+        self.by_uid.clear()
+        self.dependents.clear()
+        self.orphaning.clear()
         for name in self.startup_namespaces:
             self._create(self._type("", "v1", "namespaces"), None,
                          {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
@@ -647,8 +660,9 @@ class KubeEmulator(kmock.KubernetesEmulator):
             except ValueError as error:
                 raise ApiError(422, "Invalid", str(error)) from None
         metadata["resourceVersion"] = self._next_revision()
-        objects[key] = obj
+        self._put(resource, obj)
         self._emit(resource, "ADDED", obj)
+        self._collect_if_orphan(resource, obj)
         return obj
 
     def _check_namespace_open(self, namespace: str | None) -> None:
@@ -816,15 +830,14 @@ class KubeEmulator(kmock.KubernetesEmulator):
             except ValueError as error:
                 raise ApiError(422, "Invalid", str(error)) from None
         metadata["resourceVersion"] = self._next_revision()
-        objects = self.store[resource.storage_key]
-        key = (metadata.get("namespace", ""), name)
         if metadata.get("deletionTimestamp") and not metadata.get("finalizers"):
-            del objects[key]
+            self._take(resource, new)
             self._emit(resource, "DELETED", new)
             self._after_removal(resource, new)
         else:
-            objects[key] = new
+            self._put(resource, new)
             self._emit(resource, "MODIFIED", new)
+            self._collect_if_orphan(resource, new)
         return new
 
     def _delete(self, resource: ResourceType, namespace: str | None, name: str, options: dict,
@@ -840,6 +853,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
         if dry_run:
             return old
         metadata = old["metadata"]
+        if options.get("propagationPolicy") == "Orphan" or options.get("orphanDependents"):
+            self.orphaning.add(metadata["uid"])
         if metadata.get("deletionTimestamp"):
             return old
         finalizers = list(metadata.get("finalizers") or [])
@@ -851,14 +866,14 @@ class KubeEmulator(kmock.KubernetesEmulator):
             new["metadata"]["resourceVersion"] = self._next_revision()
             if is_namespace:
                 new["status"] = {"phase": "Terminating"}
-            self.store[resource.storage_key][(metadata.get("namespace", ""), name)] = new
+            self._put(resource, new)
             self._emit(resource, "MODIFIED", new)
             if is_namespace:
                 self._empty_namespace(name)
             return new
         removed = copy.deepcopy(old)
         removed["metadata"]["resourceVersion"] = self._next_revision()
-        del self.store[resource.storage_key][(metadata.get("namespace", ""), name)]
+        self._take(resource, removed)
         self._emit(resource, "DELETED", removed)
         self._after_removal(resource, removed)
         return removed
@@ -884,15 +899,83 @@ class KubeEmulator(kmock.KubernetesEmulator):
                 return
         removed = copy.deepcopy(holder)
         removed["metadata"]["resourceVersion"] = self._next_revision()
-        del self.store[("", "namespaces")][("", namespace)]
-        self._emit(self._type("", "v1", "namespaces"), "DELETED", removed)
+        namespaces = self._type("", "v1", "namespaces")
+        self._take(namespaces, removed)
+        self._emit(namespaces, "DELETED", removed)
 
     def _after_removal(self, resource: ResourceType, obj: dict) -> None:
         if resource.storage_key == ("apiextensions.k8s.io", "customresourcedefinitions"):
             self._unregister_crd(obj)
+        self._collect_dependents(obj)
         namespace = obj["metadata"].get("namespace")
         if namespace:
             self._remove_namespace_if_empty(namespace)
+
+    # ---------- storage and the garbage collector ----------
+
+    def _put(self, resource: ResourceType, obj: dict) -> None:
+        metadata = obj["metadata"]
+        objects = self.store[resource.storage_key]
+        key = (metadata.get("namespace", ""), metadata["name"])
+        if key in objects:
+            self._unindex(resource, objects[key])
+        objects[key] = obj
+        self.by_uid[metadata["uid"]] = (resource.storage_key, key[0], key[1], obj["kind"])
+        for reference in metadata.get("ownerReferences") or []:
+            self.dependents.setdefault(str(reference.get("uid")), set()).add(
+                (resource.storage_key, *key))
+
+    def _take(self, resource: ResourceType, obj: dict) -> None:
+        metadata = obj["metadata"]
+        self.store[resource.storage_key].pop((metadata.get("namespace", ""), metadata["name"]))
+        self._unindex(resource, obj)
+
+    def _unindex(self, resource: ResourceType | None, obj: dict) -> None:
+        metadata = obj["metadata"]
+        self.by_uid.pop(metadata.get("uid"), None)
+        if resource is None:
+            return
+        entry = (resource.storage_key, metadata.get("namespace", ""), metadata["name"])
+        for reference in metadata.get("ownerReferences") or []:
+            self.dependents.get(str(reference.get("uid")), set()).discard(entry)
+
+    def _has_live_owner(self, obj: dict) -> bool:
+        """Whether an owner the object names still exists: same uid, kind and name, and in the
+        object's namespace or cluster-scoped (a reference across namespaces never resolves)."""
+        namespace = obj["metadata"].get("namespace", "")
+        for reference in obj["metadata"].get("ownerReferences") or []:
+            found = self.by_uid.get(str(reference.get("uid")))
+            if found and found[2] == reference.get("name") and found[3] == reference.get("kind") \
+                    and found[1] in ("", namespace):
+                return True
+        return False
+
+    def _collect_if_orphan(self, resource: ResourceType, obj: dict) -> None:
+        """Background garbage collection of an object all of whose owners are gone, e.g. one
+        created with an owner reference to a uid that does not exist."""
+        if obj["metadata"].get("ownerReferences") and not self._has_live_owner(obj):
+            self._delete(resource, obj["metadata"].get("namespace"), obj["metadata"]["name"], {})
+
+    def _collect_dependents(self, owner: dict) -> None:
+        uid = owner["metadata"].get("uid")
+        dependents = self.dependents.pop(uid, set())
+        orphan = uid in self.orphaning
+        self.orphaning.discard(uid)
+        for storage_key, namespace, name in sorted(dependents):
+            resource = self.types_by_storage.get(storage_key)
+            obj = self.store.get(storage_key, {}).get((namespace, name))
+            if resource is None or obj is None:
+                continue
+            if orphan:  # the dependents stay, without the reference to their owner
+                kept = [r for r in obj["metadata"]["ownerReferences"] if r.get("uid") != uid]
+                new = copy.deepcopy(obj)
+                if kept:
+                    new["metadata"]["ownerReferences"] = kept
+                else:
+                    new["metadata"].pop("ownerReferences")
+                self._commit(resource, obj, new, None, dry_run=False)
+            elif not self._has_live_owner(obj):
+                self._delete(resource, namespace or None, name, {})
 
     def _next_revision(self) -> str:
         self.revision += 1

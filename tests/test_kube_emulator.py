@@ -194,6 +194,48 @@ def test_kubectl_applies_core_objects_and_namespaces(kube, tmp_path):
     assert "reads JSON and YAML bodies only" in typed.stderr
 
 
+def test_garbage_collection_follows_owner_references(kube):
+    parts = f"/apis/{GROUP}/{VERSION}/namespaces/default/parts"
+
+    def part(name: str, *owners: dict) -> dict:
+        return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "Part", "metadata": {
+            "name": name, "ownerReferences": [
+                {"apiVersion": f"{GROUP}/{VERSION}", "kind": owner["kind"],
+                 "name": owner["metadata"]["name"], "uid": owner["metadata"]["uid"],
+                 "controller": index == 0, "blockOwnerDeletion": True}
+                for index, owner in enumerate(owners)]}}
+
+    def names() -> list[str]:
+        return [item["metadata"]["name"] for item in kube.api("GET", parts)["items"]]
+
+    first = kube.api("POST", WIDGETS, widget("first"))
+    second = kube.api("POST", WIDGETS, widget("second"))
+    kube.api("POST", parts, part("only-first", first))
+    kube.api("POST", parts, part("both", first, second))
+    kube.kubectl("delete", "widget", "first")
+    assert names() == ["both"]  # one owner is left
+    kube.kubectl("delete", "widget", "second")
+    assert names() == []
+
+    # An owner that does not exist (a wrong uid, or another namespace) owns nothing: the
+    # collector deletes the dependent right after its creation.
+    third = kube.api("POST", WIDGETS, widget("third"))
+    wrong_uid = dict(third, metadata=dict(third["metadata"], uid="0000"))
+    kube.api("POST", parts, part("wrong-uid", wrong_uid))
+    kube.create_namespace("elsewhere")
+    kube.api("POST", f"/apis/{GROUP}/{VERSION}/namespaces/elsewhere/parts",
+             dict(part("across", third), metadata=dict(part("across", third)["metadata"],
+                                                       namespace="elsewhere")))
+    kube.api("POST", parts, part("right", third))
+    assert names() == ["right"]
+    assert kube.api("GET", f"/apis/{GROUP}/{VERSION}/namespaces/elsewhere/parts")["items"] == []
+
+    # --cascade=orphan keeps the dependents and drops their reference to the owner.
+    kube.kubectl("delete", "widget", "third", "--cascade=orphan")
+    assert names() == ["right"]
+    assert "ownerReferences" not in kube.api("GET", f"{parts}/right")["metadata"]
+
+
 # ---------- the official client ----------
 
 def test_client_create_list_replace_and_conflicts(api):
