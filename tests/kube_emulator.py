@@ -54,6 +54,7 @@ import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from kube_jsonpath import JsonPathError, compile_path  # noqa: E402
+from kube_schema import CrdSchema  # noqa: E402
 from kube_selectors import (SelectorError, label_problem, parse_field_selector,  # noqa: E402
                             parse_label_selector)
 
@@ -123,6 +124,7 @@ class ResourceType:
     printer_columns: list[dict] = field(default_factory=list)
     column_paths: list[Callable[[Any], list[Any]]] = field(default_factory=list)
     is_custom: bool = False
+    schema: CrdSchema | None = None
 
     @property
     def api_version(self) -> str:
@@ -249,6 +251,11 @@ class KubeEmulator(kmock.KubernetesEmulator):
                 paths = [compile_path(column["jsonPath"]) for column in columns]
             except (JsonPathError, KeyError) as error:
                 raise ValueError(f"CRD {expected_name}: printer column: {error}") from None
+            openapi = (version.get("schema") or {}).get("openAPIV3Schema")
+            try:
+                schema = CrdSchema(openapi) if openapi else None
+            except Exception as error:  # jsonschema's SchemaError, or a malformed document
+                raise ValueError(f"CRD {expected_name}: its schema is invalid: {error}") from None
             resource = ResourceType(
                 group=group, version=version["name"], plural=plural, kind=kind,
                 singular=names.get("singular") or kind.lower(),
@@ -256,7 +263,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
                 short_names=list(names.get("shortNames") or []),
                 categories=list(names.get("categories") or []),
                 subresources=set((version.get("subresources") or {}).keys()),
-                printer_columns=columns, column_paths=paths, is_custom=True)
+                printer_columns=columns, column_paths=paths, is_custom=True, schema=schema)
             self._register(resource)
             registered.append(resource)
         return registered
@@ -501,6 +508,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
         table = _wants_table(raw.headers.get("Accept", ""))
         include_object = query.get("includeObject", "Metadata")
         dry_run = bool(query.get("dryRun"))
+        strict = query.get("fieldValidation") == "Strict"
 
         if verb == "watch":
             return await self._serve_watch(raw, resource, namespace, name, query, table,
@@ -524,17 +532,18 @@ class KubeEmulator(kmock.KubernetesEmulator):
         if verb == "create":
             if not isinstance(data, dict):
                 raise ApiError(400, "BadRequest", "the body of a create must be an object")
-            obj = self._create(resource, namespace, data, dry_run=dry_run)
+            obj = self._create(resource, namespace, data, dry_run=dry_run, strict=strict)
             return aiohttp.web.json_response(self._view(resource, obj), status=201)
         if verb == "update":
             if not isinstance(data, dict):
                 raise ApiError(400, "BadRequest", "the body of an update must be an object")
-            obj = self._update(resource, namespace, name, data, subresource, dry_run=dry_run)
+            obj = self._update(resource, namespace, name, data, subresource, dry_run=dry_run,
+                               strict=strict)
             return aiohttp.web.json_response(self._view(resource, obj))
         if verb == "patch":
             content_type = raw.headers.get("Content-Type", "").split(";")[0].strip()
             obj, created = self._patch(resource, namespace, name, data, content_type,
-                                       subresource, query, dry_run=dry_run)
+                                       subresource, query, dry_run=dry_run, strict=strict)
             return aiohttp.web.json_response(self._view(resource, obj),
                                              status=201 if created else 200)
         if verb == "delete":
@@ -606,7 +615,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
     # ---------- writes ----------
 
     def _create(self, resource: ResourceType, namespace: str | None, data: dict,
-                dry_run: bool = False) -> dict:
+                dry_run: bool = False, strict: bool = False) -> dict:
         obj = copy.deepcopy(data)
         metadata = obj.setdefault("metadata", {})
         if not isinstance(metadata, dict):
@@ -631,6 +640,11 @@ class KubeEmulator(kmock.KubernetesEmulator):
             metadata["name"] = metadata["generateName"] + suffix
         name = metadata["name"]
         self._validate(resource, obj)
+        # With a status subresource, the API server drops the status sent on create (a node,
+        # which its kubelet registers with its status, aside); pods start Pending.
+        if resource.has_status and resource.storage_key != ("", "nodes"):
+            obj.pop("status", None)
+        self._apply_schema(resource, obj, strict)
         key = (metadata.get("namespace", ""), name)
         objects = self.store[resource.storage_key]
         if key in objects:
@@ -639,10 +653,6 @@ class KubeEmulator(kmock.KubernetesEmulator):
         for managed in ("deletionTimestamp", "deletionGracePeriodSeconds", "resourceVersion",
                         "uid", "generation", "creationTimestamp", "managedFields", "selfLink"):
             metadata.pop(managed, None)
-        # With a status subresource, the API server drops the status sent on create (a node,
-        # which its kubelet registers with its status, aside); pods start Pending.
-        if resource.has_status and resource.storage_key != ("", "nodes"):
-            obj.pop("status", None)
         if resource.storage_key == ("", "pods"):
             obj["status"] = {"phase": "Pending"}
         if resource.storage_key == ("", "namespaces"):
@@ -720,8 +730,32 @@ class KubeEmulator(kmock.KubernetesEmulator):
         if not isinstance(finalizers, list) or not all(isinstance(f, str) for f in finalizers):
             raise ApiError(422, "Invalid", "metadata.finalizers must be a list of strings")
 
+    def _apply_schema(self, resource: ResourceType, obj: dict, strict: bool) -> None:
+        """Prune, default and validate a custom resource by its CRD's schema, as the API server
+        does before storing it: 422 Invalid listing every problem, or 400 for an unknown field
+        when the client asked for fieldValidation=Strict."""
+        if resource.schema is None:
+            return
+        unknown = resource.schema.prune(obj)
+        name = obj["metadata"]["name"]
+        if unknown and strict:
+            fields = ", ".join(f'unknown field "{path.lstrip(".")}"' for path in unknown)
+            raise ApiError(400, "BadRequest", f"strict decoding error: {fields}")
+        resource.schema.apply_defaults(obj)
+        problems = resource.schema.validate(obj)
+        if problems:
+            causes = [{"reason": "FieldValueRequired" if message == "Required value"
+                       else "FieldValueInvalid", "field": path, "message": message}
+                      for path, message in problems]
+            listed = [f"{path}: {message}" for path, message in problems]
+            summary = listed[0] if len(listed) == 1 else "[" + ", ".join(listed) + "]"
+            raise ApiError(422, "Invalid", f'{resource.kind}.{resource.group} "{name}" is '
+                                           f"invalid: {summary}",
+                           {"name": name, "group": resource.group, "kind": resource.kind,
+                            "causes": causes})
+
     def _update(self, resource: ResourceType, namespace: str | None, name: str, data: dict,
-                subresource: str | None, dry_run: bool = False) -> dict:
+                subresource: str | None, dry_run: bool = False, strict: bool = False) -> dict:
         old = self._existing(resource, namespace, name)
         new = copy.deepcopy(data)
         new.setdefault("metadata", {})
@@ -729,11 +763,11 @@ class KubeEmulator(kmock.KubernetesEmulator):
             raise ApiError(400, "BadRequest", "the name of the object does not match the name "
                                               "on the URL")
         self._check_kind(resource, new)
-        return self._commit(resource, old, new, subresource, dry_run)
+        return self._commit(resource, old, new, subresource, dry_run, strict)
 
     def _patch(self, resource: ResourceType, namespace: str | None, name: str, data: Any,
                content_type: str, subresource: str | None, query: dict,
-               dry_run: bool = False) -> tuple[dict, bool]:
+               dry_run: bool = False, strict: bool = False) -> tuple[dict, bool]:
         key = (namespace or "", name)
         if content_type == "application/apply-patch+yaml":
             # Server-side apply, naively: create when absent, else a merge patch. There is no
@@ -743,7 +777,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
             if key not in self.store[resource.storage_key]:
                 data = copy.deepcopy(data)
                 data.setdefault("metadata", {})["name"] = name
-                return self._create(resource, namespace, data, dry_run=dry_run), True
+                return self._create(resource, namespace, data, dry_run=dry_run,
+                                    strict=strict), True
             content_type = "application/merge-patch+json"
         old = self._existing(resource, namespace, name)
         base = copy.deepcopy(old)
@@ -773,10 +808,10 @@ class KubeEmulator(kmock.KubernetesEmulator):
                            f"application/strategic-merge-patch+json")
         if not isinstance(new, dict) or not isinstance(new.get("metadata"), dict):
             raise ApiError(422, "Invalid", "the patched object must keep its metadata")
-        return self._commit(resource, old, new, subresource, dry_run), False
+        return self._commit(resource, old, new, subresource, dry_run, strict), False
 
     def _commit(self, resource: ResourceType, old: dict, new: dict, subresource: str | None,
-                dry_run: bool) -> dict:
+                dry_run: bool, strict: bool = False) -> dict:
         """Store `new` in place of `old`, as the API server does after a PUT or a PATCH."""
         old_metadata, metadata = old["metadata"], new["metadata"]
         name = old_metadata["name"]
@@ -810,6 +845,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
         metadata["resourceVersion"] = old_metadata["resourceVersion"]
         new["kind"], new["apiVersion"] = old["kind"], old["apiVersion"]
         self._validate(resource, new)
+        self._apply_schema(resource, new, strict)
         if old_metadata.get("deletionTimestamp"):
             added = set(metadata.get("finalizers") or []) - set(old_metadata.get("finalizers")
                                                                 or [])

@@ -194,6 +194,31 @@ def test_kubectl_applies_core_objects_and_namespaces(kube, tmp_path):
     assert "reads JSON and YAML bodies only" in typed.stderr
 
 
+def test_the_crd_schema_prunes_defaults_and_refuses(kube, tmp_path):
+    unknown_field = widget("w1")
+    del unknown_field["spec"]["size"]
+    unknown_field["spec"]["colour"] = "typo"
+    kube.kubectl("apply", "--validate=false", "-f", write_yaml(tmp_path / "w.yaml", unknown_field))
+    stored = kube.api("GET", f"{WIDGETS}/w1")
+    assert stored["spec"] == {"color": "blue", "size": 1}  # pruned, then defaulted
+
+    negative = kube.kubectl("apply", "--validate=false", "-f", "-", check=False,
+                            input=yaml.safe_dump(widget("w2", size=-1)))
+    assert negative.returncode == 1
+    assert negative.stderr.strip() == ('The Widget "w2" is invalid: spec.size: Invalid value: '
+                                       '-1: -1 is less than the minimum of 0')
+    bad_status = kube.kubectl("patch", "widget", "w1", "--subresource", "status", "--type",
+                              "merge", "-p", '{"status": {"conditions": [{"type": "Ready", '
+                                             '"status": "Yes"}, {"status": "True"}]}}',
+                              check=False)
+    assert "status.conditions[0].status: Invalid value: \"Yes\": 'Yes' is not one of" in \
+        bad_status.stderr
+    assert "status.conditions[1].type: Required value" in bad_status.stderr
+    status, answer = kube._call("POST", f"{WIDGETS}?fieldValidation=Strict", unknown_field)
+    assert (status, answer["message"]) == (400, 'strict decoding error: unknown field '
+                                                 '"spec.colour"')
+
+
 def test_garbage_collection_follows_owner_references(kube):
     parts = f"/apis/{GROUP}/{VERSION}/namespaces/default/parts"
 
