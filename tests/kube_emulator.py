@@ -31,7 +31,6 @@ import copy
 import datetime
 import gzip
 import importlib.resources
-import itertools
 import json
 import os
 import pathlib
@@ -41,6 +40,7 @@ import signal
 import string
 import sys
 import time
+import traceback
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -169,8 +169,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
 
     kmock matches each request against views over every request recorded so far, which makes a
     long run quadratic, and its object store scans all objects per request. The shim keeps
-    kmock's server, its bundled discovery of the built-in resources and its Status errors, and
-    serves the API itself from an index keyed by (group, plural) -> (namespace, name).
+    kmock's HTTP server and its bundled discovery of the built-in resources, and serves the API
+    itself from an index keyed by (group, plural) -> (namespace, name).
     """
 
     def __attrs_post_init__(self) -> None:
@@ -363,7 +363,6 @@ class KubeEmulator(kmock.KubernetesEmulator):
         except Exception as error:  # a bug of the emulator: say so to the client, loudly
             if record is not None:
                 record["code"] = 500
-            import traceback
             traceback.print_exc()
             return aiohttp.web.json_response(
                 ApiError(500, "InternalError", f"emulator error: {error!r}").body(), status=500)
@@ -398,7 +397,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
             verb = "delete" if name else "deletecollection"
         else:
             raise ApiError(405, "MethodNotAllowed",
-                           f"the server does not allow this method on the requested resource")
+                           "the server does not allow this method on the requested resource")
         return {"group": group, "version": version, "plural": plural, "namespace": namespace,
                 "name": name, "subresource": subresource, "verb": verb}
 
@@ -502,7 +501,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
         if subresource is not None and subresource not in resource.subresources:
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
-        if subresource is not None and subresource not in ("status", "scale"):
+        if subresource is not None and subresource != "status":
             raise ApiError(501, "NotImplemented",
                            f"the emulator does not serve {resource.plural}/{subresource}")
         table = _wants_table(raw.headers.get("Accept", ""))
@@ -520,9 +519,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
                     self._table(resource, listing["items"], include_object, listing["metadata"]))
             return aiohttp.web.json_response(listing)
         if verb == "get":
+            # GET of /status answers the whole object, as the API server does.
             obj = self._view(resource, self._existing(resource, namespace, name))
-            if subresource == "status":
-                pass  # the whole object, as the API server answers
             if table:
                 return aiohttp.web.json_response(self._table(resource, [obj], include_object, {
                     "resourceVersion": obj["metadata"]["resourceVersion"]}))
@@ -802,10 +800,10 @@ class KubeEmulator(kmock.KubernetesEmulator):
             new = _merge_patch(base, data)
         else:
             raise ApiError(415, "UnsupportedMediaType",
-                           f"the body of the request was in an unknown format - accepted media "
-                           f"types include: application/json-patch+json, "
-                           f"application/merge-patch+json, application/apply-patch+yaml, "
-                           f"application/strategic-merge-patch+json")
+                           "the body of the request was in an unknown format - accepted media "
+                           "types include: application/json-patch+json, "
+                           "application/merge-patch+json, application/apply-patch+yaml, "
+                           "application/strategic-merge-patch+json")
         if not isinstance(new, dict) or not isinstance(new.get("metadata"), dict):
             raise ApiError(422, "Invalid", "the patched object must keep its metadata")
         return self._commit(resource, old, new, subresource, dry_run, strict), False
