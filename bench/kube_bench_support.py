@@ -19,16 +19,13 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import subprocess
 import sys
-import tempfile
-import time
 import urllib.parse
 import urllib.request
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-from kube_fixtures import KubeEmulatorProcess  # noqa: E402
+from kube_fixtures import ClientProcess, KubeEmulatorProcess  # noqa: E402
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -72,59 +69,11 @@ class Emulator(KubeEmulatorProcess):
         return answer["count"]
 
 
-class OperatorProcess:
-    """A Python process (e.g. `-m kopf run ...`) talking to the emulator as `client`, so that
-    its requests are told apart from the bench's own."""
-
-    def __init__(self, kube: Emulator, arguments: list[str], client: str = "operator",
-                 env: dict | None = None, python: str = sys.executable):
-        self.kube = kube
-        self.client = client
-        self.log_path = tempfile.mktemp(prefix=f"testlooper-{client}-", suffix=".log")
-        environment = kube.client_env(client, base=env)
-        environment.setdefault("PYTHONPATH", str(ROOT / "operator"))
-        self._log = open(self.log_path, "w")
-        self.process = subprocess.Popen([python, *arguments], env=environment,
-                                        stdout=self._log, stderr=subprocess.STDOUT)
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
+class OperatorProcess(ClientProcess):
+    """An operator process (see tests/kube_fixtures.py), with its CPU time and memory."""
 
     def cpu_seconds(self) -> float:
         return cpu_seconds(self.process.pid)
 
     def resident_bytes(self) -> int:
         return resident_bytes(self.process.pid)
-
-    def log(self) -> str:
-        return pathlib.Path(self.log_path).read_text()
-
-    def wait_until_watching(self, group: str, resource: str, timeout: float = 30) -> None:
-        """Block until the operator has opened a watch on the resource (kopf is then ready)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if (group, resource, "watch") in self.kube.permissions(self.client):
-                return
-            if self.process.poll() is not None:
-                break
-            time.sleep(0.05)
-        raise RuntimeError(f"the operator never watched {resource}:\n{self.log()[-3000:]}")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log.close()
-
-    def __enter__(self) -> OperatorProcess:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.stop()
-        if exc_info[0] is None:
-            os.unlink(self.log_path)

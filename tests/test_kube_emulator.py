@@ -6,8 +6,6 @@ from __future__ import annotations
 import datetime
 import json
 import pathlib
-import subprocess
-import sys
 import time
 import urllib.request
 
@@ -15,6 +13,7 @@ import kubernetes
 import pytest
 import yaml
 
+from kube_fixtures import wait_until
 from kube_jsonpath import JsonPathError, compile_path
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
@@ -421,49 +420,33 @@ def test_reset_and_the_request_record(kube):
 
 @pytest.mark.parametrize("scope", [["--namespace", "team"], ["--all-namespaces"]],
                          ids=["namespaced", "cluster"])
-def test_a_kopf_operator_runs_its_whole_lifecycle(kube, tmp_path, scope):
+def test_a_kopf_operator_runs_its_whole_lifecycle(kube, kube_process, tmp_path, scope):
     kube.create_namespace("team")
-    log = open(tmp_path / "kopf.log", "w")
-    operator = subprocess.Popen(
-        [sys.executable, "-m", "kopf", "run", "--standalone", *scope,
-         str(FIXTURES / "kopf_widget_operator.py")],
-        env=kube.client_env("operator"), stdout=log, stderr=subprocess.STDOUT)
+    operator = kube_process(["-m", "kopf", "run", "--standalone", *scope,
+                             str(FIXTURES / "kopf_widget_operator.py")], "operator")
+    operator.wait_until_watching(GROUP, "widgets")
     path = f"/apis/{GROUP}/{VERSION}/namespaces/team/widgets"
-    try:
-        kube.kubectl("apply", "--validate=false", "-n", "team", "-f",
-                     write_yaml(tmp_path / "w.yaml", widget("w1", color="teal")))
+    kube.kubectl("apply", "--validate=false", "-n", "team", "-f",
+                 write_yaml(tmp_path / "w.yaml", widget("w1", color="teal")))
 
-        def wait_for(check, what: str, seconds: float = 15):
-            deadline = time.monotonic() + seconds
-            while time.monotonic() < deadline:
-                value = check()
-                if value:
-                    return value
-                time.sleep(0.1)
-            raise AssertionError(f"{what} did not happen; kopf said:\n"
-                                 f"{(tmp_path / 'kopf.log').read_text()}")
+    def status():
+        return kube.api("GET", f"{path}/w1").get("status") or {}
 
-        def status():
-            return kube.api("GET", f"{path}/w1").get("status") or {}
+    wait_until(lambda: status().get("phase") == "Seen", "the create handler", process=operator)
+    wait_until(lambda: (status().get("ticks") or 0) >= 2, "two timer ticks", process=operator)
+    assert table(kube.kubectl("get", "widgets", "-n", "team").stdout)[0]["READY"] == "True"
+    stored = kube.api("GET", f"{path}/w1")
+    assert "example.testlooper.dev/widget-operator" in stored["metadata"]["finalizers"]
+    seen = kube.api("GET", "/api/v1/namespaces/team/configmaps/w1-seen")
+    assert seen["data"] == {"color": "teal"}
+    events = wait_until(lambda: kube.api("GET", "/api/v1/namespaces/team/events")["items"],
+                        "the Event", process=operator)
+    assert events[0]["message"] == "widget w1 is teal"
 
-        wait_for(lambda: status().get("phase") == "Seen", "the create handler")
-        wait_for(lambda: (status().get("ticks") or 0) >= 2, "two timer ticks")
-        assert table(kube.kubectl("get", "widgets", "-n", "team").stdout)[0]["READY"] == "True"
-        stored = kube.api("GET", f"{path}/w1")
-        assert "example.testlooper.dev/widget-operator" in stored["metadata"]["finalizers"]
-        seen = kube.api("GET", "/api/v1/namespaces/team/configmaps/w1-seen")
-        assert seen["data"] == {"color": "teal"}
-        events = wait_for(lambda: kube.api("GET", "/api/v1/namespaces/team/events")["items"],
-                          "the Event")
-        assert events[0]["message"] == "widget w1 is teal"
-
-        kube.kubectl("delete", "widget", "w1", "-n", "team", "--timeout=20s")
-        assert kube.api("GET", "/api/v1/namespaces/team/configmaps/w1-gone")
-        assert kube.api("GET", path)["items"] == []
-    finally:
-        operator.terminate()
-        operator.wait(timeout=20)
-        log.close()
+    kube.kubectl("delete", "widget", "w1", "-n", "team", "--timeout=20s")
+    assert kube.api("GET", "/api/v1/namespaces/team/configmaps/w1-gone")
+    assert kube.api("GET", path)["items"] == []
+    operator.stop()
 
     used = kube.permissions("operator")
     widgets = {(GROUP, "widgets", verb) for verb in ("list", "watch", "patch")}
@@ -493,40 +476,31 @@ def test_jsonpath_evaluator():
         compile_path(".status.conditions[?(@.type=~/x/)]")
 
 
-def test_kopf_priority_peering_leaves_the_lower_replica_standing_by(kube, tmp_path):
+def test_kopf_priority_peering_leaves_the_lower_replica_standing_by(kube, kube_process):
     kube.create_namespace("team")
     kube.api("POST", "/apis/kopf.dev/v1/namespaces/team/kopfpeerings",
              {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": "peers"}})
-    log = open(tmp_path / "kopf.log", "w")
-    replicas = {
-        priority: subprocess.Popen(
-            [sys.executable, "-m", "kopf", "run", "--peering", "peers", "--priority",
-             str(priority), "--namespace", "team", str(FIXTURES / "kopf_widget_operator.py")],
-            env=kube.client_env(f"replica-{priority}"), stdout=log, stderr=subprocess.STDOUT)
+    replicas = {priority: kube_process(
+        ["-m", "kopf", "run", "--peering", "peers", "--priority", str(priority), "--namespace",
+         "team", str(FIXTURES / "kopf_widget_operator.py")], f"replica-{priority}")
         for priority in (10, 20)}
-    try:
-        deadline = time.monotonic() + 15
-        peers = {}
-        while time.monotonic() < deadline and len(peers) < 2:
-            peers = kube.api("GET", "/apis/kopf.dev/v1/namespaces/team/kopfpeerings/peers"
-                             ).get("status") or {}
-            time.sleep(0.1)
-        assert sorted(peer["priority"] for peer in peers.values()) == [10, 20]
-        time.sleep(0.5)  # for replica-10 to read replica-20's record from its watch and pause
-        kube.api("POST", f"/apis/{GROUP}/{VERSION}/namespaces/team/widgets", widget("w1"))
-        while time.monotonic() < deadline + 10:
-            status = kube.api("GET", f"/apis/{GROUP}/{VERSION}/namespaces/team/widgets/w1"
-                              ).get("status") or {}
-            if status.get("phase") == "Seen":
-                break
-            time.sleep(0.1)
-        assert status.get("phase") == "Seen", (tmp_path / "kopf.log").read_text()
-    finally:
-        for replica in replicas.values():
-            replica.terminate()
-        for replica in replicas.values():
-            replica.wait(timeout=20)
-        log.close()
+
+    def both_peers() -> dict | None:
+        peers = kube.api("GET", "/apis/kopf.dev/v1/namespaces/team/kopfpeerings/peers").get(
+            "status") or {}
+        return peers if len(peers) == 2 else None
+
+    peers = wait_until(both_peers, "both peers' records", process=replicas[20])
+    assert sorted(peer["priority"] for peer in peers.values()) == [10, 20]
+    time.sleep(0.5)  # for replica-10 to read replica-20's record from its watch and pause
+    kube.api("POST", f"/apis/{GROUP}/{VERSION}/namespaces/team/widgets", widget("w1"))
+    wait_until(lambda: (kube.api("GET", f"/apis/{GROUP}/{VERSION}/namespaces/team/widgets/w1")
+                        .get("status") or {}).get("phase") == "Seen", "the create handler",
+               process=replicas[20])
+    for replica in replicas.values():
+        replica.process.terminate()
+    for replica in replicas.values():
+        replica.stop()
     assert (GROUP, "widgets/status", "patch") in kube.permissions("replica-20")
     # The replica standing by may list and watch, but it never writes to a widget.
     assert not {(resource, verb) for _, resource, verb in kube.permissions("replica-10")} & {
@@ -553,28 +527,18 @@ def test_the_emulator_refuses_bad_crds_with_a_clear_message(tmp_path):
     assert "nothing" in str(empty.value)
 
 
-def test_the_bare_bench_operator_creates_its_objects(kube, tmp_path):
+def test_the_bare_bench_operator_creates_its_objects(kube, kube_process):
     """bench/bare_operator.py, the yardstick of the operator's benches, does its work."""
     kube.create_namespace("bench")
-    log = open(tmp_path / "kopf.log", "w")
-    operator = subprocess.Popen(
-        [sys.executable, "-m", "kopf", "run", "--standalone", "--namespace", "bench",
-         str(pathlib.Path(__file__).parent.parent / "bench" / "bare_operator.py")],
-        env=kube.client_env("bare"), stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 15
-        while (GROUP, "widgets", "watch") not in kube.permissions("bare"):
-            assert time.monotonic() < deadline, (tmp_path / "kopf.log").read_text()
-            time.sleep(0.05)
-        trigger = kube.api("POST", f"/apis/{GROUP}/{VERSION}/namespaces/bench/widgets",
-                           dict(widget("trigger"), spec={"parts": 20}))
-        reached = kube.api("GET", f"/_testing/wait?group={GROUP}&version={VERSION}"
-                                  f"&resource=parts&namespace=bench&count=20&timeout=15")
-        assert reached == {"count": 20, "reached": True}
-    finally:
-        operator.terminate()
-        operator.wait(timeout=20)
-        log.close()
+    operator = kube_process(["-m", "kopf", "run", "--standalone", "--namespace", "bench",
+                             str(pathlib.Path(__file__).parent.parent / "bench" /
+                                 "bare_operator.py")], "bare")
+    operator.wait_until_watching(GROUP, "widgets")
+    trigger = kube.api("POST", f"/apis/{GROUP}/{VERSION}/namespaces/bench/widgets",
+                       dict(widget("trigger"), spec={"parts": 20}))
+    reached = kube.api("GET", f"/_testing/wait?group={GROUP}&version={VERSION}"
+                              f"&resource=parts&namespace=bench&count=20&timeout=15")
+    assert reached == {"count": 20, "reached": True}, operator.log()
     parts = kube.api("GET", f"/apis/{GROUP}/{VERSION}/namespaces/bench/parts")["items"]
     assert len({part["spec"]["task"] for part in parts}) == 20
     owner = parts[0]["metadata"]["ownerReferences"][0]
