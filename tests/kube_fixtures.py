@@ -199,7 +199,9 @@ class ClientProcess:
         self.client = client
         self.log_path = os.path.join(kube.directory, f"{client}-{time.monotonic_ns()}.log")
         environment = kube.client_env(client, base=env)
-        environment.setdefault("PYTHONPATH", str(ROOT / "operator"))
+        # This worktree's code is what runs, whatever PYTHONPATH said before.
+        environment["PYTHONPATH"] = os.pathsep.join(
+            [str(ROOT / "operator"), *filter(None, [environment.get("PYTHONPATH")])])
         self._log = open(self.log_path, "w")
         self.process = subprocess.Popen([python, *arguments], env=environment,
                                         stdout=self._log, stderr=subprocess.STDOUT)
