@@ -132,7 +132,10 @@ class KubeEmulatorProcess:
         kubectl = shutil.which("kubectl")
         if kubectl is None:
             pytest.skip("kubectl is not on the PATH (these machines have v1.32 in /usr/bin)")
-        result = subprocess.run([kubectl, "--kubeconfig", self.kubeconfig(client), *args],
+        # Its discovery cache stays with this emulator, out of ~/.kube.
+        cache = os.path.join(self.directory, "kubectl-cache")
+        result = subprocess.run([kubectl, "--kubeconfig", self.kubeconfig(client),
+                                 "--cache-dir", cache, *args],
                                 input=input, capture_output=True, text=True, timeout=timeout)
         if check and result.returncode != 0:
             raise AssertionError(f"kubectl {' '.join(args)} failed ({result.returncode}):\n"
