@@ -15,8 +15,10 @@ The testing endpoints, beside the API:
     GET  /_testing/requests[?client=NAME]     every recorded request, oldest first
     GET  /_testing/permissions[?client=NAME]  the distinct (group, resource, verb) used
     POST /_testing/reset                      back to the state at start; closes watches
-    POST /_testing/faults  {"verb", "group", "resource", "status", "times", "client"?}
-                                              the next matching requests fail with that status
+    POST /_testing/faults  {"verb", "group"?, "resource"?, "status", "times", "client"?,
+                            "delay"?}         the next matching requests wait `delay` seconds,
+                                              then fail with that status (0: are served)
+    POST /_testing/close-watches              ends every open watch, as a restart would
     GET  /_testing/objects                    every stored object
     GET  /_testing/wait?version=V&resource=R&count=N[&group=G&namespace=NS&labelSelector=S
                         &timeout=SECONDS]     answers once R holds N objects (or at the timeout)
@@ -155,6 +157,8 @@ class Watcher:
 
 @dataclass
 class Fault:
+    """The next `times` requests matching verb (and group, resource, client, when given) wait
+    `delay` seconds, then fail with `status` (or, with status 0, are served)."""
     verb: str
     group: str | None
     resource: str | None
@@ -162,6 +166,7 @@ class Fault:
     times: int
     client: str | None
     message: str
+    delay: float = 0.0
 
 
 class KubeEmulator(kmock.KubernetesEmulator):
@@ -352,7 +357,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
             if route is None:
                 return aiohttp.web.json_response(self._serve_discovery(path))
             record = self._record(raw, route)
-            self._inject_fault(record)
+            await self._inject_fault(record)
             response = await self._serve_resource(raw, route, query, body)
             record["code"] = response.status
             return response
@@ -417,7 +422,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
         self.recorded.append(record)
         return record
 
-    def _inject_fault(self, record: dict) -> None:
+    async def _inject_fault(self, record: dict) -> None:
         for fault in self.faults:
             if fault.times <= 0 or fault.verb != record["verb"]:
                 continue
@@ -428,6 +433,10 @@ class KubeEmulator(kmock.KubernetesEmulator):
             if fault.client is not None and fault.client != record["client"]:
                 continue
             fault.times -= 1
+            if fault.delay:
+                await asyncio.sleep(fault.delay)
+            if not fault.status:
+                return
             reasons = {409: "Conflict", 429: "TooManyRequests", 500: "InternalError",
                        503: "ServiceUnavailable", 504: "Timeout", 403: "Forbidden"}
             raise ApiError(fault.status, reasons.get(fault.status, "InternalError"),
@@ -1152,9 +1161,16 @@ class KubeEmulator(kmock.KubernetesEmulator):
             self.faults.append(Fault(
                 verb=spec["verb"], group=spec.get("group"), resource=spec.get("resource"),
                 status=int(spec.get("status", 500)), times=int(spec.get("times", 1)),
-                client=spec.get("client"),
+                client=spec.get("client"), delay=float(spec.get("delay", 0)),
                 message=spec.get("message", "injected by the test")))
             return aiohttp.web.json_response({"faults": len(self.faults)})
+        if path == "/_testing/close-watches" and raw.method == "POST":
+            # As when the API server restarts: every watch ends; clients resume from the
+            # resourceVersion they last saw.
+            closed = len(self.watchers)
+            for watcher in list(self.watchers):
+                watcher.queue.put_nowait(None)
+            return aiohttp.web.json_response({"closed": closed})
         if path == "/_testing/wait" and raw.method == "GET":
             # Long-poll until a resource holds `count` objects (in `namespace`, matching
             # `labelSelector`), so that a bench waits without loading the server with lists.

@@ -186,10 +186,17 @@ class KubeEmulatorProcess:
 
     def inject_fault(self, verb: str, status: int, times: int = 1, group: str | None = None,
                      resource: str | None = None, client: str | None = None,
-                     message: str = "injected by the test") -> None:
+                     message: str = "injected by the test", delay: float = 0) -> None:
+        """The next `times` matching requests wait `delay` s, then fail with `status` (0:
+        are served, only late)."""
         self.api("POST", "/_testing/faults", {"verb": verb, "status": status, "times": times,
                                               "group": group, "resource": resource,
-                                              "client": client, "message": message})
+                                              "client": client, "message": message,
+                                              "delay": delay})
+
+    def close_watches(self) -> int:
+        """End every open watch, as an API server restart would; returns how many."""
+        return self.api("POST", "/_testing/close-watches")["closed"]
 
 
 class ClientProcess:
@@ -254,6 +261,31 @@ def wait_until(check, what: str, timeout: float = 15, process: ClientProcess | N
             log = f"; its log:\n{process.log()[-4000:]}" if process is not None else ""
             raise AssertionError(f"{what} did not happen within {timeout} s{log}")
         time.sleep(0.05)
+
+
+def rbac_rules(permissions: set[tuple[str, str, str]]) -> list[dict]:
+    """(group, resource, verb) triples as ClusterRole rules, one per group and resource."""
+    verbs: dict[tuple[str, str], set[str]] = {}
+    for group, resource, verb in permissions:
+        verbs.setdefault((group, resource), set()).add(verb)
+    return [{"apiGroups": [group], "resources": [resource], "verbs": sorted(verbs[key])}
+            for key in sorted(verbs) for group, resource in [key]]
+
+
+def rbac_permissions(role: dict) -> set[tuple[str, str, str]]:
+    """What a Role or ClusterRole grants, as (group, resource, verb) triples. A wildcard is
+    refused: such a role cannot be compared with what was used."""
+    granted = set()
+    for rule in role.get("rules") or []:
+        if rule.get("nonResourceURLs"):
+            continue
+        for group in rule.get("apiGroups") or []:
+            for resource in rule.get("resources") or []:
+                for verb in rule.get("verbs") or []:
+                    if "*" in (group, resource, verb):
+                        raise ValueError(f"the role grants a wildcard: {rule}")
+                    granted.add((group, resource, verb))
+    return granted
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ import kubernetes
 import pytest
 import yaml
 
-from kube_fixtures import wait_until
+from kube_fixtures import rbac_permissions, rbac_rules, wait_until
 from kube_jsonpath import JsonPathError, compile_path
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
@@ -347,6 +347,11 @@ def test_client_errors_the_api_server_would_give(api, kube):
     assert event.metadata.name.startswith("w1-") and len(event.metadata.name) == 8
     listed = core.list_namespaced_event("default", field_selector="involvedObject.name=w1")
     assert [e.message for e in listed.items] == ["hello"]
+    # An injected delay slows the next matching request only, and a fault fails it.
+    kube.inject_fault("get", 0, delay=0.3, resource="secrets", client="python")
+    started = time.monotonic()
+    core.read_namespaced_secret("s", "default")
+    assert time.monotonic() - started >= 0.3
     # An injected fault fails the next matching request only.
     kube.inject_fault("create", 500, group=GROUP, resource="widgets", client="python")
     with pytest.raises(kubernetes.client.ApiException) as injected:
@@ -443,9 +448,15 @@ def test_a_kopf_operator_runs_its_whole_lifecycle(kube, kube_process, tmp_path, 
                         "the Event", process=operator)
     assert events[0]["message"] == "widget w1 is teal"
 
+    # After every watch ends (as in an API server restart), kopf resumes and keeps handling.
+    assert kube.close_watches() >= 1
+    kube.api("POST", path, widget("w2"))
+    wait_until(lambda: (kube.api("GET", f"{path}/w2").get("status") or {}).get("phase"),
+               "handling after the watches were closed", process=operator)
+
     kube.kubectl("delete", "widget", "w1", "-n", "team", "--timeout=20s")
     assert kube.api("GET", "/api/v1/namespaces/team/configmaps/w1-gone")
-    assert kube.api("GET", path)["items"] == []
+    assert [item["metadata"]["name"] for item in kube.api("GET", path)["items"]] == ["w2"]
     operator.stop()
 
     used = kube.permissions("operator")
@@ -458,6 +469,21 @@ def test_a_kopf_operator_runs_its_whole_lifecycle(kube, kube_process, tmp_path, 
 
 
 # ---------- pure parts ----------
+
+def test_rbac_helpers_compare_what_was_used_with_a_role():
+    used = {("testlooper.dev", "repos", "watch"), ("testlooper.dev", "repos", "list"),
+            ("", "events", "create")}
+    rules = rbac_rules(used)
+    assert rules == [{"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+                     {"apiGroups": ["testlooper.dev"], "resources": ["repos"],
+                      "verbs": ["list", "watch"]}]
+    role = {"kind": "ClusterRole", "rules": [
+        *rules, {"apiGroups": ["testlooper.dev"], "resources": ["repos/status"],
+                 "verbs": ["patch"]}, {"nonResourceURLs": ["/healthz"], "verbs": ["get"]}]}
+    assert rbac_permissions(role) - used == {("testlooper.dev", "repos/status", "patch")}
+    with pytest.raises(ValueError):
+        rbac_permissions({"rules": [{"apiGroups": ["*"], "resources": ["x"], "verbs": ["get"]}]})
+
 
 def test_jsonpath_evaluator():
     obj = {"metadata": {"labels": {"testlooper.dev/short-commit": "abc"}},
