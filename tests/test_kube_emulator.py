@@ -570,3 +570,33 @@ def test_the_bare_bench_operator_creates_its_objects(kube, kube_process):
     owner = parts[0]["metadata"]["ownerReferences"][0]
     assert (owner["kind"], owner["uid"]) == ("Widget", trigger["metadata"]["uid"])
     assert parts[0]["metadata"]["labels"]["testlooper.dev/kind"] == "test"
+
+
+def test_the_project_crds_print_their_columns(kube):
+    """The real crds/ and examples/cluster/, through kubectl, as a user sees them."""
+    root = pathlib.Path(__file__).parent.parent
+    if not (root / "crds").is_dir():
+        pytest.skip("crds/ is not generated yet")
+    kube.kubectl("apply", "--validate=false", "-f", str(root / "examples" / "cluster"))
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    kube.api("POST", "/apis/testlooper.dev/v1alpha1/namespaces/default/testruns", {
+        "apiVersion": "testlooper.dev/v1alpha1", "kind": "TestRun",
+        "metadata": {"name": "demo-01234567-network-linux",
+                     "labels": {"testlooper.dev/short-commit": commit[:12]}},
+        "spec": {"repo": "demo", "commit": commit, "task": "network/linux", "kind": "test"}})
+    kube.kubectl("patch", "testrun", "demo-01234567-network-linux", "--subresource", "status",
+                 "--type", "merge", "-p", json.dumps({"status": {
+                     "phase": "Succeeded", "result": "flaky", "runsSummary": "3/6",
+                     "casesSummary": "118/120"}}))
+    row = table(kube.kubectl("get", "testruns").stdout)[0]
+    assert {key: row[key] for key in ("REPO", "COMMIT", "TASK", "PHASE", "RESULT", "RUNS",
+                                      "CASES")} == {
+        "REPO": "demo", "COMMIT": commit[:12], "TASK": "network/linux", "PHASE": "Succeeded",
+        "RESULT": "flaky", "RUNS": "3/6", "CASES": "118/120"}
+    repo_header = kube.kubectl("get", "tlrepo").stdout.splitlines()[0]
+    assert repo_header.split() == ["NAME", "URL", "BRANCHES", "READY", "LAST", "POLL", "AGE"]
+    pool_header = kube.kubectl("get", "tlpool").stdout.splitlines()[0]
+    assert pool_header.split() == ["NAME", "PROVIDER", "WORKERS", "CORES", "QUEUED", "AGE"]
+    # The schema's defaults are applied, as the API server would apply them.
+    repo = kube.kubectl("get", "repos", "-o", "json").stdout
+    assert json.loads(repo)["items"][0]["spec"]["retention"] == {"keepCommits": 50}
