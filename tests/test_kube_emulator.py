@@ -560,8 +560,9 @@ def test_the_bare_bench_operator_creates_its_objects(kube, kube_process):
                              str(pathlib.Path(__file__).parent.parent / "bench" /
                                  "bare_operator.py")], "bare")
     operator.wait_until_watching(GROUP, "widgets")
-    trigger = kube.api("POST", f"/apis/{GROUP}/{VERSION}/namespaces/bench/widgets",
-                       dict(widget("trigger"), spec={"parts": 20}))
+    trigger = widget("trigger")
+    trigger["metadata"]["annotations"] = {"bench.testlooper.dev/parts": "20"}
+    trigger = kube.api("POST", f"/apis/{GROUP}/{VERSION}/namespaces/bench/widgets", trigger)
     reached = kube.api("GET", f"/_testing/wait?group={GROUP}&version={VERSION}"
                               f"&resource=parts&namespace=bench&count=20&timeout=15")
     assert reached == {"count": 20, "reached": True}, operator.log()
