@@ -9,13 +9,19 @@ prints `ready URL` on stdout once it serves, and writes a kubeconfig for kubectl
 
 Every request is recorded as (API group, resource[/subresource], Kubernetes verb) with the
 client that made it: the bearer token of its kubeconfig (see `write_kubeconfig(client=...)`),
-else the product in its User-Agent (kubectl sends no token over http, so it is "kubectl"). The testing endpoints, beside the API:
+else the product in its User-Agent (kubectl sends no token over http, so it is "kubectl").
+The testing endpoints, beside the API:
 
     GET  /_testing/requests[?client=NAME]     every recorded request, oldest first
     GET  /_testing/permissions[?client=NAME]  the distinct (group, resource, verb) used
     POST /_testing/reset                      back to the state at start; closes watches
-    POST /_testing/faults  {"verb", "group", "resource", "status", "times", "client"?}
-                                              the next matching requests fail with that status
+    POST /_testing/faults  {"verb", "group"?, "resource"?, "status", "times", "client"?,
+                            "delay"?}         the next matching requests wait `delay` seconds,
+                                              then fail with that status (0: are served)
+    POST /_testing/close-watches              ends every open watch, as a restart would
+    GET  /_testing/objects                    every stored object
+    GET  /_testing/wait?version=V&resource=R&count=N[&group=G&namespace=NS&labelSelector=S
+                        &timeout=SECONDS]     answers once R holds N objects (or at the timeout)
 """
 
 from __future__ import annotations
@@ -27,7 +33,6 @@ import copy
 import datetime
 import gzip
 import importlib.resources
-import itertools
 import json
 import os
 import pathlib
@@ -37,6 +42,7 @@ import signal
 import string
 import sys
 import time
+import traceback
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -50,6 +56,7 @@ import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from kube_jsonpath import JsonPathError, compile_path  # noqa: E402
+from kube_schema import CrdSchema  # noqa: E402
 from kube_selectors import (SelectorError, label_problem, parse_field_selector,  # noqa: E402
                             parse_label_selector)
 
@@ -119,6 +126,7 @@ class ResourceType:
     printer_columns: list[dict] = field(default_factory=list)
     column_paths: list[Callable[[Any], list[Any]]] = field(default_factory=list)
     is_custom: bool = False
+    schema: CrdSchema | None = None
 
     @property
     def api_version(self) -> str:
@@ -149,6 +157,8 @@ class Watcher:
 
 @dataclass
 class Fault:
+    """The next `times` requests matching verb (and group, resource, client, when given) wait
+    `delay` seconds, then fail with `status` (or, with status 0, are served)."""
     verb: str
     group: str | None
     resource: str | None
@@ -156,6 +166,7 @@ class Fault:
     times: int
     client: str | None
     message: str
+    delay: float = 0.0
 
 
 class KubeEmulator(kmock.KubernetesEmulator):
@@ -163,8 +174,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
 
     kmock matches each request against views over every request recorded so far, which makes a
     long run quadratic, and its object store scans all objects per request. The shim keeps
-    kmock's server, its bundled discovery of the built-in resources and its Status errors, and
-    serves the API itself from an index keyed by (group, plural) -> (namespace, name).
+    kmock's HTTP server and its bundled discovery of the built-in resources, and serves the API
+    itself from an index keyed by (group, plural) -> (namespace, name).
     """
 
     def __attrs_post_init__(self) -> None:
@@ -179,6 +190,14 @@ class KubeEmulator(kmock.KubernetesEmulator):
         self.faults: list[Fault] = []
         self.startup_documents: list[dict] = []
         self.startup_namespaces: list[str] = list(STARTUP_NAMESPACES)
+        self._changed = asyncio.Event()  # set and replaced on every change, for /_testing/wait
+        # For the garbage collector: uid -> (storage key, namespace, name, kind) of every object,
+        # owner uid -> the objects whose ownerReferences name it, and the owners whose deletion
+        # orphans their dependents.
+        self.by_uid: dict[str, tuple[tuple[str, str], str, str, str]] = {}
+        self.dependents: dict[str, set[tuple[tuple[str, str], str, str]]] = {}
+        self.orphaning: set[str] = set()
+        self.types_by_storage: dict[tuple[str, str], ResourceType] = {}
         self._load_builtin_types()
 
     # ---------- resource types ----------
@@ -208,6 +227,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
 
     def _register(self, resource: ResourceType) -> None:
         self.types[(resource.group, resource.version, resource.plural)] = resource
+        self.types_by_storage[resource.storage_key] = resource
         self.store.setdefault(resource.storage_key, {})
         self.events.setdefault(resource.storage_key,
                                collections.deque(maxlen=EVENT_HISTORY))
@@ -236,6 +256,11 @@ class KubeEmulator(kmock.KubernetesEmulator):
                 paths = [compile_path(column["jsonPath"]) for column in columns]
             except (JsonPathError, KeyError) as error:
                 raise ValueError(f"CRD {expected_name}: printer column: {error}") from None
+            openapi = (version.get("schema") or {}).get("openAPIV3Schema")
+            try:
+                schema = CrdSchema(openapi) if openapi else None
+            except Exception as error:  # jsonschema's SchemaError, or a malformed document
+                raise ValueError(f"CRD {expected_name}: its schema is invalid: {error}") from None
             resource = ResourceType(
                 group=group, version=version["name"], plural=plural, kind=kind,
                 singular=names.get("singular") or kind.lower(),
@@ -243,7 +268,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
                 short_names=list(names.get("shortNames") or []),
                 categories=list(names.get("categories") or []),
                 subresources=set((version.get("subresources") or {}).keys()),
-                printer_columns=columns, column_paths=paths, is_custom=True)
+                printer_columns=columns, column_paths=paths, is_custom=True, schema=schema)
             self._register(resource)
             registered.append(resource)
         return registered
@@ -253,7 +278,9 @@ class KubeEmulator(kmock.KubernetesEmulator):
         group, plural = spec.get("group"), (spec.get("names") or {}).get("plural")
         for key in [key for key in self.types if key[0] == group and key[2] == plural]:
             del self.types[key]
-        self.store.pop((group, plural), None)
+        resource = self.types_by_storage.pop((group, plural), None)
+        for obj in self.store.pop((group, plural), {}).values():
+            self._unindex(resource, obj)
 
     def load_documents(self, paths: Iterable[str]) -> None:
         """Load the CRDs (and any other objects) of YAML files, or of folders of them."""
@@ -282,6 +309,9 @@ class KubeEmulator(kmock.KubernetesEmulator):
         self.events_floor = {key: self.revision for key in self.events_floor}
         self.recorded.clear()
         self.faults.clear()
+        self.by_uid.clear()
+        self.dependents.clear()
+        self.orphaning.clear()
         for name in self.startup_namespaces:
             self._create(self._type("", "v1", "namespaces"), None,
                          {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
@@ -327,7 +357,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
             if route is None:
                 return aiohttp.web.json_response(self._serve_discovery(path))
             record = self._record(raw, route)
-            self._inject_fault(record)
+            await self._inject_fault(record)
             response = await self._serve_resource(raw, route, query, body)
             record["code"] = response.status
             return response
@@ -338,7 +368,6 @@ class KubeEmulator(kmock.KubernetesEmulator):
         except Exception as error:  # a bug of the emulator: say so to the client, loudly
             if record is not None:
                 record["code"] = 500
-            import traceback
             traceback.print_exc()
             return aiohttp.web.json_response(
                 ApiError(500, "InternalError", f"emulator error: {error!r}").body(), status=500)
@@ -373,7 +402,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
             verb = "delete" if name else "deletecollection"
         else:
             raise ApiError(405, "MethodNotAllowed",
-                           f"the server does not allow this method on the requested resource")
+                           "the server does not allow this method on the requested resource")
         return {"group": group, "version": version, "plural": plural, "namespace": namespace,
                 "name": name, "subresource": subresource, "verb": verb}
 
@@ -393,7 +422,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
         self.recorded.append(record)
         return record
 
-    def _inject_fault(self, record: dict) -> None:
+    async def _inject_fault(self, record: dict) -> None:
         for fault in self.faults:
             if fault.times <= 0 or fault.verb != record["verb"]:
                 continue
@@ -404,6 +433,10 @@ class KubeEmulator(kmock.KubernetesEmulator):
             if fault.client is not None and fault.client != record["client"]:
                 continue
             fault.times -= 1
+            if fault.delay:
+                await asyncio.sleep(fault.delay)
+            if not fault.status:
+                return
             reasons = {409: "Conflict", 429: "TooManyRequests", 500: "InternalError",
                        503: "ServiceUnavailable", 504: "Timeout", 403: "Forbidden"}
             raise ApiError(fault.status, reasons.get(fault.status, "InternalError"),
@@ -477,12 +510,13 @@ class KubeEmulator(kmock.KubernetesEmulator):
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
         if subresource is not None and subresource not in resource.subresources:
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
-        if subresource is not None and subresource not in ("status", "scale"):
+        if subresource is not None and subresource != "status":
             raise ApiError(501, "NotImplemented",
                            f"the emulator does not serve {resource.plural}/{subresource}")
         table = _wants_table(raw.headers.get("Accept", ""))
         include_object = query.get("includeObject", "Metadata")
         dry_run = bool(query.get("dryRun"))
+        strict = query.get("fieldValidation") == "Strict"
 
         if verb == "watch":
             return await self._serve_watch(raw, resource, namespace, name, query, table,
@@ -494,9 +528,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
                     self._table(resource, listing["items"], include_object, listing["metadata"]))
             return aiohttp.web.json_response(listing)
         if verb == "get":
+            # GET of /status answers the whole object, as the API server does.
             obj = self._view(resource, self._existing(resource, namespace, name))
-            if subresource == "status":
-                pass  # the whole object, as the API server answers
             if table:
                 return aiohttp.web.json_response(self._table(resource, [obj], include_object, {
                     "resourceVersion": obj["metadata"]["resourceVersion"]}))
@@ -506,17 +539,18 @@ class KubeEmulator(kmock.KubernetesEmulator):
         if verb == "create":
             if not isinstance(data, dict):
                 raise ApiError(400, "BadRequest", "the body of a create must be an object")
-            obj = self._create(resource, namespace, data, dry_run=dry_run)
+            obj = self._create(resource, namespace, data, dry_run=dry_run, strict=strict)
             return aiohttp.web.json_response(self._view(resource, obj), status=201)
         if verb == "update":
             if not isinstance(data, dict):
                 raise ApiError(400, "BadRequest", "the body of an update must be an object")
-            obj = self._update(resource, namespace, name, data, subresource, dry_run=dry_run)
+            obj = self._update(resource, namespace, name, data, subresource, dry_run=dry_run,
+                               strict=strict)
             return aiohttp.web.json_response(self._view(resource, obj))
         if verb == "patch":
             content_type = raw.headers.get("Content-Type", "").split(";")[0].strip()
             obj, created = self._patch(resource, namespace, name, data, content_type,
-                                       subresource, query, dry_run=dry_run)
+                                       subresource, query, dry_run=dry_run, strict=strict)
             return aiohttp.web.json_response(self._view(resource, obj),
                                              status=201 if created else 200)
         if verb == "delete":
@@ -588,7 +622,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
     # ---------- writes ----------
 
     def _create(self, resource: ResourceType, namespace: str | None, data: dict,
-                dry_run: bool = False) -> dict:
+                dry_run: bool = False, strict: bool = False) -> dict:
         obj = copy.deepcopy(data)
         metadata = obj.setdefault("metadata", {})
         if not isinstance(metadata, dict):
@@ -613,6 +647,11 @@ class KubeEmulator(kmock.KubernetesEmulator):
             metadata["name"] = metadata["generateName"] + suffix
         name = metadata["name"]
         self._validate(resource, obj)
+        # With a status subresource, the API server drops the status sent on create (a node,
+        # which its kubelet registers with its status, aside); pods start Pending.
+        if resource.has_status and resource.storage_key != ("", "nodes"):
+            obj.pop("status", None)
+        self._apply_schema(resource, obj, strict)
         key = (metadata.get("namespace", ""), name)
         objects = self.store[resource.storage_key]
         if key in objects:
@@ -621,9 +660,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
         for managed in ("deletionTimestamp", "deletionGracePeriodSeconds", "resourceVersion",
                         "uid", "generation", "creationTimestamp", "managedFields", "selfLink"):
             metadata.pop(managed, None)
-        # With a status subresource, the API server drops the status sent on create.
-        if resource.has_status and resource.is_custom:
-            obj.pop("status", None)
+        if resource.storage_key == ("", "pods"):
+            obj["status"] = {"phase": "Pending"}
         if resource.storage_key == ("", "namespaces"):
             obj["status"] = {"phase": "Active"}
             obj.setdefault("spec", {"finalizers": ["kubernetes"]})
@@ -639,8 +677,9 @@ class KubeEmulator(kmock.KubernetesEmulator):
             except ValueError as error:
                 raise ApiError(422, "Invalid", str(error)) from None
         metadata["resourceVersion"] = self._next_revision()
-        objects[key] = obj
+        self._put(resource, obj)
         self._emit(resource, "ADDED", obj)
+        self._collect_if_orphan(resource, obj)
         return obj
 
     def _check_namespace_open(self, namespace: str | None) -> None:
@@ -654,10 +693,17 @@ class KubeEmulator(kmock.KubernetesEmulator):
                                              f"{namespace} because it is being terminated")
 
     def _check_kind(self, resource: ResourceType, obj: dict) -> None:
-        if obj.get("kind") and obj["kind"] != resource.kind:
+        # Built-in endpoints default the kind and apiVersion from the URL; custom resources
+        # are decoded without a type, so they must say theirs.
+        if resource.is_custom and (not obj.get("kind") or not obj.get("apiVersion")):
+            missing = "Kind" if not obj.get("kind") else "apiVersion"
+            raise ApiError(400, "BadRequest", f"Object '{missing}' is missing in the body")
+        obj.setdefault("kind", resource.kind)
+        obj.setdefault("apiVersion", resource.api_version)
+        if obj["kind"] != resource.kind:
             raise ApiError(400, "BadRequest", f"the kind {obj['kind']!r} does not match the "
                                               f"resource {resource.qualified} ({resource.kind})")
-        group_version = obj.get("apiVersion", resource.api_version)
+        group_version = obj["apiVersion"]
         group = group_version.rpartition("/")[0]
         if group != resource.group:
             raise ApiError(400, "BadRequest", f"the apiVersion {group_version!r} does not match "
@@ -667,10 +713,6 @@ class KubeEmulator(kmock.KubernetesEmulator):
 
     def _validate(self, resource: ResourceType, obj: dict) -> None:
         """The checks the API server makes of every object's metadata (not the schema)."""
-        if resource.storage_key == ("", "secrets") and obj.get("stringData") is not None:
-            # As the API server does on every write: stringData is merged into data (base64).
-            string_data = obj.pop("stringData") or {}
-            obj["data"] = {**(obj.get("data") or {}), **{k: _b64encode(v) for k, v in string_data.items()}}
         metadata = obj["metadata"]
         name = metadata["name"]
         pattern, limit = ((DNS_LABEL, 63) if resource.storage_key == ("", "namespaces")
@@ -695,8 +737,32 @@ class KubeEmulator(kmock.KubernetesEmulator):
         if not isinstance(finalizers, list) or not all(isinstance(f, str) for f in finalizers):
             raise ApiError(422, "Invalid", "metadata.finalizers must be a list of strings")
 
+    def _apply_schema(self, resource: ResourceType, obj: dict, strict: bool) -> None:
+        """Prune, default and validate a custom resource by its CRD's schema, as the API server
+        does before storing it: 422 Invalid listing every problem, or 400 for an unknown field
+        when the client asked for fieldValidation=Strict."""
+        if resource.schema is None:
+            return
+        unknown = resource.schema.prune(obj)
+        name = obj["metadata"]["name"]
+        if unknown and strict:
+            fields = ", ".join(f'unknown field "{path.lstrip(".")}"' for path in unknown)
+            raise ApiError(400, "BadRequest", f"strict decoding error: {fields}")
+        resource.schema.apply_defaults(obj)
+        problems = resource.schema.validate(obj)
+        if problems:
+            causes = [{"reason": "FieldValueRequired" if message == "Required value"
+                       else "FieldValueInvalid", "field": path, "message": message}
+                      for path, message in problems]
+            listed = [f"{path}: {message}" for path, message in problems]
+            summary = listed[0] if len(listed) == 1 else "[" + ", ".join(listed) + "]"
+            raise ApiError(422, "Invalid", f'{resource.kind}.{resource.group} "{name}" is '
+                                           f"invalid: {summary}",
+                           {"name": name, "group": resource.group, "kind": resource.kind,
+                            "causes": causes})
+
     def _update(self, resource: ResourceType, namespace: str | None, name: str, data: dict,
-                subresource: str | None, dry_run: bool = False) -> dict:
+                subresource: str | None, dry_run: bool = False, strict: bool = False) -> dict:
         old = self._existing(resource, namespace, name)
         new = copy.deepcopy(data)
         new.setdefault("metadata", {})
@@ -704,11 +770,11 @@ class KubeEmulator(kmock.KubernetesEmulator):
             raise ApiError(400, "BadRequest", "the name of the object does not match the name "
                                               "on the URL")
         self._check_kind(resource, new)
-        return self._commit(resource, old, new, subresource, dry_run)
+        return self._commit(resource, old, new, subresource, dry_run, strict)
 
     def _patch(self, resource: ResourceType, namespace: str | None, name: str, data: Any,
                content_type: str, subresource: str | None, query: dict,
-               dry_run: bool = False) -> tuple[dict, bool]:
+               dry_run: bool = False, strict: bool = False) -> tuple[dict, bool]:
         key = (namespace or "", name)
         if content_type == "application/apply-patch+yaml":
             # Server-side apply, naively: create when absent, else a merge patch. There is no
@@ -718,7 +784,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
             if key not in self.store[resource.storage_key]:
                 data = copy.deepcopy(data)
                 data.setdefault("metadata", {})["name"] = name
-                return self._create(resource, namespace, data, dry_run=dry_run), True
+                return self._create(resource, namespace, data, dry_run=dry_run,
+                                    strict=strict), True
             content_type = "application/merge-patch+json"
         old = self._existing(resource, namespace, name)
         base = copy.deepcopy(old)
@@ -742,16 +809,16 @@ class KubeEmulator(kmock.KubernetesEmulator):
             new = _merge_patch(base, data)
         else:
             raise ApiError(415, "UnsupportedMediaType",
-                           f"the body of the request was in an unknown format - accepted media "
-                           f"types include: application/json-patch+json, "
-                           f"application/merge-patch+json, application/apply-patch+yaml, "
-                           f"application/strategic-merge-patch+json")
+                           "the body of the request was in an unknown format - accepted media "
+                           "types include: application/json-patch+json, "
+                           "application/merge-patch+json, application/apply-patch+yaml, "
+                           "application/strategic-merge-patch+json")
         if not isinstance(new, dict) or not isinstance(new.get("metadata"), dict):
             raise ApiError(422, "Invalid", "the patched object must keep its metadata")
-        return self._commit(resource, old, new, subresource, dry_run), False
+        return self._commit(resource, old, new, subresource, dry_run, strict), False
 
     def _commit(self, resource: ResourceType, old: dict, new: dict, subresource: str | None,
-                dry_run: bool) -> dict:
+                dry_run: bool, strict: bool = False) -> dict:
         """Store `new` in place of `old`, as the API server does after a PUT or a PATCH."""
         old_metadata, metadata = old["metadata"], new["metadata"]
         name = old_metadata["name"]
@@ -785,6 +852,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
         metadata["resourceVersion"] = old_metadata["resourceVersion"]
         new["kind"], new["apiVersion"] = old["kind"], old["apiVersion"]
         self._validate(resource, new)
+        self._apply_schema(resource, new, strict)
         if old_metadata.get("deletionTimestamp"):
             added = set(metadata.get("finalizers") or []) - set(old_metadata.get("finalizers")
                                                                 or [])
@@ -805,15 +873,14 @@ class KubeEmulator(kmock.KubernetesEmulator):
             except ValueError as error:
                 raise ApiError(422, "Invalid", str(error)) from None
         metadata["resourceVersion"] = self._next_revision()
-        objects = self.store[resource.storage_key]
-        key = (metadata.get("namespace", ""), name)
         if metadata.get("deletionTimestamp") and not metadata.get("finalizers"):
-            del objects[key]
+            self._take(resource, new)
             self._emit(resource, "DELETED", new)
             self._after_removal(resource, new)
         else:
-            objects[key] = new
+            self._put(resource, new)
             self._emit(resource, "MODIFIED", new)
+            self._collect_if_orphan(resource, new)
         return new
 
     def _delete(self, resource: ResourceType, namespace: str | None, name: str, options: dict,
@@ -829,6 +896,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
         if dry_run:
             return old
         metadata = old["metadata"]
+        if options.get("propagationPolicy") == "Orphan" or options.get("orphanDependents"):
+            self.orphaning.add(metadata["uid"])
         if metadata.get("deletionTimestamp"):
             return old
         finalizers = list(metadata.get("finalizers") or [])
@@ -840,14 +909,14 @@ class KubeEmulator(kmock.KubernetesEmulator):
             new["metadata"]["resourceVersion"] = self._next_revision()
             if is_namespace:
                 new["status"] = {"phase": "Terminating"}
-            self.store[resource.storage_key][(metadata.get("namespace", ""), name)] = new
+            self._put(resource, new)
             self._emit(resource, "MODIFIED", new)
             if is_namespace:
                 self._empty_namespace(name)
             return new
         removed = copy.deepcopy(old)
         removed["metadata"]["resourceVersion"] = self._next_revision()
-        del self.store[resource.storage_key][(metadata.get("namespace", ""), name)]
+        self._take(resource, removed)
         self._emit(resource, "DELETED", removed)
         self._after_removal(resource, removed)
         return removed
@@ -873,15 +942,83 @@ class KubeEmulator(kmock.KubernetesEmulator):
                 return
         removed = copy.deepcopy(holder)
         removed["metadata"]["resourceVersion"] = self._next_revision()
-        del self.store[("", "namespaces")][("", namespace)]
-        self._emit(self._type("", "v1", "namespaces"), "DELETED", removed)
+        namespaces = self._type("", "v1", "namespaces")
+        self._take(namespaces, removed)
+        self._emit(namespaces, "DELETED", removed)
 
     def _after_removal(self, resource: ResourceType, obj: dict) -> None:
         if resource.storage_key == ("apiextensions.k8s.io", "customresourcedefinitions"):
             self._unregister_crd(obj)
+        self._collect_dependents(obj)
         namespace = obj["metadata"].get("namespace")
         if namespace:
             self._remove_namespace_if_empty(namespace)
+
+    # ---------- storage and the garbage collector ----------
+
+    def _put(self, resource: ResourceType, obj: dict) -> None:
+        metadata = obj["metadata"]
+        objects = self.store[resource.storage_key]
+        key = (metadata.get("namespace", ""), metadata["name"])
+        if key in objects:
+            self._unindex(resource, objects[key])
+        objects[key] = obj
+        self.by_uid[metadata["uid"]] = (resource.storage_key, key[0], key[1], obj["kind"])
+        for reference in metadata.get("ownerReferences") or []:
+            self.dependents.setdefault(str(reference.get("uid")), set()).add(
+                (resource.storage_key, *key))
+
+    def _take(self, resource: ResourceType, obj: dict) -> None:
+        metadata = obj["metadata"]
+        self.store[resource.storage_key].pop((metadata.get("namespace", ""), metadata["name"]))
+        self._unindex(resource, obj)
+
+    def _unindex(self, resource: ResourceType | None, obj: dict) -> None:
+        metadata = obj["metadata"]
+        self.by_uid.pop(metadata.get("uid"), None)
+        if resource is None:
+            return
+        entry = (resource.storage_key, metadata.get("namespace", ""), metadata["name"])
+        for reference in metadata.get("ownerReferences") or []:
+            self.dependents.get(str(reference.get("uid")), set()).discard(entry)
+
+    def _has_live_owner(self, obj: dict) -> bool:
+        """Whether an owner the object names still exists: same uid, kind and name, and in the
+        object's namespace or cluster-scoped (a reference across namespaces never resolves)."""
+        namespace = obj["metadata"].get("namespace", "")
+        for reference in obj["metadata"].get("ownerReferences") or []:
+            found = self.by_uid.get(str(reference.get("uid")))
+            if found and found[2] == reference.get("name") and found[3] == reference.get("kind") \
+                    and found[1] in ("", namespace):
+                return True
+        return False
+
+    def _collect_if_orphan(self, resource: ResourceType, obj: dict) -> None:
+        """Background garbage collection of an object all of whose owners are gone, e.g. one
+        created with an owner reference to a uid that does not exist."""
+        if obj["metadata"].get("ownerReferences") and not self._has_live_owner(obj):
+            self._delete(resource, obj["metadata"].get("namespace"), obj["metadata"]["name"], {})
+
+    def _collect_dependents(self, owner: dict) -> None:
+        uid = owner["metadata"].get("uid")
+        dependents = self.dependents.pop(uid, set())
+        orphan = uid in self.orphaning
+        self.orphaning.discard(uid)
+        for storage_key, namespace, name in sorted(dependents):
+            resource = self.types_by_storage.get(storage_key)
+            obj = self.store.get(storage_key, {}).get((namespace, name))
+            if resource is None or obj is None:
+                continue
+            if orphan:  # the dependents stay, without the reference to their owner
+                kept = [r for r in obj["metadata"]["ownerReferences"] if r.get("uid") != uid]
+                new = copy.deepcopy(obj)
+                if kept:
+                    new["metadata"]["ownerReferences"] = kept
+                else:
+                    new["metadata"].pop("ownerReferences")
+                self._commit(resource, obj, new, None, dry_run=False)
+            elif not self._has_live_owner(obj):
+                self._delete(resource, namespace or None, name, {})
 
     def _next_revision(self) -> str:
         self.revision += 1
@@ -890,6 +1027,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
     # ---------- watches ----------
 
     def _emit(self, resource: ResourceType, event_type: str, obj: dict) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
         revision = int(obj["metadata"]["resourceVersion"])
         history = self.events[resource.storage_key]
         if len(history) == history.maxlen:
@@ -961,7 +1100,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
                 await response.write(line.encode())
                 if event_type == "ERROR":
                     break
-        except (ConnectionResetError, asyncio.CancelledError):
+        except ConnectionResetError:  # the client went away
             pass
         finally:
             self.watchers.discard(watcher)
@@ -1022,12 +1161,43 @@ class KubeEmulator(kmock.KubernetesEmulator):
             self.faults.append(Fault(
                 verb=spec["verb"], group=spec.get("group"), resource=spec.get("resource"),
                 status=int(spec.get("status", 500)), times=int(spec.get("times", 1)),
-                client=spec.get("client"),
+                client=spec.get("client"), delay=float(spec.get("delay", 0)),
                 message=spec.get("message", "injected by the test")))
             return aiohttp.web.json_response({"faults": len(self.faults)})
+        if path == "/_testing/close-watches" and raw.method == "POST":
+            # As when the API server restarts: every watch ends; clients resume from the
+            # resourceVersion they last saw.
+            closed = len(self.watchers)
+            for watcher in list(self.watchers):
+                watcher.queue.put_nowait(None)
+            return aiohttp.web.json_response({"closed": closed})
+        if path == "/_testing/wait" and raw.method == "GET":
+            # Long-poll until a resource holds `count` objects (in `namespace`, matching
+            # `labelSelector`), so that a bench waits without loading the server with lists.
+            resource = self._type(query.get("group", ""), query["version"], query["resource"])
+            wanted = int(query["count"])
+            deadline = time.monotonic() + float(query.get("timeout", "60"))
+            labels_match = parse_label_selector(query.get("labelSelector", ""))
+            while True:
+                count = sum(1 for (namespace, _), obj in
+                            self.store[resource.storage_key].items()
+                            if query.get("namespace") in (None, namespace)
+                            and labels_match(obj["metadata"].get("labels") or {}))
+                remaining = deadline - time.monotonic()
+                if count >= wanted or remaining <= 0:
+                    return aiohttp.web.json_response({"count": count, "reached": count >= wanted})
+                try:
+                    await asyncio.wait_for(self._changed.wait(), remaining)
+                    # Recount at most every 2 ms: a fan-out of thousands of objects would
+                    # otherwise cost a recount per object.
+                    await asyncio.sleep(0.002)
+                except asyncio.TimeoutError:
+                    pass
         if path == "/_testing/objects" and raw.method == "GET":
-            return aiohttp.web.json_response({"count": sum(len(o) for o in self.store.values()),
-                                              "resourceVersion": str(self.revision)})
+            # Every stored object, e.g. for a test that greps them all for a leaked secret.
+            return aiohttp.web.json_response({
+                "resourceVersion": str(self.revision),
+                "objects": [obj for objects in self.store.values() for obj in objects.values()]})
         raise ApiError(404, "NotFound", f"no testing endpoint {raw.method} {path}")
 
 
@@ -1130,6 +1300,11 @@ def _merge_patch(target: Any, patch: Any) -> Any:
 def _parse_body(body: bytes, content_type: str) -> Any:
     if not body:
         return None
+    if "protobuf" in content_type or "cbor" in content_type:
+        # kubectl's typed commands (`kubectl create configmap`, `create secret`) send protobuf.
+        raise ApiError(415, "UnsupportedMediaType",
+                       f"the emulator reads JSON and YAML bodies only, not {content_type}: "
+                       f"use `kubectl apply -f` or `kubectl create -f`")
     try:
         if "yaml" in content_type:
             return yaml.safe_load(body)

@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import pathlib
-import subprocess
-import sys
 import time
 import urllib.request
 
@@ -16,6 +13,7 @@ import kubernetes
 import pytest
 import yaml
 
+from kube_fixtures import rbac_permissions, rbac_rules, wait_until
 from kube_jsonpath import JsonPathError, compile_path
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
@@ -166,9 +164,99 @@ def test_kubectl_applies_core_objects_and_namespaces(kube, tmp_path):
     assert kube.kubectl("get", "configmap", "c", "-n", "team", "-o",
                         "jsonpath={.data.k}").stdout == "v"
     assert "team" in kube.kubectl("get", "namespaces", "-o", "name").stdout
-    # Deleting the namespace deletes what it holds.
-    kube.kubectl("delete", "namespace", "team")
+    dry = kube.kubectl("apply", "--validate=false", "--dry-run=server", "-f", "-", input=yaml.
+                       safe_dump({"apiVersion": "v1", "kind": "ConfigMap",
+                                  "metadata": {"name": "dry", "namespace": "team"}}))
+    assert dry.stdout.strip() == "configmap/dry created (server dry run)"
+    assert "NotFound" in kube.kubectl("get", "configmap", "dry", "-n", "team",
+                                      check=False).stderr
+
+    # Deleting a namespace deletes what it holds; it stays Terminating while a finalizer holds
+    # one of its objects, and refuses new objects meanwhile.
+    held = widget("held")
+    held["metadata"].update(namespace="team", finalizers=["example.testlooper.dev/hold"])
+    kube.api("POST", f"/apis/{GROUP}/{VERSION}/namespaces/team/widgets", held)
+    kube.kubectl("delete", "namespace", "team", "--wait=false")
     assert kube.kubectl("get", "configmaps", "-n", "team", "-o", "name").stdout == ""
+    assert kube.api("GET", "/api/v1/namespaces/team")["status"]["phase"] == "Terminating"
+    late = {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "late", "namespace": "team"}}
+    refused = kube.kubectl("create", "--validate=false", "-f", "-", check=False,
+                           input=yaml.safe_dump(late))
+    assert "because it is being terminated" in refused.stderr
+    kube.kubectl("patch", "widget", "held", "-n", "team", "--type", "merge",
+                 "-p", '{"metadata": {"finalizers": null}}')
+    assert "team" not in kube.kubectl("get", "namespaces", "-o", "name").stdout
+    # kubectl's typed commands send protobuf, which the emulator says it cannot read.
+    typed = kube.kubectl("create", "configmap", "typed", check=False)
+    assert "reads JSON and YAML bodies only" in typed.stderr
+
+
+def test_the_crd_schema_prunes_defaults_and_refuses(kube, tmp_path):
+    unknown_field = widget("w1")
+    del unknown_field["spec"]["size"]
+    unknown_field["spec"]["colour"] = "typo"
+    kube.kubectl("apply", "--validate=false", "-f", write_yaml(tmp_path / "w.yaml", unknown_field))
+    stored = kube.api("GET", f"{WIDGETS}/w1")
+    assert stored["spec"] == {"color": "blue", "size": 1}  # pruned, then defaulted
+
+    negative = kube.kubectl("apply", "--validate=false", "-f", "-", check=False,
+                            input=yaml.safe_dump(widget("w2", size=-1)))
+    assert negative.returncode == 1
+    assert negative.stderr.strip() == ('The Widget "w2" is invalid: spec.size: Invalid value: '
+                                       '-1: -1 is less than the minimum of 0')
+    bad_status = kube.kubectl("patch", "widget", "w1", "--subresource", "status", "--type",
+                              "merge", "-p", '{"status": {"conditions": [{"type": "Ready", '
+                                             '"status": "Yes"}, {"status": "True"}]}}',
+                              check=False)
+    assert "status.conditions[0].status: Invalid value: \"Yes\": 'Yes' is not one of" in \
+        bad_status.stderr
+    assert "status.conditions[1].type: Required value" in bad_status.stderr
+    status, answer = kube._call("POST", f"{WIDGETS}?fieldValidation=Strict", unknown_field)
+    assert (status, answer["message"]) == (400, 'strict decoding error: unknown field '
+                                                 '"spec.colour"')
+
+
+def test_garbage_collection_follows_owner_references(kube):
+    parts = f"/apis/{GROUP}/{VERSION}/namespaces/default/parts"
+
+    def part(name: str, *owners: dict) -> dict:
+        return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "Part", "metadata": {
+            "name": name, "ownerReferences": [
+                {"apiVersion": f"{GROUP}/{VERSION}", "kind": owner["kind"],
+                 "name": owner["metadata"]["name"], "uid": owner["metadata"]["uid"],
+                 "controller": index == 0, "blockOwnerDeletion": True}
+                for index, owner in enumerate(owners)]}}
+
+    def names() -> list[str]:
+        return [item["metadata"]["name"] for item in kube.api("GET", parts)["items"]]
+
+    first = kube.api("POST", WIDGETS, widget("first"))
+    second = kube.api("POST", WIDGETS, widget("second"))
+    kube.api("POST", parts, part("only-first", first))
+    kube.api("POST", parts, part("both", first, second))
+    kube.kubectl("delete", "widget", "first")
+    assert names() == ["both"]  # one owner is left
+    kube.kubectl("delete", "widget", "second")
+    assert names() == []
+
+    # An owner that does not exist (a wrong uid, or another namespace) owns nothing: the
+    # collector deletes the dependent right after its creation.
+    third = kube.api("POST", WIDGETS, widget("third"))
+    wrong_uid = dict(third, metadata=dict(third["metadata"], uid="0000"))
+    kube.api("POST", parts, part("wrong-uid", wrong_uid))
+    kube.create_namespace("elsewhere")
+    kube.api("POST", f"/apis/{GROUP}/{VERSION}/namespaces/elsewhere/parts",
+             dict(part("across", third), metadata=dict(part("across", third)["metadata"],
+                                                       namespace="elsewhere")))
+    kube.api("POST", parts, part("right", third))
+    assert names() == ["right"]
+    assert kube.api("GET", f"/apis/{GROUP}/{VERSION}/namespaces/elsewhere/parts")["items"] == []
+
+    # --cascade=orphan keeps the dependents and drops their reference to the owner.
+    kube.kubectl("delete", "widget", "third", "--cascade=orphan")
+    assert names() == ["right"]
+    assert "ownerReferences" not in kube.api("GET", f"{parts}/right")["metadata"]
 
 
 # ---------- the official client ----------
@@ -247,6 +335,8 @@ def test_client_errors_the_api_server_would_give(api, kube):
         custom.list_namespaced_custom_object(GROUP, VERSION, "default", "widgets",
                                              field_selector="spec.color=blue")
     assert bad_selector.value.status == 400
+    status, answer = kube._call("POST", WIDGETS, {"metadata": {"name": "kindless"}})
+    assert (status, answer["message"]) == (400, "Object 'Kind' is missing in the body")
     # Secrets, events and generated names, as kopf and the operator use them.
     core.create_namespaced_secret("default", {"metadata": {"name": "s"},
                                               "stringData": {"token": "t"}})
@@ -257,6 +347,11 @@ def test_client_errors_the_api_server_would_give(api, kube):
     assert event.metadata.name.startswith("w1-") and len(event.metadata.name) == 8
     listed = core.list_namespaced_event("default", field_selector="involvedObject.name=w1")
     assert [e.message for e in listed.items] == ["hello"]
+    # An injected delay slows the next matching request only, and a fault fails it.
+    kube.inject_fault("get", 0, delay=0.3, resource="secrets", client="python")
+    started = time.monotonic()
+    core.read_namespaced_secret("s", "default")
+    assert time.monotonic() - started >= 0.3
     # An injected fault fails the next matching request only.
     kube.inject_fault("create", 500, group=GROUP, resource="widgets", client="python")
     with pytest.raises(kubernetes.client.ApiException) as injected:
@@ -265,16 +360,51 @@ def test_client_errors_the_api_server_would_give(api, kube):
     custom.create_namespaced_custom_object(GROUP, VERSION, "default", "widgets", widget("w3"))
 
 
+def test_client_pods_leases_and_new_style_events(kube):
+    client = kubernetes.config.new_client_from_config(config_file=kube.kubeconfig("python"))
+    try:
+        core = kubernetes.client.CoreV1Api(client)
+        pod = core.create_namespaced_pod("default", {
+            "metadata": {"name": "p1", "labels": {"testlooper.dev/kind": "test"}},
+            "spec": {"containers": [{"name": "run", "image": "debian:12"}]},
+            "status": {"phase": "Succeeded"}})
+        assert pod.metadata.uid and pod.spec.containers[0].image == "debian:12"
+        assert pod.status.phase == "Pending"  # the status sent on create is dropped
+        # A test plays the kubelet through /status; the main endpoint leaves status alone.
+        core.patch_namespaced_pod_status("p1", "default", {"status": {"phase": "Running"}})
+        core.patch_namespaced_pod("p1", "default", {"status": {"phase": "Failed"}})
+        assert core.read_namespaced_pod("p1", "default").status.phase == "Running"
+        assert [p.metadata.name for p in core.list_namespaced_pod(
+            "default", label_selector="testlooper.dev/kind=test").items] == ["p1"]
+
+        leases = kubernetes.client.CoordinationV1Api(client)
+        leases.create_namespaced_lease("default", {"metadata": {"name": "leader"},
+                                                   "spec": {"holderIdentity": "a"}})
+        assert leases.read_namespaced_lease("leader", "default").spec.holder_identity == "a"
+
+        events = kubernetes.client.EventsV1Api(client)
+        events.create_namespaced_event("default", {
+            "metadata": {"name": "e1"}, "reason": "Seen", "note": "hello", "type": "Normal",
+            "eventTime": "2026-01-01T00:00:00.000000Z", "action": "Seen",
+            "reportingController": "tests", "reportingInstance": "tests-1",
+            "regarding": {"kind": "Pod", "name": "p1", "namespace": "default"}})
+        assert [e.note for e in events.list_namespaced_event(
+            "default", field_selector="regarding.name=p1").items] == ["hello"]
+    finally:
+        client.close()
+    assert {("", "pods/status", "patch"), ("coordination.k8s.io", "leases", "create"),
+            ("events.k8s.io", "events", "list")} <= kube.permissions("python")
+
+
 def test_watch_replays_from_a_resource_version(kube):
     first = kube.api("POST", WIDGETS, widget("w1"))
     since = first["metadata"]["resourceVersion"]
     kube.api("PATCH", f"{WIDGETS}/w1", {"spec": {"size": 8}},
              content_type="application/merge-patch+json")
     kube.api("DELETE", f"{WIDGETS}/w1")
-    request = urllib.request.Request(
-        f"{kube.url}{WIDGETS}?watch=true&resourceVersion={since}&timeoutSeconds=1")
+    request = urllib.request.Request(f"{kube.url}{WIDGETS}?watch=true&resourceVersion={since}")
     with urllib.request.urlopen(request, timeout=10) as response:
-        events = [json.loads(line) for line in response.read().splitlines()]
+        events = [json.loads(response.readline()) for _ in range(2)]
     assert [(e["type"], e["object"]["spec"]["size"]) for e in events] == [
         ("MODIFIED", 8), ("DELETED", 8)]
 
@@ -284,6 +414,7 @@ def test_reset_and_the_request_record(kube):
     kube.kubectl("get", "widgets")
     assert ("example.testlooper.dev", "widgets", "list") in kube.permissions("kubectl")
     assert kube.permissions("tests") == {("example.testlooper.dev", "widgets", "create")}
+    assert [o["metadata"]["name"] for o in kube.all_objects() if o["kind"] == "Widget"] == ["w1"]
     kube.reset()
     assert kube.requests() == []
     assert kube.api("GET", WIDGETS)["items"] == []
@@ -294,49 +425,39 @@ def test_reset_and_the_request_record(kube):
 
 @pytest.mark.parametrize("scope", [["--namespace", "team"], ["--all-namespaces"]],
                          ids=["namespaced", "cluster"])
-def test_a_kopf_operator_runs_its_whole_lifecycle(kube, tmp_path, scope):
+def test_a_kopf_operator_runs_its_whole_lifecycle(kube, kube_process, tmp_path, scope):
     kube.create_namespace("team")
-    log = open(tmp_path / "kopf.log", "w")
-    operator = subprocess.Popen(
-        [sys.executable, "-m", "kopf", "run", "--standalone", *scope,
-         str(FIXTURES / "kopf_widget_operator.py")],
-        env=kube.client_env("operator"), stdout=log, stderr=subprocess.STDOUT)
+    operator = kube_process(["-m", "kopf", "run", "--standalone", *scope,
+                             str(FIXTURES / "kopf_widget_operator.py")], "operator")
+    operator.wait_until_watching(GROUP, "widgets")
     path = f"/apis/{GROUP}/{VERSION}/namespaces/team/widgets"
-    try:
-        kube.kubectl("apply", "--validate=false", "-n", "team", "-f",
-                     write_yaml(tmp_path / "w.yaml", widget("w1", color="teal")))
+    kube.kubectl("apply", "--validate=false", "-n", "team", "-f",
+                 write_yaml(tmp_path / "w.yaml", widget("w1", color="teal")))
 
-        def wait_for(check, what: str, seconds: float = 15):
-            deadline = time.monotonic() + seconds
-            while time.monotonic() < deadline:
-                value = check()
-                if value:
-                    return value
-                time.sleep(0.1)
-            raise AssertionError(f"{what} did not happen; kopf said:\n"
-                                 f"{(tmp_path / 'kopf.log').read_text()}")
+    def status():
+        return kube.api("GET", f"{path}/w1").get("status") or {}
 
-        def status():
-            return kube.api("GET", f"{path}/w1").get("status") or {}
+    wait_until(lambda: status().get("phase") == "Seen", "the create handler", process=operator)
+    wait_until(lambda: (status().get("ticks") or 0) >= 2, "two timer ticks", process=operator)
+    assert table(kube.kubectl("get", "widgets", "-n", "team").stdout)[0]["READY"] == "True"
+    stored = kube.api("GET", f"{path}/w1")
+    assert "example.testlooper.dev/widget-operator" in stored["metadata"]["finalizers"]
+    seen = kube.api("GET", "/api/v1/namespaces/team/configmaps/w1-seen")
+    assert seen["data"] == {"color": "teal"}
+    events = wait_until(lambda: kube.api("GET", "/api/v1/namespaces/team/events")["items"],
+                        "the Event", process=operator)
+    assert events[0]["message"] == "widget w1 is teal"
 
-        wait_for(lambda: status().get("phase") == "Seen", "the create handler")
-        wait_for(lambda: (status().get("ticks") or 0) >= 2, "two timer ticks")
-        assert table(kube.kubectl("get", "widgets", "-n", "team").stdout)[0]["READY"] == "True"
-        stored = kube.api("GET", f"{path}/w1")
-        assert "example.testlooper.dev/widget-operator" in stored["metadata"]["finalizers"]
-        seen = kube.api("GET", "/api/v1/namespaces/team/configmaps/w1-seen")
-        assert seen["data"] == {"color": "teal"}
-        events = wait_for(lambda: kube.api("GET", "/api/v1/namespaces/team/events")["items"],
-                          "the Event")
-        assert events[0]["message"] == "widget w1 is teal"
+    # After every watch ends (as in an API server restart), kopf resumes and keeps handling.
+    assert kube.close_watches() >= 1
+    kube.api("POST", path, widget("w2"))
+    wait_until(lambda: (kube.api("GET", f"{path}/w2").get("status") or {}).get("phase"),
+               "handling after the watches were closed", process=operator)
 
-        kube.kubectl("delete", "widget", "w1", "-n", "team", "--timeout=20s")
-        assert kube.api("GET", "/api/v1/namespaces/team/configmaps/w1-gone")
-        assert kube.api("GET", path)["items"] == []
-    finally:
-        operator.terminate()
-        operator.wait(timeout=20)
-        log.close()
+    kube.kubectl("delete", "widget", "w1", "-n", "team", "--timeout=20s")
+    assert kube.api("GET", "/api/v1/namespaces/team/configmaps/w1-gone")
+    assert [item["metadata"]["name"] for item in kube.api("GET", path)["items"]] == ["w2"]
+    operator.stop()
 
     used = kube.permissions("operator")
     widgets = {(GROUP, "widgets", verb) for verb in ("list", "watch", "patch")}
@@ -348,6 +469,21 @@ def test_a_kopf_operator_runs_its_whole_lifecycle(kube, tmp_path, scope):
 
 
 # ---------- pure parts ----------
+
+def test_rbac_helpers_compare_what_was_used_with_a_role():
+    used = {("testlooper.dev", "repos", "watch"), ("testlooper.dev", "repos", "list"),
+            ("", "events", "create")}
+    rules = rbac_rules(used)
+    assert rules == [{"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+                     {"apiGroups": ["testlooper.dev"], "resources": ["repos"],
+                      "verbs": ["list", "watch"]}]
+    role = {"kind": "ClusterRole", "rules": [
+        *rules, {"apiGroups": ["testlooper.dev"], "resources": ["repos/status"],
+                 "verbs": ["patch"]}, {"nonResourceURLs": ["/healthz"], "verbs": ["get"]}]}
+    assert rbac_permissions(role) - used == {("testlooper.dev", "repos/status", "patch")}
+    with pytest.raises(ValueError):
+        rbac_permissions({"rules": [{"apiGroups": ["*"], "resources": ["x"], "verbs": ["get"]}]})
+
 
 def test_jsonpath_evaluator():
     obj = {"metadata": {"labels": {"testlooper.dev/short-commit": "abc"}},
@@ -364,3 +500,104 @@ def test_jsonpath_evaluator():
         compile_path("status.phase")
     with pytest.raises(JsonPathError):
         compile_path(".status.conditions[?(@.type=~/x/)]")
+
+
+def test_kopf_priority_peering_leaves_the_lower_replica_standing_by(kube, kube_process):
+    kube.create_namespace("team")
+    kube.api("POST", "/apis/kopf.dev/v1/namespaces/team/kopfpeerings",
+             {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": "peers"}})
+    replicas = {priority: kube_process(
+        ["-m", "kopf", "run", "--peering", "peers", "--priority", str(priority), "--namespace",
+         "team", str(FIXTURES / "kopf_widget_operator.py")], f"replica-{priority}")
+        for priority in (10, 20)}
+
+    def both_peers() -> dict | None:
+        peers = kube.api("GET", "/apis/kopf.dev/v1/namespaces/team/kopfpeerings/peers").get(
+            "status") or {}
+        return peers if len(peers) == 2 else None
+
+    peers = wait_until(both_peers, "both peers' records", process=replicas[20])
+    assert sorted(peer["priority"] for peer in peers.values()) == [10, 20]
+    time.sleep(0.5)  # for replica-10 to read replica-20's record from its watch and pause
+    kube.api("POST", f"/apis/{GROUP}/{VERSION}/namespaces/team/widgets", widget("w1"))
+    wait_until(lambda: (kube.api("GET", f"/apis/{GROUP}/{VERSION}/namespaces/team/widgets/w1")
+                        .get("status") or {}).get("phase") == "Seen", "the create handler",
+               process=replicas[20])
+    for replica in replicas.values():
+        replica.process.terminate()
+    for replica in replicas.values():
+        replica.stop()
+    assert (GROUP, "widgets/status", "patch") in kube.permissions("replica-20")
+    # The replica standing by may list and watch, but it never writes to a widget.
+    assert not {(resource, verb) for _, resource, verb in kube.permissions("replica-10")} & {
+        ("widgets", "patch"), ("widgets/status", "patch")}
+
+
+def test_the_emulator_refuses_bad_crds_with_a_clear_message(tmp_path):
+    from kube_fixtures import KubeEmulatorProcess
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({
+        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+        "metadata": {"name": "things.example.com"},
+        "spec": {"group": "example.com", "scope": "Namespaced",
+                 "names": {"plural": "things", "kind": "Thing"},
+                 "versions": [{"name": "v1", "served": True, "storage": True,
+                               "additionalPrinterColumns": [
+                                   {"name": "X", "type": "string", "jsonPath": "spec.x"}]}]}}))
+    with pytest.raises(RuntimeError) as refused:
+        KubeEmulatorProcess(crds=[str(bad)]).start()
+    assert "CRD things.example.com: printer column: a jsonPath must start with '.'" in str(
+        refused.value)
+    with pytest.raises(RuntimeError) as empty:
+        KubeEmulatorProcess(crds=[str(tmp_path / "nothing")]).start()
+    assert "nothing" in str(empty.value)
+
+
+def test_the_bare_bench_operator_creates_its_objects(kube, kube_process):
+    """bench/bare_operator.py, the yardstick of the operator's benches, does its work."""
+    kube.create_namespace("bench")
+    operator = kube_process(["-m", "kopf", "run", "--standalone", "--namespace", "bench",
+                             str(pathlib.Path(__file__).parent.parent / "bench" /
+                                 "bare_operator.py")], "bare")
+    operator.wait_until_watching(GROUP, "widgets")
+    trigger = widget("trigger")
+    trigger["metadata"]["annotations"] = {"bench.testlooper.dev/parts": "20"}
+    trigger = kube.api("POST", f"/apis/{GROUP}/{VERSION}/namespaces/bench/widgets", trigger)
+    reached = kube.api("GET", f"/_testing/wait?group={GROUP}&version={VERSION}"
+                              f"&resource=parts&namespace=bench&count=20&timeout=15")
+    assert reached == {"count": 20, "reached": True}, operator.log()
+    parts = kube.api("GET", f"/apis/{GROUP}/{VERSION}/namespaces/bench/parts")["items"]
+    assert len({part["spec"]["task"] for part in parts}) == 20
+    owner = parts[0]["metadata"]["ownerReferences"][0]
+    assert (owner["kind"], owner["uid"]) == ("Widget", trigger["metadata"]["uid"])
+    assert parts[0]["metadata"]["labels"]["testlooper.dev/kind"] == "test"
+
+
+def test_the_project_crds_print_their_columns(kube):
+    """The real crds/ and examples/cluster/, through kubectl, as a user sees them."""
+    root = pathlib.Path(__file__).parent.parent
+    if not (root / "crds").is_dir():
+        pytest.skip("crds/ is not generated yet")
+    kube.kubectl("apply", "--validate=false", "-f", str(root / "examples" / "cluster"))
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    kube.api("POST", "/apis/testlooper.dev/v1alpha1/namespaces/default/testruns", {
+        "apiVersion": "testlooper.dev/v1alpha1", "kind": "TestRun",
+        "metadata": {"name": "demo-01234567-network-linux",
+                     "labels": {"testlooper.dev/short-commit": commit[:12]}},
+        "spec": {"repo": "demo", "commit": commit, "task": "network/linux", "kind": "test"}})
+    kube.kubectl("patch", "testrun", "demo-01234567-network-linux", "--subresource", "status",
+                 "--type", "merge", "-p", json.dumps({"status": {
+                     "phase": "Succeeded", "result": "flaky", "runsSummary": "3/6",
+                     "casesSummary": "118/120"}}))
+    row = table(kube.kubectl("get", "testruns").stdout)[0]
+    assert {key: row[key] for key in ("REPO", "COMMIT", "TASK", "PHASE", "RESULT", "RUNS",
+                                      "CASES")} == {
+        "REPO": "demo", "COMMIT": commit[:12], "TASK": "network/linux", "PHASE": "Succeeded",
+        "RESULT": "flaky", "RUNS": "3/6", "CASES": "118/120"}
+    repo_header = kube.kubectl("get", "tlrepo").stdout.splitlines()[0]
+    assert repo_header.split() == ["NAME", "URL", "BRANCHES", "READY", "LAST", "POLL", "AGE"]
+    pool_header = kube.kubectl("get", "tlpool").stdout.splitlines()[0]
+    assert pool_header.split() == ["NAME", "PROVIDER", "WORKERS", "CORES", "QUEUED", "AGE"]
+    # The schema's defaults are applied, as the API server would apply them.
+    repo = kube.kubectl("get", "repos", "-o", "json").stdout
+    assert json.loads(repo)["items"][0]["spec"]["retention"] == {"keepCommits": 50}
