@@ -713,6 +713,10 @@ class KubeEmulator(kmock.KubernetesEmulator):
 
     def _validate(self, resource: ResourceType, obj: dict) -> None:
         """The checks the API server makes of every object's metadata (not the schema)."""
+        if resource.storage_key == ("", "secrets") and obj.get("stringData") is not None:
+            # As the API server does on every write: stringData is merged into data (base64).
+            string_data = obj.pop("stringData") or {}
+            obj["data"] = {**(obj.get("data") or {}), **{k: _b64encode(v) for k, v in string_data.items()}}
         metadata = obj["metadata"]
         name = metadata["name"]
         pattern, limit = ((DNS_LABEL, 63) if resource.storage_key == ("", "namespaces")

@@ -112,7 +112,10 @@ async def poll(context: OperatorContext, body: kopf.Body, name: str, namespace: 
                 mirror.abort()
                 raise
             tested = decide.tested_branches(spec.get("branches") or ["main"], heads)
-            moved = decide.moved_heads(tested, status.get("branches") or [])
+            # A spec edit (definitionsPath, testSets, runs...) changes what every head runs:
+            # read them all again; what exists already is not created twice.
+            respec = body.get("metadata", {}).get("generation") != status.get("observedGeneration")
+            moved = tested if respec else decide.moved_heads(tested, status.get("branches") or [])
             new_heads = []
             for branch, sha in moved.items():
                 new_heads.append(await asyncio.to_thread(observe_head, mirror, branch, sha, spec))
