@@ -129,7 +129,7 @@ def render(result: dict, target: _Target, styler: terminal.Styler) -> str:
     changed = target.changed_files
     summary = [
         ("Planning", target.description),
-        ("Changed", "unknown: every path counts as changed" if changed is None else _count(len(changed), "file")),
+        ("Changed", "unknown (a commit with no parent): the test set all runs" if changed is None else _count(len(changed), "file")),
         ("Reason", result["reason"]),
         ("Test sets", ", ".join(result["test_sets"]) or "none"),
     ]
