@@ -7,7 +7,8 @@ import json
 
 from testlooper import terminal
 from testlooper.repos.definitions import (
-    definitions_at_commit, definitions_on_disk, empty_definitions, existing_directory, looked_for,
+    add_repo_option, definitions_at_commit, definitions_on_disk, empty_definitions, existing_directory, looked_for,
+    print_warning, repositories_from_option,
 )
 
 
@@ -24,20 +25,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--rev", metavar="REV", help="read the definitions committed at REV instead of the files on disk"
     )
+    add_repo_option(parser)
     parser.add_argument("--json", action="store_true", help="print the resolved definitions as JSON")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    repositories = repositories_from_option(args.repos)
     if args.rev is None:
-        definitions = definitions_on_disk(existing_directory(args.path))
+        definitions = definitions_on_disk(existing_directory(args.path), repositories, print_warning)
         where = f"working tree {args.path}"
     else:
         from testlooper import gitio
 
         repo = gitio.open_repo(args.path)
         sha = gitio.resolve_rev(repo, args.rev)
-        definitions = definitions_at_commit(repo, sha)
+        definitions = definitions_at_commit(repo, sha, repositories=repositories, warn=print_warning)
         where = f"commit {sha[:12]}"
 
     if args.json:

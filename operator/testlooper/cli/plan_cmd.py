@@ -14,6 +14,9 @@ from testlooper.repos.definitions import (
     empty_definitions,
     existing_directory,
     looked_for,
+    add_repo_option,
+    print_warning,
+    repositories_from_option,
 )
 
 
@@ -52,6 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="run the tests whose names match GLOB whatever the triggers say (repeatable)",
     )
     parser.add_argument("--runs", metavar="N", type=int, help="run each test N times instead of its own `runs`")
+    add_repo_option(parser)
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     parser.set_defaults(run=run)
 
@@ -97,7 +101,8 @@ def _commit_target(args: argparse.Namespace) -> _Target:
     sha = gitio.resolve_rev(repo, args.rev)
     base = gitio.resolve_rev(repo, args.base) if args.base else None
     return _Target(
-        definitions=definitions_at_commit(repo, sha),
+        definitions=definitions_at_commit(repo, sha, repositories=repositories_from_option(args.repos),
+                                          warn=print_warning),
         changed_files=gitio.changed_files(repo, sha, base),
         commit=sha,
         description=f"commit {sha[:12]}",
@@ -109,7 +114,7 @@ def _working_tree_target(args: argparse.Namespace) -> _Target:
     from testlooper import gitio
 
     root = existing_directory(args.path)
-    definitions = definitions_on_disk(root)
+    definitions = definitions_on_disk(root, repositories_from_option(args.repos), print_warning)
     try:
         repo = gitio.open_repo(root)
     except gitio.GitError:

@@ -22,8 +22,10 @@ def existing_directory(path: str) -> Path:
     return directory
 
 
-def definitions_on_disk(root: Path) -> dict | None:
-    """The resolved definitions of the files under `root` as they are now; None without a file."""
+def definitions_on_disk(root: Path, repositories=None, warn=None) -> dict | None:
+    """The resolved definitions of the files under `root` as they are now; None without a file.
+    `repositories` (a lookup.GitRepositories, or the operator's own) reads pinned repositories;
+    `warn` hears of definitions warnings."""
     from testlooper.definitions import find_definitions_file, resolve_text
 
     filename = find_definitions_file(_files_under(root))
@@ -31,13 +33,16 @@ def definitions_on_disk(root: Path) -> dict | None:
         return None
     # Includes are read relative to the tree root; a missing one raises FileNotFoundError,
     # which the engine reports at the `includes` entry naming it.
-    return resolve_text(_read_text(root, filename), filename, lambda path: _read_text(root, path))
+    return resolve_text(_read_text(root, filename), filename, lambda path: _read_text(root, path),
+                        repositories=repositories, warn=warn)
 
 
-def definitions_at_commit(repo: git.Repo, sha: str, path: str | None = None) -> dict | None:
+def definitions_at_commit(repo: git.Repo, sha: str, path: str | None = None, repositories=None,
+                          warn=None) -> dict | None:
     """The resolved definitions committed at `sha` (includes read at `sha` too); None without a file.
 
     `path` names the file (a Repo's `definitionsPath`); without it the file is found by name.
+    `repositories` reads pinned repositories; `warn` hears of definitions warnings.
     """
     from testlooper import gitio
     from testlooper.definitions import find_definitions_file, resolve_text
@@ -53,7 +58,8 @@ def definitions_at_commit(repo: git.Repo, sha: str, path: str | None = None) -> 
             # The engine turns an OSError into an error at the `includes` entry that names the file.
             raise OSError(str(exc)) from None
 
-    return resolve_text(gitio.read_file(repo, sha, filename), filename, read_include)
+    return resolve_text(gitio.read_file(repo, sha, filename), filename, read_include,
+                        repositories=repositories, warn=warn)
 
 
 def empty_definitions() -> dict:
@@ -68,6 +74,7 @@ def empty_definitions() -> dict:
         "builds": {},
         "tests": {},
         "deployments": {},
+        "external_builds": {},
         "test_sets": {"all": []},
         "triggers": [],
     }
@@ -93,3 +100,25 @@ def _read_text(root: Path, relative: str) -> str:
         return (root / relative).read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise UserError(f"{relative} is not UTF-8 text") from None
+
+
+def repositories_from_option(values: list[str]):
+    """The lookup `--repo NAME=PATH` (repeatable) describes, for the CLI commands."""
+    from testlooper.repos.lookup import GitRepositories, parse_repo_option
+
+    return GitRepositories(parse_repo_option(values), missing_hint="map it with --repo {name}=PATH")
+
+
+def print_warning(warning) -> None:
+    """Definitions warnings on the command line: one line each on stderr."""
+    import sys
+
+    print(f"warning: {warning}", file=sys.stderr)
+
+
+def add_repo_option(parser) -> None:
+    parser.add_argument(
+        "--repo", metavar="NAME=PATH", dest="repos", action="append", default=[],
+        help="read the repository that pins call NAME (the part before the last '/' of NAME/<commit>) "
+        "from the local git repository PATH (repeatable)",
+    )
