@@ -1,0 +1,74 @@
+"""`--repo NAME=PATH`: definitions and plan of files that pin other repositories."""
+
+import json
+
+import pytest
+
+from original_fixtures import SourceControl
+
+
+@pytest.fixture
+def projects(tmp_path):
+    """The original's simple_project_2 (dev) pinning simple_project, in real repositories."""
+    sc = SourceControl(tmp_path / "repos")
+    simple = sc.add_project("dev", "simple_project")
+    sc.add_project("dev", "simple_project_2", pinned=simple)
+    return sc
+
+
+def test_definitions_with_repo_reads_the_pinned_repository(cli, projects):
+    simple_2 = str(projects.repo("simple_project_2").path)
+    simple = str(projects.repo("simple_project").path)
+    status, out, err = cli("definitions", simple_2, "--rev", "HEAD", "--repo", f"simple_project={simple}", "--json")
+    assert (status, err) == (0, "")
+    d = json.loads(out)
+    assert d["environments"]["linux"]["inheritance"] == ["simple/linux"]
+    assert "simple/build/linux" in d["external_builds"]
+    status, out, err = cli("definitions", simple_2, "--repo", f"simple_project={simple}")  # the working tree
+    assert status == 0 and "test3/linux_dependent" in out
+
+
+def test_definitions_without_the_mapping_is_one_line_naming_the_pin(cli, projects):
+    simple_2 = str(projects.repo("simple_project_2").path)
+    status, out, err = cli("definitions", simple_2)
+    assert status == 2 and out == ""
+    assert err.count("\n") == 1
+    assert "repo pin 'simple' (simple_project/" in err
+    assert "no repository named 'simple_project' is available (mapped: none); map it with --repo simple_project=PATH" in err
+
+
+@pytest.mark.parametrize("value, words", [
+    ("simple_project", "must be NAME=PATH"),
+    ("=x", "must be NAME=PATH"),
+])
+def test_a_malformed_repo_option(cli, projects, value, words):
+    status, _, err = cli("definitions", str(projects.repo("simple_project_2").path), "--repo", value)
+    assert status == 2 and words in err
+
+
+def test_a_repo_option_that_is_no_repository(cli, projects, tmp_path):
+    status, _, err = cli("definitions", str(projects.repo("simple_project_2").path),
+                         "--repo", f"simple_project={tmp_path / 'nowhere'}")
+    assert status == 2
+    assert "repository 'simple_project':" in err and "does not exist" in err
+
+
+def test_plan_puts_the_other_repositorys_build_first(cli, projects):
+    simple_2 = str(projects.repo("simple_project_2").path)
+    simple = str(projects.repo("simple_project").path)
+    status, out, err = cli("plan", simple_2, "--rev", "HEAD", "--repo", f"simple_project={simple}",
+                           "--test", "test3/*", "--json")
+    assert (status, err) == (0, "")
+    tasks = json.loads(out)["tasks"]
+    assert [(t["name"], t["repo"]) for t in tasks] == [("simple/build/linux", "simple"),
+                                                      ("test3/linux_dependent", "HEAD")]
+    assert tasks[1]["depends_on"] == ["simple/build/linux"]
+
+
+def test_repeated_keys_warn_on_stderr(cli, tmp_path):
+    (tmp_path / "testlooper.yml").write_text(
+        "looper_version: 5\nenvironments: {}\nenvironments:\n  linux: {platform: linux, image: {name: x}}\n")
+    status, out, err = cli("definitions", str(tmp_path), "--json")
+    assert status == 0 and json.loads(out)["environments"]["linux"]["platform"] == "linux"
+    assert err == ("warning: testlooper.yml:3:1: key 'environments' is written twice in one mapping; "
+                   "the last value is kept\n")
