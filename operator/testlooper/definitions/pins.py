@@ -324,9 +324,9 @@ class PinTable:
         key = f"{name}/{build}"
         if key in self.external_builds:
             return
-        task = dict(foreign.json["builds"][build])
-        self.external_builds[key] = self.rebased_task(name, task)
-        for dependency in task["dependencies"].values():
+        written = foreign.json["builds"][build]
+        self.external_builds[key] = self.rebased_task(name, dict(written))
+        for dependency in written["dependencies"].values():
             if dependency["kind"] != "build":
                 continue
             if dependency["repo"] == "HEAD":
