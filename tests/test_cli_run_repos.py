@@ -76,3 +76,24 @@ def test_without_the_mapping_the_run_stops_with_one_line_naming_the_pin(repos, t
     assert "repo pin 'lib' (org/lib/" in completed.stderr
     assert "map it with --repo org/lib=PATH" in completed.stderr
     assert repo_id(app)  # nothing ran, nothing to record
+
+
+def test_version_2_commands_run_in_the_source_checkout(tmp_path):
+    """v3-era simple_project_2 runs `./sleeper.py` and greps `.git_commit`: relative to the checkout."""
+    definitions = textwrap.dedent("""\
+        looper_version: 2
+        environments:
+          linux: {platform: linux, image: {name: "debian:12"}}
+        tests:
+          here/linux:
+            command: |
+              ./check.sh
+              grep -Fq "a message" .git_commit
+              test -d $TEST_INPUTS/src
+    """)
+    repo = make_repo(tmp_path / "v2", definitions, {"check.sh": "#!/bin/sh\ntest -f testlooper.yml\n"})
+    (repo.path / "check.sh").chmod(0o755)
+    repo.git("update-index", "--chmod=+x", "check.sh")
+    repo.commit({}, message="a message")
+    completed = tl(run_args(repo, tmp_path, "--rev", "HEAD"), cli_env(tmp_path))
+    assert completed.returncode == 0, explain(completed)

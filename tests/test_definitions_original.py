@@ -81,6 +81,9 @@ def test_version_3_has_no_implicit_source_and_version_2_has(sc):
         for task in v2[section].values():
             assert task["dependencies"]["src"] == {"kind": "source", "repo": "HEAD", "path": ""}, task["name"]
     assert stage_commands(v2["tests"]["sleeper/linux"]) == ["./sleeper.py"]
+    # ... which version 2 ran in the source checkout
+    assert v2["tests"]["sleeper/linux"]["working_directory"] == "source"
+    assert v3["tests"]["good/linux"]["working_directory"] == "inputs"
 
 
 def test_version_3_precommands_prefix_commands_root_first():

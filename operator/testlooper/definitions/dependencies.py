@@ -14,7 +14,7 @@ from .yamlload import error_at
 # a run does.
 _HASHED_FIELDS = (
     "name", "kind", "platform", "image", "setup_script", "variables", "stages", "timeout_seconds",
-    "min_cores", "max_cores", "min_ram_gb", "min_disk_gb",
+    "min_cores", "max_cores", "min_ram_gb", "min_disk_gb", "working_directory",
 )
 
 

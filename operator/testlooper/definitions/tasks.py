@@ -134,6 +134,8 @@ class TaskParser:
             raw = task.get(label) or defaults.get(f"test_{label}") or label_defaults[label]
             text = schema.need_string(raw, path + (label,), f"'{label}'", task, label)
             resolved[label] = substitute_known(text, variables)
+        # Version 2 ran every command in the source checkout; from 3 on, in $TEST_INPUTS.
+        resolved["working_directory"] = "source" if version == 2 else "inputs"
         resolved["disabled"] = schema.need_bool(task.get("disabled", False), path + ("disabled",), "'disabled'",
                                                 task, "disabled")
         if kind == "deployment":
