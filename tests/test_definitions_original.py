@@ -788,3 +788,33 @@ def test_repository_names_may_hold_slashes_and_pins_paths(sc):
     assert deps["a"] == {"kind": "source", "repo": "lib", "path": "pkg"}
     assert deps["b"] == {"kind": "source", "repo": "pkg", "path": "pkg"}
     assert d["repos"]["lib"]["repository"] == "org/lib" and d["repos"]["pkg"]["path"] == "pkg"
+
+
+def test_a_pinned_commit_whose_definitions_do_not_resolve_names_the_pin(sc):
+    """test_manager_include_semantics.py::test_bad_include_preserves_pins: a bad pinned file is an
+    error of this commit, naming the pin (the commit stays untestable until the pin moves)."""
+    sc.add_commit("lib/c0", "looper_version: 5\nenvironments: {e: {platform: not_valid, image: {dockerfile_contents: hi}}}\n")
+    sc.add_commit("app/c0", "looper_version: 5\nrepos: {r: {reference: lib/c0, branch: master, auto: true}}\n"
+                            "environments: {e: {base: r/e}}\n")
+    with pytest.raises(DefinitionsError) as info:
+        sc.resolve("app/c0")
+    assert "repo pin 'r' (lib/c0): the definitions of lib at" in info.value.message
+    assert "platform 'not_valid' is not one of: linux, windows" in info.value.message
+
+
+def test_includes_cant_redefine_tests():
+    """test_manager_include_semantics.py::test_includes_cant_redefine_tests."""
+    files = {name: f"looper_version: 5\nenvironments:\n  {env}: {{platform: linux, image: {{dockerfile_contents: hi}}}}\n"
+                   f"tests:\n  t: {{environment: {env}, command: './script.py 1'}}\n"
+             for name, env in (("envdef.yml", "e2"), ("envdef2.yml", "e1"))}
+    err = _error("looper_version: 5\nincludes:\n  - ./envdef.yml\n  - ./envdef2.yml\n", files)
+    assert "tests entry 't' is defined both" in err.message
+
+
+def test_includes_of_pinned_files_must_exist(sc):
+    sc.add_commit("lib/c0", "looper_version: 5\n")
+    sc.add_commit("app/c0", "looper_version: 5\nrepos: {r: lib/c0}\nincludes: [r/missing.yml]\n")
+    with pytest.raises(DefinitionsError) as info:
+        sc.resolve("app/c0")
+    assert info.value.key_path == "includes.0"
+    assert "included file 'r/missing.yml': repository 'lib': missing.yml does not exist at commit" in info.value.message

@@ -39,6 +39,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--spool", metavar="DIR", help="where results wait while the history store is down "
                         "(default: the default store's folder; if DIR cannot be written, the --output folder)")
     parser.add_argument("--max-polls", metavar="N", type=int, default=0, help=argparse.SUPPRESS)  # for tests
+    from testlooper.repos.definitions import add_repo_option
+
+    add_repo_option(parser)
     parser.set_defaults(run=run)
 
 
@@ -50,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
     from testlooper.local.recording import Recorder
     from testlooper.local.session import raise_keyboard_interrupt
     from testlooper.planning.planner import check_runs
+    from testlooper.repos.definitions import repositories_from_option
 
     if args.interval <= 0:
         raise UserError("--interval must be more than 0 seconds")
@@ -57,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
         check_runs(args.runs)
     except ValueError as exc:
         raise UserError(f"--{exc}") from None
+    args.repositories = repositories_from_option(args.repos)  # a malformed --repo is a usage error now
     repo = gitio.open_repo(args.path)
     output_dir = checked_output_dir(args.output)
     progress = Progress()
@@ -198,7 +203,8 @@ class Watcher:
             self.progress.say(f"{sha[:12]} has no definitions file: nothing to test")
             return
         try:
-            target = commit_target(self.args.path, sha, os.path.join(self.output_dir, "sources"))
+            target = commit_target(self.args.path, sha, os.path.join(self.output_dir, "sources"),
+                                   self.args.repositories)
         except (DefinitionsError, gitio.GitError) as exc:
             self.untestable(sha, exc)
             return
