@@ -81,6 +81,10 @@ def test_version_3_has_no_implicit_source_and_version_2_has(sc):
         for task in v2[section].values():
             assert task["dependencies"]["src"] == {"kind": "source", "repo": "HEAD", "path": ""}, task["name"]
     assert stage_commands(v2["tests"]["sleeper/linux"]) == ["./sleeper.py"]
+    sc.add_project("v3-era", "simple_project_3", pinned=sc.shas["simple_project_2/v3-era"])  # looper_version 2
+    v2_mixins = sc.resolve("simple_project_3/v3-era")
+    assert v2_mixins["tests"]["test/env_21"]["variables"]["OVERRIDE_OUTPUT"] == "MIXIN_1"
+    assert v2_mixins["tests"]["test/env_12"]["dependencies"]["build"]["build"] == "build/k2"
     # ... which version 2 ran in the source checkout
     assert v2["tests"]["sleeper/linux"]["working_directory"] == "source"
     assert v3["tests"]["good/linux"]["working_directory"] == "inputs"
@@ -200,11 +204,12 @@ def test_simple_project_3_mixins_without_base(sc, branch):
         assert [t["name"] for t in d["triggers"]] == ["A", "B"]
 
 
-def test_environment_inheritance_diamond():
+@pytest.mark.parametrize("branch", ["master", "dev"])
+def test_environment_inheritance_diamond(branch):
     """test_definitions_test.py::test_environment_inheritance, on environment_yaml_file, which
     writes `environments:` twice (the first, empty one is replaced, as PyYAML did)."""
     heard = []
-    d = resolve_text(fixture("dev", "test_definitions_test", "environment_yaml_file.yml"), "testDefinitions.yml",
+    d = resolve_text(fixture(branch, "test_definitions_test", "environment_yaml_file.yml"), "testDefinitions.yml",
                      warn=heard.append)
     env = d["environments"]["diamond"]
     assert env["inheritance"] == ["child2", "child1", "env_dep", "env_root"]
@@ -212,7 +217,8 @@ def test_environment_inheritance_diamond():
     assert [(w.line, "'environments'" in w.message) for w in heard] == [(3, True)]
 
 
-def test_basic_yaml_variables_become_strings(sc):
+@pytest.mark.parametrize("branch", ["master", "dev"])
+def test_basic_yaml_variables_become_strings(sc, branch):
     """test_definitions_test.py::test_basic (its pin made real)."""
     # The original test only parsed the file; resolving it needs the child it pins to define
     # what it refers to.
@@ -226,16 +232,17 @@ def test_basic_yaml_variables_become_strings(sc):
           build/linux: {command: make}
           build/test_linux: {command: make}
     """))
-    sc.add_commit("repo/hash", fixture("dev", "test_definitions_test", "basic_yaml_file.yml"))
+    sc.add_commit("repo/hash", fixture(branch, "test_definitions_test", "basic_yaml_file.yml"))
     d = sc.resolve("repo/hash")
     assert sorted([*d["builds"], *d["tests"]]) == ["build/linux", "build/test_linux", "test/linux", "test/test_linux"]
     assert d["environments"]["test_linux"]["variables"] == {"ENV_VAR": "ENV_VAL", "AN_INT_VAR": "10",
                                                             "A_BOOL_VAR": "true"}
 
 
-def test_circular_builds_are_an_error():
+@pytest.mark.parametrize("branch", ["master", "dev"])
+def test_circular_builds_are_an_error(branch):
     """test_definitions_test.py circular_yaml_file."""
-    err = _error(fixture("dev", "test_definitions_test", "circular_yaml_file.yml"))
+    err = _error(fixture(branch, "test_definitions_test", "circular_yaml_file.yml"))
     assert "builds depend on each other in a cycle" in err.message
 
 
@@ -251,15 +258,16 @@ def test_squash_and_foreach_as_the_original():
     assert foreach["tests"]["test/all/platform-2"]["command"] == "cmd in platform-2\n"
 
 
-def test_includes_carry_the_macro_variables_active_where_written():
+@pytest.mark.parametrize("branch", ["master", "dev"])
+def test_includes_carry_the_macro_variables_active_where_written(branch):
     """test_definitions_test.py::test_includes_and_variables: 8 includes, each with its variables."""
     seen = []
 
     def read(path):
         seen.append(path)
-        return "looper_version: 5\ntests: {'${v1}/${v2}/${v3}/${v4}/e': {command: x}}\n"
+        return "looper_version: 4\ntests: {'${v1}/${v2}/${v3}/${v4}/e': {command: x}}\n"
 
-    text = fixture("dev", "test_definitions_test", "includes_yaml_file.yml").replace("repo1/path", "./repo1.yml") \
+    text = fixture(branch, "test_definitions_test", "includes_yaml_file.yml").replace("repo1/path", "./repo1.yml") \
         .replace("repo2/path", "./repo2.yml")
     d = resolve_text(text + "environments: {e: {platform: linux, image: {dockerfile_contents: hi}}}\n",
                      "testDefinitions.yml", read)
@@ -648,9 +656,10 @@ def test_repositories_through_each_other(sc, branch):
     assert linux_env_deps["dep1"] == {"kind": "source", "repo": "repo0c1", "path": ""}
 
 
-def test_imports_follow_pins_over_several_hops(sc):
+@pytest.mark.parametrize("branch", ["master", "dev"])
+def test_imports_follow_pins_over_several_hops(sc, branch):
     """test_manager_test.py::test_child_repo_refs on TestYamlFiles.repo9_import_child_refs."""
-    _test_yaml_files(sc)
+    _test_yaml_files(sc, branch)
     d = sc.resolve("repo9/c0")
     assert d["repos"]["repo0c0_ref"]["import"] == "repo2_ref/child/repo0c0"
     assert d["repos"]["repo0c0_ref"]["repository"] == "repo0"
@@ -663,10 +672,11 @@ def test_imports_follow_pins_over_several_hops(sc):
         "kind": "build", "repo": "repo2_ref", "build": "build_without_deps/linux", "artifact": ""}
 
 
-def test_circular_environments_and_builds(sc):
+@pytest.mark.parametrize("branch", ["master", "dev"])
+def test_circular_environments_and_builds(sc, branch):
     """test_manager_test.py::test_circular_environment_refs and ::test_circular_test_refs."""
-    sc.add_commit("repo7/c0", fixture("dev", "TestYamlFiles", "repo7_circular.yml"))
-    sc.add_commit("repo8/c0", fixture("dev", "TestYamlFiles", "repo8_circular_builds.yml"))
+    sc.add_commit("repo7/c0", fixture(branch, "TestYamlFiles", "repo7_circular.yml"))
+    sc.add_commit("repo8/c0", fixture(branch, "TestYamlFiles", "repo8_circular_builds.yml"))
     with pytest.raises(DefinitionsError, match="environments inherit in a cycle: e1 -> e2 -> e1"):
         sc.resolve("repo7/c0")
     with pytest.raises(DefinitionsError, match="builds depend on each other in a cycle"):
@@ -818,3 +828,22 @@ def test_includes_of_pinned_files_must_exist(sc):
         sc.resolve("app/c0")
     assert info.value.key_path == "includes.0"
     assert "included file 'r/missing.yml': repository 'lib': missing.yml does not exist at commit" in info.value.message
+
+
+@pytest.mark.parametrize("branch", ["master", "dev"])
+@pytest.mark.parametrize("name, builds", [
+    ("repo4", ["build/windows_bad", "build/windows_good"]),
+    ("repo5", []), ("repo5_nopin", []), ("repo6", []), ("repo6_nopin", []), ("repo6_twopins", []),
+    ("repo6_headpin", []),
+])
+def test_test_yaml_files_made_of_pins_and_windows_images(sc, branch, name, builds):
+    """The rest of TestYamlFiles: pins nothing uses need no lookup (repo6 even pins itself, and
+    repo6_headpin and _twopins pin commits that do not exist yet, for the branch-pinning tests)."""
+    sc.add_commit(f"{name}/c0", fixture(branch, "TestYamlFiles", f"{name}.yml"))
+    d = sc.resolve(f"{name}/c0")
+    assert sorted(d["builds"]) == builds
+    if name == "repo4":
+        assert d["builds"]["build/windows_bad"]["image"] == {"base_ami": "not_an_ami"}
+        assert d["builds"]["build/windows_good"]["platform"] == "windows"
+    else:
+        assert d["repos"]["child"]["auto"] is ("nopin" not in name)
