@@ -19,10 +19,10 @@ from typing import Protocol
 
 from . import schema
 from .errors import DefinitionsError
+from .tasks import RESERVED_NAMES
 from .yamlload import error_at
 
 _FULL_SHA = re.compile(r"^[0-9a-fA-F]{40}$")
-RESERVED_NAMES = ("data", "source", "HEAD")
 
 
 class RepositoryLookupError(Exception):
@@ -72,7 +72,7 @@ class Target:
         return not self.repository
 
 
-def parse_pin(name: str, value, source, version: int) -> Pin:
+def parse_pin(name: str, value, source) -> Pin:
     path = ("repos", name)
     if name in RESERVED_NAMES or "/" in name or not name:
         raise error_at(f"repo name {name!r} is reserved or not a plain name (reserved: {', '.join(RESERVED_NAMES)})",

@@ -14,7 +14,7 @@ from .dependencies import ReferenceParser, assign_hashes, check_build_cycles, re
 from .environments import Environment, EnvironmentResolver, parse_environment
 from .errors import DefinitionsError
 from .macros import IncludeRequest, expand_macros, flatten
-from .pins import Context, Pin, PinTable, include_place, parse_pin
+from .pins import Context, PinTable, include_place, parse_pin
 from .tasks import TaskParser
 from .yamlload import PDict, error_at, load_yaml_text
 
@@ -99,7 +99,7 @@ class _Loading:
             if name in self.pins.pins:
                 raise error_at(f"repo {name!r} is defined both here and in an including file", ("repos", name),
                                document.get("repos"), name)
-            self.pins.pins[name] = parse_pin(name, value, document.get("repos"), version)
+            self.pins.pins[name] = parse_pin(name, value, document.get("repos"))
         self.pins.names = set(self.pins.pins)
         for key in _MERGED_SECTIONS:
             target = self.sections[key]
@@ -384,4 +384,4 @@ def find_definitions_file(paths) -> str | None:
     return candidates[0] if candidates else None
 
 
-__all__ = ["DefinitionsError", "resolve_text", "find_definitions_file", "is_definitions_file", "Pin"]
+__all__ = ["DefinitionsError", "resolve_text", "find_definitions_file", "is_definitions_file"]
