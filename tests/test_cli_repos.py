@@ -26,6 +26,9 @@ def test_definitions_with_repo_reads_the_pinned_repository(cli, projects):
     assert "simple/build/linux" in d["external_builds"]
     status, out, err = cli("definitions", simple_2, "--repo", f"simple_project={simple}")  # the working tree
     assert status == 0 and "test3/linux_dependent" in out
+    pins = out.split("Other repositories\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    assert pins[0].split() == ["PIN", "REPOSITORY", "COMMIT", "PATH", "HOW"]
+    assert pins[1].split() == ["simple", "simple_project", projects.shas["simple_project/dev"][:12]]
 
 
 def test_definitions_without_the_mapping_is_one_line_naming_the_pin(cli, projects):

@@ -65,6 +65,9 @@ def render(definitions: dict, where: str, styler: terminal.Styler) -> str:
     blocks.append(
         _section("Environments", _environment_table(environments, styler) if environments else "none", styler)
     )
+    repos = definitions.get("repos") or {}
+    if repos:
+        blocks.append(_section("Other repositories", _repo_table(repos, styler), styler))
     blocks.append(_section("Test sets", _test_set_table(definitions["test_sets"], styler), styler))
     triggers = definitions["triggers"]
     blocks.append(
@@ -81,7 +84,7 @@ def _task_table(tasks: list[dict], styler: terminal.Styler) -> str:
     headers = ["NAME", "KIND", "ENVIRONMENT", "PLATFORM", "CORES/RAM", "TIMEOUT", "RUNS", "DEPENDENCIES"]
     rows = [
         [
-            task["name"],
+            task["name"] + (" (disabled)" if task.get("disabled") else ""),
             terminal.kind_cell(task["kind"]),
             task["environment"],
             task["platform"],
@@ -139,6 +142,13 @@ def _image(image: dict) -> str:
         text = value.strip()
         parts.append(f"{key} ({len(text.splitlines())} lines)" if "\n" in text else f"{key}: {text}")
     return ", ".join(parts)
+
+
+def _repo_table(repos: dict, styler: terminal.Styler) -> str:
+    """Each pin (and pin path reached through another repository) and the commit it means."""
+    rows = [[name, entry["repository"], entry["commit"][:12], entry["path"], entry["import"] and f"import {entry['import']}"]
+            for name, entry in sorted(repos.items())]
+    return terminal.table(["PIN", "REPOSITORY", "COMMIT", "PATH", "HOW"], rows, styler)
 
 
 def _test_set_table(test_sets: dict, styler: terminal.Styler, shown: int = 4) -> str:
