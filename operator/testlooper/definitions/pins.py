@@ -176,9 +176,7 @@ class Context:
         self.in_progress.append(key)
         try:
             resolution = resolve_document(text, filename, self, origin=(repository, sha))
-        except DefinitionsError as exc:
-            if exc.message.startswith("repo pin "):
-                raise
+        except DefinitionsError as exc:  # where in that repository, and through which pin
             raise DefinitionsError(f"{pin_description}: the definitions of {repository} at {sha[:12]} do not "
                                    f"resolve: {exc}") from None
         finally:
@@ -297,7 +295,12 @@ class PinTable:
             raise error_at(f"dependency on build {build_name!r} through repo pin {name!r}, which is a folder "
                            f"({target.path}) of its repository: pin the whole repository to use its builds",
                            key_path, holder, key)
-        foreign = self.foreign(name)
+        try:
+            foreign = self.foreign(name)
+        except DefinitionsError as exc:
+            if exc.line is not None:
+                raise
+            raise error_at(exc.message, key_path, holder, key) from None
         picked = pick_build(foreign.json["builds"], build_name)
         if isinstance(picked, str):
             raise error_at(f"{self.describe(name)} at {target.commit[:12]}: {picked}", key_path, holder, key)
