@@ -847,3 +847,6 @@ def test_test_yaml_files_made_of_pins_and_windows_images(sc, branch, name, build
         assert d["builds"]["build/windows_good"]["platform"] == "windows"
     else:
         assert d["repos"]["child"]["auto"] is ("nopin" not in name)
+    if name == "repo6_twopins":  # master's version pins `prioritize: true` on one of them
+        assert d["repos"]["child2"]["prioritize"] is (branch == "master")
+        assert d["repos"]["child2"]["branch"] == "__branch2__"
