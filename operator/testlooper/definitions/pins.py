@@ -227,7 +227,7 @@ class PinTable:
             except DefinitionsError as exc:
                 raise error_at(exc.message, ("repos", name), pin.source, pin.key) from None
             target = Target(pin.repository, sha, pin.path, pin.written)
-            target.commit_resolved = needed or sha != pin.ref
+            target.commit_resolved = needed or not _FULL_SHA.match(pin.ref)  # see Context.commit
         else:
             first, *hops = pin.imported.split("/")
             if first not in self.pins:
@@ -239,7 +239,12 @@ class PinTable:
                         raise self.error(name, f"this commit has no pin {hop!r}")
                     current = self.target(hop, True, chain + (name,))
                     continue
-                foreign = self.definitions_of(name, current)
+                try:
+                    foreign = self.definitions_of(name, current)
+                except DefinitionsError as exc:
+                    if exc.line is not None:
+                        raise
+                    raise error_at(exc.message, ("repos", name), pin.source, pin.key) from None
                 if foreign is None or hop not in foreign.pins.pins:
                     known = ", ".join(sorted(foreign.pins.pins)) if foreign else "none: it has no definitions file"
                     raise self.error(name, f"{current.repository} at {current.commit[:12]} has no pin {hop!r} "
