@@ -850,3 +850,20 @@ def test_test_yaml_files_made_of_pins_and_windows_images(sc, branch, name, build
     if name == "repo6_twopins":  # master's version pins `prioritize: true` on one of them
         assert d["repos"]["child2"]["prioritize"] is (branch == "master")
         assert d["repos"]["child2"]["branch"] == "__branch2__"
+
+
+def test_import_mistakes_name_the_pin(sc):
+    _test_yaml_files(sc, only={"repo0", "repo1", "repo2"})
+    lookup = sc.lookup()
+    header = "looper_version: 5\nrepos:\n  r2: repo2/c0\n"
+    cases = [
+        ("  x: {import: nowhere/child}\n", "'nowhere' is not a pin of this file"),
+        ("  x: {import: r2/ghost}\n", f"repo2 at {sc.shas['repo2/c0'][:12]} has no pin 'ghost' (its pins: child, "
+                                      "repo0c0, repo0c1)"),
+        ("  x: {import: y/a}\n  y: {import: x/b}\n", "imports form a cycle: x -> y -> x"),
+    ]
+    for extra, words in cases:
+        text = header + extra + "environments: {e: {base: x/linux}}\n"
+        with pytest.raises(DefinitionsError) as info:
+            resolve_text(text, "testDefinitions.yml", repositories=lookup)
+        assert words in info.value.message, info.value.message
