@@ -75,3 +75,28 @@ def test_repeated_keys_warn_on_stderr(cli, tmp_path):
     assert status == 0 and json.loads(out)["environments"]["linux"]["platform"] == "linux"
     assert err == ("warning: testlooper.yml:3:1: key 'environments' is written twice in one mapping; "
                    "the last value is kept\n")
+
+
+def test_git_repositories_from_a_lookup_function(projects):
+    """The operator hands in a function (Repo resources found as pins ask for them)."""
+    from testlooper import gitio
+    from testlooper.repos.lookup import GitRepositories, RepositoryLookupError
+
+    asked = []
+
+    def find(name):
+        asked.append(name)
+        return gitio.open_repo(projects.repo(name).path) if name == "simple_project" else None
+
+    lookup = GitRepositories(find)
+    sha = projects.shas["simple_project/dev"]
+    assert lookup.resolve_commit("simple_project", "dev") == sha
+    assert "testDefinitions.yml" in lookup.list_files("simple_project", sha)
+    assert lookup.read_file("simple_project", sha, "Dockerfile.txt").startswith("FROM ")
+    with pytest.raises(RepositoryLookupError, match=r"^no repository named 'other' is available$"):
+        lookup.resolve_commit("other", "x")
+    with pytest.raises(RepositoryLookupError, match="has no commit 'nope'"):
+        lookup.resolve_commit("simple_project", "nope")
+    with pytest.raises(RepositoryLookupError, match="ghost.txt does not exist"):
+        lookup.read_file("simple_project", sha, "ghost.txt")
+    assert asked == ["simple_project", "other"]  # each name asked for once, then kept

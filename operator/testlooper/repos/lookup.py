@@ -10,7 +10,7 @@ repository and what is missing; the engine adds the pin that asked.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping
 
 from testlooper.definitions.pins import RepositoryLookupError
 
@@ -22,28 +22,26 @@ __all__ = ["GitRepositories", "RepositoryLookupError", "parse_repo_option"]
 
 class GitRepositories:
     """The `Repositories` interface over git: `mapping` gives each repository name a git.Repo or
-    the path of one (opened when first used). `missing_hint` ends the message for a name that is
-    not mapped (the CLI says which option maps it)."""
+    the path of one (opened when first used). It may also be a function from a name to either,
+    or None (the operator looks Repo resources up as pins ask for them). `missing_hint` ends the
+    message for a name that is not mapped (the CLI says which option maps it)."""
 
-    def __init__(self, mapping: Mapping[str, "git.Repo | str | os.PathLike"] | None = None,
+    def __init__(self, mapping: "Mapping[str, git.Repo | str | os.PathLike] | Callable | None" = None,
                  missing_hint: str = ""):
-        self._mapping = dict(mapping or {})
+        self._find = mapping if callable(mapping) else dict(mapping or {}).get
+        self._names = None if callable(mapping) else sorted(mapping or {})
         self._opened: dict[str, git.Repo] = {}
         self.missing_hint = missing_hint
-
-    @property
-    def names(self) -> list[str]:
-        return sorted(self._mapping)
 
     def repo(self, name: str) -> "git.Repo":
         if name in self._opened:
             return self._opened[name]
-        if name not in self._mapping:
-            known = ", ".join(self.names) or "none"
+        value = self._find(name)
+        if value is None:
+            known = "" if self._names is None else f" (mapped: {', '.join(self._names) or 'none'})"
             hint = self.missing_hint.format(name=name)
-            raise RepositoryLookupError(f"no repository named {name!r} is available (mapped: {known})"
+            raise RepositoryLookupError(f"no repository named {name!r} is available{known}"
                                         + (f"; {hint}" if hint else ""))
-        value = self._mapping[name]
         if isinstance(value, (str, os.PathLike)):
             from testlooper import gitio
 
