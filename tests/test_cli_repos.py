@@ -100,3 +100,39 @@ def test_git_repositories_from_a_lookup_function(projects):
     with pytest.raises(RepositoryLookupError, match="ghost.txt does not exist"):
         lookup.read_file("simple_project", sha, "ghost.txt")
     assert asked == ["simple_project", "other"]  # each name asked for once, then kept
+
+
+def test_triggers_match_what_changed_in_a_pinned_repository_whose_pin_moved(cli, tmp_path):
+    """`reponame/<path>` for each file a moved pin changed, as `HEAD/<path>` for this commit's."""
+    from gitrepo import GitRepo
+
+    lib = GitRepo(tmp_path / "lib")
+    first = lib.commit({"api/a.h": "1", "docs/x.md": "1", "testlooper.yml": "looper_version: 5\n"})
+    second = lib.commit({"api/a.h": "2"})
+    app = GitRepo(tmp_path / "app")
+    definitions = """looper_version: 5
+repos:
+  lib: lib/{sha}
+environments: {{linux: {{platform: linux, image: {{name: x}}}}}}
+tests:
+  api/linux: {{command: x}}
+  own/linux: {{command: x}}
+test_sets: {{api: [api/*], own: [own/*]}}
+triggers:
+  - {{name: lib-api, paths: ["lib/api/*"], test_sets: [api]}}
+  - {{name: own, paths: ["HEAD/src/*"], test_sets: [own]}}
+"""
+    app.commit({"testlooper.yml": definitions.format(sha=first), "src/a.py": ""})
+    app.commit({"testlooper.yml": definitions.format(sha=second)})
+    repo_option = ("--repo", f"lib={lib.path}")
+    status, out, err = cli("plan", str(app.path), "--rev", "HEAD", *repo_option, "--json")
+    assert (status, err) == (0, "")
+    plan = json.loads(out)
+    assert plan["triggers_fired"] == [{"name": "lib-api", "paths_matched": ["lib/api/a.h"], "test_sets": ["api"]}]
+    assert [t["name"] for t in plan["tasks"]] == ["api/linux"]
+    app.commit({"src/b.py": ""})  # the pin stays: only this commit's own paths
+    plan = json.loads(cli("plan", str(app.path), "--rev", "HEAD", *repo_option, "--json")[1])
+    assert [t["name"] for t in plan["triggers_fired"]] == ["own"]
+    # Without --repo the pin's changes cannot be read: only this commit's own paths count.
+    plan = json.loads(cli("plan", str(app.path), "--rev", "HEAD~1", "--json")[1])
+    assert plan["triggers_fired"] == [] and plan["reason"] == "no trigger matched the 1 changed file"

@@ -270,3 +270,11 @@ def test_plans_five_thousand_tests_quickly():
 
     assert len(result["tasks"]) == 5050
     assert elapsed < 0.3, f"planning 5,000 tests took {elapsed:.3f}s"
+
+
+def test_pinned_changes_are_matched_as_pin_paths():
+    defs = dict(PYTHON_AND_DOCS, triggers=[{"name": "lib", "paths": ["lib/include/*"], "test_sets": ["docs"]}])
+    result = plan(defs, ["README"], pinned_changes={"lib": ["include/a.h", "src/b.c"]})
+    assert result["triggers_fired"] == [{"name": "lib", "paths_matched": ["lib/include/a.h"], "test_sets": ["docs"]}]
+    assert names(result) == ["docs/linkcheck"]
+    assert plan(defs, ["README"])["triggers_fired"] == []

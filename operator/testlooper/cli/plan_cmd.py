@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from testlooper import terminal
 from testlooper.errors import UserError
@@ -15,6 +15,7 @@ from testlooper.repos.definitions import (
     existing_directory,
     looked_for,
     add_repo_option,
+    pinned_changes,
     print_warning,
     repositories_from_option,
 )
@@ -68,6 +69,7 @@ class _Target:
     changed_files: list[str] | None
     commit: str | None
     description: str
+    pinned_changes: dict = field(default_factory=dict)  # pin -> paths changed since the base's pin
 
 
 def run(args: argparse.Namespace) -> int:
@@ -81,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
             test_sets=args.test_sets,
             runs=args.runs,
             tests=args.tests,
+            pinned_changes=target.pinned_changes,
         )
     except ValueError as exc:
         raise UserError(str(exc)) from None
@@ -100,13 +103,35 @@ def _commit_target(args: argparse.Namespace) -> _Target:
     repo = gitio.open_repo(args.path)
     sha = gitio.resolve_rev(repo, args.rev)
     base = gitio.resolve_rev(repo, args.base) if args.base else None
+    repositories = repositories_from_option(args.repos)
+    definitions = definitions_at_commit(repo, sha, repositories=repositories, warn=print_warning)
+    changed = gitio.changed_files(repo, sha, base)
     return _Target(
-        definitions=definitions_at_commit(repo, sha, repositories=repositories_from_option(args.repos),
-                                          warn=print_warning),
-        changed_files=gitio.changed_files(repo, sha, base),
+        definitions=definitions,
+        changed_files=changed,
         commit=sha,
         description=f"commit {sha[:12]}",
+        pinned_changes=_pinned_changes(repo, sha, base, definitions, repositories) if changed is not None else {},
     )
+
+
+def _pinned_changes(repo, sha: str, base: str | None, definitions: dict | None, repositories) -> dict:
+    """Pins that moved since `base` (default: the first parent of `sha`), with what changed there."""
+    from testlooper import gitio
+    from testlooper.definitions import DefinitionsError
+
+    if not definitions or not any(e["repository"] != "HEAD" for e in definitions["repos"].values()):
+        return {}
+    if base is None:
+        parents = repo.commit(sha).parents
+        if not parents:
+            return {}
+        base = parents[0].hexsha
+    try:
+        before = definitions_at_commit(repo, base, repositories=repositories, warn=lambda warning: None)
+    except DefinitionsError:
+        before = None  # the base's pins cannot be read: every pin counts as new
+    return pinned_changes(definitions, before, repositories)
 
 
 def _working_tree_target(args: argparse.Namespace) -> _Target:
@@ -127,7 +152,11 @@ def _working_tree_target(args: argparse.Namespace) -> _Target:
     base = gitio.resolve_rev(repo, args.base) if args.base else None
     committed = gitio.changed_files(repo, sha, base)
     changed = None if committed is None else sorted({*committed, *gitio.uncommitted_changes(repo)})
-    return _Target(definitions, changed, sha, f"working tree {args.path} (HEAD {sha[:12]} and uncommitted changes)")
+    # The working tree's pins against the base's (the first parent of HEAD, or --base).
+    pinned = {} if changed is None else _pinned_changes(repo, sha, base, definitions,
+                                                        repositories_from_option(args.repos))
+    return _Target(definitions, changed, sha, f"working tree {args.path} (HEAD {sha[:12]} and uncommitted changes)",
+                   pinned)
 
 
 def render(result: dict, target: _Target, styler: terminal.Styler) -> str:

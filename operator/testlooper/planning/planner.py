@@ -33,9 +33,13 @@ def plan(
     test_sets: Sequence[str] = (),
     runs: int | None = None,
     tests: Sequence[str] = (),
+    pinned_changes: dict[str, list[str]] | None = None,
 ) -> dict:
     """The builds and tests to run for a commit, in dependency order.
 
+    `pinned_changes` maps a pin whose commit moved since the first parent to the paths that
+    changed in its repository; triggers match them as `pin/<path>`, as this commit's own paths
+    are matched as `HEAD/<path>`.
     `changed_files` are the commit's paths changed relative to its first parent; None means they
     are unknown (as for a root commit), and then the commit runs the test set `all`, as the
     original did. Naming `test_sets` or `tests` (test-name globs) overrides the triggers. `runs`
@@ -53,7 +57,7 @@ def plan(
         selection = _Selection(test_names=_enabled(definitions, definitions["test_sets"]["all"]),
                                test_sets=["all"], reason=reason)
     else:
-        selection = _select_by_triggers(definitions, changed_files)
+        selection = _select_by_triggers(definitions, changed_files, pinned_changes or {})
     tasks = _ordered_tasks(definitions, selection.test_names, runs)
     total = sum(task["runs"] for task in tasks)
     if total > MAX_RUNS_PER_PLAN:
@@ -104,9 +108,10 @@ def _select_requested(definitions: dict, test_sets: Sequence[str], tests: Sequen
     return _Selection(test_names=test_names, test_sets=requested_sets, reason="; ".join(reasons))
 
 
-def _select_by_triggers(definitions: dict, changed_files: list[str]) -> _Selection:
+def _select_by_triggers(definitions: dict, changed_files: list[str], pinned_changes: dict) -> _Selection:
     known_sets = definitions["test_sets"]
     head_paths = [f"HEAD/{path}" for path in changed_files]
+    head_paths += [f"{pin}/{path}" for pin, paths in sorted(pinned_changes.items()) for path in paths]
     fired = []
     for trigger in definitions["triggers"]:
         paths_matched = list(filter(_any_glob(trigger["paths"]), head_paths))
@@ -121,7 +126,7 @@ def _select_by_triggers(definitions: dict, changed_files: list[str]) -> _Selecti
     return _Selection(
         test_names=_enabled(definitions, (test for name in set_names for test in known_sets[name])),
         test_sets=set_names,
-        reason=_trigger_reason(fired, changed_files),
+        reason=_trigger_reason(fired, head_paths),
         triggers_fired=fired,
     )
 

@@ -122,3 +122,36 @@ def add_repo_option(parser) -> None:
         help="read the repository that pins call NAME (the part before the last '/' of NAME/<commit>) "
         "from the local git repository PATH (repeatable)",
     )
+
+
+def pinned_changes(definitions: dict | None, base_definitions: dict | None, repositories) -> dict[str, list[str]]:
+    """For triggers: each pin of `definitions` whose commit differs from the same pin in
+    `base_definitions` (the first parent's), with the paths that changed in its repository
+    between the two (under the pin's `path`, if it has one). A pin new since the base counts
+    every file of its commit as changed. Pins that cannot be read are left out."""
+    from testlooper.definitions import RepositoryLookupError
+
+    if not definitions or repositories is None:
+        return {}
+    before = (base_definitions or {}).get("repos", {})
+    changes: dict[str, list[str]] = {}
+    for pin, entry in definitions["repos"].items():
+        if "/" in pin or entry["repository"] == "HEAD":
+            continue  # pins reached through another repository, and this commit's own, are not triggers
+        try:
+            new = repositories.resolve_commit(entry["repository"], entry["commit"])
+            old_entry = before.get(pin)
+            if old_entry is None or old_entry.get("repository") != entry["repository"]:
+                paths = list(repositories.list_files(entry["repository"], new))
+            else:
+                old = repositories.resolve_commit(old_entry["repository"], old_entry["commit"])
+                if old == new:
+                    continue
+                paths = repositories.changed_files(entry["repository"], old, new)
+        except RepositoryLookupError:
+            continue
+        prefix = entry["path"] + "/" if entry["path"] else ""
+        paths = sorted(path for path in paths if path.startswith(prefix))
+        if paths:
+            changes[pin] = paths
+    return changes

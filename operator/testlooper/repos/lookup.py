@@ -74,6 +74,15 @@ class GitRepositories:
         except gitio.GitError as exc:
             raise RepositoryLookupError(f"repository {name!r}: {exc}") from None
 
+    def changed_files(self, name: str, old: str, new: str) -> list[str]:
+        """Paths that differ between two commits of the repository (for triggers on moved pins)."""
+        from testlooper import gitio
+
+        try:
+            return gitio.changed_files(self.repo(name), new, old) or []
+        except Exception as exc:  # gitpython's errors for commits it cannot compare
+            raise RepositoryLookupError(f"repository {name!r}: cannot compare {old[:12]} and {new[:12]}: {exc}") from None
+
     def export_tree(self, name: str, sha: str, destination: str) -> None:
         """The commit's files into `destination` (for runs that take another repository's source)."""
         from testlooper import gitio
