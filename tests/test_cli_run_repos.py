@@ -97,3 +97,20 @@ def test_version_2_commands_run_in_the_source_checkout(tmp_path):
     repo.commit({}, message="a message")
     completed = tl(run_args(repo, tmp_path, "--rev", "HEAD"), cli_env(tmp_path))
     assert completed.returncode == 0, explain(completed)
+
+
+def test_watch_builds_the_pinned_build_and_counts_it_as_tested_there(repos, tmp_path):
+    """A restarted watch finds the head tested in full, although its lib builds are recorded
+    under lib (and so not among the app commit's runs)."""
+    app, lib = repos
+    watch = ["watch", app.path, "--repo", f"org/lib={lib.path}", "--store", tmp_path / "history.db",
+             "--output", tmp_path / "out", "--metrics-port", "0", "--max-polls", "1"]
+    first = tl(watch, cli_env(tmp_path), timeout=120)
+    assert first.returncode == 0, explain(first)
+    assert f"new head of main: {app.head()[:12]}" in first.stderr, explain(first)
+    again = tl(watch, cli_env(tmp_path), timeout=120)
+    assert again.returncode == 0, explain(again)
+    assert "new head of main" not in again.stderr, explain(again)
+    store = str(tmp_path / "history.db")
+    assert sorted(run.task for run in stored_runs(store, lib, lib.head())) == ["package/linux", "tool/linux"]
+    assert [(run.task, run.result) for run in stored_runs(store, app, app.head())] == [("uses-lib/linux", "passed")]

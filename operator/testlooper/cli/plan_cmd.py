@@ -15,7 +15,7 @@ from testlooper.repos.definitions import (
     existing_directory,
     looked_for,
     add_repo_option,
-    pinned_changes,
+    pinned_changes_at,
     print_warning,
     repositories_from_option,
 )
@@ -111,27 +111,8 @@ def _commit_target(args: argparse.Namespace) -> _Target:
         changed_files=changed,
         commit=sha,
         description=f"commit {sha[:12]}",
-        pinned_changes=_pinned_changes(repo, sha, base, definitions, repositories) if changed is not None else {},
+        pinned_changes=pinned_changes_at(repo, sha, definitions, repositories, base) if changed is not None else {},
     )
-
-
-def _pinned_changes(repo, sha: str, base: str | None, definitions: dict | None, repositories) -> dict:
-    """Pins that moved since `base` (default: the first parent of `sha`), with what changed there."""
-    from testlooper import gitio
-    from testlooper.definitions import DefinitionsError
-
-    if not definitions or not any(e["repository"] != "HEAD" for e in definitions["repos"].values()):
-        return {}
-    if base is None:
-        parents = repo.commit(sha).parents
-        if not parents:
-            return {}
-        base = parents[0].hexsha
-    try:
-        before = definitions_at_commit(repo, base, repositories=repositories, warn=lambda warning: None)
-    except DefinitionsError:
-        before = None  # the base's pins cannot be read: every pin counts as new
-    return pinned_changes(definitions, before, repositories)
 
 
 def _working_tree_target(args: argparse.Namespace) -> _Target:
@@ -153,8 +134,8 @@ def _working_tree_target(args: argparse.Namespace) -> _Target:
     committed = gitio.changed_files(repo, sha, base)
     changed = None if committed is None else sorted({*committed, *gitio.uncommitted_changes(repo)})
     # The working tree's pins against the base's (the first parent of HEAD, or --base).
-    pinned = {} if changed is None else _pinned_changes(repo, sha, base, definitions,
-                                                        repositories_from_option(args.repos))
+    pinned = {} if changed is None else pinned_changes_at(repo, sha, definitions,
+                                                         repositories_from_option(args.repos), base)
     return _Target(definitions, changed, sha, f"working tree {args.path} (HEAD {sha[:12]} and uncommitted changes)",
                    pinned)
 

@@ -148,25 +148,43 @@ class Watcher:
                 heads[name] = sha
         return heads
 
-    def recorded_results(self, sha: str) -> dict[str, list[str]] | None:
-        """What the store holds of this commit (`final_results`), or None if it cannot say."""
+    def recorded_results(self, sha: str, definitions: dict | None = None) -> dict[str, list[str]] | None:
+        """What the store holds of this commit (`final_results`), or None if it cannot say.
+        Another repository's builds (`external_builds`) are recorded under that repository and
+        its pinned commit: their results are looked up there, under their planned names."""
         from testlooper.local.recording import final_results
         from testlooper.store import StoreError
 
         if self.recorder.store is None or self.recorder.down_reason:
             return None
         try:
-            return final_results(self.recorder.store.runs(self.repo_id, sha))
+            results = final_results(self.recorder.store.runs(self.repo_id, sha))
+            for key, task in (definitions or {}).get("external_builds", {}).items():
+                where = self.pinned_repo_id(definitions["repos"][task["repo"]])
+                if where is not None:
+                    theirs = final_results(self.recorder.store.runs(where, definitions["repos"][task["repo"]]["commit"]))
+                    if task["name"] in theirs:
+                        results[key] = theirs[task["name"]]
+            return results
         except StoreError as exc:
             self.recorder.went_down(exc)
             return None
 
-    def still_to_run(self, sha: str, planned: dict) -> dict:
+    def pinned_repo_id(self, entry: dict) -> str | None:
+        from testlooper.definitions import RepositoryLookupError
+        from testlooper.local.target import repo_identity
+
+        try:
+            return repo_identity(self.args.repositories.repo(entry["repository"]))
+        except RepositoryLookupError:
+            return None
+
+    def still_to_run(self, sha: str, planned: dict, definitions: dict | None = None) -> dict:
         """The planned runs the store has no counted result of (a watch stopped part way
         through this commit left them cancelled or missing); all of them if it cannot say."""
         from testlooper.planning.resume import remaining_plan
 
-        recorded = self.recorded_results(sha)
+        recorded = self.recorded_results(sha, definitions)
         return remaining_plan(planned, recorded) if recorded else planned
 
     def test(self, sha: str, branch: str) -> None:
@@ -176,20 +194,22 @@ class Watcher:
         from testlooper.local.session import run_target
         from testlooper.local.target import commit_target
         from testlooper.planning import plan
-        from testlooper.repos.definitions import definitions_at_commit
+        from testlooper.repos.definitions import definitions_at_commit, pinned_changes_at, print_warning
 
         # Planned before anything is exported: a head tested in full already needs no snapshot.
         try:
-            definitions = definitions_at_commit(self.repo, sha)
+            definitions = definitions_at_commit(self.repo, sha, repositories=self.args.repositories,
+                                                warn=print_warning)
             planned = None if definitions is None else plan(
-                definitions, gitio.changed_files(self.repo, sha), runs=self.args.runs)
+                definitions, gitio.changed_files(self.repo, sha), runs=self.args.runs,
+                pinned_changes=pinned_changes_at(self.repo, sha, definitions, self.args.repositories))
         except (DefinitionsError, ValueError, gitio.GitError) as exc:
             self.progress.say(f"new head of {branch}: {sha[:12]}")
             self.untestable(sha, exc)
             return
         remaining = planned
         if planned is not None and planned["tasks"]:
-            remaining = self.still_to_run(sha, planned)
+            remaining = self.still_to_run(sha, planned, definitions)
             if not remaining["tasks"]:
                 return  # every planned run has a counted result: tested
         self.progress.say(f"new head of {branch}: {sha[:12]}")

@@ -155,3 +155,23 @@ def pinned_changes(definitions: dict | None, base_definitions: dict | None, repo
         if paths:
             changes[pin] = paths
     return changes
+
+
+def pinned_changes_at(repo: git.Repo, sha: str, definitions: dict | None, repositories,
+                      base: str | None = None) -> dict[str, list[str]]:
+    """`pinned_changes` of commit `sha` against `base` (default: its first parent); {} for a
+    root commit or a file without pins of other repositories."""
+    from testlooper.definitions import DefinitionsError
+
+    if not definitions or not any(e["repository"] != "HEAD" for e in definitions["repos"].values()):
+        return {}
+    if base is None:
+        parents = repo.commit(sha).parents
+        if not parents:
+            return {}
+        base = parents[0].hexsha
+    try:
+        before = definitions_at_commit(repo, base, repositories=repositories, warn=lambda warning: None)
+    except DefinitionsError:
+        before = None  # the base's pins cannot be read: every pin counts as new
+    return pinned_changes(definitions, before, repositories)
