@@ -66,6 +66,10 @@ def test_simple_project(sc, branch):
     assert stage_commands(grouped) == [
         "$TEST_INPUTS/util/produce_test_failures.py Group2WithAVeryLongGroupName > $TEST_OUTPUT_DIR/testSummary.json\n"]
     assert d["environments"]["linux"]["image"] == {"dockerfile": "Dockerfile.txt"}
+    assert d["environments"]["linux"]["inheritance"] == [] and d["environments"]["linux"]["variables"] == {}
+    build = d["builds"]["build/linux"]
+    assert [a["name"] for s in build["stages"] for a in s["artifacts"]] == [""]  # `command`: the whole output
+    assert stage_commands(build) == ["cp $TEST_INPUTS/src/build_file $TEST_BUILD_OUTPUT_DIR/build_file\n"]
 
 
 def test_version_3_has_no_implicit_source_and_version_2_has(sc):
@@ -607,6 +611,11 @@ def test_simple_project_2_builds_on_simple_project(sc, branch):
     assert d["tests"]["test2_dep_from_env/linux2"]["dependencies"]["simplesource"] == {
         "kind": "source", "repo": "simple", "path": ""}
     assert d["builds"]["build_flakey/linux"]["max_retries"] == 5
+    assert d["builds"]["build_flakey/linux"]["retry_wait_seconds"] == 30
+    assert stage_commands(d["builds"]["build2/linux"]) == ["cp $TEST_INPUTS/build_import/* $TEST_BUILD_OUTPUT_DIR\n"]
+    assert d["builds"]["build2/linux"]["stages"][0]["artifacts"][0]["name"] == ""
+    assert d["tests"]["test2/linux"]["variables"] == {"ENV_VAR": "LINUX_OVERRIDE"}
+    assert d["tests"]["test2/linux"]["configuration"] == "linux" and d["tests"]["test2/linux"]["project"] == "test2"
     # The other repository's build, with what it needs, is there for the planner and the runner.
     external = d["external_builds"]["simple/build/linux"]
     assert external["repo"] == "simple" and external["name"] == "build/linux"
