@@ -123,6 +123,7 @@ def test_a_tree_without_a_definitions_file_has_no_tests(cli, tmp_path):
         "builds": {},
         "tests": {},
         "deployments": {},
+        "external_builds": {},
         "test_sets": {"all": []},
         "triggers": [],
     }

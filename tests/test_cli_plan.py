@@ -106,13 +106,13 @@ def test_an_older_revision_and_a_base(cli, repo):
     assert since_root["triggers_fired"][0]["paths_matched"] == ["HEAD/docs/index.md"]
 
 
-def test_the_root_commit_counts_every_path_as_changed(cli, repo):
+def test_the_root_commit_runs_all(cli, repo):
     plan = plan_json(cli, str(repo.path), "--rev", "HEAD")
-    assert [t["name"] for t in plan["triggers_fired"]] == ["python", "docs"]
-    assert plan["test_sets"] == ["docs", "python"]
+    assert plan["triggers_fired"] == []
+    assert plan["test_sets"] == ["all"]
     assert task_names(plan) == ["toolchain/linux", "build/linux", "docs/linux", "lint/linux", "unit/linux"]
     _, out, _ = cli("plan", str(repo.path), "--rev", "HEAD")
-    assert "Changed    unknown: every path counts as changed" in out
+    assert "Changed    unknown (a commit with no parent): the test set all runs" in out
 
 
 def test_deployments_are_never_planned(cli, repo):

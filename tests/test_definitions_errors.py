@@ -2,7 +2,7 @@
 
 import pytest
 
-from definitions_helpers import resolve, resolve_error
+from definitions_helpers import HEADER, resolve, resolve_error
 from testlooper.definitions import DefinitionsError, resolve_text
 from testlooper.definitions.yamlload import MAX_FILE_BYTES
 
@@ -35,9 +35,18 @@ def test_empty_and_non_mapping_files():
         resolve_text("- a\n- b\n", "testlooper.yml")
 
 
-def test_duplicate_yaml_key():
-    err = resolve_error("tests:\n  t/linux: {command: x}\n  t/linux: {command: y}\n")
-    assert "duplicate key 't/linux'" in err.message and err.line == 8
+def test_duplicate_yaml_key_keeps_the_last_value_with_a_warning():
+    """PyYAML kept the last value, and the original's own fixtures rely on it."""
+    from testlooper.definitions import DefinitionsWarning
+
+    heard = []
+    d = resolve_text(HEADER + "tests:\n  t/linux: {command: x}\n  t/linux: {command: y}\n", "testlooper.yml",
+                     warn=heard.append)
+    assert d["tests"]["t/linux"]["stages"][0]["command"] == "y"
+    assert [str(w) for w in heard] == ["testlooper.yml:8:3: key 't/linux' is written twice in one mapping; "
+                                       "the last value is kept"]
+    with pytest.warns(DefinitionsWarning, match="key 't/linux' is written twice"):
+        resolve_text(HEADER + "tests:\n  t/linux: {command: x}\n  t/linux: {command: y}\n", "testlooper.yml")
 
 
 @pytest.mark.parametrize("text, key_path, words", [
@@ -78,8 +87,8 @@ def test_unknown_keys_anywhere(text, key_path, words):
     ("tests: [1, 2]\n", "tests.0", "must be a mapping"),
     ("tests:\n  t/linux: {stages: [{command: x, artifacts: [{format: Rar}]}]}\n",
      "tests.t/linux.stages.0.artifacts.0.format", "not one of: Tar, Zip, Files"),
-    ("tests:\n  t/linux: {command: x, stages: [{command: y}]}\n", "tests.t/linux.stages", "either 'command' or 'stages'"),
-    ("tests:\n  t/linux: {timeout: 5}\n", "tests.t/linux", "needs a 'command' or 'stages'"),
+    ("tests:\n  t/linux: {stages: [{command: x, artifacts: [{name: a}]}, {command: y, artifacts: [{name: a}]}]}\n",
+     "tests.t/linux", "artifact 'a' is defined twice"),
 ])
 def test_wrong_types(text, key_path, words):
     err = resolve_error(text)
@@ -124,9 +133,9 @@ def test_max_log_mb_defaults_to_1_gib_and_is_bounded():
 def test_looper_version_missing_or_unsupported():
     err = resolve_error("tests: {}\n", header=False)
     assert "'looper_version' is missing" in err.message
-    err = resolve_error("looper_version: 4\n", header=False)
-    assert "looper_version 4 is not supported" in err.message and err.key_path == "looper_version"
-    assert err.line == 1
+    err = resolve_error("looper_version: 6\n", header=False)
+    assert err.message == "looper_version 6 is not supported (supported: 2, 3, 4, 5)"
+    assert err.key_path == "looper_version" and err.line == 1
 
 
 def test_undefined_environment_mixin_and_build():
@@ -195,8 +204,10 @@ def test_dependency_first_segment_with_variable():
 
 
 def test_bad_repo_pins_and_includes():
-    err = resolve_error("repos: {o: 'o/not-a-sha'}\n")
-    assert "full 40-character commit sha" in err.message
+    err = resolve_error("repos: {o: 'no-slash'}\n")
+    assert "must be 'repository/<commit>'" in err.message and err.key_path == "repos.o"
+    err = resolve_error("repos: {o: 'o/'}\n")
+    assert "must be 'repository/<commit>'" in err.message
     err = resolve_error("includes: [ci/x.yml]\n", files={})
     assert "must start with './'" in err.message
 

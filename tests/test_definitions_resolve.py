@@ -116,9 +116,11 @@ def test_test_defaults_flow_into_tasks():
 def test_defaults_when_nothing_given():
     task = resolve("tests:\n  t/linux: {command: x}\n")["tests"]["t/linux"]
     assert task["timeout_seconds"] == 3600 and task["runs"] == 1 and task["min_cores"] == 0
-    assert task["max_retries"] == 0 and task["project"] == "" and task["configuration"] == ""
-    assert task["stages"] == [{
-        "command": "x", "cleanup": "", "always_run": False, "order": 0, "list_tests_command": "",
+    # As the original: the project is the name's first segment, the configuration the environment.
+    assert task["max_retries"] == 0 and task["project"] == "t" and task["configuration"] == "linux"
+    assert task["disabled"] is False
+    assert task["stages"] == [{  # `command` is the last stage, whatever the others' order
+        "command": "x", "cleanup": "", "always_run": False, "order": 1_000_000_000, "list_tests_command": "",
         "run_tests_command": "",
         "artifacts": [{"name": "", "directory": "", "include_patterns": [], "exclude_patterns": [], "format": "Tar"}],
     }]
@@ -147,7 +149,8 @@ def test_mixins_merge_on_top_in_order():
     """, header=False)
     task = d["tests"]["t/linux"]
     assert task["variables"] == {"A": "m2", "B": "m1", "C": "base"}
-    assert task["setup_script"] == "s1\ns2"
+    # The root's setup (none here), a newline, then the others': the original's own formula.
+    assert task["setup_script"] == "\ns1\ns2"
     assert task["environment"] == "linux"
 
 
@@ -182,7 +185,6 @@ def test_every_dependency_form():
         repos:
           other: "otherrepo/0123456789abcdef0123456789abcdef01234567"
           follow: {reference: "lib/89abcdef0123456789abcdef0123456789abcdef", branch: main, auto: true}
-          imported: {import: "other/dep"}
         builds:
           build/linux: {command: "make"}
           staged/linux:
@@ -199,7 +201,6 @@ def test_every_dependency_form():
               art: staged/linux/wheel
               osrc: other
               osub: other/source/pkg
-              obuild: other/build/linux
     """)
     deps = d["tests"]["t/linux"]["dependencies"]
     assert deps["src"] == {"kind": "source", "repo": "HEAD", "path": ""}
@@ -209,10 +210,9 @@ def test_every_dependency_form():
     assert deps["art"] == {"kind": "build", "repo": "HEAD", "build": "staged/linux", "artifact": "wheel"}
     assert deps["osrc"] == {"kind": "source", "repo": "other", "path": ""}
     assert deps["osub"] == {"kind": "source", "repo": "other", "path": "pkg"}
-    assert deps["obuild"] == {"kind": "build", "repo": "other", "build": "build/linux", "artifact": ""}
     assert d["repos"]["follow"] == {"reference": "lib/89abcdef0123456789abcdef0123456789abcdef",
-                                    "branch": "main", "auto": True, "import": ""}
-    assert d["repos"]["imported"]["import"] == "other/dep"
+                                    "repository": "lib", "commit": "89abcdef0123456789abcdef0123456789abcdef",
+                                    "path": "", "branch": "main", "auto": True, "prioritize": False, "import": ""}
 
 
 def test_environment_dependencies_are_inherited_and_overridable():
@@ -294,9 +294,13 @@ def test_local_includes_with_variables():
     assert list(d["builds"]) == ["nested/linux"]
 
 
-def test_include_cycle_is_an_error():
-    err = resolve_error("includes: [./a.yml]\n", files={"a.yml": "includes: [./b.yml]\n", "b.yml": "includes: [./a.yml]\n"})
-    assert "cycle" in err.message and "a.yml" in err.message
+def test_an_include_cycle_includes_each_file_once():
+    """As the original (test_recursive_includes): a cycle is no error; each file comes in once."""
+    d = resolve("includes: [./a.yml]\n", files={
+        "a.yml": "includes: [./b.yml]\ntests: {a/linux: {command: a}}\n",
+        "b.yml": "includes: [./a.yml, ./testlooper.yml]\ntests: {b/linux: {command: b}}\n",
+        "testlooper.yml": "looper_version: 5\n"})
+    assert sorted(d["tests"]) == ["a/linux", "b/linux"]
 
 
 def test_include_of_missing_file_and_outside_repo():
@@ -306,12 +310,13 @@ def test_include_of_missing_file_and_outside_repo():
     assert "outside the repository" in err.message
 
 
-def test_include_from_pinned_repo_is_explained():
+def test_include_from_a_pinned_repo_needs_a_lookup():
     err = resolve_error("""
         repos: {other: "other/0123456789abcdef0123456789abcdef01234567"}
         includes: [other/defs.yml]
     """, files={})
-    assert "pinned repo 'other'" in err.message
+    assert "repo pin 'other' (other/0123456789abcdef0123456789abcdef01234567)" in err.message
+    assert "no repository lookup" in err.message
 
 
 def test_json_definitions_file():

@@ -103,18 +103,25 @@ def test_several_triggers_fire_together_and_their_sets_are_merged():
     assert names(result) == ["build/linux", "docs/linkcheck", "lint/py311", "unit/py311"]
 
 
-def test_unknown_changed_files_count_as_every_path_changed():
+def test_unknown_changed_files_run_the_test_set_all():
+    """A commit with no parent runs `all` rather than firing every trigger, as the original
+    did (its _computeAllDiffs returned EVERYTHING, which meant the set `all`)."""
     defs = dict(PYTHON_AND_DOCS, triggers=PYTHON_AND_DOCS["triggers"] + [
         {"name": "never", "paths": [], "test_sets": ["all"]},
     ])
     result = plan(defs, None)
-    assert [t["name"] for t in result["triggers_fired"]] == ["python", "docs"]
-    assert all(t["paths_matched"] == [] for t in result["triggers_fired"])
-    assert result["test_sets"] == ["docs", "python"]
-    assert result["reason"] == (
-        "changed files unknown, so every path counts as changed: triggers 'python', 'docs' fired"
-    )
+    assert result["triggers_fired"] == []
+    assert result["test_sets"] == ["all"]
+    assert result["reason"] == "changed files unknown (a commit with no parent): running all"
     assert names(result) == ["build/linux", "docs/linkcheck", "lint/py311", "unit/py311"]
+
+
+def test_disabled_tests_run_only_when_asked_for_by_name():
+    disabled = dict(task("slow/linux", "test", builds=["build/linux"]), disabled=True)
+    defs = definitions(builds=[task("build/linux", "build")], tests=[task("fast/linux", "test"), disabled])
+    assert names(plan(defs, None)) == ["fast/linux"]
+    assert names(plan(defs, ["x"], test_sets=["all"])) == ["fast/linux"]
+    assert names(plan(defs, None, tests=["slow/*"])) == ["build/linux", "slow/linux"]
 
 
 def test_requested_test_sets_override_triggers():
@@ -217,15 +224,19 @@ def test_every_build_comes_before_anything_consuming_it():
         assert all(position[build] < position[planned["name"]] for build in planned["depends_on"])
 
 
-def test_builds_of_other_repositories_and_deployments_are_not_planned():
+def test_builds_of_other_repositories_come_first_and_deployments_are_not_planned():
+    lib_build = dict(task("lib-build", "build"), repo="lib")
+    lib_build["dependencies"]["tool"] = {"kind": "build", "repo": "lib", "build": "tool", "artifact": ""}
     defs = definitions(
         builds=[task("build", "build")],
         tests=[task("uses-lib", "test", other_repo_builds=["lib-build"])],
         deployments=[task("deploy/staging", "deployment", builds=["build"])],
     )
+    defs["external_builds"] = {"lib/lib-build": lib_build, "lib/tool": dict(task("tool", "build"), repo="lib")}
     result = plan(defs, None)
-    assert names(result) == ["uses-lib"]
-    assert result["tasks"][0]["depends_on"] == []
+    assert names(result) == ["lib/tool", "lib/lib-build", "uses-lib"]
+    assert [t["repo"] for t in result["tasks"]] == ["lib", "lib", "HEAD"]
+    assert result["tasks"][2]["depends_on"] == ["lib/lib-build"]
     with pytest.raises(ValueError, match="no test name matches 'deploy/\\*'"):
         plan(defs, None, tests=["deploy/*"])
 
@@ -259,3 +270,11 @@ def test_plans_five_thousand_tests_quickly():
 
     assert len(result["tasks"]) == 5050
     assert elapsed < 0.3, f"planning 5,000 tests took {elapsed:.3f}s"
+
+
+def test_pinned_changes_are_matched_as_pin_paths():
+    defs = dict(PYTHON_AND_DOCS, triggers=[{"name": "lib", "paths": ["lib/include/*"], "test_sets": ["docs"]}])
+    result = plan(defs, ["README"], pinned_changes={"lib": ["include/a.h", "src/b.c"]})
+    assert result["triggers_fired"] == [{"name": "lib", "paths_matched": ["lib/include/a.h"], "test_sets": ["docs"]}]
+    assert names(result) == ["docs/linkcheck"]
+    assert plan(defs, ["README"])["triggers_fired"] == []

@@ -7,7 +7,8 @@ import json
 
 from testlooper import terminal
 from testlooper.repos.definitions import (
-    definitions_at_commit, definitions_on_disk, empty_definitions, existing_directory, looked_for,
+    add_repo_option, definitions_at_commit, definitions_on_disk, empty_definitions, existing_directory, looked_for,
+    print_warning, repositories_from_option,
 )
 
 
@@ -24,20 +25,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--rev", metavar="REV", help="read the definitions committed at REV instead of the files on disk"
     )
+    add_repo_option(parser)
     parser.add_argument("--json", action="store_true", help="print the resolved definitions as JSON")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    repositories = repositories_from_option(args.repos)
     if args.rev is None:
-        definitions = definitions_on_disk(existing_directory(args.path))
+        definitions = definitions_on_disk(existing_directory(args.path), repositories, print_warning)
         where = f"working tree {args.path}"
     else:
         from testlooper import gitio
 
         repo = gitio.open_repo(args.path)
         sha = gitio.resolve_rev(repo, args.rev)
-        definitions = definitions_at_commit(repo, sha)
+        definitions = definitions_at_commit(repo, sha, repositories=repositories, warn=print_warning)
         where = f"commit {sha[:12]}"
 
     if args.json:
@@ -62,6 +65,9 @@ def render(definitions: dict, where: str, styler: terminal.Styler) -> str:
     blocks.append(
         _section("Environments", _environment_table(environments, styler) if environments else "none", styler)
     )
+    repos = definitions.get("repos") or {}
+    if repos:
+        blocks.append(_section("Other repositories", _repo_table(repos, styler), styler))
     blocks.append(_section("Test sets", _test_set_table(definitions["test_sets"], styler), styler))
     triggers = definitions["triggers"]
     blocks.append(
@@ -78,7 +84,7 @@ def _task_table(tasks: list[dict], styler: terminal.Styler) -> str:
     headers = ["NAME", "KIND", "ENVIRONMENT", "PLATFORM", "CORES/RAM", "TIMEOUT", "RUNS", "DEPENDENCIES"]
     rows = [
         [
-            task["name"],
+            task["name"] + (" (disabled)" if task.get("disabled") else ""),
             terminal.kind_cell(task["kind"]),
             task["environment"],
             task["platform"],
@@ -136,6 +142,13 @@ def _image(image: dict) -> str:
         text = value.strip()
         parts.append(f"{key} ({len(text.splitlines())} lines)" if "\n" in text else f"{key}: {text}")
     return ", ".join(parts)
+
+
+def _repo_table(repos: dict, styler: terminal.Styler) -> str:
+    """Each pin (and pin path reached through another repository) and the commit it means."""
+    rows = [[name, entry["repository"], entry["commit"][:12], entry["path"], entry["import"] and f"import {entry['import']}"]
+            for name, entry in sorted(repos.items())]
+    return terminal.table(["PIN", "REPOSITORY", "COMMIT", "PATH", "HOW"], rows, styler)
 
 
 def _test_set_table(test_sets: dict, styler: terminal.Styler, shown: int = 4) -> str:

@@ -60,6 +60,10 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise UserError(f"--cache-dir {args.cache_dir}: {exc.strerror}") from None
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.log_level != "DEBUG":
+        # kopf logs every handler call ("Handler 'status' succeeded") at INFO: one line per
+        # TestRun event is noise at scale, and its formatting costs CPU. Problems still show.
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     options = OperatorOptions(
         namespaces=tuple(args.namespaces), all_namespaces=args.all_namespaces, standalone=args.standalone,
         peering_name=args.peering, priority=args.priority, store_url=args.store, api_host=args.api_host,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from testlooper import terminal
 from testlooper.errors import UserError
@@ -14,6 +14,10 @@ from testlooper.repos.definitions import (
     empty_definitions,
     existing_directory,
     looked_for,
+    add_repo_option,
+    pinned_changes_at,
+    print_warning,
+    repositories_from_option,
 )
 
 
@@ -52,6 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="run the tests whose names match GLOB whatever the triggers say (repeatable)",
     )
     parser.add_argument("--runs", metavar="N", type=int, help="run each test N times instead of its own `runs`")
+    add_repo_option(parser)
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     parser.set_defaults(run=run)
 
@@ -64,6 +69,7 @@ class _Target:
     changed_files: list[str] | None
     commit: str | None
     description: str
+    pinned_changes: dict = field(default_factory=dict)  # pin -> paths changed since the base's pin
 
 
 def run(args: argparse.Namespace) -> int:
@@ -77,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
             test_sets=args.test_sets,
             runs=args.runs,
             tests=args.tests,
+            pinned_changes=target.pinned_changes,
         )
     except ValueError as exc:
         raise UserError(str(exc)) from None
@@ -96,11 +103,15 @@ def _commit_target(args: argparse.Namespace) -> _Target:
     repo = gitio.open_repo(args.path)
     sha = gitio.resolve_rev(repo, args.rev)
     base = gitio.resolve_rev(repo, args.base) if args.base else None
+    repositories = repositories_from_option(args.repos)
+    definitions = definitions_at_commit(repo, sha, repositories=repositories, warn=print_warning)
+    changed = gitio.changed_files(repo, sha, base)
     return _Target(
-        definitions=definitions_at_commit(repo, sha),
-        changed_files=gitio.changed_files(repo, sha, base),
+        definitions=definitions,
+        changed_files=changed,
         commit=sha,
         description=f"commit {sha[:12]}",
+        pinned_changes=pinned_changes_at(repo, sha, definitions, repositories, base) if changed is not None else {},
     )
 
 
@@ -109,7 +120,7 @@ def _working_tree_target(args: argparse.Namespace) -> _Target:
     from testlooper import gitio
 
     root = existing_directory(args.path)
-    definitions = definitions_on_disk(root)
+    definitions = definitions_on_disk(root, repositories_from_option(args.repos), print_warning)
     try:
         repo = gitio.open_repo(root)
     except gitio.GitError:
@@ -122,14 +133,18 @@ def _working_tree_target(args: argparse.Namespace) -> _Target:
     base = gitio.resolve_rev(repo, args.base) if args.base else None
     committed = gitio.changed_files(repo, sha, base)
     changed = None if committed is None else sorted({*committed, *gitio.uncommitted_changes(repo)})
-    return _Target(definitions, changed, sha, f"working tree {args.path} (HEAD {sha[:12]} and uncommitted changes)")
+    # The working tree's pins against the base's (the first parent of HEAD, or --base).
+    pinned = {} if changed is None else pinned_changes_at(repo, sha, definitions,
+                                                         repositories_from_option(args.repos), base)
+    return _Target(definitions, changed, sha, f"working tree {args.path} (HEAD {sha[:12]} and uncommitted changes)",
+                   pinned)
 
 
 def render(result: dict, target: _Target, styler: terminal.Styler) -> str:
     changed = target.changed_files
     summary = [
         ("Planning", target.description),
-        ("Changed", "unknown: every path counts as changed" if changed is None else _count(len(changed), "file")),
+        ("Changed", "unknown (a commit with no parent): the test set all runs" if changed is None else _count(len(changed), "file")),
         ("Reason", result["reason"]),
         ("Test sets", ", ".join(result["test_sets"]) or "none"),
     ]

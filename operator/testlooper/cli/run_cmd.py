@@ -56,6 +56,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="cut every run's log past MB MiB, keeping its head and tail, and fail the run "
                         "(default: each task's `max_log_mb`, else 1024)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
+    from testlooper.repos.definitions import add_repo_option
+
+    add_repo_option(parser)
     parser.set_defaults(run=run)
 
 
@@ -83,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
     from testlooper.local.session import raise_keyboard_interrupt
     from testlooper.local.target import commit_target, is_bare_repository, working_tree_target
     from testlooper.planning.planner import check_runs
+    from testlooper.repos.definitions import repositories_from_option
 
     if args.jobs < 0:
         raise UserError(f"--jobs must be 0 or more, not {args.jobs}")
@@ -97,17 +101,19 @@ def run(args: argparse.Namespace) -> int:
     rev = args.rev
     if rev is None and is_bare_repository(args.path):
         rev = "HEAD"  # a bare repository has no working tree: its HEAD is what there is to run
+    repositories = repositories_from_option(args.repos)  # a malformed --repo fails before the snapshot
     # The clock starts now and SIGTERM stops the command as Ctrl-C does, from before the
     # snapshot on: copying a large tree takes a while, and an interrupted copy is removed.
     progress = Progress()
     previous = signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
     try:
         if rev:
-            target = commit_target(args.path, rev, snapshots)
+            target = commit_target(args.path, rev, snapshots, repositories)
         else:
             # What this command writes itself is no change of the tree, even inside it.
             target = working_tree_target(args.path, snapshots, _snapshot_progress(progress, args.path),
-                                         own_paths=[output_dir, *own_paths(args.store, args.spool)])
+                                         own_paths=[output_dir, *own_paths(args.store, args.spool)],
+                                         repositories=repositories)
         try:
             return _run_target(args, target, output_dir, progress)
         finally:

@@ -39,6 +39,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--spool", metavar="DIR", help="where results wait while the history store is down "
                         "(default: the default store's folder; if DIR cannot be written, the --output folder)")
     parser.add_argument("--max-polls", metavar="N", type=int, default=0, help=argparse.SUPPRESS)  # for tests
+    from testlooper.repos.definitions import add_repo_option
+
+    add_repo_option(parser)
     parser.set_defaults(run=run)
 
 
@@ -50,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
     from testlooper.local.recording import Recorder
     from testlooper.local.session import raise_keyboard_interrupt
     from testlooper.planning.planner import check_runs
+    from testlooper.repos.definitions import repositories_from_option
 
     if args.interval <= 0:
         raise UserError("--interval must be more than 0 seconds")
@@ -57,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
         check_runs(args.runs)
     except ValueError as exc:
         raise UserError(f"--{exc}") from None
+    args.repositories = repositories_from_option(args.repos)  # a malformed --repo is a usage error now
     repo = gitio.open_repo(args.path)
     output_dir = checked_output_dir(args.output)
     progress = Progress()
@@ -143,25 +148,43 @@ class Watcher:
                 heads[name] = sha
         return heads
 
-    def recorded_results(self, sha: str) -> dict[str, list[str]] | None:
-        """What the store holds of this commit (`final_results`), or None if it cannot say."""
+    def recorded_results(self, sha: str, definitions: dict | None = None) -> dict[str, list[str]] | None:
+        """What the store holds of this commit (`final_results`), or None if it cannot say.
+        Another repository's builds (`external_builds`) are recorded under that repository and
+        its pinned commit: their results are looked up there, under their planned names."""
         from testlooper.local.recording import final_results
         from testlooper.store import StoreError
 
         if self.recorder.store is None or self.recorder.down_reason:
             return None
         try:
-            return final_results(self.recorder.store.runs(self.repo_id, sha))
+            results = final_results(self.recorder.store.runs(self.repo_id, sha))
+            for key, task in (definitions or {}).get("external_builds", {}).items():
+                where = self.pinned_repo_id(definitions["repos"][task["repo"]])
+                if where is not None:
+                    theirs = final_results(self.recorder.store.runs(where, definitions["repos"][task["repo"]]["commit"]))
+                    if task["name"] in theirs:
+                        results[key] = theirs[task["name"]]
+            return results
         except StoreError as exc:
             self.recorder.went_down(exc)
             return None
 
-    def still_to_run(self, sha: str, planned: dict) -> dict:
+    def pinned_repo_id(self, entry: dict) -> str | None:
+        from testlooper.definitions import RepositoryLookupError
+        from testlooper.local.target import repo_identity
+
+        try:
+            return repo_identity(self.args.repositories.repo(entry["repository"]))
+        except RepositoryLookupError:
+            return None
+
+    def still_to_run(self, sha: str, planned: dict, definitions: dict | None = None) -> dict:
         """The planned runs the store has no counted result of (a watch stopped part way
         through this commit left them cancelled or missing); all of them if it cannot say."""
         from testlooper.planning.resume import remaining_plan
 
-        recorded = self.recorded_results(sha)
+        recorded = self.recorded_results(sha, definitions)
         return remaining_plan(planned, recorded) if recorded else planned
 
     def test(self, sha: str, branch: str) -> None:
@@ -171,20 +194,22 @@ class Watcher:
         from testlooper.local.session import run_target
         from testlooper.local.target import commit_target
         from testlooper.planning import plan
-        from testlooper.repos.definitions import definitions_at_commit
+        from testlooper.repos.definitions import definitions_at_commit, pinned_changes_at, print_warning
 
         # Planned before anything is exported: a head tested in full already needs no snapshot.
         try:
-            definitions = definitions_at_commit(self.repo, sha)
+            definitions = definitions_at_commit(self.repo, sha, repositories=self.args.repositories,
+                                                warn=print_warning)
             planned = None if definitions is None else plan(
-                definitions, gitio.changed_files(self.repo, sha), runs=self.args.runs)
+                definitions, gitio.changed_files(self.repo, sha), runs=self.args.runs,
+                pinned_changes=pinned_changes_at(self.repo, sha, definitions, self.args.repositories))
         except (DefinitionsError, ValueError, gitio.GitError) as exc:
             self.progress.say(f"new head of {branch}: {sha[:12]}")
             self.untestable(sha, exc)
             return
         remaining = planned
         if planned is not None and planned["tasks"]:
-            remaining = self.still_to_run(sha, planned)
+            remaining = self.still_to_run(sha, planned, definitions)
             if not remaining["tasks"]:
                 return  # every planned run has a counted result: tested
         self.progress.say(f"new head of {branch}: {sha[:12]}")
@@ -198,7 +223,8 @@ class Watcher:
             self.progress.say(f"{sha[:12]} has no definitions file: nothing to test")
             return
         try:
-            target = commit_target(self.args.path, sha, os.path.join(self.output_dir, "sources"))
+            target = commit_target(self.args.path, sha, os.path.join(self.output_dir, "sources"),
+                                   self.args.repositories)
         except (DefinitionsError, gitio.GitError) as exc:
             self.untestable(sha, exc)
             return

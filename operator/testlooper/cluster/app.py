@@ -55,6 +55,13 @@ async def serve(options: OperatorOptions) -> None:
     from testlooper.kube.api import KubeApi
 
     os.makedirs(os.path.join(options.cache_dir, "mirrors"), exist_ok=True)
+    # What the first poll needs, loaded now rather than in the middle of it.
+    import git  # noqa: F401
+    import testlooper.kube.objects  # noqa: F401  (and the pydantic models)
+    import testlooper.planning  # noqa: F401
+    import testlooper.repos.definitions  # noqa: F401
+    from testlooper import definitions  # noqa: F401
+
     api = KubeApi()
     context = OperatorContext(options, api, OperatorMetrics())
     runner = await http.start_server(context)

@@ -12,13 +12,25 @@ import logging
 import kopf
 
 from testlooper.cluster.context import OperatorContext
+from testlooper.decisions.repo import ENDED_PHASES
 from testlooper.decisions.testrun import decide_status
 
 logger = logging.getLogger(__name__)
 
 
 def register(registry: kopf.OperatorRegistry) -> None:
-    kopf.on.event("testlooper.dev", "v1alpha1", "testruns", registry=registry, id="status")(testrun_event)
+    kopf.on.event("testlooper.dev", "v1alpha1", "testruns", registry=registry, id="status",
+                  when=needs_status)(testrun_event)
+
+
+def needs_status(body: kopf.Body, **_) -> bool:
+    """Cheap pre-filter: most events (our own status patches coming back) need nothing, and
+    skipping the handler call for them is most of kopf's cost per event."""
+    status = body.get("status") or {}
+    phase = status.get("phase")
+    if not phase:
+        return True
+    return bool((body.get("spec") or {}).get("cancel")) and phase not in ENDED_PHASES
 
 
 async def testrun_event(type: str | None, body: kopf.Body, name: str, namespace: str, memo: OperatorContext,

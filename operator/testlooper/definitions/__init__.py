@@ -1,13 +1,16 @@
 """The test-definitions engine: TestLooper's in-repo file format, resolved to plain data.
 
-Pure: it reads nothing but the text it is given (and, for `includes`, what `read_file` returns).
+Pure: it reads nothing but the text it is given, what `read_file` returns for includes, and
+what a `Repositories` object returns for other repositories' commits.
 """
 
-from .errors import DefinitionsError
+from .errors import DefinitionsError, DefinitionsWarning
+from .pins import Repositories, RepositoryLookupError
 from .resolver import (
     DEFINITIONS_FILE_NAMES,
     DEFINITIONS_FILE_SUFFIX,
     LOOPER_VERSION,
+    SUPPORTED_VERSIONS,
     find_definitions_file,
     is_definitions_file,
     resolve_text,
@@ -17,7 +20,11 @@ __all__ = [
     "DEFINITIONS_FILE_NAMES",
     "DEFINITIONS_FILE_SUFFIX",
     "DefinitionsError",
+    "DefinitionsWarning",
     "LOOPER_VERSION",
+    "Repositories",
+    "RepositoryLookupError",
+    "SUPPORTED_VERSIONS",
     "find_definitions_file",
     "is_definitions_file",
     "resolve_text",

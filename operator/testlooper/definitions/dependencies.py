@@ -14,7 +14,7 @@ from .yamlload import error_at
 # a run does.
 _HASHED_FIELDS = (
     "name", "kind", "platform", "image", "setup_script", "variables", "stages", "timeout_seconds",
-    "min_cores", "max_cores", "min_ram_gb", "min_disk_gb",
+    "min_cores", "max_cores", "min_ram_gb", "min_disk_gb", "working_directory",
 )
 
 
@@ -26,12 +26,44 @@ def build(repo: str, name: str, artifact: str = "") -> dict:
     return {"kind": "build", "repo": repo, "build": name, "artifact": artifact}
 
 
-class ReferenceParser:
-    def __init__(self, builds: dict[str, dict], repos: set[str]):
-        self.builds = builds  # name -> resolved TASK (stages known)
-        self.repos = repos
+def artifact_names(task: dict) -> list[str]:
+    return [a["name"] for s in task["stages"] for a in s["artifacts"]]
 
-    def parse(self, reference: str, variables: dict, path: tuple, holder, key) -> dict:
+
+def pick_build(builds: dict[str, dict], name: str) -> tuple[str, str] | str:
+    """(build, artifact) that `name` means among `builds`, or an error message.
+
+    A name that is a build wins over reading its last segment as an artifact; a whole build
+    (artifact "") is its unnamed artifact, which only a build with `command` has.
+    """
+    if name in builds:
+        build_name, artifact = name, ""
+    elif "/" in name and name.rsplit("/", 1)[0] in builds:
+        build_name, artifact = name.rsplit("/", 1)
+    else:
+        known = ", ".join(sorted(builds)) or "none defined"
+        return f"build {name!r}, which is not defined (builds: {known})"
+    artifacts = artifact_names(builds[build_name])
+    if artifact in artifacts:
+        return build_name, artifact
+    named = ", ".join(a for a in artifacts if a) or "none"
+    if not artifact:
+        return (f"build {build_name!r} has no unnamed artifact (its whole output comes from a 'command'); "
+                f"depend on one of its named artifacts: {named}")
+    return f"build {build_name!r} has no artifact {artifact!r} (its named artifacts: {named})"
+
+
+class ReferenceParser:
+    """Reads dependency references. `pins` answers for the names under `repos` (see
+    resolver.PinTable): `names`, `source(pin, path, where)` and `build(pin, name, where)`."""
+
+    def __init__(self, builds: dict[str, dict], pins):
+        self.builds = builds  # name -> resolved TASK (stages known)
+        self.pins = pins
+
+    def parse(self, reference, variables: dict, path: tuple, holder, key) -> dict:
+        if isinstance(reference, dict):
+            return reference  # resolved already, in another repository's environment
         first = reference.split("/", 1)[0]
         if "${" in first:
             raise error_at(f"dependency {reference!r}: the first segment may not use a variable "
@@ -41,36 +73,28 @@ class ReferenceParser:
         if not reference or any(not s for s in segments):
             raise error_at(f"dependency {reference!r} has an empty path segment", path, holder, key)
         head, rest = segments[0], segments[1:]
+        where = (path, holder, key)
         if head == "HEAD":
             if not rest:
                 return source("HEAD", "")
             if rest[0] == "source":
                 return source("HEAD", "/".join(rest[1:]))
             return self.local_build("/".join(rest), path, holder, key)
-        if head in self.repos:
-            if not rest:
-                return source(head, "")
-            if rest[0] == "source":
-                return source(head, "/".join(rest[1:]))
-            return build(head, "/".join(rest))
+        if head in self.pins.names:
+            if not rest or rest[0] == "source":
+                return self.pins.source(head, "/".join(rest[1:]), where)
+            return self.pins.build(head, "/".join(rest), where, self)
         if head in ("source", "data"):
             raise error_at(f"dependency {reference!r}: write 'HEAD/source/...' for this commit's source", path, holder, key)
         return self.local_build(reference, path, holder, key)
 
     def local_build(self, name: str, path: tuple, holder, key) -> dict:
-        if name in self.builds:
-            return build("HEAD", name)
-        if "/" in name:
-            build_name, artifact = name.rsplit("/", 1)
-            if build_name in self.builds:
-                artifacts = [a["name"] for s in self.builds[build_name]["stages"] for a in s["artifacts"] if a["name"]]
-                if artifact in artifacts:
-                    return build("HEAD", build_name, artifact)
-                have = ", ".join(artifacts) or "none"
-                raise error_at(f"build {build_name!r} has no artifact {artifact!r} (its named artifacts: {have})",
-                               path, holder, key)
-        known = ", ".join(sorted(self.builds)) or "none defined"
-        raise error_at(f"dependency on build {name!r}, which is not defined (builds: {known})", path, holder, key)
+        picked = pick_build(self.builds, name)
+        if isinstance(picked, str):
+            message = picked if not picked.startswith("build ") or "not defined" not in picked \
+                else f"dependency on {picked}"
+            raise error_at(message, path, holder, key)
+        return build("HEAD", *picked)
 
 
 def resolve_dependencies(tasks: dict[str, tuple[dict, dict]], parser: ReferenceParser, section: str) -> None:
@@ -118,16 +142,18 @@ def local_build_deps(task: dict) -> list[str]:
     return [d["build"] for d in task["dependencies"].values() if d["kind"] == "build" and d["repo"] == "HEAD"]
 
 
-def assign_hashes(tasks: list[dict], builds: dict[str, dict], build_order: list[str], repo_pins: dict[str, str]) -> None:
-    """Hash builds in dependency order, then everything else, each including its inputs' hashes."""
+def assign_hashes(tasks: list[dict], builds: dict[str, dict], build_order: list[str], repo_pins: dict[str, str],
+                  external_hashes: dict | None = None) -> None:
+    """Hash builds in dependency order, then everything else, each including its inputs' hashes.
+    `external_hashes` maps (pin, build) to the hash of a build of another repository."""
     for name in build_order:
-        builds[name]["hash"] = task_hash(builds[name], builds, repo_pins)
+        builds[name]["hash"] = task_hash(builds[name], builds, repo_pins, external_hashes)
     for task in tasks:
         if task["kind"] != "build":
-            task["hash"] = task_hash(task, builds, repo_pins)
+            task["hash"] = task_hash(task, builds, repo_pins, external_hashes)
 
 
-def task_hash(task: dict, builds: dict[str, dict], repo_pins: dict[str, str]) -> str:
+def task_hash(task: dict, builds: dict[str, dict], repo_pins: dict[str, str], external_hashes: dict | None = None) -> str:
     content = {field: task[field] for field in _HASHED_FIELDS}
     inputs = {}
     for key, dep in task["dependencies"].items():
@@ -137,6 +163,8 @@ def task_hash(task: dict, builds: dict[str, dict], repo_pins: dict[str, str]) ->
                 entry["build_hash"] = builds[dep["build"]]["hash"]
         else:
             entry["pin"] = repo_pins.get(dep["repo"], "")
+            if dep["kind"] == "build" and external_hashes:
+                entry["build_hash"] = external_hashes.get((dep["repo"], dep["build"]), "")
         inputs[key] = entry
     content["inputs"] = inputs
     canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False)

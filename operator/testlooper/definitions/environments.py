@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 from . import schema
 from .variables import ResolvedVariables, resolve_variables
@@ -11,17 +12,27 @@ from .yamlload import error_at
 
 @dataclass
 class Environment:
-    """One environment as written (after macros), checked."""
+    """One environment as written (after macros), checked; or another repository's environment,
+    already resolved there, standing in as a base (`foreign`)."""
 
     name: str
-    bases: list[str]  # empty for a root environment
-    platform: str | None
+    bases: list[str]  # empty for a root environment and for `base: []`
+    platform: str | None  # None: not a root (derived, or a mixin written `base: []`)
     image: dict | None
     variables: dict[str, str]
-    dependencies: dict[str, str]  # input key -> reference text
-    setup_script: str  # this environment's own part
-    test_defaults: dict  # test_* keys as written (checked later, per task)
+    # input key -> reference text, or (for another repository's environment) the resolved dict
+    dependencies: dict[str, object]
+    setup_script: str  # a root's: its image's and its own; otherwise its own part
+    test_defaults: dict  # test_* keys as written, but for the stage-building ones below
+    test_stages: list[tuple] = field(default_factory=list)  # (stage as written, its mapping, key path)
+    pre_command: str = ""  # versions 2 and 3: test_preCommand
+    pre_cleanup: str = ""  # versions 2 and 3: test_preCleanupCommand
     source: object = field(repr=False, default=None)  # the PDict, for error positions
+    foreign: bool = False
+
+    @property
+    def is_root(self) -> bool:
+        return self.platform is not None
 
 
 @dataclass
@@ -29,28 +40,30 @@ class EffectiveEnvironment:
     """An environment with its inheritance applied."""
 
     name: str
-    platform: str
+    platform: str  # "" for an environment without a root (a mixin)
     image: dict
     inheritance: list[str]
     variables: dict[str, str]  # merged, as written
     resolved: ResolvedVariables
-    dependencies: dict[str, str]
+    dependencies: dict[str, object]
     setup_script: str
     test_defaults: dict
-    root: str
+    test_stages: list[tuple]
+    pre_command: str
+    pre_cleanup: str
+    root: str | None
 
 
-def parse_environment(name: str, value, path: tuple) -> Environment:
+def parse_environment(name: str, value, path: tuple, version: int = 5) -> Environment:
     env = schema.need_mapping(value, path, f"environment {name!r}")
     derived = "base" in env
-    allowed = schema.DERIVED_ENVIRONMENT_KEYS if derived else schema.ROOT_ENVIRONMENT_KEYS
+    allowed = (schema.DERIVED_ENVIRONMENT_KEYS if derived else schema.ROOT_ENVIRONMENT_KEYS)[version]
     kind = "a derived environment (one with 'base')" if derived else "a root environment"
-    schema.check_keys(env, allowed, path, kind)
+    schema.check_keys(env, allowed, path, f"{kind} of looper_version {version}")
     platform = image = None
     if derived:
+        # `base: []` is an environment with no base at all: a mixin, adding variables and defaults.
         bases = schema.string_list(env["base"], path + ("base",), "'base'", env, "base")
-        if not bases:
-            raise error_at("'base' must name at least one environment", path + ("base",), env, "base")
     else:
         bases = []
         platform = schema.need_string(env.get("platform"), path + ("platform",), "'platform'", env, "platform")
@@ -63,11 +76,20 @@ def parse_environment(name: str, value, path: tuple) -> Environment:
     if image and image.get("setup_script_contents"):
         setup = "\n".join(s for s in (image["setup_script_contents"], setup) if s)
     dependencies = schema.string_mapping(env.get("dependencies"), path + ("dependencies",), "'dependencies'", env, "dependencies")
+    stages = []
+    if "test_stages" in env:
+        written = schema.need_list(env["test_stages"], path + ("test_stages",), "'test_stages'", env, "test_stages")
+        stages = [(stage, env, path + ("test_stages", i)) for i, stage in enumerate(written)]
+    pre = {key: schema.need_string(env.get(key, ""), path + (key,), f"'{key}'", env, key)
+           for key in ("test_preCommand", "test_preCleanupCommand")}
+    stage_keys = ("test_stages", "test_preCommand", "test_preCleanupCommand")
     return Environment(
         name=name, bases=bases, platform=platform, image=image,
         variables=schema.string_mapping(env.get("variables"), path + ("variables",), "'variables'", env, "variables"),
         dependencies=dependencies, setup_script=setup,
-        test_defaults={k: env[k] for k in schema.TEST_DEFAULT_KEYS if k in env}, source=env,
+        test_defaults={k: env[k] for k in schema.TEST_DEFAULT_KEYS[version] if k in env and k not in stage_keys},
+        test_stages=stages, pre_command=pre["test_preCommand"], pre_cleanup=pre["test_preCleanupCommand"],
+        source=env,
     )
 
 
@@ -88,26 +110,30 @@ def parse_image(value, path: tuple, parent) -> dict:
 
 
 def merge_lineages(lineages: list[list[str]], bases: list[str]) -> list[str]:
-    """C3's merge: the ancestors of an environment whose bases (in precedence order) are
-    `bases` with these `lineages`, each once, every environment before its own ancestors.
+    """The ancestors of an environment whose bases (later first) are `bases` with these
+    `lineages`, each once, every environment before its own ancestors.
 
-    A hierarchy C3 cannot order (Python would refuse such a class) still resolves: each
-    environment then keeps its last place in the walk, so shared ancestors come last.
+    As the original did, this is C3's merge over the lineages followed by each base on its own,
+    so the order the bases are written in is a preference, not a constraint. A hierarchy that
+    still cannot be ordered resolves too: each environment then keeps its last place in the
+    walk, so shared ancestors come last.
     """
-    sequences = [list(lineage) for lineage in lineages] + [list(bases)]
+    sequences = [list(lineage) for lineage in lineages] + [[base] for base in bases]
     merged: list[str] = []
-    while any(sequences):
+    while True:
+        sequences = [sequence for sequence in sequences if sequence]
+        if not sequences:
+            return merged
         for sequence in sequences:
-            if sequence and not any(sequence[0] in other[1:] for other in sequences):
+            if not any(sequence[0] in other[1:] for other in sequences):
                 head = sequence[0]
                 break
         else:
             return _keep_last_places(lineages)
         merged.append(head)
         for sequence in sequences:
-            if sequence and sequence[0] == head:
+            if sequence[0] == head:
                 del sequence[0]
-    return merged
 
 
 def _keep_last_places(lineages: list[list[str]]) -> list[str]:
@@ -121,18 +147,25 @@ def _keep_last_places(lineages: list[list[str]]) -> list[str]:
     return result
 
 
+# Resolves `pin/env` (another repository's environment) to a stand-in Environment; None when
+# the first segment names no pin.
+ForeignEnvironments = Callable[[str, tuple, object, object], "Environment | None"]
+
+
 class EnvironmentResolver:
     """Applies inheritance, caching each environment's effective form."""
 
-    def __init__(self, environments: dict[str, Environment], repos: set[str]):
+    def __init__(self, environments: dict[str, Environment], repos: set[str],
+                 foreign: ForeignEnvironments | None = None):
         self.environments = environments
+        self.local_names = list(environments)
         self.repos = repos
+        self.foreign = foreign
         self.linearized: dict[str, list[str]] = {}
         self.effective_cache: dict[tuple, EffectiveEnvironment] = {}
 
     def linearize(self, name: str, chain: tuple = ()) -> list[str]:
-        """[name] + ancestors, nearest first, later bases first, each once: Python's method
-        resolution order (C3) over the bases reversed."""
+        """[name] + ancestors, nearest first, later bases first, each once (see merge_lineages)."""
         if name in self.linearized:
             return self.linearized[name]
         if name in chain:
@@ -151,18 +184,20 @@ class EnvironmentResolver:
     def check_known(self, name: str, path, source, key, what: str) -> None:
         if name in self.environments:
             return
-        if "/" in name and name.split("/", 1)[0] in self.repos:
-            raise error_at(f"{what} {name!r} is in another repository; resolving other repositories' "
-                           "environments needs the operator (not supported by this version)", path, source, key)
-        known = ", ".join(sorted(self.environments)) or "none defined"
+        if "/" in name and name.split("/", 1)[0] in self.repos and self.foreign is not None:
+            stand_in = self.foreign(name, path, source, key)
+            if stand_in is not None:
+                self.environments[name] = stand_in
+                return
+        known = ", ".join(sorted(self.local_names)) or "none defined"
         raise error_at(f"{what} {name!r} is not defined (environments: {known})", path, source, key)
 
     def effective(self, name: str, mixins: tuple = ()) -> EffectiveEnvironment:
         """The environment `name` with `mixins` merged on top, in order (later wins).
 
         A task with mixins behaves like a derived environment with `base: [name, *mixins]`,
-        except that the platform and image always come from `name`; `inheritance` then lists
-        everything merged, nearest first.
+        except that the platform and image come from `name`'s root when it has one;
+        `inheritance` then lists everything merged, nearest first.
         """
         key = (name,) + mixins
         if key in self.effective_cache:
@@ -173,35 +208,45 @@ class EnvironmentResolver:
             lineage = merge_lineages([self.linearize(member) for member in later_first], later_first)
         else:
             lineage = own
-        root = next(n for n in own if not self.environments[n].bases)
-        root_env = self.environments[root]
-        for member in lineage:
-            env = self.environments[member]
-            if not env.bases and env.platform != root_env.platform:
-                raise error_at(
-                    f"environment {name!r} mixes platforms: {root!r} is {root_env.platform}, {member!r} is {env.platform}",
-                    ("environments", name), self.environments[name].source)
+        envs = self.environments
+        root = next((n for n in own if envs[n].is_root), None) or next((n for n in lineage if envs[n].is_root), None)
+        if root is not None:
+            root_env = envs[root]
+            for member in lineage:
+                env = envs[member]
+                if env.is_root and env.platform != root_env.platform:
+                    raise error_at(
+                        f"environment {name!r} mixes platforms: {root!r} is {root_env.platform}, "
+                        f"{member!r} is {env.platform}", ("environments", name), envs[name].source)
         variables: dict[str, str] = {}
-        dependencies: dict[str, str] = {}
+        dependencies: dict[str, object] = {}
         defaults: dict = {}
+        stages: list[tuple] = []
         for member in reversed(lineage):  # root first, so nearer environments overwrite
-            env = self.environments[member]
+            env = envs[member]
             variables.update(env.variables)
             dependencies.update(env.dependencies)
             defaults.update(env.test_defaults)
-        setup = "\n".join(s for s in (self.environments[m].setup_script for m in reversed(lineage)) if s)
+            stages.extend(env.test_stages)  # the root's first, then each nearer environment's
+        # The root's setup (its image's and its own), then each other environment's, root first.
+        extras = [envs[m].setup_script for m in reversed(lineage) if not envs[m].is_root and envs[m].setup_script]
+        base = envs[root].setup_script if root is not None else ""
+        setup = base + "\n" + "\n".join(extras) if extras else base
         result = EffectiveEnvironment(
-            name=name, platform=root_env.platform, image=dict(root_env.image),
+            name=name, platform=envs[root].platform if root else "", image=dict(envs[root].image) if root else {},
             inheritance=lineage[1:] if not mixins else lineage,
             variables=variables, resolved=resolve_variables(variables, ("environments", name, "variables")),
-            dependencies=dependencies, setup_script=setup, test_defaults=defaults, root=root,
+            dependencies=dependencies, setup_script=setup, test_defaults=defaults, test_stages=stages,
+            pre_command="\n".join(envs[m].pre_command for m in reversed(lineage) if envs[m].pre_command),
+            pre_cleanup="\n".join(envs[m].pre_cleanup for m in reversed(lineage) if envs[m].pre_cleanup),
+            root=root,
         )
         self.effective_cache[key] = result
         return result
 
     def to_json(self) -> dict:
         result = {}
-        for name in self.environments:
+        for name in self.local_names:
             eff = self.effective(name)
             result[name] = {
                 "platform": eff.platform, "image": eff.image,

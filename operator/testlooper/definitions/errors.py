@@ -42,3 +42,17 @@ class DefinitionsError(Exception):
         parts = [p for p in (where, self.key_path) if p]
         parts.append(self.message)
         return ": ".join(parts)
+
+
+class DefinitionsWarning(UserWarning):
+    """Something a definitions file does that works but is probably a mistake (a key written
+    twice in one mapping). ``str()`` is one line like an error's: ``FILE:LINE:COL: MESSAGE``.
+    Without a `warn` callback the engine issues it through Python's `warnings`."""
+
+    def __init__(self, message: str, filename: str | None = None, line: int | None = None,
+                 column: int | None = None):
+        self.message = message
+        self.filename = filename
+        self.line = line
+        self.column = column
+        super().__init__(str(DefinitionsError(message, (), filename, line, column)))

@@ -28,6 +28,18 @@ _DIRECTIVES = (
 )
 
 
+class IncludeRequest:
+    """One entry of `includes` after macros: the path, and the macro variables the included file
+    starts with: those active where the entry was written, plus its own `variables`."""
+
+    __slots__ = ("path", "variables", "mark")
+
+    def __init__(self, path, variables: dict, mark):
+        self.path = path
+        self.variables = variables
+        self.mark = mark
+
+
 def variable_value(value):
     """Macro and definition variables hold strings; other plain scalars become strings."""
     if isinstance(value, bool):
@@ -61,7 +73,7 @@ class MacroExpander:
         self.produced += len(value) + 1 if isinstance(value, (dict, list)) else 1
         if self.produced > MAX_PRODUCED_VALUES:
             raise error_at(f"macros expand past {MAX_PRODUCED_VALUES:,} values; refusing the file", path, value)
-        if isinstance(value, (dict, list)) and self.is_static(value):
+        if path and isinstance(value, (dict, list)) and self.is_static(value):  # the top: see expand_includes
             self.produced += self.static_sizes[id(value)]  # shared, but it counts every time it is used
             if self.produced > MAX_PRODUCED_VALUES:
                 raise error_at(f"macros expand past {MAX_PRODUCED_VALUES:,} values; refusing the file", path, value)
@@ -146,6 +158,9 @@ class MacroExpander:
         result = PDict(mark=value.mark, key_marks=value.key_marks)  # marks shared until a key changes
         expand, expand_string = self.expand, self.expand_string
         for key, item in value.items():
+            if key == "includes" and not path:  # the file's own includes (a whole-file define keeps path ())
+                result[key] = self.expand_includes(item, variables, ("includes",))
+                continue
             if "${" in key:
                 new_key = expand_string(key, variables, path, value)
                 if not isinstance(new_key, str):
@@ -166,6 +181,53 @@ class MacroExpander:
             else:
                 result[key] = expand(item, variables, path + (key,))
         return result
+
+    # -- includes ----------------------------------------------------------------------------
+
+    def expand_includes(self, value, variables: dict, path: tuple) -> PList:
+        """`includes` as a flat list of IncludeRequest. As in the original, a string (or a
+        `{path, variables}`) takes along the macro variables active where it is written, so an
+        include inside `foreach` sees the loop's variables."""
+        mark = getattr(value, "mark", None)
+        if isinstance(value, str):
+            text = self.expand_string(value, variables, path)
+            return PList([IncludeRequest(text, dict(variables), mark)], mark=mark)
+        if isinstance(value, list):
+            result = PList(mark=mark)
+            for i, item in enumerate(value):
+                result.extend(self.expand_includes(item, variables, path + (i,)))
+            return result
+        if isinstance(value, PDict):
+            keys = frozenset(value)
+            if "path" in keys and keys <= {"path", "variables"}:
+                own = self.expand(value.get("variables") or PDict(), variables, path + ("variables",))
+                if not isinstance(own, dict):
+                    raise error_at("an include's 'variables' must be a mapping", path + ("variables",), value, "variables")
+                target = self.expand(value["path"], variables, path + ("path",))
+                merged = dict(variables)
+                merged.update((name, variable_value(item)) for name, item in own.items())
+                return PList([IncludeRequest(target, merged, value.mark)], mark=mark)
+            if keys == {"define", "in"}:
+                defined = self.expand(value["define"], variables, path + ("define",))
+                if not isinstance(defined, dict):
+                    raise error_at("'define' must be a mapping of variable names to values", path + ("define",),
+                                   value, "define")
+                inner = dict(variables)
+                inner.update((name, variable_value(item)) for name, item in defined.items())
+                return self.expand_includes(value["in"], inner, path)
+            if keys == {"foreach", "repeat"}:
+                result = PList(mark=mark)
+                for item in self.foreach_items(value, variables, path + ("foreach",)):
+                    inner = dict(variables)
+                    inner.update((name, variable_value(v)) for name, v in item.items())
+                    result.extend(self.expand_includes(value["repeat"], inner, path))
+                return result
+            if keys == {"merge"} and isinstance(value["merge"], list):
+                return self.expand_includes(value["merge"], variables, path + ("merge",))
+        expanded = self.expand(value, variables, path)  # squash/over, case/in: their result, then as above
+        if expanded is value:
+            raise error_at("an include must be a path or a mapping with 'path' (and 'variables')", path, value)
+        return self.expand_includes(expanded, variables, path)
 
     # -- directives --------------------------------------------------------------------------
 

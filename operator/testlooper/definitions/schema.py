@@ -8,27 +8,51 @@ from __future__ import annotations
 from .macros import variable_value
 from .yamlload import PDict, error_at
 
-TOP_LEVEL_KEYS = (
-    "looper_version", "repos", "includes", "environments", "builds", "tests", "deployments",
-    "test_sets", "triggers",
-)
-TEST_DEFAULT_KEYS = (
+SUPPORTED_VERSIONS = (2, 3, 4, 5)
+# Keys each version's files may use, as the original's last release of that version read them.
+_COMMON_TOP_LEVEL_KEYS = ("looper_version", "repos", "includes", "environments", "builds", "tests", "deployments")
+TOP_LEVEL_KEYS = {
+    2: _COMMON_TOP_LEVEL_KEYS,
+    3: _COMMON_TOP_LEVEL_KEYS,
+    4: _COMMON_TOP_LEVEL_KEYS + ("prioritize",),
+    5: _COMMON_TOP_LEVEL_KEYS + ("test_sets", "triggers"),
+}
+_COMMON_TEST_DEFAULT_KEYS = (
     "test_timeout", "test_min_cores", "test_max_cores", "test_min_ram_gb", "test_min_disk_gb",
-    "test_max_retries", "test_retry_wait_seconds", "test_configuration", "test_project", "test_stages",
+    "test_max_retries", "test_retry_wait_seconds", "test_configuration", "test_project",
 )
-ROOT_ENVIRONMENT_KEYS = ("platform", "image", "variables", "dependencies", "setup_script_contents") + TEST_DEFAULT_KEYS
-DERIVED_ENVIRONMENT_KEYS = ("base", "setup_script_contents", "variables", "dependencies") + TEST_DEFAULT_KEYS
+# Versions 2 and 3 prefixed each command with the environments' `test_preCommand`; version 4
+# replaced that with `test_stages`.
+TEST_DEFAULT_KEYS = {
+    2: _COMMON_TEST_DEFAULT_KEYS + ("test_preCommand", "test_preCleanupCommand"),
+    3: _COMMON_TEST_DEFAULT_KEYS + ("test_preCommand", "test_preCleanupCommand"),
+    4: _COMMON_TEST_DEFAULT_KEYS + ("test_stages",),
+    5: _COMMON_TEST_DEFAULT_KEYS + ("test_stages",),
+}
+_ENVIRONMENT_KEYS = ("variables", "dependencies", "setup_script_contents")
+ROOT_ENVIRONMENT_KEYS = {v: ("platform", "image") + _ENVIRONMENT_KEYS + keys for v, keys in TEST_DEFAULT_KEYS.items()}
+DERIVED_ENVIRONMENT_KEYS = {v: ("base",) + _ENVIRONMENT_KEYS + keys for v, keys in TEST_DEFAULT_KEYS.items()}
 IMAGE_KEYS = ("name", "dockerfile", "dockerfile_contents", "base_ami", "setup_script_contents")
 IMAGE_SOURCES = ("name", "dockerfile", "dockerfile_contents", "base_ami")
-TASK_KEYS = (
-    "command", "cleanup", "stages", "environment", "mixins", "dependencies", "variables", "timeout",
-    "min_cores", "max_cores", "min_ram_gb", "min_disk_gb", "max_retries", "retry_wait_seconds",
-    "project", "configuration", "runs", "max_log_mb",
+_COMMON_TASK_KEYS = (
+    "command", "cleanup", "environment", "mixins", "dependencies", "variables", "timeout",
+    "min_cores", "max_cores", "min_ram_gb", "max_retries", "retry_wait_seconds",
+    "project", "configuration", "runs", "max_log_mb", "portExpose",
 )
+# `disabled` went away with version 5 (test sets and triggers took its place); `stages` and
+# `min_disk_gb` came with version 4.
+TASK_KEYS = {
+    2: _COMMON_TASK_KEYS + ("disabled",),
+    3: _COMMON_TASK_KEYS + ("disabled",),
+    4: _COMMON_TASK_KEYS + ("stages", "min_disk_gb", "disabled"),
+    5: _COMMON_TASK_KEYS + ("stages", "min_disk_gb"),
+}
 STAGE_KEYS = ("command", "cleanup", "always_run", "order", "artifacts", "list_tests_command", "run_tests_command")
 ARTIFACT_KEYS = ("name", "directory", "include_patterns", "exclude_patterns", "format")
 ARTIFACT_FORMATS = ("Tar", "Zip", "Files")
 TRIGGER_KEYS = ("name", "paths", "test_sets")
+REPO_PIN_KEYS = ("reference", "branch", "auto", "prioritize", "path")
+REPO_IMPORT_KEYS = ("import", "path")
 PLATFORMS = ("linux", "windows")
 
 

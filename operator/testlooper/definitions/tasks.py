@@ -31,6 +31,22 @@ _OUTPUT_NAMES = {"timeout": "timeout_seconds"}
 _KIND_OF_SECTION = {"builds": "build", "tests": "test", "deployments": "deployment"}
 
 
+# The stage a task's own `command` makes sorts after all others, as in the original.
+COMMAND_STAGE_ORDER = 1_000_000_000
+# Artifact directories are relative to the task's output directory; old files wrote them as
+# `${TEST_BUILD_OUTPUT_DIR}/x` (or `${TEST_OUTPUT_DIR}`), which means the same.
+_OUTPUT_DIRECTORY_PREFIXES = ("${TEST_BUILD_OUTPUT_DIR}", "${TEST_OUTPUT_DIR}", "$TEST_BUILD_OUTPUT_DIR", "$TEST_OUTPUT_DIR")
+
+
+def relative_to_output(directory: str) -> str:
+    for prefix in _OUTPUT_DIRECTORY_PREFIXES:
+        if directory == prefix:
+            return ""
+        if directory.startswith(prefix + "/"):
+            return directory[len(prefix) + 1:].strip("/")
+    return directory
+
+
 class TaskParser:
     """Turns one written task into the resolved TASK dict (without dependencies and hash)."""
 
@@ -51,15 +67,18 @@ class TaskParser:
             raise error_at(f"task name {name!r} starts with {first!r}, which is the name of a repo under 'repos'",
                            path, source, name)
 
-    def parse(self, section: str, name: str, value, section_source) -> tuple[dict, dict]:
+    def parse(self, section: str, name: str, value, section_source, version: int = 5) -> tuple[dict, dict]:
         """Returns (TASK without dependencies/hash, raw dependency references)."""
         kind = _KIND_OF_SECTION[section]
         path = (section, name)
         self.check_name(section, name, section_source)
         task = schema.need_mapping(value, path, f"{kind} {name!r}", section_source, name)
-        schema.check_keys(task, schema.TASK_KEYS, path, f"a {kind}")
+        schema.check_keys(task, schema.TASK_KEYS[version], path, f"a {kind} of looper_version {version}")
         if "runs" in task and kind != "test":
             raise error_at(f"'runs' applies to tests only, not to a {kind}", path + ("runs",), task, "runs")
+        if "portExpose" in task and kind != "deployment":
+            raise error_at(f"'portExpose' applies to deployments only, not to a {kind}", path + ("portExpose",),
+                           task, "portExpose")
 
         env_name = schema.need_string(task.get("environment", name.rsplit("/", 1)[-1]),
                                       path + ("environment",), "'environment'", task, "environment")
@@ -71,6 +90,10 @@ class TaskParser:
         for mixin in mixins:
             self.environments.check_known(mixin, path + ("mixins",), task, "mixins", "mixin")
         env = self.environments.effective(env_name, mixins)
+        if env.root is None:
+            raise error_at(f"environment {env_name!r} has no root environment (one with 'platform' and 'image') "
+                           "among its bases; it can only be a mixin or a base", path + ("environment",), task,
+                           "environment" if "environment" in task else None)
 
         own_vars = schema.string_mapping(task.get("variables"), path + ("variables",), "'variables'", task, "variables")
         try:
@@ -81,7 +104,7 @@ class TaskParser:
         resolved = {
             "name": name, "kind": kind, "environment": env_name, "platform": env.platform,
             "image": env.image, "variables": variables,
-            "stages": self.stages(task, env.test_defaults, kind, variables, path),
+            "stages": self.stages(task, env, kind, variables, path),
             "setup_script": env.setup_script,
         }
         defaults = env.test_defaults
@@ -105,13 +128,28 @@ class TaskParser:
         resolved["runs"] = self.bounded_count(task, "runs", variables, path, 1, MAX_RUNS, 1)
         resolved["max_log_mb"] = self.bounded_count(task, "max_log_mb", variables, path, 1, 1024 * 1024,
                                                     DEFAULT_MAX_LOG_MB)
+        # As the original: the environment's name (not its mixins'), and the name's first segment.
+        label_defaults = {"configuration": env_name, "project": name.split("/", 1)[0]}
         for label in ("project", "configuration"):
-            raw = task.get(label, defaults.get(f"test_{label}", ""))
+            raw = task.get(label) or defaults.get(f"test_{label}") or label_defaults[label]
             text = schema.need_string(raw, path + (label,), f"'{label}'", task, label)
             resolved[label] = substitute_known(text, variables)
+        # Version 2 ran every command in the source checkout; from 3 on, in $TEST_INPUTS.
+        resolved["working_directory"] = "source" if version == 2 else "inputs"
+        resolved["disabled"] = schema.need_bool(task.get("disabled", False), path + ("disabled",), "'disabled'",
+                                                task, "disabled")
+        if kind == "deployment":
+            ports = schema.need_mapping(task.get("portExpose", {}), path + ("portExpose",), "'portExpose'",
+                                        task, "portExpose")
+            resolved["port_expose"] = {
+                port_name: schema.need_number(port, path + ("portExpose", port_name), f"port {port_name!r}",
+                                              ports, port_name)
+                for port_name, port in ports.items()}
 
         references = dict(env.dependencies)
         own_refs = schema.string_mapping(task.get("dependencies"), path + ("dependencies",), "'dependencies'", task, "dependencies")
+        if version == 2 and "src" not in own_refs and "src" not in references:
+            references["src"] = "HEAD"  # version 2 gave every task its commit's source; 3 dropped that
         references.update(own_refs)
         return resolved, {"references": references, "source": task, "own": set(own_refs)}
 
@@ -131,42 +169,43 @@ class TaskParser:
                            path + (key,), task, key)
         return value
 
-    def stages(self, task, defaults: dict, kind: str, variables: dict, path: tuple) -> list[dict]:
-        if "command" in task and "stages" in task:
-            raise error_at("give either 'command' or 'stages', not both", path + ("stages",), task, "stages")
-        if "command" in task:
-            command = schema.need_string(task["command"], path + ("command",), "'command'", task, "command")
+    def stages(self, task, env, kind: str, variables: dict, path: tuple) -> list[dict]:
+        """The environments' `test_stages` (root first), then the task's own `stages`, then its
+        `command` as one more stage; sorted by `order`, ties keeping that order."""
+        raw = [self.stage(stage, where, holder) for stage, holder, where in env.test_stages]
+        if "stages" in task:
+            where = path + ("stages",)
+            stage_list = schema.need_list(task["stages"], where, "'stages'", task, "stages")
+            raw.extend(self.stage(stage, where + (i,), task) for i, stage in enumerate(stage_list))
+        if "command" in task or "cleanup" in task:
+            command = schema.need_string(task.get("command", ""), path + ("command",), "'command'", task, "command")
             cleanup = schema.need_string(task.get("cleanup", ""), path + ("cleanup",), "'cleanup'", task, "cleanup")
+            if env.pre_command:  # versions 2 and 3
+                command = env.pre_command + "\n" + command
+            if env.pre_cleanup:
+                cleanup = env.pre_cleanup + "\n" + cleanup
             whole_output = {"name": "", "directory": "", "include_patterns": [], "exclude_patterns": [], "format": "Tar"}
-            raw = [{"command": command, "cleanup": cleanup, "always_run": False, "order": 0,
-                    "artifacts": [whole_output], "list_tests_command": "", "run_tests_command": ""}]
-        else:
-            if "cleanup" in task:
-                raise error_at("'cleanup' goes with 'command'; with 'stages' give each stage its own",
-                               path + ("cleanup",), task, "cleanup")
-            if "stages" in task:
-                written, where = task["stages"], path + ("stages",)
-            elif "test_stages" in defaults:
-                written, where = defaults["test_stages"], path + ("stages",)
-            else:
-                raise error_at(f"a {kind} needs a 'command' or 'stages' (or its environment's 'test_stages')", path, task)
-            stage_list = schema.need_list(written, where, "'stages'", task, "stages")
-            if not stage_list:
-                raise error_at("'stages' must not be empty", where, task, "stages")
-            raw = [self.stage(stage, where + (i,), task) for i, stage in enumerate(stage_list)]
-            raw.sort(key=lambda s: s["order"])  # stable: equal orders keep their written order
-        names = set()
+            raw.append({"command": command, "cleanup": cleanup, "always_run": False, "order": COMMAND_STAGE_ORDER,
+                        "artifacts": [whole_output], "list_tests_command": "", "run_tests_command": ""})
+        raw.sort(key=lambda s: s["order"])  # stable: equal orders keep their written order
+        names = []
         for stage in raw:
             for key in ("command", "cleanup", "list_tests_command", "run_tests_command"):
                 stage[key] = substitute_known(stage[key], variables)
             for artifact in stage["artifacts"]:
                 artifact["name"] = substitute_known(artifact["name"], variables)
-                artifact["directory"] = substitute_known(artifact["directory"], variables)
+                artifact["directory"] = relative_to_output(substitute_known(artifact["directory"], variables))
                 artifact["include_patterns"] = [substitute_known(p, variables) for p in artifact["include_patterns"]]
                 artifact["exclude_patterns"] = [substitute_known(p, variables) for p in artifact["exclude_patterns"]]
                 if artifact["name"] in names:
-                    raise error_at(f"artifact name {artifact['name']!r} is used twice", path + ("stages",), task, "stages")
-                names.add(artifact["name"])
+                    what = (f"artifact {artifact['name']!r}" if artifact["name"]
+                            else "the unnamed artifact (the whole output, which 'command' also makes)")
+                    raise error_at(f"{what} is defined twice", path, task)
+                names.append(artifact["name"])
+        if "" in names and len(names) > 1:
+            others = ", ".join(n for n in names if n)
+            raise error_at("the unnamed artifact (the whole output, which 'command' makes) must be the task's only "
+                           f"artifact, but it also has: {others}", path, task)
         return raw
 
     def stage(self, value, path: tuple, task) -> dict:

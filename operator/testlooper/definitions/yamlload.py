@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import yaml
 
-from .errors import DefinitionsError
+from .errors import DefinitionsError, DefinitionsWarning
 
 MAX_FILE_BYTES = 4 * 1024 * 1024
 # Nodes a document may expand to once aliases are followed. A 5,000-test file written out in
@@ -78,8 +78,11 @@ def error_at(message: str, key_path, value=None, key=None, filename: str | None 
     return DefinitionsError(message, key_path, filename=mark[0], line=mark[1], column=mark[2])
 
 
-def load_yaml_text(text: str, filename: str):
-    """Parse one YAML (or JSON, a subset of YAML) document into PDict/PList/scalars."""
+def load_yaml_text(text: str, filename: str, warn=None):
+    """Parse one YAML (or JSON, a subset of YAML) document into PDict/PList/scalars.
+
+    `warn(DefinitionsWarning)` hears of keys written twice in one mapping (the last one is kept).
+    """
     if len(text.encode("utf-8", errors="replace")) > MAX_FILE_BYTES:
         raise DefinitionsError(
             f"file is larger than {MAX_FILE_BYTES // (1024 * 1024)} MiB; refusing to read it", filename=filename
@@ -94,7 +97,7 @@ def load_yaml_text(text: str, filename: str):
     if node is None:
         raise DefinitionsError("the file is empty", filename=filename)
     _check_expanded_size(node, filename)
-    return _NodeConverter(filename).convert(node)
+    return _NodeConverter(filename, warn).convert(node)
 
 
 def _yaml_error(exc: yaml.YAMLError, filename: str) -> DefinitionsError:
@@ -149,8 +152,9 @@ def _check_expanded_size(root: yaml.Node, filename: str) -> None:
 
 
 class _NodeConverter:
-    def __init__(self, filename: str):
+    def __init__(self, filename: str, warn=None):
         self.filename = filename
+        self.warn = warn
         self.constructor = yaml.SafeLoader("")  # only its scalar constructors are used
         self.done: dict[int, object] = {}
 
@@ -200,15 +204,16 @@ class _NodeConverter:
         return "" if key is None else str(key)
 
     def check_duplicate_keys(self, node: yaml.MappingNode) -> None:
-        """PyYAML silently keeps the last of two equal keys; a CI config should say so."""
+        """PyYAML silently kept the last of two equal keys, and old files rely on it (the
+        original's own fixtures repeat `environments:`). The last one is kept here too, with a
+        warning naming the file, line and key."""
         seen = set()
         for key_node, _ in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":
                 continue
             key = self.key(key_node)
-            if key in seen:
-                raise DefinitionsError(
-                    f"duplicate key {key!r}", filename=self.filename,
-                    line=key_node.start_mark.line + 1, column=key_node.start_mark.column + 1,
-                )
+            if key in seen and self.warn is not None:
+                self.warn(DefinitionsWarning(
+                    f"key {key!r} is written twice in one mapping; the last value is kept",
+                    self.filename, key_node.start_mark.line + 1, key_node.start_mark.column + 1))
             seen.add(key)

@@ -75,7 +75,8 @@ def shell_prefix(engine: str, image: str, task: dict, workdir: str, run_id: str)
     """The agent's TESTLOOPER_SHELL for one run: each command becomes a container."""
     names = list(TASK_ENVIRONMENT) + sorted(task.get("variables", {}))
     words = [engine, "run", "--rm", "--init", "--network", "host", "--label", f"{RUN_LABEL}={run_id}",
-             "--volume", f"{workdir}:{workdir}", "--workdir", f"{workdir}/inputs"]
+             "--volume", f"{workdir}:{workdir}",
+             "--workdir", f"{workdir}/src" if task.get("working_directory") == "source" else f"{workdir}/inputs"]
     for name in names:
         words += ["--env", name]
     words += [image, "/bin/sh", "-c"]

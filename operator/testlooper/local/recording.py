@@ -142,20 +142,21 @@ class Recorder:
             self.say(f"warning: cannot replay the spool {spool} ({exc.strerror or exc}); its results stay there")
             return 0
 
-    def allocate_run_indexes(self, planned: dict, repo_id: str, commit: str) -> None:
+    def allocate_run_indexes(self, planned: dict, repo_id: str, commit: str, recorded_as=None) -> None:
         """Number each planned task's runs from indexes the store allocates to this command
         alone (`first_run_index`), so that its runs add to the commit's history and never
         replace those of another command, earlier or running at the same time.
 
         With the store down the runs are numbered from 0; replaying the spool moves them to
-        indexes allocated then (`replay_spool`).
+        indexes allocated then (`replay_spool`). `recorded_as(task) -> (repo, commit, name)` says
+        where a task's runs go when that is not `repo_id` and `commit` (another repository's build).
         """
         if self.store is None or self.down_reason:
             return
         try:
             for task in planned["tasks"]:
-                task["first_run_index"] = self.store.allocate_run_indexes(
-                    repo_id, commit, task["name"], task["runs"])
+                repo, at, name = recorded_as(task) if recorded_as else (repo_id, commit, task["name"])
+                task["first_run_index"] = self.store.allocate_run_indexes(repo, at, name, task["runs"])
         except StoreError as exc:
             self.went_down(exc)
 
@@ -244,4 +245,16 @@ def run_record(outcome, target) -> RunRecord:
         duration_seconds=outcome.duration_seconds, exit_code=outcome.exit_code, started_at=outcome.started_at,
         branch=target.branch,
         cases=[CaseResult(c["name"], bool(c["success"]), c.get("duration_seconds")) for c in outcome.cases],
+    )
+
+
+def pinned_run_record(outcome, task: dict, pinned) -> RunRecord:
+    """A run of another repository's build, under that repository, its pinned commit and the
+    build's own name there."""
+    repository_pin = task["repo"]
+    return RunRecord(
+        repo=pinned.repo_id(repository_pin), commit=pinned.where(repository_pin)[1], task=task["name"],
+        kind=outcome.kind, run_index=outcome.run_index, attempt=outcome.attempt, result=outcome.result,
+        duration_seconds=outcome.duration_seconds, exit_code=outcome.exit_code, started_at=outcome.started_at,
+        branch="", cases=[CaseResult(c["name"], bool(c["success"]), c.get("duration_seconds")) for c in outcome.cases],
     )

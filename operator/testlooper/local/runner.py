@@ -87,8 +87,10 @@ class LocalRunner:
     `on_tick()` is called about once a second while waiting."""
 
     def __init__(self, definitions: dict, plan: dict, source_dir: str, commit: str, commit_message: str,
-                 options: RunnerOptions, on_event=None, on_outcome=None, on_tick=None):
-        self.tasks = {**definitions["builds"], **definitions["tests"]}
+                 options: RunnerOptions, on_event=None, on_outcome=None, on_tick=None, pinned=None):
+        # Other repositories' builds the plan needs are tasks too, named `pin/build`.
+        self.tasks = {**definitions["builds"], **definitions["tests"], **definitions.get("external_builds", {})}
+        self.pinned = pinned  # target.PinnedSources: other repositories' pinned commits
         self.plan = plan
         self.source_dir = os.path.abspath(source_dir)
         self.commit = commit
@@ -229,7 +231,7 @@ class LocalRunner:
         shell = ""
         if self.engine:
             try:
-                image = self.image_for(task)
+                image = self.image_for(task, assignment["source"]["path"])
             except containers.ContainerError as exc:
                 self.finished.put((run, self.outcome_without_running(run, "error", str(exc)), None))
                 return
@@ -349,35 +351,54 @@ class LocalRunner:
             shutil.rmtree(workdir, ignore_errors=True)
         self.finished.put((run, outcome, agent if alive else None))
 
-    def image_for(self, task: dict) -> str:
+    def image_for(self, task: dict, source_dir: str) -> str:
         """Each image once per command: a Dockerfile is built for the first run that needs it."""
-        key = json.dumps(task.get("image") or {}, sort_keys=True)
+        key = json.dumps([task.get("image") or {}, source_dir if (task.get("image") or {}).get("dockerfile") else ""],
+                         sort_keys=True)
         if key not in self.images:
-            self.images[key] = containers.image_for(task, self.engine, self.source_dir)
+            self.images[key] = containers.image_for(task, self.engine, source_dir)
         return self.images[key]
 
+    def pinned_checkout(self, pin: str, what: str) -> str:
+        """The folder of another repository's pinned commit (exported on first use)."""
+        if self.pinned is None:
+            raise _CannotRun(f"{what} comes from the repository pinned as {pin!r}, which this run cannot read")
+        try:
+            return self.pinned.checkout(pin)
+        except Exception as exc:  # the lookup's and git's errors: the run cannot start, the others go on
+            raise _CannotRun(f"{what}: cannot export the commit pinned as {pin!r}: {exc}") from None
+
     def assignment(self, run: Run, run_id: str, task: dict) -> dict:
+        from testlooper.planning.planner import build_key
+
+        task_repo = task.get("repo", "HEAD")
+        if task_repo == "HEAD":
+            source_dir, commit, message = self.source_dir, self.commit, self.commit_message
+        else:  # another repository's build runs in a checkout of its own pinned commit
+            source_dir = self.pinned_checkout(task_repo, "this build")
+            commit = self.pinned.where(task_repo)[1]
+            message = self.pinned.commit_message(task_repo)
         inputs = {}
         for key, dependency in task["dependencies"].items():
-            if dependency["repo"] != "HEAD":
-                raise _CannotRun(f"input {key!r} comes from the repository {dependency['repo']!r}; local runs "
-                                 "cannot fetch other repositories yet (the operator will)")
             if dependency["kind"] == "source":
-                path = os.path.join(self.source_dir, *dependency["path"].split("/")) if dependency["path"] else self.source_dir
+                root = self.source_dir if dependency["repo"] == "HEAD" else \
+                    self.pinned_checkout(dependency["repo"], f"input {key!r}")
+                path = os.path.join(root, *dependency["path"].split("/")) if dependency["path"] else root
                 if not os.path.isdir(path):
                     raise _CannotRun(f"input {key!r}: the source folder {dependency['path']!r} does not exist")
                 inputs[key] = {"kind": "source", "path": path}
             else:
-                produced = self.build_outputs.get(dependency["build"], {})
+                name = build_key(dependency["repo"], dependency["build"])
+                produced = self.build_outputs.get(name, {})
                 if dependency["artifact"] not in produced:
-                    raise _CannotRun(f"input {key!r}: build {dependency['build']!r} produced no artifact "
+                    raise _CannotRun(f"input {key!r}: build {name!r} produced no artifact "
                                      f"{dependency['artifact'] or '(its whole output)'!r}")
                 inputs[key] = {"kind": "build", "path": produced[dependency["artifact"]]}
         if self.options.max_log_mb:
             task = {**task, "max_log_mb": self.options.max_log_mb}
         return {
-            "run_id": run_id, "task": task, "commit": self.commit, "commit_message": self.commit_message,
-            "source": {"path": self.source_dir}, "inputs": inputs, "run_index": run.run_index,
+            "run_id": run_id, "task": task, "commit": commit, "commit_message": message,
+            "source": {"path": source_dir}, "inputs": inputs, "run_index": run.run_index,
             "attempt": run.attempt, "cores": run.cores or max(1, available_cores() // self.jobs),
             "ram_gb": run.ram_gb,
         }

@@ -21,21 +21,60 @@ class Target:
     record: bool  # False for a dirty working tree: its results belong to no commit
     note: str  # said to the user before running
     repo: object = None  # the git.Repo, when there is one
+    pinned: "PinnedSources | None" = None  # other repositories' commits the definitions pin
 
     def remove_snapshot(self) -> None:
         """The snapshot belongs to this one command: remove it when its runs are done."""
         shutil.rmtree(self.source_dir, ignore_errors=True)
+        if self.pinned is not None:
+            self.pinned.remove_snapshots()
 
 
-def commit_target(path: str, rev: str, snapshot_dir: str) -> Target:
+class PinnedSources:
+    """Other repositories' pinned commits, exported on first use into folders of this command's
+    own (next to its snapshot), for builds of those repositories and their source inputs."""
+
+    def __init__(self, repositories, repos: dict, snapshot_dir: str):
+        self.repositories = repositories  # a repos.lookup.GitRepositories
+        self.repos = repos  # the definitions' `repos`: pin path -> {repository, commit, path, ...}
+        self.snapshot_dir = snapshot_dir
+        self.exported: dict[tuple[str, str], str] = {}
+
+    def where(self, pin: str) -> tuple[str, str]:
+        entry = self.repos[pin]
+        return entry["repository"], entry["commit"]
+
+    def checkout(self, pin: str) -> str:
+        """The folder holding the pinned commit's files."""
+        repository, commit = self.where(pin)
+        if (repository, commit) not in self.exported:
+            folder = tempfile.mkdtemp(prefix=f"{commit[:12]}-", dir=self.snapshot_dir)
+            self.repositories.export_tree(repository, commit, folder)
+            self.exported[(repository, commit)] = folder
+        return self.exported[(repository, commit)]
+
+    def commit_message(self, pin: str) -> str:
+        return self.repositories.commit_message(*self.where(pin))
+
+    def repo_id(self, pin: str) -> str:
+        """How the history store names that repository (its absolute path, as for this one)."""
+        return repo_identity(self.repositories.repo(self.where(pin)[0]))
+
+    def remove_snapshots(self) -> None:
+        for folder in self.exported.values():
+            shutil.rmtree(folder, ignore_errors=True)
+        self.exported.clear()
+
+
+def commit_target(path: str, rev: str, snapshot_dir: str, repositories=None) -> Target:
     """Commit REV, exported into a folder of its own under `snapshot_dir` (two commands running
     the same commit at once never share one), without touching the working tree."""
     from testlooper import gitio
-    from testlooper.repos.definitions import definitions_at_commit
+    from testlooper.repos.definitions import definitions_at_commit, print_warning
 
     repo = gitio.open_repo(path)
     sha = gitio.resolve_rev(repo, rev)
-    definitions = definitions_at_commit(repo, sha)
+    definitions = definitions_at_commit(repo, sha, repositories=repositories, warn=print_warning)
     os.makedirs(snapshot_dir, exist_ok=True)
     source = tempfile.mkdtemp(prefix=f"{sha[:12]}-", dir=snapshot_dir)
     try:
@@ -46,8 +85,14 @@ def commit_target(path: str, rev: str, snapshot_dir: str) -> Target:
     return Target(
         repo_id=repo_identity(repo), definitions=definitions, source_dir=source, commit=sha,
         commit_message=gitio.commit_message(repo, sha), branch=current_branch(repo), record=True,
-        note=f"commit {sha[:12]}", repo=repo,
+        note=f"commit {sha[:12]}", repo=repo, pinned=_pinned(definitions, repositories, snapshot_dir),
     )
+
+
+def _pinned(definitions: dict | None, repositories, snapshot_dir: str) -> PinnedSources | None:
+    if definitions is None or repositories is None or not definitions.get("repos"):
+        return None
+    return PinnedSources(repositories, definitions["repos"], snapshot_dir)
 
 
 def is_bare_repository(path: str) -> bool:
@@ -60,7 +105,8 @@ def is_bare_repository(path: str) -> bool:
         return False
 
 
-def working_tree_target(path: str, snapshot_dir: str, on_progress=None, own_paths=()) -> Target:
+def working_tree_target(path: str, snapshot_dir: str, on_progress=None, own_paths=(),
+                        repositories=None) -> Target:
     """The files on disk, copied once into a folder of this command's own, so edits made during
     the run change nothing and two commands never share a snapshot.
 
@@ -71,10 +117,10 @@ def working_tree_target(path: str, snapshot_dir: str, on_progress=None, own_path
     file copied (`total` is None when not known beforehand).
     """
     from testlooper import gitio
-    from testlooper.repos.definitions import definitions_on_disk, existing_directory
+    from testlooper.repos.definitions import definitions_on_disk, existing_directory, print_warning
 
     root = existing_directory(path)
-    definitions = definitions_on_disk(root)
+    definitions = definitions_on_disk(root, repositories, print_warning)
     try:
         repo = gitio.open_repo(root)
     except gitio.GitError:
@@ -90,6 +136,7 @@ def working_tree_target(path: str, snapshot_dir: str, on_progress=None, own_path
     if repo is None or not repo.head.is_valid():
         return Target(repo_id=str(Path(root).resolve()), definitions=definitions, source_dir=source, commit="",
                       commit_message="", branch="", record=False, repo=repo,
+                      pinned=_pinned(definitions, repositories, snapshot_dir),
                       note=f"working tree {path} (not a commit: results are not kept in the history)")
     sha = gitio.resolve_rev(repo, "HEAD")
     dirty = bool(gitio.uncommitted_changes(repo, leaving_out=[snapshot_dir, *own_paths]))
@@ -98,7 +145,7 @@ def working_tree_target(path: str, snapshot_dir: str, on_progress=None, own_path
         note += " with uncommitted changes (results are not kept in the history; commit, or use --rev)"
     return Target(repo_id=repo_identity(repo), definitions=definitions, source_dir=source, commit=sha,
                   commit_message=gitio.commit_message(repo, sha), branch=current_branch(repo), record=not dirty,
-                  note=note, repo=repo)
+                  note=note, repo=repo, pinned=_pinned(definitions, repositories, snapshot_dir))
 
 
 def copy_working_tree(root: Path, destination: Path, left_out: list[Path], repo, on_progress=None) -> None:

@@ -33,26 +33,31 @@ def plan(
     test_sets: Sequence[str] = (),
     runs: int | None = None,
     tests: Sequence[str] = (),
+    pinned_changes: dict[str, list[str]] | None = None,
 ) -> dict:
     """The builds and tests to run for a commit, in dependency order.
 
+    `pinned_changes` maps a pin whose commit moved since the first parent to the paths that
+    changed in its repository; triggers match them as `pin/<path>`, as this commit's own paths
+    are matched as `HEAD/<path>`.
     `changed_files` are the commit's paths changed relative to its first parent; None means they
-    are unknown (as for a root commit), so every path counts as changed. Naming `test_sets` or `tests`
-    (test-name globs) overrides the triggers. `runs` overrides each test's own `runs`.
+    are unknown (as for a root commit), and then the commit runs the test set `all`, as the
+    original did. Naming `test_sets` or `tests` (test-name globs) overrides the triggers. `runs`
+    overrides each test's own `runs`. A disabled test (looper_version 4) runs only when `tests`
+    names it.
     Raises ValueError for an unknown test set, a test glob matching nothing, `runs` that is not
     a whole number from 1 to MAX_RUNS, or a plan of more than MAX_RUNS_PER_PLAN runs in all.
     """
     check_runs(runs)
     if test_sets or tests:
         selection = _select_requested(definitions, test_sets, tests)
-    elif not definitions["triggers"]:
-        selection = _Selection(
-            test_names=set(definitions["test_sets"]["all"]),
-            test_sets=["all"],
-            reason="no triggers defined: running all",
-        )
+    elif not definitions["triggers"] or changed_files is None:
+        reason = ("no triggers defined: running all" if not definitions["triggers"]
+                  else "changed files unknown (a commit with no parent): running all")
+        selection = _Selection(test_names=_enabled(definitions, definitions["test_sets"]["all"]),
+                               test_sets=["all"], reason=reason)
     else:
-        selection = _select_by_triggers(definitions, changed_files)
+        selection = _select_by_triggers(definitions, changed_files, pinned_changes or {})
     tasks = _ordered_tasks(definitions, selection.test_names, runs)
     total = sum(task["runs"] for task in tasks)
     if total > MAX_RUNS_PER_PLAN:
@@ -89,7 +94,7 @@ def _select_requested(definitions: dict, test_sets: Sequence[str], tests: Sequen
             f"unknown test set{plural} {_quoted(unknown)}; known test sets: {', '.join(sorted(known_sets))}"
         )
     requested_sets = list(dict.fromkeys(test_sets))
-    test_names = {test for name in requested_sets for test in known_sets[name]}
+    test_names = _enabled(definitions, (test for name in requested_sets for test in known_sets[name]))
     for glob in tests:
         matched = [name for name in definitions["tests"] if match_glob(glob, name)]
         if not matched:
@@ -103,19 +108,14 @@ def _select_requested(definitions: dict, test_sets: Sequence[str], tests: Sequen
     return _Selection(test_names=test_names, test_sets=requested_sets, reason="; ".join(reasons))
 
 
-def _select_by_triggers(definitions: dict, changed_files: list[str] | None) -> _Selection:
+def _select_by_triggers(definitions: dict, changed_files: list[str], pinned_changes: dict) -> _Selection:
     known_sets = definitions["test_sets"]
-    head_paths = None if changed_files is None else [f"HEAD/{path}" for path in changed_files]
+    head_paths = [f"HEAD/{path}" for path in changed_files]
+    head_paths += [f"{pin}/{path}" for pin, paths in sorted(pinned_changes.items()) for path in paths]
     fired = []
     for trigger in definitions["triggers"]:
-        if head_paths is None:
-            # Unknown changes: any path glob could have matched, so every trigger with paths fires.
-            paths_matched: list[str] = []
-            fires = bool(trigger["paths"])
-        else:
-            paths_matched = list(filter(_any_glob(trigger["paths"]), head_paths))
-            fires = bool(paths_matched)
-        if fires:
+        paths_matched = list(filter(_any_glob(trigger["paths"]), head_paths))
+        if paths_matched:
             matches_set = _any_glob(trigger["test_sets"])
             fired.append({
                 "name": trigger["name"],
@@ -124,20 +124,19 @@ def _select_by_triggers(definitions: dict, changed_files: list[str] | None) -> _
             })
     set_names = sorted({name for trigger in fired for name in trigger["test_sets"]})
     return _Selection(
-        test_names={test for name in set_names for test in known_sets[name]},
+        test_names=_enabled(definitions, (test for name in set_names for test in known_sets[name])),
         test_sets=set_names,
-        reason=_trigger_reason(fired, changed_files),
+        reason=_trigger_reason(fired, head_paths),
         triggers_fired=fired,
     )
 
 
-def _trigger_reason(fired: list[dict], changed_files: list[str] | None) -> str:
-    if changed_files is None:
-        if not fired:
-            return "changed files unknown, and no trigger has paths: nothing to run"
-        names = _quoted(trigger["name"] for trigger in fired)
-        triggers = "trigger" if len(fired) == 1 else "triggers"
-        return f"changed files unknown, so every path counts as changed: {triggers} {names} fired"
+def _enabled(definitions: dict, names: Iterable[str]) -> set[str]:
+    tests = definitions["tests"]
+    return {name for name in names if not tests[name].get("disabled")}
+
+
+def _trigger_reason(fired: list[dict], changed_files: list[str]) -> str:
     if not changed_files:
         return "no files changed: no trigger fired"
     if not fired:
@@ -153,7 +152,7 @@ def _trigger_reason(fired: list[dict], changed_files: list[str] | None) -> str:
 def _ordered_tasks(definitions: dict, test_names: set[str], runs: int | None) -> list[dict]:
     """The tests and every build they need (transitively), builds first, each once."""
     tests = definitions["tests"]
-    builds = definitions["builds"]
+    builds = {**definitions["builds"], **definitions.get("external_builds", {})}
     depends_on = {name: _head_builds(tests[name]) for name in test_names}
     pending = [build for needed in depends_on.values() for build in needed]
     build_names: set[str] = set()
@@ -190,6 +189,7 @@ def _planned_task(
     return {
         "name": name,
         "kind": kind,
+        "repo": task.get("repo", "HEAD"),
         "runs": runs,
         "hash": task["hash"],
         "needed_by": needed_by,
@@ -198,12 +198,19 @@ def _planned_task(
 
 
 def _head_builds(task: dict) -> list[str]:
-    """Names of the builds of this commit that `task` takes as inputs."""
+    """Names of the builds `task` takes as inputs: `build` for this commit's, `pin/build` for
+    another repository's (keys of the definitions' `external_builds`)."""
     return sorted({
-        dependency["build"]
+        build_key(dependency["repo"], dependency["build"])
         for dependency in task["dependencies"].values()
-        if dependency["kind"] == "build" and dependency["repo"] == "HEAD"
+        if dependency["kind"] == "build"
     })
+
+
+def build_key(dependency_repo: str, build: str) -> str:
+    """An external build's dependencies are rebased already: their `repo` is a pin path of the
+    root's, so only this commit's builds ("HEAD") go without a prefix."""
+    return build if dependency_repo == "HEAD" else f"{dependency_repo}/{build}"
 
 
 def _build_levels(depends_on: dict[str, list[str]]) -> dict[str, int]:

@@ -22,8 +22,10 @@ def existing_directory(path: str) -> Path:
     return directory
 
 
-def definitions_on_disk(root: Path) -> dict | None:
-    """The resolved definitions of the files under `root` as they are now; None without a file."""
+def definitions_on_disk(root: Path, repositories=None, warn=None) -> dict | None:
+    """The resolved definitions of the files under `root` as they are now; None without a file.
+    `repositories` (a lookup.GitRepositories, or the operator's own) reads pinned repositories;
+    `warn` hears of definitions warnings."""
     from testlooper.definitions import find_definitions_file, resolve_text
 
     filename = find_definitions_file(_files_under(root))
@@ -31,13 +33,16 @@ def definitions_on_disk(root: Path) -> dict | None:
         return None
     # Includes are read relative to the tree root; a missing one raises FileNotFoundError,
     # which the engine reports at the `includes` entry naming it.
-    return resolve_text(_read_text(root, filename), filename, lambda path: _read_text(root, path))
+    return resolve_text(_read_text(root, filename), filename, lambda path: _read_text(root, path),
+                        repositories=repositories, warn=warn)
 
 
-def definitions_at_commit(repo: git.Repo, sha: str, path: str | None = None) -> dict | None:
+def definitions_at_commit(repo: git.Repo, sha: str, path: str | None = None, repositories=None,
+                          warn=None) -> dict | None:
     """The resolved definitions committed at `sha` (includes read at `sha` too); None without a file.
 
     `path` names the file (a Repo's `definitionsPath`); without it the file is found by name.
+    `repositories` reads pinned repositories; `warn` hears of definitions warnings.
     """
     from testlooper import gitio
     from testlooper.definitions import find_definitions_file, resolve_text
@@ -53,7 +58,8 @@ def definitions_at_commit(repo: git.Repo, sha: str, path: str | None = None) -> 
             # The engine turns an OSError into an error at the `includes` entry that names the file.
             raise OSError(str(exc)) from None
 
-    return resolve_text(gitio.read_file(repo, sha, filename), filename, read_include)
+    return resolve_text(gitio.read_file(repo, sha, filename), filename, read_include,
+                        repositories=repositories, warn=warn)
 
 
 def empty_definitions() -> dict:
@@ -68,6 +74,7 @@ def empty_definitions() -> dict:
         "builds": {},
         "tests": {},
         "deployments": {},
+        "external_builds": {},
         "test_sets": {"all": []},
         "triggers": [],
     }
@@ -93,3 +100,78 @@ def _read_text(root: Path, relative: str) -> str:
         return (root / relative).read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise UserError(f"{relative} is not UTF-8 text") from None
+
+
+def repositories_from_option(values: list[str]):
+    """The lookup `--repo NAME=PATH` (repeatable) describes, for the CLI commands."""
+    from testlooper.repos.lookup import GitRepositories, parse_repo_option
+
+    return GitRepositories(parse_repo_option(values), missing_hint="map it with --repo {name}=PATH")
+
+
+def print_warning(warning) -> None:
+    """Definitions warnings on the command line: one line each on stderr."""
+    import sys
+
+    print(f"warning: {warning}", file=sys.stderr)
+
+
+def add_repo_option(parser) -> None:
+    parser.add_argument(
+        "--repo", metavar="NAME=PATH", dest="repos", action="append", default=[],
+        help="read the repository that pins call NAME (the part before the last '/' of NAME/<commit>) "
+        "from the local git repository PATH (repeatable)",
+    )
+
+
+def pinned_changes(definitions: dict | None, base_definitions: dict | None, repositories) -> dict[str, list[str]]:
+    """For triggers: each pin of `definitions` whose commit differs from the same pin in
+    `base_definitions` (the first parent's), with the paths that changed in its repository
+    between the two (under the pin's `path`, if it has one). A pin new since the base counts
+    every file of its commit as changed. Pins that cannot be read are left out."""
+    from testlooper.definitions import RepositoryLookupError
+
+    if not definitions or repositories is None:
+        return {}
+    before = (base_definitions or {}).get("repos", {})
+    changes: dict[str, list[str]] = {}
+    for pin, entry in definitions["repos"].items():
+        if "/" in pin or entry["repository"] == "HEAD":
+            continue  # pins reached through another repository, and this commit's own, are not triggers
+        try:
+            new = repositories.resolve_commit(entry["repository"], entry["commit"])
+            old_entry = before.get(pin)
+            if old_entry is None or old_entry.get("repository") != entry["repository"]:
+                paths = list(repositories.list_files(entry["repository"], new))
+            else:
+                old = repositories.resolve_commit(old_entry["repository"], old_entry["commit"])
+                if old == new:
+                    continue
+                paths = repositories.changed_files(entry["repository"], old, new)
+        except RepositoryLookupError:
+            continue
+        prefix = entry["path"] + "/" if entry["path"] else ""
+        paths = sorted(path for path in paths if path.startswith(prefix))
+        if paths:
+            changes[pin] = paths
+    return changes
+
+
+def pinned_changes_at(repo: git.Repo, sha: str, definitions: dict | None, repositories,
+                      base: str | None = None) -> dict[str, list[str]]:
+    """`pinned_changes` of commit `sha` against `base` (default: its first parent); {} for a
+    root commit or a file without pins of other repositories."""
+    from testlooper.definitions import DefinitionsError
+
+    if not definitions or not any(e["repository"] != "HEAD" for e in definitions["repos"].values()):
+        return {}
+    if base is None:
+        parents = repo.commit(sha).parents
+        if not parents:
+            return {}
+        base = parents[0].hexsha
+    try:
+        before = definitions_at_commit(repo, base, repositories=repositories, warn=lambda warning: None)
+    except DefinitionsError:
+        before = None  # the base's pins cannot be read: every pin counts as new
+    return pinned_changes(definitions, before, repositories)

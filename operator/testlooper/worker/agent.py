@@ -1528,7 +1528,10 @@ class Agent:
         environment = task_environment(self.workspace, assignment, os.environ)
         log.limit_bytes = int(assignment["task"].get("max_log_mb") or DEFAULT_MAX_LOG_MB) * 1024 * 1024
         self.shipper.hold_beyond = log.head_bytes
-        runner = CommandRunner(self.options.shell, self.workspace.inputs, environment, log,
+        # looper_version 2 ran commands in the source checkout; later versions in $TEST_INPUTS.
+        in_source = assignment["task"].get("working_directory") == "source"
+        runner = CommandRunner(self.options.shell, self.workspace.src if in_source else self.workspace.inputs,
+                               environment, log,
                                self.options.kill_grace_seconds, self.workspace.process_groups_path)
         task_run = TaskRun(assignment, self.workspace, runner, self.api, self.stop, heartbeat, log)
         started = time.monotonic()
