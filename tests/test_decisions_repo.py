@@ -145,3 +145,10 @@ def test_pools_by_priority_platform_and_ceiling_count_what_is_queued():
     ]
     assert pool_status(pools[1], pools, testruns)["queued"] == 9
     assert pool_status(pools[1], pools, testruns)["workersSummary"] == "0/4"
+
+
+def test_definitions_warnings_become_warning_events():
+    head = decide.HeadObservation("main", A, tasks=(task("t"),), warnings=("testlooper.yml:7:5: key 'command' is written twice",))
+    decision = decide.decide_poll({"branches": ["main"]}, {}, observe({"main": A}, [head]))
+    assert ("Warning", "DefinitionsWarning", f"branch main at {A[:12]}: testlooper.yml:7:5: key 'command' is written twice") in decision.events
+    assert len(decision.create) == 1

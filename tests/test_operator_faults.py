@@ -275,3 +275,50 @@ def test_the_history_store_is_checked_at_startup_and_a_dead_one_stops_nothing(ku
         wait_for(lambda: len(list_testruns(kube)) == 1, message="TestRuns while the store is down")
     assert "does not answer" in process.log()
     assert "hunter2pass" not in process.log()
+
+
+LIB_DEFINITIONS = """looper_version: 5
+environments:
+  linux: {platform: linux, image: {name: "busybox"}}
+builds:
+  build/linux: {command: "echo lib > $TEST_BUILD_OUTPUT_DIR/lib.txt"}
+"""
+
+
+def test_pinned_repositories_resolve_against_other_repos_in_the_namespace(kube, operator, tmp_path):
+    """`repos: {lib: lib/<sha>}` finds the Repo named lib; the app's test consumes lib's build,
+    which becomes a TestRun of the app's commit; a pin nothing maps is a condition naming it;
+    a key written twice is a Warning Event."""
+    _lib_work, lib_bare, lib_sha = make_origin(tmp_path / "lib", LIB_DEFINITIONS)
+    app_definitions = f"""looper_version: 5
+repos:
+  lib: lib/{lib_sha}
+environments:
+  linux: {{platform: linux, image: {{name: "busybox"}}}}
+tests:
+  uses-lib/linux:
+    command: "cat lib/lib.txt"
+    command: "cat $TEST_INPUTS/lib/lib.txt"
+    dependencies: {{lib: lib/build/linux}}
+"""
+    _app_work, app_bare, app_sha = make_origin(tmp_path / "app", app_definitions)
+    apply(kube, repo("lib", f"file://{lib_bare}"))
+    # lib runs nothing of its own (no test needs its build), but its mirror is fetched.
+    wait_for(lambda: (repo_object(kube, "lib").get("status") or {}).get("lastPollTime"), message="lib fetched")
+    apply(kube, repo("app", f"file://{app_bare}"))
+    wait_for(lambda: len([t for t in list_testruns(kube) if t["spec"]["repo"] == "app"]) == 2,
+             message="app's test and lib's build")
+    app_runs = {t["spec"]["task"]: t for t in list_testruns(kube) if t["spec"]["repo"] == "app"}
+    assert sorted(app_runs) == ["lib/build/linux", "uses-lib/linux"]
+    assert app_runs["lib/build/linux"]["spec"]["kind"] == "build"
+    assert app_runs["uses-lib/linux"]["spec"]["dependsOn"] == [app_runs["lib/build/linux"]["metadata"]["name"]]
+    assert app_runs["uses-lib/linux"]["spec"]["commit"] == app_sha
+    warning = wait_for(lambda: [e for e in events(kube) if e.get("reason") == "DefinitionsWarning"], message="warning")
+    assert "command" in warning[0]["message"] and warning[0]["involvedObject"]["name"] == "app"
+
+    _work, bad_bare, _sha = make_origin(tmp_path / "bad", app_definitions.replace("lib: lib/", "lib: nowhere/"))
+    apply(kube, repo("bad", f"file://{bad_bare}"))
+    invalid = wait_for(lambda: condition(repo_object(kube, "bad"), "DefinitionsValid").get("status") == "False"
+                       and repo_object(kube, "bad"), message="unmapped pin")
+    message = condition(invalid, "DefinitionsValid")["message"]
+    assert "nowhere" in message and "lib" in message

@@ -55,6 +55,9 @@ class RepoRegistry:
     def unregister(self, uid: str) -> None:
         self._repos.pop(uid, None)
 
+    def in_namespace(self, namespace: str) -> list[WatchedRepo]:
+        return [repo for repo in self._repos.values() if repo.namespace == namespace]
+
     def matching(self, url_keys: set[str]) -> list[WatchedRepo]:
         return [repo for repo in self._repos.values() if repo.url_key in url_keys]
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
+import os
 import time
 
 import kopf
@@ -116,9 +117,10 @@ async def poll(context: OperatorContext, body: kopf.Body, name: str, namespace: 
             # read them all again; what exists already is not created twice.
             respec = body.get("metadata", {}).get("generation") != status.get("observedGeneration")
             moved = tested if respec else decide.moved_heads(tested, status.get("branches") or [])
+            repositories = other_repositories(context, namespace, uid)
             new_heads = []
             for branch, sha in moved.items():
-                new_heads.append(await asyncio.to_thread(observe_head, mirror, branch, sha, spec))
+                new_heads.append(await asyncio.to_thread(observe_head, mirror, branch, sha, spec, repositories))
             unended = {run.commit for run in testruns if not run.ended and not run.cancel}
             reachable = await asyncio.to_thread(mirror.reachable, unended, list(tested.values()))
     except (MirrorError, CredentialsProblem) as exc:
@@ -138,35 +140,65 @@ async def poll(context: OperatorContext, body: kopf.Body, name: str, namespace: 
     return True, await apply(context, body, name, namespace, status, now, decide.decide_poll(spec, status, observed))
 
 
-def observe_head(mirror: GitMirror, branch: str, sha: str, spec: dict) -> decide.HeadObservation:
-    """Resolve and plan one new head (blocking: runs in a thread)."""
+def observe_head(mirror: GitMirror, branch: str, sha: str, spec: dict, repositories=None) -> decide.HeadObservation:
+    """Resolve and plan one new head (blocking: runs in a thread). `repositories` (repos/lookup.py)
+    reads the other repositories the file pins: the mirrors of other Repos in the namespace."""
     from testlooper import gitio
     from testlooper.definitions import DefinitionsError
     from testlooper.planning import plan
-    from testlooper.repos.definitions import definitions_at_commit
+    from testlooper.repos.definitions import definitions_at_commit, pinned_changes_at
 
     repo = mirror.repo()
+    warnings: list[str] = []
     try:
-        definitions = definitions_at_commit(repo, sha, spec.get("definitionsPath") or None)
-    except (DefinitionsError, gitio.GitError, OSError) as exc:
-        return decide.HeadObservation(branch, sha, error=_one_line(exc))
-    if definitions is None:
-        return decide.HeadObservation(branch, sha, no_definitions=True)
-    try:
+        definitions = definitions_at_commit(repo, sha, spec.get("definitionsPath") or None,
+                                            repositories=repositories, warn=lambda w: warnings.append(str(w)))
+        if definitions is None:
+            return decide.HeadObservation(branch, sha, no_definitions=True, warnings=tuple(warnings))
         planned = plan(definitions, gitio.changed_files(repo, sha), test_sets=spec.get("testSets") or (),
-                       runs=spec.get("runs"))
-    except (ValueError, gitio.GitError) as exc:
-        return decide.HeadObservation(branch, sha, error=_one_line(exc))
+                       runs=spec.get("runs"),
+                       pinned_changes=pinned_changes_at(repo, sha, definitions, repositories))
+    except (DefinitionsError, gitio.GitError, OSError, ValueError) as exc:
+        return decide.HeadObservation(branch, sha, error=_one_line(exc), warnings=tuple(warnings))
     tree = repo.git.rev_parse(f"{sha}^{{tree}}")
-    tasks = tuple(
-        decide.PlannedTask(
-            name=task["name"], kind=task["kind"], runs=task["runs"], hash=decide.run_content_hash(task["hash"], tree),
-            depends_on=tuple(task["depends_on"]),
-            definition=definitions["builds" if task["kind"] == "build" else "tests"][task["name"]],
-        )
-        for task in planned["tasks"]
-    )
-    return decide.HeadObservation(branch, sha, tasks=tasks, reason=planned["reason"])
+    tasks = []
+    for task in planned["tasks"]:
+        if task["name"] in definitions.get("external_builds", {}):
+            # Another repository's build, at the commit this file pins: its result depends on
+            # that repository's tree, not on this commit's.
+            definition = definitions["external_builds"][task["name"]]
+            pin = definitions["repos"][definition["repo"]]
+            source_tree = repositories.repo(pin["repository"]).git.rev_parse(f"{pin['commit']}^{{tree}}")
+        else:
+            definition = definitions["builds" if task["kind"] == "build" else "tests"][task["name"]]
+            source_tree = tree
+        tasks.append(decide.PlannedTask(
+            name=task["name"], kind=task["kind"], runs=task["runs"],
+            hash=decide.run_content_hash(task["hash"], source_tree),
+            depends_on=tuple(task["depends_on"]), definition=definition,
+        ))
+    return decide.HeadObservation(branch, sha, tasks=tuple(tasks), reason=planned["reason"], warnings=tuple(warnings))
+
+
+def other_repositories(context: OperatorContext, namespace: str, own_uid: str):
+    """Pinned repositories by name, as the definitions file writes them: the Repo of that name
+    in the same namespace, else the one Repo there whose URL ends with that name
+    (`team/lib` finds `https://git.example.com/team/lib.git`). Its mirror is what is read."""
+    from testlooper.repos.lookup import GitRepositories
+
+    def find(repository: str):
+        candidates = [watched for watched in context.repos.in_namespace(namespace) if watched.uid != own_uid]
+        chosen = [w for w in candidates if w.name == repository]
+        if not chosen:
+            wanted = repository.strip("/").lower()
+            chosen = [w for w in candidates if w.url_key == wanted or w.url_key.endswith("/" + wanted)]
+        if len(chosen) != 1:
+            return None
+        path = context.mirror_path(namespace, chosen[0].name, chosen[0].uid)
+        return path if os.path.isdir(path) else None
+
+    return GitRepositories(find, missing_hint=f"pinned repositories are the Repos of namespace {namespace}, "
+                                              "by name or by the end of their URL, once they have been fetched")
 
 
 async def apply(context: OperatorContext, body: kopf.Body, name: str, namespace: str, status: dict, now: str,
@@ -183,7 +215,7 @@ async def apply(context: OperatorContext, body: kopf.Body, name: str, namespace:
         testrun = build_testrun(
             repo_object, commit=item.commit, branch=item.branch, task=task.definition, kind=task.kind,
             runs=task.runs, depends_on=[testrun_name(name, item.commit, dep) for dep in task.depends_on],
-            worker_pool=pool, priority=0,
+            worker_pool=pool, priority=0, task_name=task.name,
         )
         testrun["spec"]["hash"] = task.hash  # what the result depends on: definition and source tree
         if item.reused_from is not None:

@@ -62,6 +62,7 @@ class HeadObservation:
     reason: str = ""  # the planner's words for why these tasks run
     error: str = ""  # one line: the definitions (or planning) error that made the commit untestable
     no_definitions: bool = False
+    warnings: tuple[str, ...] = ()  # FILE:LINE:COL: what works but is probably a mistake
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +123,8 @@ def decide_poll(spec: dict, previous_status: dict, observed: PollObservations) -
     events: list[tuple[str, str, str]] = []
     errors = {}
     for head in observed.new_heads:
+        for warning in head.warnings:
+            events.append(("Warning", "DefinitionsWarning", f"branch {head.branch} at {head.commit[:12]}: {warning}"))
         if head.error:
             errors[head.branch] = head
             events.append(("Warning", "DefinitionsInvalid",

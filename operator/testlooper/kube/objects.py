@@ -84,7 +84,8 @@ def label_value(text: str) -> str:
 
 
 def build_testrun(repo: dict, *, commit: str, branch: str | None, task: dict, kind: str, runs: int,
-                  depends_on: list[str], worker_pool: str | None, priority: int) -> dict:
+                  depends_on: list[str], worker_pool: str | None, priority: int,
+                  task_name: str | None = None) -> dict:
     """The full body of the TestRun of `task` (resolved, as `testlooper definitions --json`
     gives it under builds/tests) at `commit` of `repo` (the Repo object as the API returns it).
 
@@ -94,7 +95,9 @@ def build_testrun(repo: dict, *, commit: str, branch: str | None, task: dict, ki
     repo_name, uid = metadata["name"], metadata.get("uid")
     if not uid:
         raise ValueError(f"Repo {repo_name} has no metadata.uid: it must be the object as stored")
-    task_name = task.get("name")
+    # Another repository's build keeps its own name in its definition; in this commit's plan it
+    # is `PIN/BUILD`, which is what names its TestRun.
+    task_name = task_name or task.get("name")
     if not isinstance(task_name, str) or not task_name:
         raise ValueError("the task has no name")
     if task.get("kind", kind) != kind:
