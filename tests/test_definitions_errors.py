@@ -111,15 +111,17 @@ def test_runs_may_come_from_a_variable():
     assert resolved["tests"]["t/linux"]["runs"] == 7
 
 
-@pytest.mark.parametrize("text, key_path", [
-    ("tests:\n  t/linux: {command: x, timeout: 0}\n", "tests.t/linux.timeout"),
-    ("looper_version: 5\nenvironments:\n  zero: {platform: linux, image: {name: x}, test_timeout: 0}\n"
-     "tests:\n  t/zero: {command: x}\n", "environments.zero.test_timeout"),
-])
-def test_a_timeout_of_0_is_refused_rather_than_read_as_an_hour_or_as_never(text, key_path):
-    err = resolve_error(text, header=not text.startswith("looper_version"))
-    assert err.key_path == key_path
-    assert "'timeout' must be at least 1 second, not 0" in err.message
+def test_a_timeout_of_0_means_not_set_as_in_the_original_and_shows_what_applies():
+    """Old files write `timeout: 0` for "the default": the environment's test_timeout applies,
+    else the default hour, and the resolved timeout says so. There is no "no timeout"."""
+    inherited = resolve("looper_version: 5\nenvironments:\n  linux: {platform: linux, image: {name: x}, test_timeout: 90}\n"
+                        "tests:\n  t/linux: {command: x, timeout: 0}\n", header=False)
+    assert inherited["tests"]["t/linux"]["timeout_seconds"] == 90
+    default = resolve("looper_version: 5\nenvironments:\n  zero: {platform: linux, image: {name: x}, test_timeout: 0}\n"
+                      "tests:\n  t/zero: {command: x, timeout: 0}\n", header=False)
+    assert default["tests"]["t/zero"]["timeout_seconds"] == 3600
+    err = resolve_error("tests:\n  t/linux: {command: x, timeout: -5}\n")
+    assert err.key_path == "tests.t/linux.timeout" and err.message == "'timeout' must not be negative"
 
 
 def test_max_log_mb_defaults_to_1_gib_and_is_bounded():

@@ -109,21 +109,22 @@ class TaskParser:
         }
         defaults = env.test_defaults
         for field_name, (default_key, integer, fallback) in _NUMERIC_FIELDS.items():
+            candidates = []
             if field_name in task:
-                value_, where, holder = task[field_name], path + (field_name,), (task, field_name)
-            elif default_key in defaults:
-                value_, where, holder = defaults[default_key], ("environments", env_name, default_key), (None, None)
-            else:
-                resolved[_OUTPUT_NAMES.get(field_name, field_name)] = fallback
-                continue
-            if isinstance(value_, str):
-                value_ = substitute_known(value_, variables)
-            number = schema.need_number(value_, where, f"'{field_name}'", holder[0], holder[1], integer=integer)
-            if field_name == "timeout" and number < 1:
-                # Refused rather than read as "no timeout": a hung run would hold its machine
-                # forever, and CI must end. A long task says so with a large number.
-                raise error_at(f"'{field_name}' must be at least 1 second, not 0 (there is no \"no timeout\": "
-                               "give a large number of seconds instead)", where, holder[0], holder[1])
+                candidates.append((task[field_name], path + (field_name,), (task, field_name)))
+            if default_key in defaults:
+                candidates.append((defaults[default_key], ("environments", env_name, default_key), (None, None)))
+            number = fallback
+            for value_, where, holder in candidates:
+                if isinstance(value_, str):
+                    value_ = substitute_known(value_, variables)
+                number = schema.need_number(value_, where, f"'{field_name}'", holder[0], holder[1], integer=integer)
+                if field_name == "timeout" and number == 0:
+                    # As the original read it: 0 is "not set", so the environment's test_timeout
+                    # (or the default) applies, and that is what is shown. Never "no timeout".
+                    number = fallback
+                    continue
+                break
             resolved[_OUTPUT_NAMES.get(field_name, field_name)] = number
         resolved["runs"] = self.bounded_count(task, "runs", variables, path, 1, MAX_RUNS, 1)
         resolved["max_log_mb"] = self.bounded_count(task, "max_log_mb", variables, path, 1, 1024 * 1024,
