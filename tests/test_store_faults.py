@@ -173,13 +173,16 @@ def test_sqlite_written_by_a_newer_testlooper_is_refused(tmp_path):
 
 
 WRITER = textwrap.dedent("""
-    import sys
+    import sys, time
     from testlooper.store import CaseResult, RunRecord, open_store
     store = open_store(sys.argv[1])
     for i in range(int(sys.argv[2])):
         store.record_run(RunRecord("org/app", f"c{i}", "unit", "test", 0, 0, "passed", 1.0, 0,
                                    1.7e9, "main", [CaseResult(f"case{n}", True, 0.1)
                                                    for n in range(200)]))
+        # A pause between commits, as real runs have: on a loaded machine a writer that never
+        # pauses can finish before the reader's first turn, and the test would see no progress.
+        time.sleep(0.003)
     store.close()
 """)
 
