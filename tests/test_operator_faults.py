@@ -322,3 +322,22 @@ tests:
                        and repo_object(kube, "bad"), message="unmapped pin")
     message = condition(invalid, "DefinitionsValid")["message"]
     assert "nowhere" in message and "lib" in message
+
+
+def test_suspend_stops_polling_and_creating_and_resuming_catches_up(kube, operator, tmp_path):
+    work, bare, _first = make_origin(tmp_path)
+    url = f"file://{bare}"
+    apply(kube, secret("hook", secret="s"), repo("demo", url, webhookSecret="hook"))
+    wait_for(lambda: len(list_testruns(kube)) == 1, message="the first TestRun")
+    kube.kubectl("patch", "repo", "demo", "-n", NAMESPACE, "--type", "merge", "-p", '{"spec": {"suspend": true}}')
+    wait_for(lambda: condition(repo_object(kube), "Ready").get("reason") == "Suspended", message="Suspended")
+    second = work.commit({"x": "2"}, "second")
+    work.git("push", "--quiet", "origin", "main")
+    status, _ = operator.webhook("/webhooks/github", *signed_push(url, second, secret="s"))
+    assert status == 202
+    time.sleep(1.5)
+    assert len(list_testruns(kube)) == 1, "a suspended Repo creates nothing"
+    assert "1 running" in repo_object(kube)["status"]["branchesSummary"]
+    kube.kubectl("patch", "repo", "demo", "-n", NAMESPACE, "--type", "merge", "-p", '{"spec": {"suspend": false}}')
+    wait_for(lambda: len(list_testruns(kube)) == 2, message="the commit pushed while suspended")
+    assert condition(repo_object(kube), "Ready")["status"] == "True"
