@@ -183,3 +183,12 @@ def test_the_copy_of_a_tree_reports_from_its_start_and_every_two_seconds():
     # A small one says nothing unless its copy is slow; an unknown total is counted up.
     assert lines_for(10, [0, 0.5, 1.0]) == []
     assert lines_for(None, [0, 1, 2.5, 3, 5]) == ["copying the working tree tree", "copied 4 files"]
+
+
+@pytest.mark.parametrize("runs", ["1.5", "many", "true"])
+def test_a_runs_option_that_is_not_a_whole_number_gets_the_same_words(repo, tmp_path, env, runs):
+    completed = tl(run_args(repo, tmp_path, "--runs", runs), env)
+    assert completed.returncode == 2, explain(completed)
+    assert completed.stderr.splitlines()[-1].endswith(
+        f"argument --runs: must be a whole number from 1 to 100000, not '{runs}'"), explain(completed)
+    assert "Traceback" not in completed.stderr

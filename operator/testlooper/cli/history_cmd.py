@@ -117,7 +117,7 @@ def unfinished_runs(store, repo_id: str, sha: str | None, globs: list[str]) -> i
 def no_history_message(target: BranchLine, store_url: str, globs: list[str]) -> str:
     tasks = f" of tasks matching {', '.join(globs)}" if globs else ""
     return (f"No results{tasks} for {target.branch} of {target.repo_id} in the history store {store_url}: "
-            f"none of its last {_count(len(target.line), 'commit')} was tested.")
+            f"none of its last {terminal.count(len(target.line), 'commit')} was tested.")
 
 
 def history_json(target: BranchLine, history: ShownHistory) -> dict:
@@ -136,9 +136,9 @@ def render(target: BranchLine, history: ShownHistory, globs: list[str], styler: 
            unfinished: int = 0) -> str:
     tested = len(history.counts)
     untested = len(history.line) - tested
-    title = f"{target.branch} of {target.repo_id}: {_count(tested, 'tested commit')}, newest first"
+    title = f"{target.branch} of {target.repo_id}: {terminal.count(tested, 'tested commit')}, newest first"
     if untested:
-        title += f" ({_count(untested, 'untested commit')} left out)"
+        title += f" ({terminal.count(untested, 'untested commit')} left out)"
     if globs:
         title += f"; tasks matching {', '.join(globs)}"
     return "\n\n".join([terminal.heading(title, styler), _grid(target, history, styler),
@@ -170,7 +170,7 @@ def _notable_cases(history: ShownHistory, styler: terminal.Styler, unfinished: i
     )
     if not notable and unfinished:
         return (f"Every case that ran passed on {newest[:12]}, the newest tested commit, but "
-                f"{_count(unfinished, 'run')} ended cancelled or in error: it is not tested in full.")
+                f"{terminal.count(unfinished, 'run')} ended cancelled or in error: it is not tested in full.")
     if not notable:
         return f"Every case passed on {newest[:12]}, the newest tested commit."
     rows = [[terminal.Cell(class_, CLASS_STYLES.get(class_)), task if not case else f"{task} :: {case}",
@@ -200,7 +200,3 @@ def _subject(repo, sha: str) -> str:
 
 def _truncate(text: str, width: int) -> str:
     return text if len(text) <= width else text[:width - 3] + "..."
-
-
-def _count(number: int, noun: str) -> str:
-    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"

@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass, field
 
 from testlooper import terminal
+from testlooper.cli import runs_option
 from testlooper.errors import UserError
 from testlooper.repos.definitions import (
     definitions_at_commit,
@@ -55,7 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=[],
         help="run the tests whose names match GLOB whatever the triggers say (repeatable)",
     )
-    parser.add_argument("--runs", metavar="N", type=int, help="run each test N times instead of its own `runs`")
+    parser.add_argument("--runs", metavar="N", type=runs_option, help="run each test N times instead of its own `runs`")
     add_repo_option(parser)
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     parser.set_defaults(run=run)
@@ -144,7 +145,7 @@ def render(result: dict, target: _Target, styler: terminal.Styler) -> str:
     changed = target.changed_files
     summary = [
         ("Planning", target.description),
-        ("Changed", "unknown (a commit with no parent): the test set all runs" if changed is None else _count(len(changed), "file")),
+        ("Changed", "unknown (a commit with no parent): the test set all runs" if changed is None else terminal.count(len(changed), "file")),
         ("Reason", result["reason"]),
         ("Test sets", ", ".join(result["test_sets"]) or "none"),
     ]
@@ -159,10 +160,6 @@ def render(result: dict, target: _Target, styler: terminal.Styler) -> str:
     ]
     builds = sum(task["kind"] == "build" for task in tasks)
     runs = sum(task["runs"] for task in tasks)
-    totals = f"{_count(builds, 'build')} and {_count(len(tasks) - builds, 'test')}: {_count(runs, 'run')} in all"
+    totals = f"{terminal.count(builds, 'build')} and {terminal.count(len(tasks) - builds, 'test')}: {terminal.count(runs, 'run')} in all"
     table = terminal.table(["#", "NAME", "KIND", "RUNS", "DEPENDS ON"], rows, styler)
     return "\n".join(lines + ["", table, "", totals])
-
-
-def _count(number: int, noun: str) -> str:
-    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"

@@ -10,6 +10,7 @@ import sys
 import time
 
 from testlooper import terminal
+from testlooper.cli import runs_option
 from testlooper.errors import UserError
 
 NOTABLE_CLASSES = ("broken", "fixed", "flaky", "bad", "new", "removed")
@@ -40,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="run only tests matching GLOB (repeatable); default: every test")
     parser.add_argument("--test-set", metavar="NAME", dest="test_sets", action="append", default=[],
                         help="run only this test set (repeatable)")
-    parser.add_argument("--runs", metavar="N", type=int, help="run each test N times instead of its own `runs`")
+    parser.add_argument("--runs", metavar="N", type=runs_option, help="run each test N times instead of its own `runs`")
     parser.add_argument("--jobs", metavar="N", type=int, default=0, help="runs at once (default: one per core)")
     parser.add_argument("--store", metavar="URL", default="",
                         help=f"history store: a path or sqlite:///ABS/PATH.db, or redis://HOST:PORT/DB "
@@ -244,10 +245,10 @@ def render_summary(outcomes, summary, comparison, output_dir, recorder, styler: 
         lines += _render_comparison(comparison, styler, _uncounted(outcomes))
     lines.append(f"logs and artifacts: {os.path.join(output_dir, 'runs')}")
     if recorder is not None and recorder.spooled:
-        lines.append(styler(f"{recorder.spooled} results could not reach the history store and wait in "
+        lines.append(styler(f"{terminal.count(recorder.spooled, 'result')} could not reach the history store and wait in "
                             f"{recorder.spool or ', '.join(recorder.spools)}", "yellow"))
     if recorder is not None and recorder.unkept:
-        lines.append(styler(f"{len(recorder.unkept)} results could not reach the history store and could not be "
+        lines.append(styler(f"{terminal.count(len(recorder.unkept), 'result')} could not reach the history store and could not be "
                             "kept in a spool: they are only in this report", "red"))
     return "\n".join(lines)
 

@@ -7,7 +7,7 @@ import os
 import signal
 import time
 
-from testlooper.cli import UserError
+from testlooper.cli import UserError, runs_option
 
 DEFAULT_METRICS_PORT = 9464
 
@@ -33,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--metrics-address", metavar="ADDR", default="127.0.0.1",
                         help="address the metrics listen on (default 127.0.0.1: this machine only)")
     parser.add_argument("--store", metavar="URL", default="", help=f"history store (default: {DEFAULT_STORE_PATH})")
-    parser.add_argument("--runs", metavar="N", type=int, help="run each test N times instead of its own `runs`")
+    parser.add_argument("--runs", metavar="N", type=runs_option, help="run each test N times instead of its own `runs`")
     parser.add_argument("--jobs", metavar="N", type=int, default=0, help="runs at once (default: one per core)")
     parser.add_argument("--output", metavar="DIR", help="where logs, workspaces and snapshots go")
     parser.add_argument("--spool", metavar="DIR", help="where results wait while the history store is down "

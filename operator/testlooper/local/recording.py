@@ -8,6 +8,7 @@ import os
 import time
 from typing import Callable
 
+from testlooper import terminal
 from testlooper.local.output import why_unwritable
 
 from testlooper.store import (
@@ -68,7 +69,7 @@ def open_store_replaying_spool(url: str, spool_dir: str | None = None):
     if os.path.exists(spool):
         count = replay_spool(store, spool)
         if count:
-            print(f"recorded {count} results that an earlier run kept in {spool}", file=sys.stderr)
+            print(f"recorded {terminal.count(count, 'result')} that an earlier run kept in {spool}", file=sys.stderr)
     return store
 
 
@@ -132,7 +133,7 @@ class Recorder:
                 self.went_down(exc)
                 return
             if count:
-                self.say(f"recorded {count} results that an earlier run kept in {spool}")
+                self.say(f"recorded {terminal.count(count, 'result')} that an earlier run kept in {spool}")
 
     def _replay(self, spool: str) -> int:
         """Replays one spool; one that cannot be read or rewritten is left as it is, said."""
