@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import base64
 import socket
+import subprocess
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -122,3 +125,28 @@ def _closed_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def test_ssh_keys_and_known_hosts_over_a_real_sshd(tmp_path):
+    from ssh_server import SshServer
+
+    _work, bare, first = make_origin(tmp_path)
+    with SshServer(tmp_path / "sshd") as server:
+        url = server.url(str(bare))
+        good = GitMirror(tmp_path / "good.git", url,
+                         GitCredentials(ssh_private_key=server.client_key, known_hosts=server.known_hosts_line))
+        assert good.fetch(timeout=60)["main"] == first
+
+        unknown_host = GitMirror(tmp_path / "unknown.git", url, GitCredentials(ssh_private_key=server.client_key))
+        with pytest.raises(MirrorError, match="[Hh]ost key verification failed"):
+            unknown_host.fetch(timeout=60)  # never trusted on first use
+
+        other_key = tmp_path / "other"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other_key)], check=True)
+        wrong_key = GitMirror(tmp_path / "wrong.git", url,
+                              GitCredentials(ssh_private_key=other_key.read_text(), known_hosts=server.known_hosts_line))
+        with pytest.raises(MirrorError, match="Permission denied") as refused:
+            wrong_key.fetch(timeout=60)
+        assert "PRIVATE KEY" not in str(refused.value)
+    leftovers = [p for p in Path(tempfile.gettempdir()).glob("testlooper-git-*")]
+    assert leftovers == [], "the private key folder exists only while a fetch runs"

@@ -18,6 +18,11 @@ from pathlib import Path
 from testlooper.repos.urls import redact
 
 FETCH_TIMEOUT_SECONDS = 300
+_GIT_BOILERPLATE = frozenset({
+    "fatal: Could not read from remote repository.",
+    "Please make sure you have the correct access rights",
+    "and the repository exists.",
+})
 
 
 class MirrorError(Exception):
@@ -187,7 +192,8 @@ class GitMirror:
 
     def _describe_failure(self, verb: str, stderr: str) -> str:
         lines = [line.strip() for line in stderr.splitlines() if line.strip()]
-        # git prints "fatal: ..." last; an ssh refusal comes before it and says more.
-        useful = [line for line in lines if not line.startswith("hint:")]
+        # git ends with the same advice whatever went wrong; what ssh or the server said before
+        # it ("Host key verification failed.", "Permission denied (publickey).") is the news.
+        useful = [line for line in lines if not line.startswith("hint:") and line not in _GIT_BOILERPLATE]
         detail = "; ".join(useful[-2:]) if useful else "no message from git"
         return redact(f"git {verb} of {self.url} failed: {detail}", self.credentials.secrets())
