@@ -42,9 +42,9 @@ def _running(pid: int) -> bool:
 
 
 class RedisServer:
-    def __init__(self, persistent: bool = False):
+    def __init__(self, persistent: bool = False, port: int | None = None):
         self.persistent = persistent
-        self.port = free_port()
+        self.port = port or free_port()  # a given port: a server that comes up where a client waits
         self.directory = tempfile.mkdtemp(prefix="testlooper-redis-")
         self.pidfile = os.path.join(self.directory, "redis.pid")
         self.logfile = os.path.join(self.directory, "redis.log")

@@ -341,3 +341,45 @@ def test_suspend_stops_polling_and_creating_and_resuming_catches_up(kube, operat
     kube.kubectl("patch", "repo", "demo", "-n", NAMESPACE, "--type", "merge", "-p", '{"spec": {"suspend": false}}')
     wait_for(lambda: len(list_testruns(kube)) == 2, message="the commit pushed while suspended")
     assert condition(repo_object(kube), "Ready")["status"] == "True"
+
+
+def test_history_of_a_cluster_repo_needs_no_checkout(kube, tmp_path):
+    """The operator records each tested branch's first-parent line in the store, so
+    `testlooper history --store redis://... --repo NAMESPACE/NAME` works from anywhere; a store
+    that was down at startup is asked again and gets the line once it is up."""
+    import subprocess
+    import sys
+
+    from operator_process import OPERATOR_DIR
+    from redis_server import RedisServer, free_port
+    from testlooper.store import CaseResult, RunRecord, open_store
+
+    kube.create_namespace(NAMESPACE)
+    work, bare, first = make_origin(tmp_path)
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    with OperatorProcess(kube, tmp_path, args=["--store", url]) as process:
+        apply(kube, secret("hook", secret="s"), repo("demo", f"file://{bare}", webhookSecret="hook"))
+        wait_for(lambda: len(list_testruns(kube)) == 1, message="the first TestRun")
+        assert "does not answer" in process.log()
+        with RedisServer(port=port) as redis:
+            second = work.commit({"x": "2"}, "second")
+            work.git("push", "--quiet", "origin", "main")
+            process.webhook("/webhooks/github", *signed_push(f"file://{bare}", second, secret="s"))
+            store = open_store(redis.url)
+            wait_for(lambda: store.branch_line(f"{NAMESPACE}/demo", "main") == [second, first], message="the line")
+            # What part 2 will record for each run; here, as its RESULT would land.
+            store.record_run(RunRecord(f"{NAMESPACE}/demo", second, "smoke/linux", "test", 0, 0, "failed", 1.0, 1,
+                                       1.7e9, "main", [CaseResult("test_it", False, 0.1)]))
+            store.close()
+            env = {**kube.client_env("user"), "PYTHONPATH": str(OPERATOR_DIR)}
+            shown = subprocess.run([sys.executable, "-m", "testlooper", "history", "--store", redis.url,
+                                    "--repo", f"{NAMESPACE}/demo"], env=env, capture_output=True, text=True,
+                                   timeout=60, cwd=tmp_path)
+            assert shown.returncode == 0, shown.stderr
+            assert second[:12] in shown.stdout and "smoke/linux" in shown.stdout
+            unknown = subprocess.run([sys.executable, "-m", "testlooper", "flaky", "--store", redis.url,
+                                      "--repo", f"{NAMESPACE}/demo", "--branch", "dev"], env=env,
+                                     capture_output=True, text=True, timeout=60, cwd=tmp_path)
+            assert (unknown.returncode, unknown.stderr) == (
+                2, f"testlooper: error: {NAMESPACE}/demo has no tested branch dev in the store (it has main)\n")

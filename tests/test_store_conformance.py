@@ -175,6 +175,37 @@ def test_a_schema_2_sqlite_store_gains_run_index_allocations_when_opened(tmp_pat
         assert len(reopened.runs(REPO, "c1")) == 1
 
 
+def test_branch_lines_are_kept_per_repo_and_branch_and_replaced(store):
+    assert store.branch_line(REPO, "main") is None and store.branches(REPO) == []
+    store.record_branch_line(REPO, "main", ["c3", "c2", "c1"])
+    store.record_branch_line(REPO, "release/1.0", ["r1"])
+    store.record_branch_line("team/other:repo", "main", ["x"])
+    assert store.branch_line(REPO, "main") == ["c3", "c2", "c1"]
+    store.record_branch_line(REPO, "main", ["c4", "c3"])  # a force push rewrites it
+    assert store.branch_line(REPO, "main") == ["c4", "c3"]
+    assert store.branches(REPO) == ["main", "release/1.0"]
+    assert store.branch_line("team/other:repo", "main") == ["x"]
+
+
+def test_a_schema_3_sqlite_store_gains_branch_lines_when_opened_and_reads_without_them(tmp_path):
+    path = tmp_path / "history.db"
+    with open_store(str(path)) as store:
+        store.record_run(make_run(run_index=0))
+    with sqlite3.connect(path) as db:  # as TestLooper wrote it before branch lines existed
+        db.execute("DROP TABLE branch_lines")
+        db.execute("PRAGMA user_version = 3")
+    path.chmod(0o444)
+    try:
+        from testlooper.store.sqlite import SqliteHistoryStore as Sqlite
+        with Sqlite(str(path), read_only=True) as reader:  # history on a store it may not change
+            assert reader.branch_line(REPO, "main") is None and reader.branches(REPO) == []
+    finally:
+        path.chmod(0o644)
+    with open_store(str(path)) as reopened:
+        reopened.record_branch_line(REPO, "main", ["c1"])
+        assert reopened.branch_line(REPO, "main") == ["c1"]
+
+
 def set_schema_version(store, version):
     if isinstance(store, SqliteHistoryStore):
         with sqlite3.connect(store.path) as db:

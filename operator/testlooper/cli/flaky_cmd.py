@@ -11,7 +11,7 @@ from testlooper import terminal
 from testlooper.errors import UserError
 from testlooper.local.recording import open_store_replaying_spool
 from testlooper.cli.history_cmd import (
-    BranchLine, add_branch_arguments, branch_line, no_history_message,
+    BranchLine, add_branch_arguments, branch_line, no_history_message, stored_branch_line,
 )
 from testlooper.history import tested_aggregates
 
@@ -38,8 +38,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.last < 1:
         raise UserError("--last must be at least 1")
-    target = branch_line(args.path, args.branch, args.last)
+    target = None if args.repo_id else branch_line(args.path, args.branch, args.last)
     with open_store_replaying_spool(args.store, args.spool) as store:
+        target = target or stored_branch_line(store, args.repo_id, args.branch)
         commits = tested_aggregates(store, target.repo_id, target.line, args.last, globs=[])
         counts = dict(itertools.islice(commits, args.last))
         store_url = store.url

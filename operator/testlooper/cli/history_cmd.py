@@ -59,6 +59,9 @@ def add_branch_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", metavar="URL", default="",
                         help=f"history store: a path or sqlite:///ABS/PATH.db, or redis://HOST:PORT/DB "
                         f"(default: {DEFAULT_STORE_PATH})")
+    parser.add_argument("--repo", metavar="NAMESPACE/NAME", dest="repo_id",
+                        help="a Repo tested in a cluster: its branch line comes from the store, as the "
+                        "operator recorded it, so no checkout is needed (use with --store redis://...)")
     parser.add_argument("--spool", metavar="DIR",
                         help="record first the results a run kept in DIR while the store was down "
                         "(default: the default store's folder)")
@@ -66,7 +69,7 @@ def add_branch_arguments(parser: argparse.ArgumentParser) -> None:
 
 @dataclass
 class BranchLine:
-    repo: object  # the git.Repo
+    repo: object  # the git.Repo; None for a Repo known only from the store (--repo)
     repo_id: str  # the repository's name in the history store
     branch: str
     line: list[str]  # first-parent shas from the branch's tip, newest first, tested or not
@@ -84,11 +87,27 @@ def branch_line(path: str, branch: str | None, tested_wanted: int) -> BranchLine
     return BranchLine(repo, repo_identity(repo), branch, gitio.first_parent_line(repo, branch, depth))
 
 
+def stored_branch_line(store, repo_id: str, branch: str | None) -> BranchLine:
+    """The line the operator recorded for a Repo's branch (`--repo NAMESPACE/NAME`): the named
+    branch, else `main`, else the only one recorded."""
+    known = store.branches(repo_id)
+    if not known:
+        raise UserError(f"the history store {store.url} has no branch of {repo_id}: the operator records "
+                        "each tested branch when it tests its head (is --store the operator's?)")
+    chosen = branch or ("main" if "main" in known else known[0] if len(known) == 1 else None)
+    if chosen is None:
+        raise UserError(f"{repo_id} has several tested branches: name one with --branch ({', '.join(known)})")
+    if chosen not in known:
+        raise UserError(f"{repo_id} has no tested branch {chosen} in the store (it has {', '.join(known)})")
+    return BranchLine(None, repo_id, chosen, store.branch_line(repo_id, chosen) or [])
+
+
 def run(args: argparse.Namespace) -> int:
     if args.limit < 1:
         raise UserError("--limit must be at least 1")
-    target = branch_line(args.path, args.branch, args.limit)
+    target = None if args.repo_id else branch_line(args.path, args.branch, args.limit)
     with open_store_replaying_spool(args.store, args.spool) as store:
+        target = target or stored_branch_line(store, args.repo_id, args.branch)
         history = load_shown_history(store, target.repo_id, target.line, args.limit, args.tests)
         store_url = store.url
         unfinished = unfinished_runs(store, target.repo_id, next(iter(history.counts), None), args.tests)
@@ -192,9 +211,11 @@ def _result_cell(counts: tuple[int, int] | None) -> terminal.Cell:
 
 
 def _subject(repo, sha: str) -> str:
-    """The first line of the commit's message."""
+    """The first line of the commit's message ("" without a checkout: --repo)."""
     from testlooper import gitio
 
+    if repo is None:
+        return ""
     return gitio.commit_message(repo, sha).strip().split("\n", 1)[0]
 
 

@@ -66,7 +66,7 @@ async def serve(options: OperatorOptions) -> None:
     context = OperatorContext(options, api, OperatorMetrics())
     runner = await http.start_server(context)
     logger.info("serving /healthz, /metrics and webhooks on %s:%d", options.api_host, options.api_port)
-    await asyncio.to_thread(check_store, options.store_url)
+    context.store = await asyncio.to_thread(open_history_store, options.store_url)
     if not options.standalone:
         # kopf only patches its peering object; a first replica creates it, so that a fresh
         # install needs no extra manifest per namespace.
@@ -90,27 +90,53 @@ async def serve(options: OperatorOptions) -> None:
     finally:
         await http.stop_server(runner)
         api.close()
+        if context.store is not None:
+            context.store.close()
         logger.info("stopped")
 
 
-def check_store(url: str) -> None:
-    """Say at startup whether the history store answers. Not fatal: part 1 only creates
-    TestRuns, and results are kept until the store is back (part 2 records them)."""
+def open_history_store(url: str):
+    """The history store, or None without --store. One that does not answer is said at startup
+    and kept anyway: Redis clients reconnect, and what needs it retries at the next poll."""
     if not url:
-        logger.warning("no --store: results will not be recorded in a history store")
-        return
+        logger.warning("no --store: results and branch lines are not recorded in a history store")
+        return None
     from testlooper.store import StoreError, open_store, store_identity
 
     try:
         store = open_store(url)
-        try:
-            store.ping()
-        finally:
-            store.close()
     except (StoreError, ValueError, OSError) as exc:
+        logger.warning("history store %s does not answer: %s", store_identity(url), exc)
+        return _ReopeningStore(url)
+    try:
+        store.ping()
+    except (StoreError, OSError) as exc:
         logger.warning("history store %s does not answer: %s", store_identity(url), exc)
     else:
         logger.info("history store %s answers", store_identity(url))
+    return store
+
+
+class _ReopeningStore:
+    """A store that could not be opened at startup: each call tries to open it again."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self._store = None
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+
+    def __getattr__(self, name: str):
+        if self._store is None:
+            from testlooper.store import StoreUnavailable, open_store
+
+            try:
+                self._store = open_store(self.url)
+            except (ValueError, OSError) as exc:
+                raise StoreUnavailable(str(exc)) from None
+        return getattr(self._store, name)
 
 
 def run(options: OperatorOptions) -> int:

@@ -36,6 +36,7 @@ class WatchedRepo:
     url_key: str  # repos.urls.normalize_url of spec.url
     webhook_secret: str  # the name of the Secret holding key `secret`, or ""
     wake: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    lines_recorded: dict = dataclasses.field(default_factory=dict)  # branch -> head whose line the store has
 
 
 class RepoRegistry:
@@ -55,6 +56,9 @@ class RepoRegistry:
     def unregister(self, uid: str) -> None:
         self._repos.pop(uid, None)
 
+    def get(self, uid: str) -> WatchedRepo | None:
+        return self._repos.get(uid)
+
     def in_namespace(self, namespace: str) -> list[WatchedRepo]:
         return [repo for repo in self._repos.values() if repo.namespace == namespace]
 
@@ -73,6 +77,7 @@ class OperatorContext:
         self.repos = RepoRegistry()
         self.poll_slots = asyncio.Semaphore(max(1, options.max_concurrent_polls))
         self.ready = asyncio.Event()
+        self.store = None  # the history store (--store), opened at startup
 
     def mirror_path(self, namespace: str, name: str, uid: str) -> str:
         # By uid: a Repo deleted and created again under the same name (maybe with another URL)

@@ -32,6 +32,9 @@ class OperatorMetrics:
         self.definitions_errors = Counter(
             "testlooper_definitions_errors_total", "Branch heads whose definitions did not resolve",
             ["namespace", "repo"], registry=self.registry)
+        self.store_errors = Counter(
+            "testlooper_store_errors_total", "History store calls that failed and will be retried, by operation",
+            ["operation"], registry=self.registry)
         self.repos = Gauge("testlooper_repos", "Repos the operator is polling", registry=self.registry)
         self.last_poll = Gauge("testlooper_last_poll_timestamp_seconds", "When a Repo was last polled",
                                ["namespace", "repo"], registry=self.registry)

@@ -22,6 +22,7 @@ from testlooper.decisions.testrun import RESULT_FROM_COMMIT, RESULT_FROM_TESTRUN
 from testlooper.repos.mirror import GitCredentials, GitMirror, MirrorError
 
 CREATE_CONCURRENCY = 8
+BRANCH_LINE_DEPTH = 1000  # first-parent commits kept per branch for `history --repo`
 logger = logging.getLogger(__name__)
 
 
@@ -135,6 +136,9 @@ async def poll(context: OperatorContext, body: kopf.Body, name: str, namespace: 
     for head in new_heads:
         if head.error:
             context.metrics.definitions_errors.labels(*labels).inc()
+    watched = context.repos.get(uid)
+    if context.store is not None and watched is not None:
+        await asyncio.to_thread(record_branch_lines, context, f"{namespace}/{name}", mirror, tested, watched)
     observed = decide.PollObservations(heads=heads, new_heads=tuple(new_heads), testruns=testruns,
                                        reachable_commits=frozenset(reachable), now=now)
     return True, await apply(context, body, name, namespace, status, now, decide.decide_poll(spec, status, observed))
@@ -178,6 +182,27 @@ def observe_head(mirror: GitMirror, branch: str, sha: str, spec: dict, repositor
             depends_on=tuple(task["depends_on"]), definition=definition,
         ))
     return decide.HeadObservation(branch, sha, tasks=tuple(tasks), reason=planned["reason"], warnings=tuple(warnings))
+
+
+def record_branch_lines(context: OperatorContext, repo_id: str, mirror: GitMirror, tested: dict[str, str],
+                        watched) -> None:
+    """Keep each tested branch's first-parent line in the history store (blocking: in a thread),
+    so that `testlooper history --repo NAMESPACE/NAME` needs no checkout. A store that is down
+    is asked again at the next poll."""
+    from testlooper import gitio
+    from testlooper.store import StoreError
+
+    for branch, head in tested.items():
+        if watched.lines_recorded.get(branch) == head:
+            continue
+        try:
+            line = gitio.first_parent_line(mirror.repo(), head, BRANCH_LINE_DEPTH)
+            context.store.record_branch_line(repo_id, branch, line)
+        except (StoreError, gitio.GitError) as exc:
+            context.metrics.store_errors.labels("record_branch_line").inc()
+            logger.warning("Repo %s: branch %s's line not recorded, will retry: %s", repo_id, branch, exc)
+            return
+        watched.lines_recorded[branch] = head
 
 
 def other_repositories(context: OperatorContext, namespace: str, own_uid: str):

@@ -197,6 +197,20 @@ class HistoryStore(abc.ABC):
         """The repos that have recorded runs, sorted."""
 
     @abc.abstractmethod
+    def record_branch_line(self, repo: str, branch: str, line: list[str]) -> None:
+        """Keep `line`, the branch's first-parent shas from its head, newest first, in place of
+        the one kept before. The operator records it for each tested head, so that `history`
+        and `flaky` can show a repository that has no checkout on the reader's machine."""
+
+    @abc.abstractmethod
+    def branch_line(self, repo: str, branch: str) -> list[str] | None:
+        """The line last recorded for the branch, newest first; None when none was."""
+
+    @abc.abstractmethod
+    def branches(self, repo: str) -> list[str]:
+        """The branches with a recorded line, sorted."""
+
+    @abc.abstractmethod
     def ping(self) -> None:
         """Return if the backend answers, raise StoreUnavailable if not."""
 

@@ -323,6 +323,23 @@ class RedisHistoryStore(HistoryStore):
     def repos(self) -> list[str]:
         return sorted(member.decode() for member in self._client.smembers(REPOS_KEY))
 
+    @staticmethod
+    def _lines_key(repo: str) -> str:
+        return f"tl:lines:{quote(repo, safe='')}"
+
+    @unavailable_on_connection_error
+    def record_branch_line(self, repo: str, branch: str, line: list[str]) -> None:
+        self._client.hset(self._lines_key(repo), branch, " ".join(line))
+
+    @unavailable_on_connection_error
+    def branch_line(self, repo: str, branch: str) -> list[str] | None:
+        value = self._client.hget(self._lines_key(repo), branch)
+        return value.decode().split() if value is not None else None
+
+    @unavailable_on_connection_error
+    def branches(self, repo: str) -> list[str]:
+        return sorted(branch.decode() for branch in self._client.hkeys(self._lines_key(repo)))
+
     @unavailable_on_connection_error
     def ping(self) -> None:
         self._client.ping()

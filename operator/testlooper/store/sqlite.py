@@ -24,7 +24,7 @@ from testlooper.store.base import (
 
 # 2: `error` runs are no longer counted (schema 1 counted them as failures).
 # 3: run indexes are allocated (run_index_allocations).
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 BUSY_TIMEOUT_MS = 30_000
 # Errors (by primary result code) meaning the file cannot be used now, rather than a bug.
 UNAVAILABLE_ERRORS = frozenset({
@@ -40,6 +40,13 @@ ALLOCATIONS_TABLE = """CREATE TABLE IF NOT EXISTS run_index_allocations (
         task TEXT NOT NULL,
         following INTEGER NOT NULL,
         PRIMARY KEY (commit_id, task)) WITHOUT ROWID"""
+
+# Per (repo, branch), the first-parent line last recorded by the operator (shas, space separated).
+BRANCH_LINES_TABLE = """CREATE TABLE IF NOT EXISTS branch_lines (
+        repo TEXT NOT NULL,
+        branch TEXT NOT NULL,
+        line TEXT NOT NULL,
+        PRIMARY KEY (repo, branch)) WITHOUT ROWID"""
 
 SCHEMA = (
     """CREATE TABLE commits (
@@ -84,6 +91,7 @@ SCHEMA = (
         failures INTEGER NOT NULL,
         PRIMARY KEY (commit_id, case_id)) WITHOUT ROWID""",
     ALLOCATIONS_TABLE,
+    BRANCH_LINES_TABLE,
 )
 
 
@@ -241,6 +249,8 @@ class SqliteHistoryStore(HistoryStore):
                 self._stop_counting_errors(cursor)
             if version <= 2:
                 cursor.execute(ALLOCATIONS_TABLE)
+            if version <= 3:
+                cursor.execute(BRANCH_LINES_TABLE)
         cursor.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def _stop_counting_errors(self, cursor: sqlite3.Cursor) -> None:
@@ -433,6 +443,28 @@ class SqliteHistoryStore(HistoryStore):
             return [repo for (repo,) in cursor.execute(
                 "SELECT DISTINCT c.repo FROM commits c"
                 " WHERE EXISTS (SELECT 1 FROM runs r WHERE r.commit_id = c.id) ORDER BY c.repo")]
+
+    def record_branch_line(self, repo: str, branch: str, line: list[str]) -> None:
+        with self._transaction() as cursor:
+            cursor.execute("INSERT INTO branch_lines (repo, branch, line) VALUES (?, ?, ?)"
+                           " ON CONFLICT DO UPDATE SET line = excluded.line", (repo, branch, " ".join(line)))
+
+    def branch_line(self, repo: str, branch: str) -> list[str] | None:
+        with self._transaction(write=False) as cursor:
+            try:
+                row = cursor.execute("SELECT line FROM branch_lines WHERE repo = ? AND branch = ?",
+                                     (repo, branch)).fetchone()
+            except sqlite3.OperationalError:  # an older store opened read-only: no such table yet
+                return None
+        return row[0].split() if row else None
+
+    def branches(self, repo: str) -> list[str]:
+        with self._transaction(write=False) as cursor:
+            try:
+                return [branch for (branch,) in cursor.execute(
+                    "SELECT branch FROM branch_lines WHERE repo = ? ORDER BY branch", (repo,))]
+            except sqlite3.OperationalError:
+                return []
 
     def ping(self) -> None:
         with self._transaction(write=False) as cursor:
