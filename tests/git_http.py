@@ -2,6 +2,7 @@
 
 Runs in a thread on a free loopback port and serves the bare repositories under `root`. Every
 request's Authorization header is recorded, so a test can show which credentials git sent.
+`hold()` makes requests wait until `release()`, so a test can act while a fetch is under way.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ class GitHttpServer:
         self.root = Path(root)
         self.username, self.password = username, password
         self.authorizations: list[str] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.held = threading.Event()  # set once a request has waited at the closed gate
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -34,6 +38,9 @@ class GitHttpServer:
                 self._serve()
 
             def _serve(self):
+                if not server.gate.is_set():
+                    server.held.set()
+                    server.gate.wait(timeout=60)
                 header = self.headers.get("Authorization", "")
                 server.authorizations.append(header)
                 if server.username and header != "Basic " + base64.b64encode(
@@ -77,6 +84,13 @@ class GitHttpServer:
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
+    def hold(self) -> None:
+        self.held.clear()
+        self.gate.clear()
+
+    def release(self) -> None:
+        self.gate.set()
+
     def url(self, repository: str) -> str:
         return f"http://127.0.0.1:{self.port}/{repository}"
 
@@ -85,5 +99,6 @@ class GitHttpServer:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.release()
         self._server.shutdown()
         self._server.server_close()

@@ -383,3 +383,51 @@ def test_history_of_a_cluster_repo_needs_no_checkout(kube, tmp_path):
                                      capture_output=True, text=True, timeout=60, cwd=tmp_path)
             assert (unknown.returncode, unknown.stderr) == (
                 2, f"testlooper: error: {NAMESPACE}/demo has no tested branch dev in the store (it has main)\n")
+
+
+OTHER_DEFINITIONS = GOOD_DEFINITIONS.replace("smoke/linux", "other/linux")
+
+
+def test_a_spec_edit_made_while_git_is_unreachable_is_applied_when_it_comes_back(kube, operator, tmp_path):
+    """The poll that saw the edit could not fetch, so it applied nothing: the first poll that
+    fetches must still read every head with the new spec, even though no head moved."""
+    work, bare, first = make_origin(tmp_path)
+    work.commit({"ci/other.yml": OTHER_DEFINITIONS}, "a second definitions file")
+    work.git("push", "--quiet", "origin", "main")
+    url = f"file://{bare}"
+    apply(kube, secret("hook", secret="s"), repo("demo", url, webhookSecret="hook"))
+    wait_for(lambda: [t["spec"]["task"] for t in list_testruns(kube)] == ["smoke/linux"], message="the first TestRun")
+    hidden = bare.with_name("hidden.git")
+    bare.rename(hidden)
+    kube.kubectl("patch", "repo", "demo", "-n", NAMESPACE, "--type", "merge",
+                 "-p", '{"spec": {"definitionsPath": "ci/other.yml"}}')
+    wait_for(lambda: condition(repo_object(kube), "GitReachable").get("status") == "False", message="git unreachable")
+    hidden.rename(bare)
+    status, _ = operator.webhook("/webhooks/github", *signed_push(url, work.head(), secret="s"))
+    assert status == 202
+    wait_for(lambda: condition(repo_object(kube), "GitReachable").get("status") == "True", message="git back")
+    wait_for(lambda: sorted(t["spec"]["task"] for t in list_testruns(kube)) == ["other/linux", "smoke/linux"],
+             message="the edited definitionsPath read once git answers again")
+    obj = repo_object(kube)
+    assert obj["status"]["observedGeneration"] == obj["metadata"]["generation"]
+
+
+def test_a_spec_edit_landing_during_a_fetch_is_read_by_the_next_poll(kube, operator, tmp_path):
+    """The poll under way read the old spec: it must not record the edit as observed."""
+    work, bare, first = make_origin(tmp_path)
+    work.commit({"ci/other.yml": OTHER_DEFINITIONS}, "a second definitions file")
+    work.git("push", "--quiet", "origin", "main")
+    with GitHttpServer(bare.parent) as server:
+        url = server.url("origin.git")
+        apply(kube, secret("hook", secret="s"), repo("demo", url, webhookSecret="hook"))
+        wait_for(lambda: [t["spec"]["task"] for t in list_testruns(kube)] == ["smoke/linux"], message="the first TestRun")
+        server.hold()
+        status, _ = operator.webhook("/webhooks/github", *signed_push(url, work.head(), secret="s"))
+        assert status == 202
+        assert server.held.wait(timeout=20), "the webhook's poll never fetched"
+        kube.kubectl("patch", "repo", "demo", "-n", NAMESPACE, "--type", "merge",
+                     "-p", '{"spec": {"definitionsPath": "ci/other.yml"}}')
+        time.sleep(0.5)  # the watch brings the edit to the operator while its fetch waits
+        server.release()
+        wait_for(lambda: sorted(t["spec"]["task"] for t in list_testruns(kube)) == ["other/linux", "smoke/linux"],
+                 message="the definitionsPath edited during the fetch read by the next poll")

@@ -87,20 +87,25 @@ async def poll(context: OperatorContext, body: kopf.Body, name: str, namespace: 
                status: dict) -> tuple[bool, dict]:
     """One poll from the last written `status`; returns (whether git could be reached, so the
     caller backs off when not; the status written)."""
+    # One snapshot of spec and generation: kopf updates `body` while the poll awaits, and an
+    # edit landing mid-poll must not be recorded as observed by a poll that used the old spec.
     spec = dict(body.get("spec") or {})
+    generation = body.get("metadata", {}).get("generation")
     now = _now()
     invalid = _spec_problem(spec)
     if invalid:
-        return True, await _apply_status(context, body, name, namespace, status, now,
+        return True, await _apply_status(context, name, namespace, status, now, generation,
                                          [("Ready", "False", "InvalidSpec", invalid)], status.get("branches") or [],
-                                         status.get("branchesSummary", ""), message=invalid)
+                                         status.get("branchesSummary", ""), message=invalid,
+                                         observed_generation=generation)
     from testlooper.kube.objects import REPO_LABEL, label_value
 
     listed = await context.api.list_objects("testruns", namespace, f"{REPO_LABEL}={label_value(name)}")
     testruns = tuple(_existing(item) for item in listed)
     if spec.get("suspend"):
         decision = decide.decide_suspended(status, testruns)
-        return True, await apply(context, body, name, namespace, status, now, decision)
+        return True, await apply(context, body, spec, name, namespace, status, now, generation, decision,
+                                 observed_generation=generation)
 
     started = time.monotonic()
     labels = (namespace, name)
@@ -116,7 +121,7 @@ async def poll(context: OperatorContext, body: kopf.Body, name: str, namespace: 
             tested = decide.tested_branches(spec.get("branches") or ["main"], heads)
             # A spec edit (definitionsPath, testSets, runs...) changes what every head runs:
             # read them all again; what exists already is not created twice.
-            respec = body.get("metadata", {}).get("generation") != status.get("observedGeneration")
+            respec = generation != status.get("observedGeneration")
             moved = tested if respec else decide.moved_heads(tested, status.get("branches") or [])
             repositories = other_repositories(context, namespace, uid)
             new_heads = []
@@ -127,8 +132,11 @@ async def poll(context: OperatorContext, body: kopf.Body, name: str, namespace: 
     except (MirrorError, CredentialsProblem) as exc:
         context.metrics.git_poll_errors.labels(*labels).inc()
         logger.warning("Repo %s/%s: %s", namespace, name, exc)  # redacted: see repos/mirror.py
-        return False, await apply(context, body, name, namespace, status, now,
-                                  decide.decide_git_failure(str(exc), status))
+        # Nothing was read with this spec: the generation stays unobserved, so the first poll
+        # that fetches reads every head with it.
+        return False, await apply(context, body, spec, name, namespace, status, now, generation,
+                                  decide.decide_git_failure(str(exc), status),
+                                  observed_generation=status.get("observedGeneration"))
     finally:
         context.metrics.git_poll_seconds.labels(*labels).observe(time.monotonic() - started)
         context.metrics.last_poll.labels(*labels).set_to_current_time()
@@ -141,7 +149,8 @@ async def poll(context: OperatorContext, body: kopf.Body, name: str, namespace: 
         await asyncio.to_thread(record_branch_lines, context, f"{namespace}/{name}", mirror, tested, watched)
     observed = decide.PollObservations(heads=heads, new_heads=tuple(new_heads), testruns=testruns,
                                        reachable_commits=frozenset(reachable), now=now)
-    return True, await apply(context, body, name, namespace, status, now, decide.decide_poll(spec, status, observed))
+    return True, await apply(context, body, spec, name, namespace, status, now, generation,
+                             decide.decide_poll(spec, status, observed), observed_generation=generation)
 
 
 def observe_head(mirror: GitMirror, branch: str, sha: str, spec: dict, repositories=None) -> decide.HeadObservation:
@@ -226,13 +235,16 @@ def other_repositories(context: OperatorContext, namespace: str, own_uid: str):
                                               "by name or by the end of their URL, once they have been fetched")
 
 
-async def apply(context: OperatorContext, body: kopf.Body, name: str, namespace: str, status: dict, now: str,
-                decision: decide.PollDecision) -> dict:
+async def apply(context: OperatorContext, body: kopf.Body, spec: dict, name: str, namespace: str, status: dict,
+                now: str, generation: int | None, decision: decide.PollDecision, *,
+                observed_generation: int | None) -> dict:
+    """Carry out `decision`, made from `spec` at `generation`; `observed_generation` is the
+    generation whose spec every tested head has now been read with (see _apply_status)."""
     from testlooper.kube.objects import build_testrun, testrun_name
 
     repo_object = {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"), "metadata": dict(body.metadata),
-                   "spec": dict(body.get("spec") or {})}
-    pool = (body.get("spec") or {}).get("workerPool") or None
+                   "spec": spec}
+    pool = spec.get("workerPool") or None
     slots = asyncio.Semaphore(CREATE_CONCURRENCY)
 
     async def create(item: decide.TestRunToCreate) -> bool:
@@ -265,23 +277,27 @@ async def apply(context: OperatorContext, body: kopf.Body, name: str, namespace:
     for event_type, reason, message in decision.events:
         kopf.event(body, type=event_type, reason=reason, message=message[:1000])
     failed_condition = next((c for c in decision.conditions if c[0] == "GitReachable" and c[1] == "False"), None)
-    return await _apply_status(context, body, name, namespace, status, now, decision.conditions,
+    return await _apply_status(context, name, namespace, status, now, generation, decision.conditions,
                                decision.branches, decision.branches_summary,
                                message=failed_condition[3] if failed_condition else "",
-                               fetched=any(c[0] == "GitReachable" and c[1] == "True" for c in decision.conditions))
+                               fetched=any(c[0] == "GitReachable" and c[1] == "True" for c in decision.conditions),
+                               observed_generation=observed_generation)
 
 
-async def _apply_status(context: OperatorContext, body: kopf.Body, name: str, namespace: str, status: dict,
-                        now: str, conditions: list[tuple[str, str, str, str]], branches: list[dict],
-                        summary: str, message: str = "", fetched: bool = False) -> dict:
+async def _apply_status(context: OperatorContext, name: str, namespace: str, status: dict, now: str,
+                        generation: int | None, conditions: list[tuple[str, str, str, str]], branches: list[dict],
+                        summary: str, *, observed_generation: int | None, message: str = "",
+                        fetched: bool = False) -> dict:
+    """Write the Repo's status. Its conditions speak of `generation`; `observedGeneration` says
+    which spec every tested head was last read with, so that a poll that could not read them
+    leaves the next one to (a spec edit must not be lost to a git outage)."""
     from testlooper.kube.objects import condition, set_condition
 
-    generation = body.get("metadata", {}).get("generation")
     merged = list(status.get("conditions") or [])
     for condition_type, condition_status, reason, text in conditions:
         merged = set_condition(merged, condition(condition_type, condition_status, reason, text, now, generation))
     patch = {"conditions": merged, "branches": branches, "branchesSummary": summary,
-             "observedGeneration": generation, "message": message}
+             "observedGeneration": observed_generation, "message": message}
     if fetched:
         patch["lastPollTime"] = now
     await context.api.patch_status("repos", namespace, name, patch)
