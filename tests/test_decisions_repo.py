@@ -152,3 +152,26 @@ def test_definitions_warnings_become_warning_events():
     decision = decide.decide_poll({"branches": ["main"]}, {}, observe({"main": A}, [head]))
     assert ("Warning", "DefinitionsWarning", f"branch main at {A[:12]}: testlooper.yml:7:5: key 'command' is written twice") in decision.events
     assert len(decision.create) == 1
+
+
+def test_a_head_that_comes_back_gets_its_cancelled_testruns_again():
+    """A force push undone (or a deleted branch restored) makes a cancelled commit a head again:
+    its cancelled TestRuns are replaced, not left as its only result."""
+    cancelled = existing("a-t1", A, "t1", phase="Cancelled", result="cancelled", cancel=True)
+    asked = existing("a-t2", A, "t2", phase="Pending", cancel=True)  # its handler has not written yet
+    head = decide.HeadObservation("main", A, tasks=(task("t1"), task("t2")))
+    decision = decide.decide_poll({"branches": ["main"]}, {"branches": [{"name": "main", "commit": B}]},
+                                  observe({"main": A}, [head], [cancelled, asked], reachable=[A]))
+    assert decision.replace == ["a-t1", "a-t2"]
+    assert [item.task.name for item in decision.create] == ["t1", "t2"]
+    assert decision.cancel == []
+    assert decision.branches[0]["running"] == 2
+
+
+def test_a_spec_edit_does_not_bring_back_testruns_of_a_head_that_did_not_move():
+    """Re-reading an unmoved head (a spec edit) leaves a TestRun cancelled by hand cancelled."""
+    by_hand = existing("a-t1", A, "t1", phase="Cancelled", result="cancelled", cancel=True)
+    head = decide.HeadObservation("main", A, tasks=(task("t1"),))
+    decision = decide.decide_poll({"branches": ["main"]}, {"branches": [{"name": "main", "commit": A}]},
+                                  observe({"main": A}, [head], [by_hand], reachable=[A]))
+    assert decision.replace == [] and decision.create == []

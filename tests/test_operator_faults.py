@@ -431,3 +431,31 @@ def test_a_spec_edit_landing_during_a_fetch_is_read_by_the_next_poll(kube, opera
         server.release()
         wait_for(lambda: sorted(t["spec"]["task"] for t in list_testruns(kube)) == ["other/linux", "smoke/linux"],
                  message="the definitionsPath edited during the fetch read by the next poll")
+
+
+def test_a_force_push_undone_tests_the_commit_that_came_back(kube, operator, tmp_path):
+    work, bare, first = make_origin(tmp_path)
+    url = f"file://{bare}"
+    apply(kube, secret("hook", secret="s"), repo("demo", url, webhookSecret="hook"))
+    wait_for(lambda: len(list_testruns(kube)) == 1, message="the first TestRun")
+
+    def push(commit: str, force: bool = False) -> None:
+        work.git("push", "--quiet", *(["--force"] if force else []), "origin", f"{commit}:refs/heads/main")
+        assert operator.webhook("/webhooks/github", *signed_push(url, commit, secret="s"))[0] == 202
+
+    def phases(commit: str) -> list[str]:
+        return [(t.get("status") or {}).get("phase") for t in list_testruns(kube, **{"testlooper.dev/commit": commit})]
+
+    kept = work.commit({"x": "kept"}, "the commit that will come back")
+    push(kept)
+    wait_for(lambda: phases(kept) == ["Pending"], message="its TestRun")
+    work.git("reset", "--quiet", "--hard", first)
+    mistake = work.commit({"x": "mistake"}, "pushed by mistake")
+    push(mistake, force=True)
+    wait_for(lambda: phases(kept) == ["Cancelled"] and phases(mistake) == ["Pending"], message="the mistake")
+    push(kept, force=True)  # undone
+    wait_for(lambda: phases(kept) == ["Pending"] and phases(mistake) == ["Cancelled"],
+             message="the commit that came back tested again")
+    testrun, = list_testruns(kube, **{"testlooper.dev/commit": kept})
+    assert not testrun["spec"].get("cancel")
+    assert "1 running" in repo_object(kube)["status"]["branchesSummary"]

@@ -262,10 +262,20 @@ async def apply(context: OperatorContext, body: kopf.Body, spec: dict, name: str
         async with slots:
             return await context.api.create_object("testruns", namespace, testrun)
 
+    # A cancelled TestRun of a head that came back goes first, so its name is free again.
+    for testrun in decision.replace:
+        await context.api.delete_object("testruns", namespace, testrun)
     # Builds come first in the plan; creating in that order (with bounded overlap) means a
     # consumer never exists long before the build it waits for.
     created = await asyncio.gather(*(create(item) for item in decision.create))
     count = sum(1 for made in created if made)
+    replaced = set(decision.replace)
+    still_there = [testrun_name(name, item.commit, item.task.name) for item, made in zip(decision.create, created)
+                   if not made and testrun_name(name, item.commit, item.task.name) in replaced]
+    if still_there:
+        # Not deleted yet (a finalizer): the status is not written, so the next poll tries again.
+        raise RuntimeError(f"cancelled TestRuns {', '.join(still_there)} are still being deleted; "
+                           "they are made again on the next poll")
     if count:
         context.metrics.testruns_created.labels(namespace, name).inc(count)
     for testrun in decision.cancel:

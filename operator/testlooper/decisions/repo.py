@@ -39,6 +39,11 @@ class ExistingTestRun:
     def ended(self) -> bool:
         return self.phase in ENDED_PHASES
 
+    @property
+    def cancelled(self) -> bool:
+        """Asked to cancel, or cancelled: it will never give this commit a result."""
+        return self.cancel or self.result == "cancelled"
+
 
 @dataclasses.dataclass(frozen=True)
 class PlannedTask:
@@ -91,6 +96,9 @@ class PollDecision:
     conditions: list[tuple[str, str, str, str]]  # (type, status, reason, message)
     branches: list[dict]  # status.branches
     branches_summary: str
+    # TestRun names to delete before `create` makes them again: cancelled TestRuns of a commit
+    # that is a tested head once more (a force push undone, a deleted branch restored).
+    replace: list[str] = dataclasses.field(default_factory=list)
 
 
 def run_content_hash(definition_hash: str, source_tree: str) -> str:
@@ -118,8 +126,10 @@ def decide_poll(spec: dict, previous_status: dict, observed: PollObservations) -
     tested = tested_branches(spec.get("branches") or ["main"], observed.heads)
     existing_by_commit_task = {(run.commit, run.task): run for run in observed.testruns}
     passed_by_hash = _passed_by_hash(observed.testruns)
+    previous_heads = {entry.get("name"): entry.get("commit") for entry in previous_status.get("branches") or []}
 
     create: list[TestRunToCreate] = []
+    replace: list[str] = []
     events: list[tuple[str, str, str]] = []
     errors = {}
     for head in observed.new_heads:
@@ -135,9 +145,15 @@ def decide_poll(spec: dict, previous_status: dict, observed: PollObservations) -
                            f"branch {head.branch} at {head.commit[:12]} has no definitions file: nothing to test"))
             continue
         added = 0
+        # A head that moved here (not one re-read for a spec edit, where a TestRun cancelled by
+        # hand stays cancelled) gets its cancelled TestRuns again.
+        came_back = previous_heads.get(head.branch) != head.commit
         for task in head.tasks:
             if (head.commit, task.name) in existing_by_commit_task:
-                continue  # another branch at the same commit, or a retry after a partial apply
+                found = existing_by_commit_task[(head.commit, task.name)]
+                if not (came_back and found is not None and found.cancelled):
+                    continue  # another branch at the same commit, or a retry after a partial apply
+                replace.append(found.name)
             reused = passed_by_hash.get(task.hash)
             if reused is not None and reused.commit == head.commit:
                 reused = None
@@ -160,7 +176,7 @@ def decide_poll(spec: dict, previous_status: dict, observed: PollObservations) -
                        f"{len(cancel)} TestRuns of commits no tested branch contains any more were cancelled"))
 
     delete = _past_retention(spec, observed, tested, create)
-    branches = _branch_tallies(tested, observed.testruns, create, set(cancel), still_invalid)
+    branches = _branch_tallies(tested, observed.testruns, create, set(cancel) | set(replace), still_invalid)
 
     if still_invalid:
         messages = [f"{entry['branch']} at {entry['commit'][:12]}: {entry['error']}" for entry in still_invalid]
@@ -175,7 +191,7 @@ def decide_poll(spec: dict, previous_status: dict, observed: PollObservations) -
         definitions_condition,
         ready,
     ]
-    return PollDecision(create, cancel, delete, events, conditions, branches, branches_summary(branches))
+    return PollDecision(create, cancel, delete, events, conditions, branches, branches_summary(branches), replace)
 
 
 def decide_git_failure(message: str, previous_status: dict) -> PollDecision:
