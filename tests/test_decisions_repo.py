@@ -175,3 +175,26 @@ def test_a_spec_edit_does_not_bring_back_testruns_of_a_head_that_did_not_move():
     decision = decide.decide_poll({"branches": ["main"]}, {"branches": [{"name": "main", "commit": A}]},
                                   observe({"main": A}, [head], [by_hand], reachable=[A]))
     assert decision.replace == [] and decision.create == []
+
+
+def test_retention_never_deletes_a_testrun_that_has_not_ended():
+    """An unended TestRun's result is not in the store yet: deleting it would lose it."""
+    old_running = existing("old-running", B, "t1", phase="Pending", created="2026-12-01T01:00:00Z")
+    old_asked = existing("old-asked", B, "t2", phase="Pending", cancel=True, created="2026-12-01T01:00:00Z")
+    old_done = existing("old-done", B, "t3", phase="Failed", result="failed", created="2026-12-01T01:00:00Z")
+    head = existing("head", A, "t1", phase="Pending", created="2026-12-01T02:00:00Z")
+    decision = decide.decide_poll({"branches": ["main"], "retention": {"keepCommits": 1}},
+                                  {"branches": [{"name": "main", "commit": A}]},
+                                  observe({"main": A}, [], [old_running, old_asked, old_done, head], reachable=[A, B]))
+    assert decision.delete == ["old-done"]
+
+
+def test_retention_counts_a_head_first_among_commits_seen_in_the_same_second():
+    same_second = "2026-12-01T02:00:00Z"
+    older = existing("older", B, "t", phase="Cancelled", result="cancelled", cancel=True, created=same_second)
+    head = existing("head", A, "t", phase="Pending", created=same_second)
+    for listed in ([older, head], [head, older]):
+        decision = decide.decide_poll({"branches": ["main"], "retention": {"keepCommits": 1}},
+                                      {"branches": [{"name": "main", "commit": A}]},
+                                      observe({"main": A}, [], listed, reachable=[A]))
+        assert decision.delete == ["older"]

@@ -64,7 +64,7 @@ def test_push_to_testruns_end_to_end(kube, origin, tmp_path):
     standby = OperatorProcess(kube, tmp_path, namespaces=[NAMESPACE], priority=1, client="operator-b")
     try:
         # 1. Apply a WorkerPool and a Repo, then push a commit: its TestRuns appear within seconds.
-        apply_examples(kube, tmp_path, url, pollIntervalSeconds=10, retention={"keepCommits": 2})
+        apply_examples(kube, tmp_path, url, pollIntervalSeconds=10, retention={"keepCommits": 1})
         work.git("add", "--all")
         work.git("commit", "--quiet", "-m", "first")
         first = work.head()
@@ -130,7 +130,8 @@ def test_push_to_testruns_end_to_end(kube, origin, tmp_path):
 
         # 4. A force push: the second commit is no longer on any tested branch, so its TestRuns
         #    are cancelled; the first commit's stay; the new head's are created. Retention
-        #    (keepCommits: 2) then deletes the oldest commit's objects, never a head's.
+        #    (keepCommits: 1) then deletes the cancelled ones on the next poll, and keeps the
+        #    first commit's: they have not ended, so their results are not in the store yet.
         work.git("reset", "--quiet", "--hard", first)
         third = work.commit({"README.md": "third\n"}, "third, rewritten history")
         work.git("push", "--quiet", "--force", "origin", "main")
@@ -144,7 +145,10 @@ def test_push_to_testruns_end_to_end(kube, origin, tmp_path):
         for item in wait_for(cancelled_second, message="the orphaned TestRuns cancelled"):
             assert item["status"]["result"] == "cancelled"
         wait_for(lambda: len(list_testruns(kube, **{"testlooper.dev/commit": third})) == 3, message="third commit")
-        wait_for(lambda: list_testruns(kube, **{"testlooper.dev/commit": first}) == [], message="retention")
+        status, _ = operator.webhook("/webhooks/github", *signed_push(url, third))
+        assert status == 202
+        wait_for(lambda: list_testruns(kube, **{"testlooper.dev/commit": second}) == [], message="retention")
+        assert len(list_testruns(kube, **{"testlooper.dev/commit": first})) == 3
 
         # 5. A second replica (lower priority) stands by: it writes nothing while the first runs.
         #    When the first stops (SIGTERM, as a rolling update does), it takes over, polls, and

@@ -263,8 +263,9 @@ def _still_invalid(tested: dict[str, str], errors: dict[str, HeadObservation], p
 
 def _past_retention(spec: dict, observed: PollObservations, tested: dict[str, str],
                     create: list[TestRunToCreate]) -> list[str]:
-    """TestRuns of commits older than the newest `retention.keepCommits` (the heads of tested
-    branches are always kept). History stays in the store; only the objects go."""
+    """Ended TestRuns of commits older than the newest `retention.keepCommits` (the heads of
+    tested branches are always kept). History stays in the store; only the objects go. One that
+    has not ended stays until it has: its result is not in the store yet."""
     keep = int((spec.get("retention") or {}).get("keepCommits") or 50)
     first_seen: dict[str, str] = {}
     for run in observed.testruns:
@@ -272,9 +273,13 @@ def _past_retention(spec: dict, observed: PollObservations, tested: dict[str, st
             first_seen[run.commit] = run.created
     for item in create:
         first_seen.setdefault(item.commit, observed.now)
-    newest = sorted(first_seen, key=lambda commit: first_seen[commit], reverse=True)
-    kept = set(newest[:keep]) | set(tested.values())
-    return sorted(run.name for run in observed.testruns if run.commit not in kept)
+    # Creation times have whole seconds: of commits first seen in the same second, a tested
+    # head counts as the newer (it is kept anyway), then the commit, so the choice never
+    # depends on the order the API listed them in.
+    heads = set(tested.values())
+    newest = sorted(first_seen, key=lambda commit: (first_seen[commit], commit in heads, commit), reverse=True)
+    kept = set(newest[:keep]) | heads
+    return sorted(run.name for run in observed.testruns if run.commit not in kept and run.ended)
 
 
 def _branch_tallies(tested: dict[str, str], testruns: tuple[ExistingTestRun, ...], create: list[TestRunToCreate],
