@@ -42,6 +42,8 @@ def test_gitlab_push_and_token():
 
 @pytest.mark.parametrize("body, message", [
     (b"not json", "not JSON"), (b"[1, 2]", "not a JSON object"), (b'{"ref": "x"}', "names no repository"),
+    (b"[" * 100_000, "nested too deeply"),  # anyone may send it, before any signature is checked
+    (b'{"repository": ' * 100_000, "nested too deeply"),
 ])
 def test_bad_payloads_say_what_is_wrong(body, message):
     with pytest.raises(PayloadError, match=message):

@@ -1,6 +1,6 @@
 """Push webhooks: which repository a payload names, and whether its signature holds.
 
-Both are pure, so the HTTP handler (cluster/webhooks.py) only reads the request, asks these,
+Both are pure, so the HTTP handler (cluster/http.py) only reads the request, asks these,
 and wakes the Repos they match.
 """
 
@@ -40,6 +40,8 @@ def repository_urls(provider: str, body: bytes) -> set[str]:
         payload = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         raise PayloadError("the body is not JSON") from None
+    except RecursionError:  # `[[[[...`: the parser's stack, not a server error
+        raise PayloadError("the body is JSON nested too deeply") from None
     if not isinstance(payload, dict):
         raise PayloadError("the body is not a JSON object")
     if provider == "gitlab":
