@@ -198,3 +198,21 @@ def test_retention_counts_a_head_first_among_commits_seen_in_the_same_second():
                                       {"branches": [{"name": "main", "commit": A}]},
                                       observe({"main": A}, [], listed, reachable=[A]))
         assert decision.delete == ["older"]
+
+
+def test_an_untestable_head_is_read_again_each_poll_and_warned_about_once():
+    """Its error may pass without a push: a pinned repository's commit fetched since, say."""
+    error = "testlooper.yml:2:3: repos.lib: repository 'lib' has no commit 'c0ffee'"
+    previous = {"branches": [{"name": "main", "commit": A, "error": error}]}
+    assert decide.moved_heads({"main": A}, previous["branches"]) == {"main": A}
+    again = decide.decide_poll({"branches": ["main"]}, previous,
+                               observe({"main": A}, [decide.HeadObservation("main", A, error=error)]))
+    assert [e for e in again.events if e[1] == "DefinitionsInvalid"] == []
+    assert {c[0]: c[1] for c in again.conditions}["DefinitionsValid"] == "False"
+    other = decide.decide_poll({"branches": ["main"]}, previous,
+                               observe({"main": A}, [decide.HeadObservation("main", A, error="another error")]))
+    assert [e[2] for e in other.events if e[1] == "DefinitionsInvalid"] == [f"branch main at {A[:12]}: another error"]
+    resolved = decide.decide_poll({"branches": ["main"]}, previous,
+                                  observe({"main": A}, [decide.HeadObservation("main", A, tasks=(task("t"),))]))
+    assert [item.task.name for item in resolved.create] == ["t"]
+    assert {c[0]: c[1] for c in resolved.conditions}["DefinitionsValid"] == "True"

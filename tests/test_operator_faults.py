@@ -461,3 +461,38 @@ def test_a_force_push_undone_tests_the_commit_that_came_back(kube, operator, tmp
     testrun, = list_testruns(kube, **{"testlooper.dev/commit": kept})
     assert not testrun["spec"].get("cancel")
     assert "1 running" in repo_object(kube)["status"]["branchesSummary"]
+
+
+def test_a_pin_to_a_commit_not_fetched_yet_resolves_once_it_is(kube, operator, tmp_path):
+    """The app is pushed just after the lib commit it pins, and polled before the lib is: its
+    head is untestable only until the lib's mirror has that commit, not until the next push."""
+    lib_work, lib_bare, _lib_sha = make_origin(tmp_path / "lib", LIB_DEFINITIONS)
+    apply(kube, secret("hook", secret="s"), repo("lib", f"file://{lib_bare}", webhookSecret="hook"))
+    wait_for(lambda: (repo_object(kube, "lib").get("status") or {}).get("lastPollTime"), message="lib fetched")
+    lib_next = lib_work.commit({"x": "2"}, "what the app is about to pin")
+    lib_work.git("push", "--quiet", "origin", "main")
+    app_definitions = f"""looper_version: 5
+repos:
+  lib: lib/{lib_next}
+environments:
+  linux: {{platform: linux, image: {{name: "busybox"}}}}
+tests:
+  uses-lib/linux:
+    command: "cat $TEST_INPUTS/lib/lib.txt"
+    dependencies: {{lib: lib/build/linux}}
+"""
+    _app_work, app_bare, app_sha = make_origin(tmp_path / "app", app_definitions)
+    apply(kube, repo("app", f"file://{app_bare}", webhookSecret="hook"))
+    invalid = wait_for(lambda: condition(repo_object(kube, "app"), "DefinitionsValid").get("status") == "False"
+                       and repo_object(kube, "app"), message="the pin not fetched yet")
+    assert lib_next in condition(invalid, "DefinitionsValid")["message"]
+
+    assert operator.webhook("/webhooks/github", *signed_push(f"file://{lib_bare}", lib_next, secret="s"))[0] == 202
+    wait_for(lambda: [b["commit"] for b in repo_object(kube, "lib")["status"]["branches"]] == [lib_next],
+             message="lib fetched again")
+    assert operator.webhook("/webhooks/github", *signed_push(f"file://{app_bare}", app_sha, secret="s"))[0] == 202
+    wait_for(lambda: condition(repo_object(kube, "app"), "DefinitionsValid").get("status") == "True",
+             message="the app's unmoved head read again")
+    assert sorted(t["spec"]["task"] for t in list_testruns(kube) if t["spec"]["repo"] == "app") == [
+        "lib/build/linux", "uses-lib/linux"]
+    assert len([e for e in events(kube) if e.get("reason") == "DefinitionsInvalid"]) == 1

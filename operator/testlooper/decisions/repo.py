@@ -116,8 +116,9 @@ def tested_branches(globs: Iterable[str], heads: dict[str, str]) -> dict[str, st
 
 
 def moved_heads(tested: dict[str, str], previous_branches: list[dict]) -> dict[str, str]:
-    """Tested branches whose head is not the one the last poll processed."""
-    processed = {entry.get("name"): entry.get("commit") for entry in previous_branches or []}
+    """Tested branches whose head the last poll did not process, or could not read: an error
+    may pass without a push (a pinned repository's commit fetched since, a file readable again)."""
+    processed = {entry.get("name"): entry.get("commit") for entry in previous_branches or [] if not entry.get("error")}
     return {name: sha for name, sha in tested.items() if processed.get(name) != sha}
 
 
@@ -126,7 +127,8 @@ def decide_poll(spec: dict, previous_status: dict, observed: PollObservations) -
     tested = tested_branches(spec.get("branches") or ["main"], observed.heads)
     existing_by_commit_task = {(run.commit, run.task): run for run in observed.testruns}
     passed_by_hash = _passed_by_hash(observed.testruns)
-    previous_heads = {entry.get("name"): entry.get("commit") for entry in previous_status.get("branches") or []}
+    previous_branches = {entry.get("name"): entry for entry in previous_status.get("branches") or []}
+    previous_heads = {name: entry.get("commit") for name, entry in previous_branches.items()}
 
     create: list[TestRunToCreate] = []
     replace: list[str] = []
@@ -137,8 +139,10 @@ def decide_poll(spec: dict, previous_status: dict, observed: PollObservations) -
             events.append(("Warning", "DefinitionsWarning", f"branch {head.branch} at {head.commit[:12]}: {warning}"))
         if head.error:
             errors[head.branch] = head
-            events.append(("Warning", "DefinitionsInvalid",
-                           f"branch {head.branch} at {head.commit[:12]}: {head.error}"))
+            said = previous_branches.get(head.branch) or {}
+            if (said.get("commit"), said.get("error")) != (head.commit, head.error):  # once, not each poll
+                events.append(("Warning", "DefinitionsInvalid",
+                               f"branch {head.branch} at {head.commit[:12]}: {head.error}"))
             continue
         if head.no_definitions:
             events.append(("Normal", "NoDefinitions",
@@ -165,7 +169,7 @@ def decide_poll(spec: dict, previous_status: dict, observed: PollObservations) -
             reused_note = f", {reused_count} passed before with the same content and are not run again" if reused_count else ""
             events.append(("Normal", "TestRunsCreated",
                            f"branch {head.branch} at {head.commit[:12]}: {added} TestRuns{reused_note} ({head.reason})"))
-    still_invalid = _still_invalid(tested, errors, previous_status)
+    still_invalid = _still_invalid(tested, errors, previous_status, {head.branch for head in observed.new_heads})
 
     cancel = [
         run.name for run in observed.testruns
@@ -248,15 +252,16 @@ def _passed_by_hash(testruns: Iterable[ExistingTestRun]) -> dict[str, ExistingTe
     return found
 
 
-def _still_invalid(tested: dict[str, str], errors: dict[str, HeadObservation], previous_status: dict) -> list[dict]:
-    """Tested branches whose current head is untestable: new errors, and old ones for heads that
-    have not moved since."""
+def _still_invalid(tested: dict[str, str], errors: dict[str, HeadObservation], previous_status: dict,
+                   read_again: set[str]) -> list[dict]:
+    """Tested branches whose current head is untestable: the errors of heads read now, and the
+    old ones of heads that were not read again."""
     invalid = []
     previous = {entry.get("name"): entry for entry in previous_status.get("branches") or []}
     for name, sha in tested.items():
         if name in errors:
             invalid.append({"branch": name, "commit": sha, "error": errors[name].error})
-        elif previous.get(name, {}).get("commit") == sha and previous[name].get("error"):
+        elif name not in read_again and previous.get(name, {}).get("commit") == sha and previous[name].get("error"):
             invalid.append({"branch": name, "commit": sha, "error": previous[name]["error"]})
     return invalid
 
