@@ -79,13 +79,19 @@ def test_credentials_in_the_url_are_redacted_from_errors(tmp_path):
     assert "***@" in str(unreachable.value)
 
 
-def test_an_unknown_ssh_host_is_refused_rather_than_trusted(tmp_path):
-    key = "-----BEGIN OPENSSH PRIVATE KEY-----\nnot-a-real-key\n-----END OPENSSH PRIVATE KEY-----\n"
-    mirror = GitMirror(tmp_path / "m.git", f"ssh://git@127.0.0.1:{_closed_port()}/x.git",
-                       GitCredentials(ssh_private_key=key))
+def test_a_failure_says_what_git_said_went_wrong_not_its_boilerplate(tmp_path):
+    """git ends every ssh or local failure with 'Could not read from remote repository. Please
+    make sure you have the correct access rights and the repository exists.': the cause is
+    the line before. (An unknown ssh host: test_ssh_keys_and_known_hosts_over_a_real_sshd.)"""
+    missing = GitMirror(tmp_path / "missing.git", f"file://{tmp_path}/nowhere.git")
     with pytest.raises(MirrorError) as refused:
-        mirror.fetch(timeout=20)
-    assert "not-a-real-key" not in str(refused.value)
+        missing.fetch()
+    assert "does not appear to be a git repository" in str(refused.value)
+    closed = GitMirror(tmp_path / "closed.git", f"ssh://git@127.0.0.1:{_closed_port()}/x.git")
+    with pytest.raises(MirrorError) as refused:
+        closed.fetch(timeout=20)
+    assert "Connection refused" in str(refused.value)
+    assert "access rights" not in str(refused.value)
 
 
 def test_secret_data_is_decoded_and_checked():
