@@ -287,22 +287,28 @@ builds:
 """
 
 
+def app_pinning(lib_commit: str, written_twice: bool = False) -> str:
+    """An app's definitions whose test consumes the build of `lib` at `lib_commit`; with
+    `written_twice`, its command key is written twice (a definitions warning)."""
+    twice = '    command: "cat lib/lib.txt"\n' if written_twice else ""
+    return f"""looper_version: 5
+repos:
+  lib: lib/{lib_commit}
+environments:
+  linux: {{platform: linux, image: {{name: "busybox"}}}}
+tests:
+  uses-lib/linux:
+{twice}    command: "cat $TEST_INPUTS/lib/lib.txt"
+    dependencies: {{lib: lib/build/linux}}
+"""
+
+
 def test_pinned_repositories_resolve_against_other_repos_in_the_namespace(kube, operator, tmp_path):
     """`repos: {lib: lib/<sha>}` finds the Repo named lib; the app's test consumes lib's build,
     which becomes a TestRun of the app's commit; a pin nothing maps is a condition naming it;
     a key written twice is a Warning Event."""
     _lib_work, lib_bare, lib_sha = make_origin(tmp_path / "lib", LIB_DEFINITIONS)
-    app_definitions = f"""looper_version: 5
-repos:
-  lib: lib/{lib_sha}
-environments:
-  linux: {{platform: linux, image: {{name: "busybox"}}}}
-tests:
-  uses-lib/linux:
-    command: "cat lib/lib.txt"
-    command: "cat $TEST_INPUTS/lib/lib.txt"
-    dependencies: {{lib: lib/build/linux}}
-"""
+    app_definitions = app_pinning(lib_sha, written_twice=True)
     _app_work, app_bare, app_sha = make_origin(tmp_path / "app", app_definitions)
     apply(kube, repo("lib", f"file://{lib_bare}"))
     # lib runs nothing of its own (no test needs its build), but its mirror is fetched.
@@ -471,17 +477,7 @@ def test_a_pin_to_a_commit_not_fetched_yet_resolves_once_it_is(kube, operator, t
     wait_for(lambda: (repo_object(kube, "lib").get("status") or {}).get("lastPollTime"), message="lib fetched")
     lib_next = lib_work.commit({"x": "2"}, "what the app is about to pin")
     lib_work.git("push", "--quiet", "origin", "main")
-    app_definitions = f"""looper_version: 5
-repos:
-  lib: lib/{lib_next}
-environments:
-  linux: {{platform: linux, image: {{name: "busybox"}}}}
-tests:
-  uses-lib/linux:
-    command: "cat $TEST_INPUTS/lib/lib.txt"
-    dependencies: {{lib: lib/build/linux}}
-"""
-    _app_work, app_bare, app_sha = make_origin(tmp_path / "app", app_definitions)
+    _app_work, app_bare, app_sha = make_origin(tmp_path / "app", app_pinning(lib_next))
     apply(kube, repo("app", f"file://{app_bare}", webhookSecret="hook"))
     invalid = wait_for(lambda: condition(repo_object(kube, "app"), "DefinitionsValid").get("status") == "False"
                        and repo_object(kube, "app"), message="the pin not fetched yet")
