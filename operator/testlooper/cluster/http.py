@@ -104,7 +104,8 @@ async def _receive(request: web.Request, provider: str, event: str, signed) -> w
             woken.append(repo)
     if not woken:
         counter.labels(provider, "bad_signature").inc()
-        # Which Repos exist is not told to a caller who cannot sign: the same answer either way.
+        # One answer whichever Repo refused. (That a URL has Repos at all shows, 401 against the
+        # 202 of an unknown URL, which the issue asks for; what they are called does not.)
         return _answer(401, "signature does not match")
     for repo in woken:
         repo.wake.set()
