@@ -86,11 +86,13 @@ def test_bad_signatures_and_unknown_repositories_change_nothing(kube, operator, 
     assert status == 400 and "not JSON" in answer["message"]
     status, answer = operator.webhook("/webhooks/github", b"[" * 100_000, {"X-GitHub-Event": "push"})
     assert status == 400 and "nested too deeply" in answer["message"]  # not a 500 with a traceback
+    status, answer = operator.webhook("/webhooks/github", b" " * (25 * 1024 * 1024 + 1), {"X-GitHub-Event": "push"})
+    assert (status, answer["message"]) == (413, "payload larger than 26214400 bytes")
     time.sleep(1.5)
     assert len(list_testruns(kube)) == 2, "a refused webhook must not make a Repo poll"
     assert operator.metric("testlooper_webhooks_total", provider="github", outcome="bad_signature") == 3
     assert operator.metric("testlooper_webhooks_total", provider="github", outcome="unknown_repo") == 1
-    assert operator.metric("testlooper_webhooks_total", provider="github", outcome="bad_payload") == 2
+    assert operator.metric("testlooper_webhooks_total", provider="github", outcome="bad_payload") == 3
 
     # The right secret polls the Repo that has it; the Repo without a webhookSecret takes none.
     status, _ = operator.webhook("/webhooks/github", body, headers)
