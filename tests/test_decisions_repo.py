@@ -216,3 +216,14 @@ def test_an_untestable_head_is_read_again_each_poll_and_warned_about_once():
                                   observe({"main": A}, [decide.HeadObservation("main", A, tasks=(task("t"),))]))
     assert [item.task.name for item in resolved.create] == ["t"]
     assert {c[0]: c[1] for c in resolved.conditions}["DefinitionsValid"] == "True"
+
+
+def test_a_result_is_still_reused_when_retention_deleted_the_testrun_that_ran():
+    """Only a reuse of it is left: the new TestRun is a reuse too, and names the run that ran."""
+    reuse = existing("b-t1", B, "t1", phase="Succeeded", result="passed",
+                     result_from_commit=A, result_from_testrun="a-t1")
+    head = decide.HeadObservation("main", C, tasks=(task("t1"),))
+    decision = decide.decide_poll({"branches": ["main"]}, {"branches": [{"name": "main", "commit": B}]},
+                                  observe({"main": C}, [head], [reuse]))
+    origin = decision.create[0].reused_from
+    assert (origin.name, origin.commit) == ("a-t1", A)

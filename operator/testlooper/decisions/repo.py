@@ -243,13 +243,21 @@ def branches_summary(branches: list[dict]) -> str:
 
 
 def _passed_by_hash(testruns: Iterable[ExistingTestRun]) -> dict[str, ExistingTestRun]:
-    """For each task hash, the earliest TestRun that passed with it (a reused result points at
-    its origin, so chains of reuse all name the run that really ran)."""
+    """For each task hash, the earliest TestRun that really ran and passed with it, so chains of
+    reuse all name the run that ran. When retention has deleted that one, the origin a reuse of
+    it names (as a record with the origin's name and commit): the result is in the store."""
     found: dict[str, ExistingTestRun] = {}
+    origins: dict[str, ExistingTestRun] = {}
     for run in sorted(testruns, key=lambda r: (r.created, r.name)):
-        if run.result == "passed" and run.hash and run.hash not in found and not run.result_from_testrun:
-            found[run.hash] = run
-    return found
+        if run.result != "passed" or not run.hash:
+            continue
+        if not run.result_from_testrun:
+            found.setdefault(run.hash, run)
+        else:
+            origins.setdefault(run.hash, dataclasses.replace(
+                run, name=run.result_from_testrun, commit=run.result_from_commit,
+                result_from_testrun="", result_from_commit=""))
+    return {**origins, **found}
 
 
 def _still_invalid(tested: dict[str, str], errors: dict[str, HeadObservation], previous_status: dict,
