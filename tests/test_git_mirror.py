@@ -156,3 +156,18 @@ def test_ssh_keys_and_known_hosts_over_a_real_sshd(tmp_path):
         assert "PRIVATE KEY" not in str(refused.value)
     leftovers = [p for p in Path(tempfile.gettempdir()).glob("testlooper-git-*")]
     assert leftovers == [], "the private key folder exists only while a fetch runs"
+
+
+def test_a_host_that_stops_sending_is_given_up_on_long_before_the_fetch_timeout(tmp_path):
+    """A host that accepts and never answers would hold one of the few poll slots for the
+    whole fetch timeout; a stall ends the fetch instead."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    try:
+        mirror = GitMirror(tmp_path / "m.git", f"http://127.0.0.1:{silent.getsockname()[1]}/x.git", stall_seconds=2)
+        with pytest.raises(MirrorError) as stalled:
+            mirror.fetch(timeout=120)
+        assert "too slow" in str(stalled.value)  # curl's words, not "took longer than 120s"
+    finally:
+        silent.close()

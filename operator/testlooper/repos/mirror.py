@@ -18,6 +18,11 @@ from pathlib import Path
 from testlooper.repos.urls import redact
 
 FETCH_TIMEOUT_SECONDS = 300
+# A fetch that receives (almost) nothing for this long is given up on: a host that accepts
+# connections and never answers must not hold one of the operator's few poll slots for the
+# whole FETCH_TIMEOUT_SECONDS.
+STALL_SECONDS = 60
+STALL_BYTES_PER_SECOND = 1000
 _GIT_BOILERPLATE = frozenset({
     "fatal: Could not read from remote repository.",
     "Please make sure you have the correct access rights",
@@ -75,8 +80,9 @@ class GitMirror:
     """A bare repository at `path` mirroring the branches of `url`."""
 
     def __init__(self, path: str | os.PathLike, url: str, credentials: GitCredentials | None = None,
-                 git_executable: str = "git"):
+                 git_executable: str = "git", stall_seconds: int = STALL_SECONDS):
         self.path = Path(path)
+        self.stall_seconds = stall_seconds
         self.url = url
         self.credentials = credentials or GitCredentials()
         self.git_executable = git_executable
@@ -130,14 +136,22 @@ class GitMirror:
             "GIT_ASKPASS": "/bin/false",
             "SSH_ASKPASS": "/bin/false",
         }
-        config = [("credential.helper", "")]  # never a helper's stored passwords of this machine
+        config = [
+            ("credential.helper", ""),  # never a helper's stored passwords of this machine
+            ("http.lowSpeedLimit", str(STALL_BYTES_PER_SECOND)),
+            ("http.lowSpeedTime", str(self.stall_seconds)),
+        ]
         credentials = self.credentials
         if credentials.token or credentials.password:
             user = credentials.username or "x-access-token"  # GitHub's and GitLab's name for a token
             secret = credentials.password or credentials.token
             basic = base64.b64encode(f"{user}:{secret}".encode()).decode()
             config.append(("http.extraHeader", f"Authorization: Basic {basic}"))
-        ssh_options = ["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes"]
+        # ssh: a host that does not answer the connection, or stops answering keepalives.
+        alive_interval = max(1, self.stall_seconds // 4)
+        ssh_options = ["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
+                       "-o", f"ConnectTimeout={self.stall_seconds}",
+                       "-o", f"ServerAliveInterval={alive_interval}", "-o", "ServerAliveCountMax=4"]
         if credentials.ssh_private_key:
             key = private / "id"
             key.write_text(credentials.ssh_private_key.rstrip("\n") + "\n")
