@@ -227,3 +227,13 @@ def test_a_result_is_still_reused_when_retention_deleted_the_testrun_that_ran():
                                   observe({"main": C}, [head], [reuse]))
     origin = decision.create[0].reused_from
     assert (origin.name, origin.commit) == ("a-t1", A)
+
+
+def test_a_pin_names_a_repo_by_its_name_else_by_the_end_of_its_url():
+    keys = {"lib": "git.example.com/team/lib", "lib-fork": "git.example.com/me/lib", "app": "git.example.com/team/app"}
+    assert decide.pinned_repos("lib", keys) == ["lib"]
+    assert decide.pinned_repos("team/lib", keys) == ["lib"]
+    assert decide.pinned_repos("me/lib", keys) == ["lib-fork"]
+    assert decide.pinned_repos("lib", {k: v for k, v in keys.items() if k != "lib"}) == ["lib-fork"]
+    assert decide.pinned_repos("lib", {"a": "h/x/lib", "b": "h/y/lib"}) == ["a", "b"]
+    assert decide.pinned_repos("nowhere", keys) == []

@@ -494,3 +494,22 @@ def test_a_pin_to_a_commit_not_fetched_yet_resolves_once_it_is(kube, operator, t
     assert sorted(t["spec"]["task"] for t in list_testruns(kube) if t["spec"]["repo"] == "app") == [
         "lib/build/linux", "uses-lib/linux"]
     assert len([e for e in events(kube) if e.get("reason") == "DefinitionsInvalid"]) == 1
+
+
+def test_a_pin_two_repos_could_answer_says_which_two(kube, operator, tmp_path):
+    """Two Repos whose URLs both end with the pinned name: the error names them, rather than
+    saying that no repository of that name is available."""
+    _work, first_lib, lib_sha = make_origin(tmp_path / "team-a", LIB_DEFINITIONS)
+    _work, second_lib, _sha = make_origin(tmp_path / "team-b", LIB_DEFINITIONS)
+    lib_a, lib_b = first_lib.with_name("lib.git"), second_lib.with_name("lib.git")
+    first_lib.rename(lib_a)
+    second_lib.rename(lib_b)
+    apply(kube, repo("lib-a", f"file://{lib_a}"), repo("lib-b", f"file://{lib_b}"))
+    for name in ("lib-a", "lib-b"):
+        wait_for(lambda: (repo_object(kube, name).get("status") or {}).get("lastPollTime"), message=f"{name} fetched")
+    _work, app_bare, _app_sha = make_origin(tmp_path / "app", app_pinning(lib_sha))
+    apply(kube, repo("app", f"file://{app_bare}"))
+    invalid = wait_for(lambda: condition(repo_object(kube, "app"), "DefinitionsValid").get("status") == "False"
+                       and repo_object(kube, "app"), message="the ambiguous pin")
+    message = condition(invalid, "DefinitionsValid")["message"]
+    assert "lib-a" in message and "lib-b" in message, message

@@ -218,17 +218,19 @@ def other_repositories(context: OperatorContext, namespace: str, own_uid: str):
     """Pinned repositories by name, as the definitions file writes them: the Repo of that name
     in the same namespace, else the one Repo there whose URL ends with that name
     (`team/lib` finds `https://git.example.com/team/lib.git`). Its mirror is what is read."""
-    from testlooper.repos.lookup import GitRepositories
+    from testlooper.repos.lookup import GitRepositories, RepositoryLookupError
 
     def find(repository: str):
-        candidates = [watched for watched in context.repos.in_namespace(namespace) if watched.uid != own_uid]
-        chosen = [w for w in candidates if w.name == repository]
+        candidates = {watched.name: watched for watched in context.repos.in_namespace(namespace)
+                      if watched.uid != own_uid}
+        chosen = decide.pinned_repos(repository, {name: w.url_key for name, w in candidates.items()})
+        if len(chosen) > 1:
+            raise RepositoryLookupError(f"the Repos {', '.join(chosen)} of namespace {namespace} all have URLs "
+                                        f"ending with {repository!r}: pin one of them by its name")
         if not chosen:
-            wanted = repository.strip("/").lower()
-            chosen = [w for w in candidates if w.url_key == wanted or w.url_key.endswith("/" + wanted)]
-        if len(chosen) != 1:
             return None
-        path = context.mirror_path(namespace, chosen[0].name, chosen[0].uid)
+        watched = candidates[chosen[0]]
+        path = context.mirror_path(namespace, watched.name, watched.uid)
         return path if os.path.isdir(path) else None
 
     return GitRepositories(find, missing_hint=f"pinned repositories are the Repos of namespace {namespace}, "

@@ -223,6 +223,16 @@ def decide_suspended(previous_status: dict, testruns: Iterable[ExistingTestRun])
     )
 
 
+def pinned_repos(repository: str, url_keys: dict[str, str]) -> list[str]:
+    """The Repos (by name; `url_keys` gives each one's normalised URL) a definitions file's pin
+    of `repository` means: the Repo of that name, else those whose URL ends with it
+    (`team/lib` finds `https://git.example.com/team/lib.git`). More than one is ambiguous."""
+    if repository in url_keys:
+        return [repository]
+    wanted = repository.strip("/").lower()
+    return sorted(name for name, key in url_keys.items() if key == wanted or key.endswith("/" + wanted))
+
+
 def next_poll_delay(interval: float, consecutive_failures: int, cap: float = 600.0) -> float:
     """The poll interval, doubled for each failure in a row (at most `cap`): an unreachable host
     is asked less and less often, and never delays the other Repos (each has its own loop)."""
