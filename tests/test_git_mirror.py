@@ -171,3 +171,23 @@ def test_a_host_that_stops_sending_is_given_up_on_long_before_the_fetch_timeout(
         assert "too slow" in str(stalled.value)  # curl's words, not "took longer than 120s"
     finally:
         silent.close()
+
+
+def test_reachability_is_asked_of_git_once_per_pair_of_commits(tmp_path):
+    """Each poll asks which commits of unended TestRuns the heads contain; the answer for two
+    given commits never changes, so an idle poll runs no git for it."""
+    work, bare, first = make_origin(tmp_path)
+    second = work.commit({"a.txt": "2"}, "second")
+    work.git("push", "--quiet", "origin", "main")
+    calls = tmp_path / "calls.log"
+    wrapper = tmp_path / "git-logging"
+    wrapper.write_text(f'#!/bin/sh\necho "$@" >> {calls}\nexec git "$@"\n')
+    wrapper.chmod(0o755)
+    mirror = GitMirror(tmp_path / "m.git", f"file://{bare}", git_executable=str(wrapper))
+    heads = mirror.fetch()
+    assert mirror.reachable({first, second}, [heads["dev"], heads["main"]]) == {first, second}
+    asked = calls.read_text().count("merge-base")
+    assert asked >= 1
+    again = GitMirror(tmp_path / "m.git", f"file://{bare}", git_executable=str(wrapper))  # the next poll's
+    assert again.reachable({first, second}, [heads["dev"], heads["main"]]) == {first, second}
+    assert calls.read_text().count("merge-base") == asked
