@@ -484,6 +484,11 @@ def test_a_pin_to_a_commit_not_fetched_yet_resolves_once_it_is(kube, operator, t
     invalid = wait_for(lambda: condition(repo_object(kube, "app"), "DefinitionsValid").get("status") == "False"
                        and repo_object(kube, "app"), message="the pin not fetched yet")
     assert lib_next in condition(invalid, "DefinitionsValid")["message"]
+    polls = operator.metric("testlooper_git_poll_duration_seconds_count", repo="app")
+    assert operator.webhook("/webhooks/github", *signed_push(f"file://{app_bare}", app_sha, secret="s"))[0] == 202
+    wait_for(lambda: operator.metric("testlooper_git_poll_duration_seconds_count", repo="app") > polls,
+             message="the app polled again, its head still untestable")
+    assert operator.metric("testlooper_definitions_errors_total", repo="app") == 1, "one error, however often read"
 
     assert operator.webhook("/webhooks/github", *signed_push(f"file://{lib_bare}", lib_next, secret="s"))[0] == 202
     wait_for(lambda: [b["commit"] for b in repo_object(kube, "lib")["status"]["branches"]] == [lib_next],

@@ -141,16 +141,18 @@ async def poll(context: OperatorContext, body: kopf.Body, name: str, namespace: 
         context.metrics.git_poll_seconds.labels(*labels).observe(time.monotonic() - started)
         context.metrics.last_poll.labels(*labels).set_to_current_time()
 
-    for head in new_heads:
-        if head.error:
-            context.metrics.definitions_errors.labels(*labels).inc()
     watched = context.repos.get(uid)
     if context.store is not None and watched is not None:
         await asyncio.to_thread(record_branch_lines, context, f"{namespace}/{name}", mirror, tested, watched)
     observed = decide.PollObservations(heads=heads, new_heads=tuple(new_heads), testruns=testruns,
                                        reachable_commits=frozenset(reachable), now=now)
-    return True, await apply(context, body, spec, name, namespace, status, now, generation,
-                             decide.decide_poll(spec, status, observed), observed_generation=generation)
+    decision = decide.decide_poll(spec, status, observed)
+    # Counted as warned about: an untestable head is read again each poll, its error once.
+    invalid = sum(1 for event in decision.events if event[1] == "DefinitionsInvalid")
+    if invalid:
+        context.metrics.definitions_errors.labels(*labels).inc(invalid)
+    return True, await apply(context, body, spec, name, namespace, status, now, generation, decision,
+                             observed_generation=generation)
 
 
 def observe_head(mirror: GitMirror, branch: str, sha: str, spec: dict, repositories=None) -> decide.HeadObservation:
