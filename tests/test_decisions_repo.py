@@ -206,8 +206,9 @@ def test_an_untestable_head_is_read_again_each_poll_and_warned_about_once():
     previous = {"branches": [{"name": "main", "commit": A, "error": error}]}
     assert decide.moved_heads({"main": A}, previous["branches"]) == {"main": A}
     again = decide.decide_poll({"branches": ["main"]}, previous,
-                               observe({"main": A}, [decide.HeadObservation("main", A, error=error)]))
-    assert [e for e in again.events if e[1] == "DefinitionsInvalid"] == []
+                               observe({"main": A}, [decide.HeadObservation("main", A, error=error,
+                                                                            warnings=("f.yml:1:1: twice",))]))
+    assert again.events == []  # neither the error nor the warnings read with it again
     assert {c[0]: c[1] for c in again.conditions}["DefinitionsValid"] == "False"
     other = decide.decide_poll({"branches": ["main"]}, previous,
                                observe({"main": A}, [decide.HeadObservation("main", A, error="another error")]))

@@ -135,12 +135,15 @@ def decide_poll(spec: dict, previous_status: dict, observed: PollObservations) -
     events: list[tuple[str, str, str]] = []
     errors = {}
     for head in observed.new_heads:
-        for warning in head.warnings:
-            events.append(("Warning", "DefinitionsWarning", f"branch {head.branch} at {head.commit[:12]}: {warning}"))
+        said = previous_branches.get(head.branch) or {}
+        # An untestable head is read again each poll: what reading it says is said once.
+        said_before = bool(head.error) and (said.get("commit"), said.get("error")) == (head.commit, head.error)
+        if not said_before:
+            for warning in head.warnings:
+                events.append(("Warning", "DefinitionsWarning", f"branch {head.branch} at {head.commit[:12]}: {warning}"))
         if head.error:
             errors[head.branch] = head
-            said = previous_branches.get(head.branch) or {}
-            if (said.get("commit"), said.get("error")) != (head.commit, head.error):  # once, not each poll
+            if not said_before:
                 events.append(("Warning", "DefinitionsInvalid",
                                f"branch {head.branch} at {head.commit[:12]}: {head.error}"))
             continue
