@@ -238,3 +238,17 @@ def test_a_pin_names_a_repo_by_its_name_else_by_the_end_of_its_url():
     assert decide.pinned_repos("lib", {k: v for k, v in keys.items() if k != "lib"}) == ["lib-fork"]
     assert decide.pinned_repos("lib", {"a": "h/x/lib", "b": "h/y/lib"}) == ["a", "b"]
     assert decide.pinned_repos("nowhere", keys) == []
+
+
+def test_credentials_go_only_where_their_secret_says_and_never_over_plain_http():
+    refusal = decide.credentials_refusal
+    hosts = {"testlooper.dev/git-hosts": "github.com, git.example.com"}
+    assert refusal("s", hosts, "https://github.com/org/repo.git") == ""
+    assert refusal("s", hosts, "git@git.example.com:org/repo.git") == ""
+    assert refusal("s", hosts, "ssh://git@GIT.example.com:2222/org/repo") == ""
+    assert refusal("s", {}, "file:///srv/repo.git") == ""  # nothing leaves the machine
+    assert "not to evil.example.net" in refusal("s", hosts, "https://evil.example.net/x.git")
+    assert "(none)" in refusal("s", {}, "https://github.com/org/repo.git")
+    assert refusal("s", hosts, "http://github.com/org/repo.git") == (
+        "credentials are sent over https or ssh only, not over http:// to github.com")
+    assert refusal("s", {"testlooper.dev/git-hosts": "127.0.0.1"}, "http://127.0.0.1:8080/x.git") == ""

@@ -51,8 +51,11 @@ def repo(name: str, url: str, **spec) -> dict:
             "spec": {"url": url, "branches": ["main"], "pollIntervalSeconds": 3600, **spec}}
 
 
-def secret(name: str, **data: str) -> dict:
-    return {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "type": "Opaque", "stringData": data}
+def secret(name: str, git_hosts: str | None = None, **data: str) -> dict:
+    metadata = {"name": name}
+    if git_hosts is not None:  # the hosts its credentials may be sent to
+        metadata["annotations"] = {"testlooper.dev/git-hosts": git_hosts}
+    return {"apiVersion": "v1", "kind": "Secret", "metadata": metadata, "type": "Opaque", "stringData": data}
 
 
 @pytest.fixture
@@ -224,12 +227,12 @@ def test_credentials_never_reach_logs_events_status_or_metrics(kube, operator, t
     _work, bare, first = make_origin(tmp_path)
     with GitHttpServer(bare.parent, username="x-access-token", password=token) as server:
         url = server.url("origin.git")
-        apply(kube, secret("git", token=wrong), secret("hook", secret="s"),
+        apply(kube, secret("git", git_hosts="127.0.0.1", token=wrong), secret("hook", secret="s"),
               repo("demo", url, credentialsSecret="git", webhookSecret="hook"))
         refused = wait_for(lambda: condition(repo_object(kube), "GitReachable").get("status") == "False"
                            and repo_object(kube), message="refused credentials")
         assert "failed" in condition(refused, "GitReachable")["message"]
-        apply(kube, secret("git", token=token))
+        apply(kube, secret("git", git_hosts="127.0.0.1", token=token))
         operator.webhook("/webhooks/github", *signed_push(url, first, secret="s"))
         wait_for(lambda: len(list_testruns(kube)) == 1, message="fetched with the right token")
         sent = {header for header in server.authorizations if header}
@@ -243,6 +246,24 @@ def test_credentials_never_reach_logs_events_status_or_metrics(kube, operator, t
     for value in (token, wrong, base64.b64encode(token.encode()).decode(),
                   base64.b64encode(f"x-access-token:{token}".encode()).decode()):
         assert value not in everything
+
+
+def test_credentials_go_only_to_the_hosts_their_secret_names(kube, operator, tmp_path):
+    """A Repo anyone may create must not turn a Secret into a token sent to a host of theirs."""
+    token = "ghp_N0tForStrangers"
+    _work, bare, _first = make_origin(tmp_path)
+    with GitHttpServer(bare.parent, username="x-access-token", password=token) as server:
+        url = server.url("origin.git")
+        apply(kube, secret("unmarked", token=token), secret("elsewhere", git_hosts="git.example.com", token=token),
+              repo("grab", url, credentialsSecret="unmarked"), repo("redirect", url, credentialsSecret="elsewhere"))
+        for name, named in (("grab", "none"), ("redirect", "git.example.com")):
+            refused = wait_for(lambda: condition(repo_object(kube, name), "GitReachable").get("status") == "False"
+                               and repo_object(kube, name), message=f"{name} refused")
+            assert condition(refused, "GitReachable")["message"] == (
+                f"credentials Secret {refused['spec']['credentialsSecret']!r} may be sent only to the hosts its "
+                f"annotation testlooper.dev/git-hosts names ({named}), not to 127.0.0.1")
+        assert not any(token in header or base64.b64encode(f"x-access-token:{token}".encode()).decode() in header
+                       for header in server.authorizations), "the token must never have been sent"
 
 
 def test_one_operator_for_all_namespaces_with_peering(kube, tmp_path):

@@ -326,11 +326,14 @@ async def _credentials(context: OperatorContext, namespace: str, spec: dict) -> 
     secret_name = spec.get("credentialsSecret")
     if not secret_name:
         return None
-    data = await context.api.read_secret_data(namespace, secret_name)
-    if data is None:
+    secret = await context.api.read_secret(namespace, secret_name)
+    if secret is None:
         raise CredentialsProblem(f"credentials Secret {secret_name!r} not found in namespace {namespace}")
+    problem = decide.credentials_refusal(secret_name, secret["annotations"], str(spec.get("url") or ""))
+    if problem:
+        raise CredentialsProblem(problem)
     try:
-        return GitCredentials.from_secret_data(data)
+        return GitCredentials.from_secret_data(secret["data"])
     except ValueError as exc:
         raise CredentialsProblem(f"credentials Secret {secret_name!r} cannot be used: {exc}") from None
 

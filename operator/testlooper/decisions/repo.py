@@ -109,6 +109,33 @@ def run_content_hash(definition_hash: str, source_tree: str) -> str:
     return hashlib.sha256(f"testlooper-run-v1\0{definition_hash}\0{source_tree}".encode()).hexdigest()
 
 
+GIT_HOSTS_ANNOTATION = "testlooper.dev/git-hosts"
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def credentials_refusal(secret_name: str, annotations: dict, url: str) -> str:
+    """Why the Secret's credentials may not be sent to `url`, or "" when they may.
+
+    Whoever may create a Repo could otherwise name any Secret of the namespace and point `url`
+    at a host of theirs: git would hand it the token. So a Secret says where its credentials
+    may go (annotation testlooper.dev/git-hosts: comma-separated host names), and they never
+    travel over plain http to another machine.
+    """
+    from testlooper.repos.urls import url_host, url_scheme
+
+    host, scheme = url_host(url), url_scheme(url)
+    if not host:
+        return ""  # file:// or a path: nothing is sent anywhere
+    allowed = {h.strip().lower() for h in str(annotations.get(GIT_HOSTS_ANNOTATION, "")).split(",") if h.strip()}
+    if host not in allowed:
+        named = ", ".join(sorted(allowed)) if allowed else "none"
+        return (f"credentials Secret {secret_name!r} may be sent only to the hosts its annotation "
+                f"{GIT_HOSTS_ANNOTATION} names ({named}), not to {host}")
+    if scheme in ("http", "git") and host not in LOOPBACK_HOSTS:
+        return f"credentials are sent over https or ssh only, not over {scheme}:// to {host}"
+    return ""
+
+
 def tested_branches(globs: Iterable[str], heads: dict[str, str]) -> dict[str, str]:
     """The branches of `heads` that any of `globs` matches (shell globs, `*` matching `/`)."""
     globs = list(globs)

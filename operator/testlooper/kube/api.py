@@ -153,10 +153,15 @@ class KubeApi:
 
     async def read_secret_data(self, namespace: str, name: str) -> dict[str, str] | None:
         """The Secret's `data` (base64 values), or None when there is no such Secret."""
+        secret = await self.read_secret(namespace, name)
+        return None if secret is None else secret["data"]
+
+    async def read_secret(self, namespace: str, name: str) -> dict | None:
+        """`{"data": {key: base64}, "annotations": {...}}` of the Secret, or None when there is none."""
         secret = await self._call(self.core.read_namespaced_secret, name, namespace, ok_statuses=(404,))
         if secret is None:
             return None
-        return dict(secret.data or {})
+        return {"data": dict(secret.data or {}), "annotations": dict(secret.metadata.annotations or {})}
 
 
 class AlreadyExists(Exception):

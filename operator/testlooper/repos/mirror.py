@@ -163,6 +163,8 @@ class GitMirror:
             secret = credentials.password or credentials.token
             basic = base64.b64encode(f"{user}:{secret}".encode()).decode()
             config.append(("http.extraHeader", f"Authorization: Basic {basic}"))
+            # The header goes with every request: never to wherever a redirect points.
+            config.append(("http.followRedirects", "false"))
         # ssh: a host that does not answer the connection, or stops answering keepalives.
         alive_interval = max(1, self.stall_seconds // 4)
         ssh_options = ["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",

@@ -41,3 +41,28 @@ def redact(text: str, secrets: tuple[str, ...] = ()) -> str:
         if secret and len(secret) >= 4:  # a tiny "secret" would redact ordinary words
             text = text.replace(secret, "***")
     return text
+
+
+def url_host(url: str) -> str:
+    """The host a git URL talks to, lower case, without user or port: `git.example.com` for
+    `https://u@git.example.com:8443/x.git` and `git@git.example.com:x.git`; "" for file:// and
+    local paths (nothing leaves the machine)."""
+    url = url.strip()
+    match = _URL.match(url)
+    if match:
+        if match["scheme"].lower() == "file":
+            return ""
+        host = match["host"].rsplit("@", 1)[-1]
+        if host.startswith("["):  # [::1]:22
+            return host[1:host.find("]")].lower()
+        return host.split(":", 1)[0].lower()
+    scp = _SCP_LIKE.match(url)
+    return scp["host"].lower() if scp else ""
+
+
+def url_scheme(url: str) -> str:
+    """`https`, `http`, `ssh`, `git`, `file`; `ssh` for the scp-like form; "" for a local path."""
+    match = _URL.match(url.strip())
+    if match:
+        return match["scheme"].lower()
+    return "ssh" if _SCP_LIKE.match(url.strip()) else ""
