@@ -43,6 +43,11 @@ class KubeApi:
         self.core = client.CoreV1Api(api_client)
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kube-api")
         self._api_exception = client.ApiException
+        import urllib3
+
+        # A refused or dropped connection reaches us as urllib3's MaxRetryError or ProtocolError,
+        # which are not OSErrors.
+        self._transport_error = urllib3.exceptions.HTTPError
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -61,7 +66,7 @@ class KubeApi:
                 if exc.status not in RETRIED_STATUSES or backoff is None:
                     raise
                 reason = exc.reason
-            except (ConnectionError, OSError) as exc:  # urllib3 wraps these; the server may be restarting
+            except (ConnectionError, OSError, self._transport_error) as exc:  # the server may be restarting
                 if backoff is None:
                     raise
                 reason = type(exc).__name__
