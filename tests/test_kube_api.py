@@ -36,12 +36,12 @@ def test_a_call_made_while_the_api_server_is_down_succeeds_once_it_is_up(tmp_pat
         servers.append(ThreadingHTTPServer(("127.0.0.1", port), Handler))
         servers[0].serve_forever()
 
-    threading.Thread(target=come_up_later, daemon=True).start()
     from testlooper.kube.api import KubeApi
 
     api = KubeApi()
     try:
         started = time.monotonic()
+        threading.Thread(target=come_up_later, daemon=True).start()
         items = asyncio.run(api.list_objects("testruns", "team-a"))
         assert items == [{"x": 1}] and time.monotonic() - started >= 0.7
     finally:
