@@ -252,3 +252,12 @@ def test_credentials_go_only_where_their_secret_says_and_never_over_plain_http()
     assert refusal("s", hosts, "http://github.com/org/repo.git") == (
         "credentials are sent over https or ssh only, not over http:// to github.com")
     assert refusal("s", {"testlooper.dev/git-hosts": "127.0.0.1"}, "http://127.0.0.1:8080/x.git") == ""
+
+
+def test_no_matching_branch_cancels_nothing_and_says_why():
+    live = existing("live", A, "t1", phase="Pending")
+    decision = decide.decide_poll({"branches": ["mian"]}, {"branches": [{"name": "main", "commit": A}]},
+                                  observe({"main": A}, [], [live], reachable=[]))
+    assert decision.cancel == [] and decision.branches == []
+    ready = {c[0]: c for c in decision.conditions}["Ready"]
+    assert ready[1:3] == ("False", "NoTestedBranches") and "(mian)" in ready[3]

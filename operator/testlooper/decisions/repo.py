@@ -201,9 +201,11 @@ def decide_poll(spec: dict, previous_status: dict, observed: PollObservations) -
                            f"branch {head.branch} at {head.commit[:12]}: {added} TestRuns{reused_note} ({head.reason})"))
     still_invalid = _still_invalid(tested, errors, previous_status, {head.branch for head in observed.new_heads})
 
+    # No tested branch at all is more likely a typo in spec.branches (or a remote showing
+    # nothing) than every commit going away: cancel nothing then, and say so in Ready.
     cancel = [
         run.name for run in observed.testruns
-        if not run.ended and not run.cancel and run.commit not in observed.reachable_commits
+        if tested and not run.ended and not run.cancel and run.commit not in observed.reachable_commits
     ]
     if cancel:
         events.append(("Normal", "TestRunsCancelled",
@@ -218,8 +220,14 @@ def decide_poll(spec: dict, previous_status: dict, observed: PollObservations) -
     else:
         definitions_condition = ("DefinitionsValid", "True", "Resolved",
                                  "the definitions of every tested branch head resolve")
-    ready = ("Ready", "True", "Polling", f"testing {len(tested)} branches") if not still_invalid else (
-        "Ready", "False", "DefinitionsInvalid", "a tested branch head has definitions that do not resolve")
+    if still_invalid:
+        ready = ("Ready", "False", "DefinitionsInvalid", "a tested branch head has definitions that do not resolve")
+    elif not tested:
+        globs = ", ".join(spec.get("branches") or ["main"])
+        ready = ("Ready", "False", "NoTestedBranches",
+                 f"no branch of the repository matches spec.branches ({globs}): nothing is tested or cancelled")
+    else:
+        ready = ("Ready", "True", "Polling", f"testing {len(tested)} branches")
     conditions = [
         ("GitReachable", "True", "Fetched", "the last fetch succeeded"),
         definitions_condition,
