@@ -539,3 +539,20 @@ def test_a_pin_two_repos_could_answer_says_which_two(kube, operator, tmp_path):
                        and repo_object(kube, "app"), message="the ambiguous pin")
     message = condition(invalid, "DefinitionsValid")["message"]
     assert "lib-a" in message and "lib-b" in message, message
+
+
+def test_a_flood_of_forged_pushes_reads_the_secret_once(kube, operator, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    _work, bare, first = make_origin(tmp_path)
+    url = f"file://{bare}"
+    apply(kube, secret("hook", secret="right"), repo("demo", url, webhookSecret="hook"))
+    wait_for(lambda: len(list_testruns(kube)) == 1, message="the first TestRun")
+    mark = len(kube.requests(client="operator"))
+    forged = signed_push(url, first, secret="forged")
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda _: operator.webhook("/webhooks/github", *forged)[0], range(40)))
+    assert answers == [401] * 40
+    reads = [r for r in kube.requests(client="operator")[mark:] if r["resource"] == "secrets"]
+    assert len(reads) == 1, reads
+    assert operator.metric("testlooper_webhooks_total", provider="github", outcome="bad_signature") == 40

@@ -9,6 +9,8 @@ import os
 
 from testlooper.repos.urls import normalize_url
 
+WEBHOOK_CONCURRENCY = 8  # webhook requests handled at once; more wait their turn
+
 
 @dataclasses.dataclass(frozen=True)
 class OperatorOptions:
@@ -78,6 +80,8 @@ class OperatorContext:
         self.poll_slots = asyncio.Semaphore(max(1, options.max_concurrent_polls))
         self.ready = asyncio.Event()
         self.store = None  # the history store (--store), opened at startup
+        self.webhook_slots = asyncio.Semaphore(WEBHOOK_CONCURRENCY)
+        self.webhook_secrets: dict[tuple[str, str], tuple[float, dict | None]] = {}  # (ns, name) -> (read at, data)
 
     def mirror_path(self, namespace: str, name: str, uid: str) -> str:
         # By uid: a Repo deleted and created again under the same name (maybe with another URL)

@@ -13,6 +13,7 @@ import asyncio
 import base64
 import json
 import logging
+import time
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -23,6 +24,7 @@ from testlooper.decisions.webhooks import (
 )
 
 logger = logging.getLogger(__name__)
+WEBHOOK_SECRET_TTL_SECONDS = 10
 
 
 def build_app(context: OperatorContext) -> web.Application:
@@ -78,7 +80,15 @@ async def gitlab_webhook(request: web.Request) -> web.Response:
 
 
 async def _receive(request: web.Request, provider: str, event: str, signed) -> web.Response:
+    # Anyone can call these before a signature is checked: a few at a time, so that a flood of
+    # 25 MB bodies cannot take the operator's memory or its API quota (each reads Secrets).
     context: OperatorContext = request.app["context"]
+    async with context.webhook_slots:
+        return await _receive_one(request, context, provider, event, signed)
+
+
+async def _receive_one(request: web.Request, context: OperatorContext, provider: str, event: str,
+                       signed) -> web.Response:
     counter = context.metrics.webhooks
     try:
         body = await request.read()
@@ -120,12 +130,20 @@ async def _webhook_secret(context: OperatorContext, repo: WatchedRepo) -> str:
     takes no webhooks: an unsigned push could otherwise make it poll at will)."""
     if not repo.webhook_secret:
         return ""
-    try:
-        data = await context.api.read_secret_data(repo.namespace, repo.webhook_secret)
-    except Exception as exc:
-        logger.warning("Repo %s/%s: webhook Secret %r unreadable: %s", repo.namespace, repo.name,
-                       repo.webhook_secret, type(exc).__name__)
-        return ""
+    key = (repo.namespace, repo.webhook_secret)
+    cached = context.webhook_secrets.get(key)
+    if cached is not None and time.monotonic() - cached[0] < WEBHOOK_SECRET_TTL_SECONDS:
+        data = cached[1]
+    else:
+        try:
+            data = await context.api.read_secret_data(repo.namespace, repo.webhook_secret)
+        except Exception as exc:
+            logger.warning("Repo %s/%s: webhook Secret %r unreadable: %s", repo.namespace, repo.name,
+                           repo.webhook_secret, type(exc).__name__)
+            return ""
+        # Kept briefly: a burst of pushes (or of forged ones) costs one read per Secret, and a
+        # rotated secret is taken within the TTL.
+        context.webhook_secrets[key] = (time.monotonic(), data)
     if not data or "secret" not in data:
         return ""
     try:
