@@ -82,6 +82,7 @@ class OperatorContext:
         self.store = None  # the history store (--store), opened at startup
         self.webhook_slots = asyncio.Semaphore(WEBHOOK_CONCURRENCY)
         self.webhook_secrets: dict[tuple[str, str], tuple[float, dict | None]] = {}  # (ns, name) -> (read at, data)
+        self.webhook_secret_reads: dict[tuple[str, str], asyncio.Future] = {}  # reads in flight
 
     def mirror_path(self, namespace: str, name: str, uid: str) -> str:
         # By uid: a Repo deleted and created again under the same name (maybe with another URL)

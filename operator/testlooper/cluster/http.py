@@ -135,14 +135,20 @@ async def _webhook_secret(context: OperatorContext, repo: WatchedRepo) -> str:
     if cached is not None and time.monotonic() - cached[0] < WEBHOOK_SECRET_TTL_SECONDS:
         data = cached[1]
     else:
+        # Kept briefly, and read once however many requests ask at the same moment: a burst of
+        # pushes (or of forged ones) costs one read per Secret; a rotated secret is taken
+        # within the TTL.
+        reading = context.webhook_secret_reads.get(key)
+        if reading is None:
+            reading = context.webhook_secret_reads[key] = asyncio.ensure_future(
+                context.api.read_secret_data(repo.namespace, repo.webhook_secret))
+            reading.add_done_callback(lambda _: context.webhook_secret_reads.pop(key, None))
         try:
-            data = await context.api.read_secret_data(repo.namespace, repo.webhook_secret)
+            data = await asyncio.shield(reading)
         except Exception as exc:
             logger.warning("Repo %s/%s: webhook Secret %r unreadable: %s", repo.namespace, repo.name,
                            repo.webhook_secret, type(exc).__name__)
             return ""
-        # Kept briefly: a burst of pushes (or of forged ones) costs one read per Secret, and a
-        # rotated secret is taken within the TTL.
         context.webhook_secrets[key] = (time.monotonic(), data)
     if not data or "secret" not in data:
         return ""
