@@ -89,7 +89,7 @@ class Retention(_Spec):
     """How many TestRuns of a Repo stay in the cluster. The history store keeps everything."""
 
     keepCommits: int = Field(default=50, ge=1)
-    """Keep the TestRuns of the newest N processed commits; older ones are deleted."""
+    """Keep the TestRuns of the newest N processed commits; older ones are deleted once ended."""
 
 
 class RepoSpec(_Spec):
