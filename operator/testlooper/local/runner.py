@@ -25,7 +25,7 @@ from testlooper.local import containers
 from testlooper.local.machine import available_cores, total_ram_gb
 from testlooper.local.schedule import Capacity, Run, Schedule
 from testlooper.worker.agent import kill_processes_of_run
-from testlooper.worker.server import WorkerApiServer, safe_file_name
+from testlooper.workerapi.local import WorkerApiServer, safe_file_name
 
 # An agent enforces its task's timeout itself; past it plus this margin the runner assumes the
 # worker is dead, kills it and reports an error.
