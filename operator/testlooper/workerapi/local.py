@@ -231,7 +231,54 @@ class WorkerApiServer:
         same port, takes the same agents back. By default a fresh one."""
         self.backend = LocalBackend(artifact_root, on_log=on_log, on_result=on_result, secret=secret)
         self.artifact_root = self.backend.artifact_root
-        self._limits = Limits(max_log_chunk_bytes=max_log_chunk_bytes, max_artifact_bytes=max_artifact_bytes)
+        limits = Limits(max_log_chunk_bytes=max_log_chunk_bytes, max_artifact_bytes=max_artifact_bytes)
+        self._site = ThreadedSite(lambda: build_root_app(self.backend, limits), host, port)
+
+    @property
+    def url(self):
+        return self._site.url
+
+    def start(self):
+        self._site.start()
+
+    def stop(self):
+        self._site.stop()
+
+    def register_run(self, run_id, assignment, *, inputs_by_url=False):
+        """Registers a run and returns its token.
+
+        ``{"path": ...}`` sources and inputs are served at ``GET source`` / ``GET inputs/{key}``;
+        with ``inputs_by_url`` the agent is told to fetch them from there rather than copy the
+        path, which is what an agent on another machine has to do.
+        """
+        return self.backend.register_run(run_id, assignment, inputs_by_url=inputs_by_url)
+
+    def cancel(self, run_id):
+        """Asks the run's agent to stop: its next heartbeat is answered ``{"cancel": true}``."""
+        self.backend.run(run_id).cancel_requested = True
+
+    def wait_result(self, run_id, timeout=None):
+        """The run's RESULT once posted, or None if ``timeout`` seconds pass first."""
+        run = self.backend.run(run_id)
+        return run.result if run.result_ready.wait(timeout) else None
+
+    def status(self, run_id):
+        run = self.backend.run(run_id)
+        with run.lock:
+            return RunStatus(phase=run.phase, last_heartbeat=run.last_heartbeat,
+                             cancel_requested=run.cancel_requested, log_path=run.log_path,
+                             log_size=run.log_size, artifacts=dict(run.artifacts), result=run.result,
+                             storage_error=run.storage_error)
+
+    def find_run(self, run_id):
+        return self.backend.find_run(run_id)
+
+
+class ThreadedSite:
+    """Serves an aiohttp application from a thread running its own event loop."""
+
+    def __init__(self, make_app, host="127.0.0.1", port=0):
+        self._make_app = make_app
         self._host, self._port = host, port
         self._loop = None
         self._runner = None
@@ -266,12 +313,12 @@ class WorkerApiServer:
         started.wait()
         if failure:
             self._thread.join()
+            self._thread = None
             raise failure[0]
 
     async def _start_site(self):
-        # Request lines are not logged at all: never a header, so never a token.
-        self._runner = web.AppRunner(build_root_app(self.backend, self._limits), access_log=None,
-                                     handle_signals=False)
+        # No access log: request lines are logged by the protocol at debug level, headers never.
+        self._runner = web.AppRunner(self._make_app(), access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._host, self._port, reuse_address=True)
         await site.start()
@@ -283,35 +330,6 @@ class WorkerApiServer:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
         self._thread = None
-
-    def register_run(self, run_id, assignment, *, inputs_by_url=False):
-        """Registers a run and returns its token.
-
-        ``{"path": ...}`` sources and inputs are served at ``GET source`` / ``GET inputs/{key}``;
-        with ``inputs_by_url`` the agent is told to fetch them from there rather than copy the
-        path, which is what an agent on another machine has to do.
-        """
-        return self.backend.register_run(run_id, assignment, inputs_by_url=inputs_by_url)
-
-    def cancel(self, run_id):
-        """Asks the run's agent to stop: its next heartbeat is answered ``{"cancel": true}``."""
-        self.backend.run(run_id).cancel_requested = True
-
-    def wait_result(self, run_id, timeout=None):
-        """The run's RESULT once posted, or None if ``timeout`` seconds pass first."""
-        run = self.backend.run(run_id)
-        return run.result if run.result_ready.wait(timeout) else None
-
-    def status(self, run_id):
-        run = self.backend.run(run_id)
-        with run.lock:
-            return RunStatus(phase=run.phase, last_heartbeat=run.last_heartbeat,
-                             cancel_requested=run.cancel_requested, log_path=run.log_path,
-                             log_size=run.log_size, artifacts=dict(run.artifacts), result=run.result,
-                             storage_error=run.storage_error)
-
-    def find_run(self, run_id):
-        return self.backend.find_run(run_id)
 
 
 def _served_assignment(assignment, inputs_by_url):

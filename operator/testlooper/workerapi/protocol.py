@@ -278,6 +278,8 @@ def _content_length(request, limit):
 
 async def _read_body(request, limit):
     length = _content_length(request, limit)
+    if length == 0:  # aiohttp's empty body refuses even readexactly(0)
+        return b""
     try:
         return await request.content.readexactly(length)
     except asyncio.IncompleteReadError:
