@@ -348,3 +348,40 @@ def test_heartbeats_are_kept_in_redis_and_answer_cancel(api):
                          document={"phase": "stage 1/1"}) == (200, {"cancel": True})
     beat = asyncio.run(api.backend.last_heartbeat(run_id))
     assert beat["phase"] == "stage 1/1" and beat["time"] > 0
+
+
+# -- the source cache ----------------------------------------------------------------------------
+
+
+def test_the_source_cache_makes_one_tarball_for_many_runs_and_serves_the_same_bytes(api, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from testlooper.workerapi.cluster import SourceCache
+
+    streamed_run, streamed_token = api.add(1)
+    _, streamed = call_api(api, "GET", f"/runs/{streamed_run}/source", token=streamed_token)
+    api.backend.source_cache = SourceCache(str(tmp_path / "sources"))
+    runs = [api.add(index) for index in range(2, 12)]
+    with ThreadPoolExecutor(10) as pool:
+        answers = list(pool.map(lambda run: call_api(api, "GET", f"/runs/{run[0]}/source", token=run[1]), runs))
+    assert all(answer == (200, streamed) for answer in answers)
+    assert [name for name in os.listdir(tmp_path / "sources")] and len(os.listdir(tmp_path / "sources")) == 1
+
+    lib_run, lib_token = api.add(20, inputs={"lib": InputSource("source", path="lib")})
+    status, body = call_api(api, "GET", f"/runs/{lib_run}/inputs/lib", token=lib_token)
+    with tarfile.open(fileobj=io.BytesIO(body)) as tar:
+        assert [member.name for member in tar if member.isfile()] == ["util.sh"]
+    # A tree git cannot archive is not cached, and still answers 404.
+    api.runs.runs[lib_run] = replace(api.runs.runs[lib_run], commit="0" * 40)
+    assert call_api(api, "GET", f"/runs/{lib_run}/source", token=lib_token)[0] == 404
+
+
+def test_the_source_cache_keeps_at_most_its_size_dropping_the_least_recently_served(api, tmp_path):
+    from testlooper.workerapi.cluster import SourceCache
+
+    api.backend.source_cache = SourceCache(str(tmp_path / "sources"), max_bytes=15_000)
+    lib_run, token = api.add(1, inputs={"lib": InputSource("source", path="lib")})
+    assert call_api(api, "GET", f"/runs/{lib_run}/source", token=token)[0] == 200  # ~10 KB
+    assert call_api(api, "GET", f"/runs/{lib_run}/inputs/lib", token=token)[0] == 200  # ~10 KB: the first goes
+    assert len(os.listdir(tmp_path / "sources")) == 1
+    assert call_api(api, "GET", f"/runs/{lib_run}/source", token=token)[0] == 200  # made again

@@ -138,6 +138,78 @@ def _extract_files(archive: str, directory: str) -> None:
     os.replace(staging, directory)
 
 
+class SourceCache:
+    """Tarballs made by `git archive` once per (mirror, tree), kept on the artifact volume and
+    sent with sendfile: the runs of one commit (often hundreds) then share one `git archive`.
+    At most ``max_bytes`` are kept, the least recently served go first. When the tarball cannot
+    be written (a full disk) the source is streamed from git instead."""
+
+    def __init__(self, root: str, max_bytes: int = 4 * 1024 ** 3):
+        self.root = os.path.abspath(root)
+        self.max_bytes = max_bytes
+        self._building: dict[str, asyncio.Future] = {}
+
+    def _path(self, git_dir: str, tree: str) -> str:
+        import hashlib
+
+        digest = hashlib.sha256(f"{os.path.abspath(git_dir)}\0{tree}".encode()).hexdigest()[:32]
+        return os.path.join(self.root, digest + ".tar")
+
+    async def tarball(self, git_dir: str, tree: str) -> str | None:
+        """The tarball's path, made if need be (one `git archive` however many ask at once);
+        None when git cannot archive the tree or the disk cannot hold it."""
+        path = self._path(git_dir, tree)
+        if os.path.exists(path):
+            os.utime(path)  # recently served: evicted last
+            return path
+        pending = self._building.get(path)
+        if pending is None:
+            pending = self._building[path] = asyncio.ensure_future(self._build(git_dir, tree, path))
+            pending.add_done_callback(lambda _: self._building.pop(path, None))
+        return await asyncio.shield(pending)
+
+    async def _build(self, git_dir: str, tree: str, path: str) -> str | None:
+        await asyncio.to_thread(os.makedirs, self.root, exist_ok=True)
+        partial = f"{path}.{os.getpid()}.partial"
+        try:
+            with open(partial, "wb") as out:
+                process = await asyncio.create_subprocess_exec(
+                    "git", "--git-dir", git_dir, "archive", "--format=tar", tree,
+                    stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=asyncio.subprocess.DEVNULL)
+                code = await process.wait()
+            if code != 0:
+                return None
+            os.replace(partial, path)
+        except OSError:
+            return None
+        finally:
+            if os.path.exists(partial):
+                os.remove(partial)
+        await asyncio.to_thread(self._evict, keep=path)
+        return path
+
+    def _evict(self, keep: str) -> None:
+        entries = []
+        for name in os.listdir(self.root):
+            if name.endswith(".tar"):
+                full = os.path.join(self.root, name)
+                try:
+                    status = os.stat(full)
+                except OSError:
+                    continue
+                entries.append((status.st_mtime, status.st_size, full))
+        total = sum(size for _, size, _ in entries)
+        for _, size, full in sorted(entries):
+            if total <= self.max_bytes:
+                break
+            if full != keep:
+                try:
+                    os.remove(full)  # a request sending it keeps its open file
+                except OSError:
+                    continue
+                total -= size
+
+
 class ClusterBackend(Backend):
     """``on_result(run, result)`` is awaited once the RESULT is kept and recorded (the operator
     updates the TestRun then); it may be awaited again for the same run after a restart, with
@@ -145,6 +217,7 @@ class ClusterBackend(Backend):
 
     def __init__(self, *, secret: bytes, runs: RunDirectory, client: redis.Redis, history: HistoryStore,
                  artifacts: DiskArtifactStore, logs: LogStreams | None = None,
+                 source_cache: SourceCache | None = None,
                  on_result: Callable[[ClusterRun, dict], Awaitable[None]] | None = None):
         if not secret:
             raise ValueError("the operator secret must not be empty")
@@ -154,6 +227,7 @@ class ClusterBackend(Backend):
         self.history = history
         self.artifacts = artifacts
         self.logs = logs or LogStreams(client)
+        self.source_cache = source_cache
         self._on_result = on_result
 
     @staticmethod
@@ -179,15 +253,22 @@ class ClusterBackend(Backend):
 
     async def served(self, run, route):
         if route == "source":
-            return Served("git", run.git_dir, run.commit)
+            return await self._tree(run.git_dir, run.commit)
         for key, source in run.inputs.items():
             if input_route(key) != route:
                 continue
             if source.kind == "source":
-                tree = f"{run.commit}:{source.path}" if source.path.strip("/") else run.commit
-                return Served("git", run.git_dir, tree)
+                path = source.path.strip("/")
+                return await self._tree(run.git_dir, f"{run.commit}:{path}" if path else run.commit)
             return await asyncio.to_thread(self.artifacts.find, source.run_id, source.artifact)
         return None
+
+    async def _tree(self, git_dir: str, tree: str) -> Served:
+        if self.source_cache is not None:
+            path = await self.source_cache.tarball(git_dir, tree)
+            if path is not None:
+                return Served("file", path)
+        return Served("git", git_dir, tree)  # streamed; a tree git cannot archive answers 404 there
 
     async def heartbeat(self, run, phase):
         beat = json.dumps({"time": time.time(), "phase": phase[:200]})
