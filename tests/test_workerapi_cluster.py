@@ -385,3 +385,26 @@ def test_the_source_cache_keeps_at_most_its_size_dropping_the_least_recently_ser
     assert call_api(api, "GET", f"/runs/{lib_run}/inputs/lib", token=token)[0] == 200  # ~10 KB: the first goes
     assert len(os.listdir(tmp_path / "sources")) == 1
     assert call_api(api, "GET", f"/runs/{lib_run}/source", token=token)[0] == 200  # made again
+
+
+def test_the_operator_serves_the_worker_api_beside_its_health_and_webhooks(api):
+    from testlooper.cluster.context import OperatorContext, OperatorOptions
+    from testlooper.cluster.http import build_app
+
+    context = OperatorContext(OperatorOptions(), api=None, metrics=None)
+    site = ThreadedSite(lambda: build_app(context, worker_backend=api.backend))
+    site.start()
+    try:
+        run_id, token = api.add(1)
+
+        class At:
+            url = site.url
+
+        assert call_api(At, "GET", "/healthz")[0] == 200
+        status, assignment = call_api_json(At, "GET", f"/runs/{run_id}/assignment", token=token)
+        assert status == 200 and assignment["run_id"] == run_id
+        assert call_api(At, "GET", f"/runs/{run_id}/assignment", token="forged")[0] == 401
+        status, _ = call_api(At, "GET", f"/runs/{run_id}/source", token=token)
+        assert status == 200
+    finally:
+        site.stop()

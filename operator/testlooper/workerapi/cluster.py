@@ -125,6 +125,64 @@ class DiskArtifactStore:
                 os.remove(partial)
 
 
+S3_EXTENSIONS = {"Tar": ".tar.gz", "Zip": ".zip", "Files": ".tar"}  # a Files artifact is kept as its tar
+
+
+class S3ArtifactStore:
+    """Artifacts in an S3 bucket (boto3: credentials and ``AWS_ENDPOINT_URL`` from the
+    environment). An upload passes through the operator (spooled to ``spool_dir``, then sent
+    in parts); a consumer downloads its inputs straight from S3 through a presigned GET URL,
+    which the agent fetches without its token."""
+
+    def __init__(self, bucket: str, *, prefix: str = "", spool_dir: str, presign_seconds: int = 6 * 3600,
+                 client=None):
+        import boto3  # only an operator configured for S3 pays for the import
+
+        self.bucket = bucket
+        self.prefix = prefix
+        self.spool_dir = os.path.abspath(spool_dir)
+        self.presign_seconds = presign_seconds
+        self._s3 = client or boto3.session.Session().client("s3")
+
+    def key(self, run_id: str, name: str, archive_format: str) -> str:
+        return f"{self.prefix}{safe_file_name(run_id)}/{safe_file_name(name)}{S3_EXTENSIONS[archive_format]}"
+
+    async def put(self, run_id: str, name: str, archive_format: str, body, length: int) -> None:
+        await asyncio.to_thread(os.makedirs, self.spool_dir, exist_ok=True)
+        handle, partial = await asyncio.to_thread(tempfile.mkstemp, dir=self.spool_dir, prefix=".upload-")
+        out = os.fdopen(handle, "wb")
+        try:
+            async for block in body:
+                await asyncio.to_thread(out.write, block)
+            await asyncio.to_thread(out.close)
+            await asyncio.to_thread(self._s3.upload_file, partial, self.bucket, self.key(run_id, name, archive_format))
+        except OSError as error:
+            raise ApiError(507, f"cannot spool artifact {name!r}: {error.strerror or error}") from None
+        except Exception as error:  # botocore's: S3 down or refusing; the agent retries on 503
+            raise ApiError(503, f"cannot store artifact {name!r} in S3: {type(error).__name__}") from None
+        finally:
+            out.close()
+            if os.path.exists(partial):
+                os.remove(partial)
+
+    def presigned_url(self, run_id: str, name: str) -> str | None:
+        """A GET URL of the artifact, or None when the run uploaded none by that name."""
+        from botocore.exceptions import ClientError
+
+        for archive_format in S3_EXTENSIONS:
+            key = self.key(run_id, name, archive_format)
+            try:
+                self._s3.head_object(Bucket=self.bucket, Key=key)
+            except ClientError:
+                continue
+            return self._s3.generate_presigned_url("get_object", Params={"Bucket": self.bucket, "Key": key},
+                                                   ExpiresIn=self.presign_seconds)
+        return None
+
+    def find(self, run_id: str, name: str) -> Served | None:
+        return None  # never streamed by the operator: see presigned_url
+
+
 def _extract_files(archive: str, directory: str) -> None:
     staging = tempfile.mkdtemp(dir=os.path.dirname(directory), prefix=".files-")
     try:
@@ -216,7 +274,7 @@ class ClusterBackend(Backend):
     the same result, so it must be idempotent too."""
 
     def __init__(self, *, secret: bytes, runs: RunDirectory, client: redis.Redis, history: HistoryStore,
-                 artifacts: DiskArtifactStore, logs: LogStreams | None = None,
+                 artifacts: DiskArtifactStore | S3ArtifactStore, logs: LogStreams | None = None,
                  source_cache: SourceCache | None = None,
                  on_result: Callable[[ClusterRun, dict], Awaitable[None]] | None = None):
         if not secret:
@@ -247,8 +305,16 @@ class ClusterBackend(Backend):
         handed_out = copy.deepcopy(run.assignment)
         handed_out["run_id"] = run.run_id
         handed_out["source"] = {"url": "source"}
-        handed_out["inputs"] = {key: {"kind": source.kind, "url": input_route(key)}
-                                for key, source in run.inputs.items()}
+        handed_out["inputs"] = {}
+        for key, source in run.inputs.items():
+            url = input_route(key)
+            presign = getattr(self.artifacts, "presigned_url", None)
+            if source.kind == "build" and presign is not None:
+                try:
+                    url = await asyncio.to_thread(presign, source.run_id, source.artifact) or url
+                except Exception as error:  # S3 unreachable: the agent asks again
+                    raise ApiError(503, f"cannot reach the artifact store: {type(error).__name__}") from None
+            handed_out["inputs"][key] = {"kind": source.kind, "url": url}
         return handed_out
 
     async def served(self, run, route):
