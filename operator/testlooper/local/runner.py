@@ -121,7 +121,7 @@ class LocalRunner:
     def run(self) -> list[RunOutcome]:
         os.makedirs(self.runs_dir, exist_ok=True)
         self.server = WorkerApiServer(artifact_root=self.runs_dir)
-        self.server.start()
+        self.server.start(wait=False)  # aiohttp loads in its thread while the first agents start
         announcements = self.pending_announcements
         try:
             while True:

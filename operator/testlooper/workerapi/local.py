@@ -23,6 +23,7 @@ import logging
 import os
 import secrets
 import shutil
+import socket
 import tarfile
 import tempfile
 import threading
@@ -30,13 +31,10 @@ import time
 import urllib.parse
 from dataclasses import dataclass, field
 
-from aiohttp import web
-
 from testlooper.worker.agent import input_tar_filter
 from testlooper.workerapi import tokens
-from testlooper.workerapi.protocol import (
-    ARTIFACT_FORMATS, MAX_ARTIFACT_BYTES, MAX_LOG_CHUNK_BYTES, ApiError, Backend, Limits, Served,
-    build_root_app, input_route,
+from testlooper.workerapi.contract import (
+    ARTIFACT_FORMATS, MAX_ARTIFACT_BYTES, MAX_LOG_CHUNK_BYTES, ApiError, Backend, Limits, Served, input_route,
 )
 
 _log = logging.getLogger(__name__)
@@ -232,14 +230,22 @@ class WorkerApiServer:
         self.backend = LocalBackend(artifact_root, on_log=on_log, on_result=on_result, secret=secret)
         self.artifact_root = self.backend.artifact_root
         limits = Limits(max_log_chunk_bytes=max_log_chunk_bytes, max_artifact_bytes=max_artifact_bytes)
-        self._site = ThreadedSite(lambda: build_root_app(self.backend, limits), host, port)
+
+        def make_app():
+            from testlooper.workerapi.protocol import build_root_app  # aiohttp: loaded in the server's thread
+
+            return build_root_app(self.backend, limits)
+
+        self._site = ThreadedSite(make_app, host, port)
 
     @property
     def url(self):
         return self._site.url
 
-    def start(self):
-        self._site.start()
+    def start(self, wait=True):
+        """Listens at once; with ``wait=False`` it returns before the server's thread has loaded
+        aiohttp (~0.13 s): agents may connect already, their requests wait in the backlog."""
+        self._site.start(wait=wait)
 
     def stop(self):
         self._site.stop()
@@ -275,7 +281,9 @@ class WorkerApiServer:
 
 
 class ThreadedSite:
-    """Serves an aiohttp application from a thread running its own event loop."""
+    """Serves an aiohttp application from a thread running its own event loop, on a socket that
+    listens from ``start()`` on (so its URL is known, and connections queue, before the thread
+    has even imported aiohttp)."""
 
     def __init__(self, make_app, host="127.0.0.1", port=0):
         self._make_app = make_app
@@ -283,48 +291,67 @@ class ThreadedSite:
         self._loop = None
         self._runner = None
         self._thread = None
-        self._address = None
+        self._socket = None
+        self._started = threading.Event()
+        self._failure = []
 
     @property
     def url(self):
-        host, port = self._address
+        host, port = self._socket.getsockname()[:2]
         return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
-    def start(self):
-        started = threading.Event()
-        failure = []
-
-        def serve():
-            self._loop = asyncio.new_event_loop()
-            try:
-                self._loop.run_until_complete(self._start_site())
-            except BaseException as error:  # noqa: BLE001 - handed to the starting thread
-                failure.append(error)
-                started.set()
-                self._loop.close()
-                return
-            started.set()
-            self._loop.run_forever()
-            self._loop.run_until_complete(self._runner.cleanup())
-            self._loop.close()
-
-        self._thread = threading.Thread(target=serve, name="worker-api", daemon=True)
+    def start(self, wait=True):
+        family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
+        self._socket = socket.socket(family, socket.SOCK_STREAM)
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self._socket.bind((self._host, self._port))
+            self._socket.listen(512)
+        except OSError:
+            self._socket.close()
+            raise
+        self._started.clear()
+        self._failure.clear()
+        self._thread = threading.Thread(target=self._serve, name="worker-api", daemon=True)
         self._thread.start()
-        started.wait()
-        if failure:
+        if wait:
+            self._wait_started()
+
+    def _wait_started(self):
+        self._started.wait()
+        if self._failure:
             self._thread.join()
             self._thread = None
-            raise failure[0]
+            raise self._failure[0]
+
+    def _serve(self):
+        self._loop = asyncio.new_event_loop()
+        try:
+            self._loop.run_until_complete(self._start_site())
+        except BaseException as error:  # noqa: BLE001 - handed to the thread that waits for the start
+            _log.error("the worker API cannot start: %s", error)
+            self._failure.append(error)
+            self._socket.close()
+            self._started.set()
+            self._loop.close()
+            return
+        self._started.set()
+        self._loop.run_forever()
+        self._loop.run_until_complete(self._runner.cleanup())
+        self._loop.close()
 
     async def _start_site(self):
+        from aiohttp import web
+
         # No access log: request lines are logged by the protocol at debug level, headers never.
         self._runner = web.AppRunner(self._make_app(), access_log=None, handle_signals=False)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self._host, self._port, reuse_address=True)
-        await site.start()
-        self._address = site._server.sockets[0].getsockname()[:2]
+        await web.SockSite(self._runner, self._socket).start()
 
     def stop(self):
+        if self._thread is None:
+            return
+        self._wait_started()
         if self._thread is None:
             return
         self._loop.call_soon_threadsafe(self._loop.stop)
