@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import hashlib
 import json
 import os
 import shutil
@@ -197,54 +198,33 @@ def _extract_files(archive: str, directory: str) -> None:
 
 
 class SourceCache:
-    """Tarballs made by `git archive` once per (mirror, tree), kept on the artifact volume and
-    sent with sendfile: the runs of one commit (often hundreds) then share one `git archive`.
-    At most ``max_bytes`` are kept, the least recently served go first. When the tarball cannot
-    be written (a full disk) the source is streamed from git instead."""
+    """Tarballs of the trees served, kept on the artifact volume and sent with sendfile: the runs
+    of one commit (often hundreds) share one `git archive`. The first run of a tree gets the
+    archive streamed from git while it is written here too (so it waits for nothing more);
+    runs asking while that is under way are streamed from git as well. At most ``max_bytes``
+    are kept, the least recently served go first. A tarball that cannot be written (a full
+    disk) only means the next run streams again."""
 
     def __init__(self, root: str, max_bytes: int = 4 * 1024 ** 3):
         self.root = os.path.abspath(root)
         self.max_bytes = max_bytes
-        self._building: dict[str, asyncio.Future] = {}
+        self._writing: set[str] = set()
 
     def _path(self, git_dir: str, tree: str) -> str:
-        import hashlib
-
         digest = hashlib.sha256(f"{os.path.abspath(git_dir)}\0{tree}".encode()).hexdigest()[:32]
         return os.path.join(self.root, digest + ".tar")
 
-    async def tarball(self, git_dir: str, tree: str) -> str | None:
-        """The tarball's path, made if need be (one `git archive` however many ask at once);
-        None when git cannot archive the tree or the disk cannot hold it."""
+    def served(self, git_dir: str, tree: str) -> Served:
         path = self._path(git_dir, tree)
         if os.path.exists(path):
-            os.utime(path)  # recently served: evicted last
-            return path
-        pending = self._building.get(path)
-        if pending is None:
-            pending = self._building[path] = asyncio.ensure_future(self._build(git_dir, tree, path))
-            pending.add_done_callback(lambda _: self._building.pop(path, None))
-        return await asyncio.shield(pending)
-
-    async def _build(self, git_dir: str, tree: str, path: str) -> str | None:
-        await asyncio.to_thread(os.makedirs, self.root, exist_ok=True)
-        partial = f"{path}.{os.getpid()}.partial"
-        try:
-            with open(partial, "wb") as out:
-                process = await asyncio.create_subprocess_exec(
-                    "git", "--git-dir", git_dir, "archive", "--format=tar", tree,
-                    stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=asyncio.subprocess.DEVNULL)
-                code = await process.wait()
-            if code != 0:
-                return None
-            os.replace(partial, path)
-        except OSError:
-            return None
-        finally:
-            if os.path.exists(partial):
-                os.remove(partial)
-        await asyncio.to_thread(self._evict, keep=path)
-        return path
+            try:
+                os.utime(path)  # recently served: evicted last
+            except OSError:
+                pass
+            return Served("file", path)
+        if path in self._writing:
+            return Served("git", git_dir, tree)
+        return Served("git", git_dir, tree, tee=_CacheWriter(self, path))
 
     def _evict(self, keep: str) -> None:
         entries = []
@@ -266,6 +246,49 @@ class SourceCache:
                 except OSError:
                     continue
                 total -= size
+
+
+class _CacheWriter:
+    """Receives the blocks a streamed `git archive` sends, and files them once it is whole."""
+
+    def __init__(self, cache: SourceCache, path: str):
+        self._cache = cache
+        self._path = path
+        self._partial = f"{path}.{os.getpid()}.{id(self)}.partial"
+        self._out = None
+        cache._writing.add(path)
+
+    def write(self, block: bytes) -> None:
+        if self._out is False:
+            return
+        try:
+            if self._out is None:
+                os.makedirs(self._cache.root, exist_ok=True)
+                self._out = open(self._partial, "wb")
+            self._out.write(block)
+        except OSError:
+            self.abort()
+            self._out = False  # the stream goes on; only the cache gives up
+
+    def finish(self) -> None:
+        if not self._out:
+            self.abort()
+            return
+        try:
+            self._out.close()
+            os.replace(self._partial, self._path)
+            self._cache._evict(keep=self._path)
+        except OSError:
+            self.abort()
+        finally:
+            self._cache._writing.discard(self._path)
+
+    def abort(self) -> None:
+        if self._out:
+            self._out.close()
+        if os.path.exists(self._partial):
+            os.remove(self._partial)
+        self._cache._writing.discard(self._path)
 
 
 class ClusterBackend(Backend):
@@ -330,11 +353,10 @@ class ClusterBackend(Backend):
         return None
 
     async def _tree(self, git_dir: str, tree: str) -> Served:
+        # Streamed from git unless cached; a tree git cannot archive answers 404 there.
         if self.source_cache is not None:
-            path = await self.source_cache.tarball(git_dir, tree)
-            if path is not None:
-                return Served("file", path)
-        return Served("git", git_dir, tree)  # streamed; a tree git cannot archive answers 404 there
+            return self.source_cache.served(git_dir, tree)
+        return Served("git", git_dir, tree)
 
     async def heartbeat(self, run, phase):
         beat = json.dumps({"time": time.time(), "phase": phase[:200]})

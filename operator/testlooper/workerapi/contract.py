@@ -30,11 +30,14 @@ class ApiError(Exception):
 @dataclass(frozen=True)
 class Served:
     """What ``GET source`` or ``GET inputs/{key}`` streams: a ``file`` as it is, a ``directory``
-    as an uncompressed tar, or ``git``: ``git archive`` of ``commit`` from the bare ``path``."""
+    as an uncompressed tar, or ``git``: ``git archive`` of ``commit`` from the bare ``path``.
+    ``tee`` (``write(block)``, ``finish()``, ``abort()``) also receives a streamed archive: a
+    source cache keeps it that way."""
 
     kind: str
     path: str
     commit: str = ""
+    tee: object = None
 
 
 class Backend(abc.ABC):
