@@ -408,3 +408,26 @@ def test_the_operator_serves_the_worker_api_beside_its_health_and_webhooks(api):
         assert status == 200
     finally:
         site.stop()
+
+
+def test_redis_down_makes_log_heartbeat_and_result_503s_that_the_agent_retries(api):
+    down = RedisServer().start()
+    client = redis.Redis.from_url(down.url, socket_connect_timeout=1)
+    down.stop()
+    backend = ClusterBackend(secret=SECRET, runs=api.runs, client=client, history=api.history,
+                             artifacts=api.artifacts)
+    site = ThreadedSite(lambda: build_root_app(backend))
+    site.start()
+    try:
+        run_id, token = api.add(1)
+
+        class At:
+            url = site.url
+
+        for method, path, body in (("POST", "log?offset=0", b"x"), ("POST", "heartbeat", b"{}"),
+                                   ("POST", "result", json.dumps(result_document()).encode())):
+            status, answer = call_api(At, method, f"/runs/{run_id}/{path}", token=token, body=body)
+            assert status == 503 and b"Redis is unreachable" in answer, (path, status, answer)
+        assert api.history.runs("ns/repo", api.commit) == []  # nothing half-recorded
+    finally:
+        site.stop()
