@@ -8,7 +8,7 @@ import socket
 import time
 
 from testlooper.workerapi.local import WorkerApiServer
-from worker_helpers import AgentProcess, make_assignment, make_source, make_task
+from worker_helpers import AgentProcess, make_assignment, make_source, make_task, stage
 
 DOWN_SECONDS = 20  # longer than the agent's old retries (0.5 + 1 + 2 + 4 + 8 s)
 
@@ -49,3 +49,23 @@ def test_a_run_finishing_while_the_api_is_down_delivers_its_log_and_result_when_
             agent.process.kill()
         if second is not None:
             second.stop()
+
+
+def test_past_the_run_deadline_the_agent_stops_trying_and_keeps_its_result(tmp_path):
+    source = make_source(tmp_path / "checkout")
+    task = make_task(stages=[stage("sleep 1")], timeout_seconds=2)  # no artifact: the RESULT is the last word
+    assignment = {**make_assignment(task, source), "report_grace_seconds": 1}
+    server = WorkerApiServer(artifact_root=tmp_path / "api")
+    server.start()
+    agent = AgentProcess(server, assignment, tmp_path / "work", run_id="ns.tr.2.1")
+    try:
+        agent.wait_for_phase("stage")
+        server.stop()
+        started = time.monotonic()
+        assert agent.process.wait(timeout=30) == 1
+        assert time.monotonic() - started < 10  # its deadline: about 2 + 1 s after the assignment
+        result = (tmp_path / "work" / "result.json").read_text()
+        assert '"result": "passed"' in result
+    finally:
+        if agent.process.poll() is None:
+            agent.process.kill()
