@@ -24,7 +24,7 @@ from testlooper.workerapi.cluster import (
 )
 from testlooper.workerapi.local import ThreadedSite
 from testlooper.workerapi.protocol import build_root_app
-from worker_helpers import WHOLE_OUTPUT, agent_environment, artifact, call_api, call_api_json, make_task, stage
+from worker_helpers import agent_environment, artifact, call_api, call_api_json, make_task, stage
 
 SECRET = b"operator-secret-for-tests"
 COMMIT_FILES = {"README": "the project\n", "lib/util.sh": "echo util-from-lib\n", "run.sh": "echo ran\n"}
