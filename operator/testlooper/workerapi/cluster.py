@@ -291,6 +291,11 @@ class _CacheWriter:
         self._cache._writing.discard(self._path)
 
 
+# The kept RESULT only guards against duplicates and feeds the TestRun; the history store keeps
+# the run for good. A RESULT posted again after this long is recorded again, which replaces it.
+RESULT_KEEP_SECONDS = 30 * 24 * 3600
+
+
 class ClusterBackend(Backend):
     """``on_result(run, result)`` is awaited once the RESULT is kept and recorded (the operator
     updates the TestRun then); it may be awaited again for the same run after a restart, with
@@ -381,7 +386,8 @@ class ClusterBackend(Backend):
     async def record_result(self, run, result):
         key = self._key(run.run_id, "result")
         # The first RESULT counts: one posted again, or another after a restart, changes nothing.
-        await self._redis(self._client.set, key, json.dumps({**result, "received_at": time.time()}), nx=True)
+        await self._redis(self._client.set, key, json.dumps({**result, "received_at": time.time()}), nx=True,
+                          ex=RESULT_KEEP_SECONDS)
         kept = json.loads(await self._redis(self._client.get, key))
         record = run_record(run, kept)
         try:
