@@ -331,11 +331,16 @@ def test_failed_build_is_retried_then_its_consumers_are_blocked(repo, tmp_path, 
 
 # -- 6. 200 MB of output -----------------------------------------------------------------------
 
+# The runner's own peak is VmHWM: ru_maxrss also carries the high-water mark the process had
+# before exec, i.e. that of the pytest process that forked it, which grows with the tests run
+# before (the agent tests hold a 200 MB log), so it measured the suite's order, not the runner.
 RSS_WRAPPER = """
-import resource, sys
+import sys
 from testlooper.cli.main import main
 status = main(sys.argv[1:])
-print("RUNNER_MAXRSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
+with open("/proc/self/status") as own:
+    peak = next(int(line.split()[1]) for line in own if line.startswith("VmHWM:"))
+print("RUNNER_MAXRSS_KB", peak, file=sys.stderr)
 sys.exit(status)
 """
 

@@ -75,7 +75,7 @@ def test_unknown_runs_and_paths_are_not_found(registered):
 
 def test_tokens_never_reach_the_log(registered, caplog):
     server, token = registered
-    caplog.set_level(logging.DEBUG, logger="testlooper.worker.server")
+    caplog.set_level(logging.DEBUG, logger="testlooper.workerapi")
 
     call_api(server, "GET", "/runs/run-1/assignment", token=token)
     call_api(server, "POST", "/runs/run-1/log?offset=0", token=token, body=b"x")

@@ -1,5 +1,6 @@
-"""The operator's one HTTP server: /healthz, /readyz, /metrics, and the push webhooks (the worker
-API joins it in part 2). aiohttp, which kopf already brings.
+"""The operator's one HTTP server: /healthz, /readyz, /metrics, the push webhooks, and the worker
+API at /runs/... when a worker backend is given (workerapi/protocol.py, the same code the local
+runner serves). aiohttp, which kopf already brings.
 
 Webhooks: a push names its repository by URL; every Repo whose `spec.url` is that repository
 (compared in normal form, repos/urls.py) is checked against its own `webhookSecret`, and the
@@ -22,12 +23,13 @@ from testlooper.cluster.context import OperatorContext, WatchedRepo
 from testlooper.decisions.webhooks import (
     MAX_PAYLOAD_BYTES, PayloadError, github_signature_valid, gitlab_token_valid, repository_urls,
 )
+from testlooper.workerapi.protocol import mount_worker_api
 
 logger = logging.getLogger(__name__)
 WEBHOOK_SECRET_TTL_SECONDS = 10
 
 
-def build_app(context: OperatorContext) -> web.Application:
+def build_app(context: OperatorContext, worker_backend=None) -> web.Application:
     app = web.Application(client_max_size=MAX_PAYLOAD_BYTES)
     app["context"] = context
     app.router.add_get("/healthz", healthz)
@@ -36,11 +38,13 @@ def build_app(context: OperatorContext) -> web.Application:
     app.router.add_post("/webhooks/github", github_webhook)
     app.router.add_post("/webhooks/gitlab", gitlab_webhook)
     app.router.add_post("/githubReceivedAPush", github_webhook)  # the path old TestLooper hooks call
+    if worker_backend is not None:
+        mount_worker_api(app, worker_backend)
     return app
 
 
-async def start_server(context: OperatorContext) -> web.AppRunner:
-    runner = web.AppRunner(build_app(context), access_log=None)
+async def start_server(context: OperatorContext, worker_backend=None) -> web.AppRunner:
+    runner = web.AppRunner(build_app(context, worker_backend), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, context.options.api_host, context.options.api_port)
     await site.start()

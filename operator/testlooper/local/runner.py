@@ -25,7 +25,7 @@ from testlooper.local import containers
 from testlooper.local.machine import available_cores, total_ram_gb
 from testlooper.local.schedule import Capacity, Run, Schedule
 from testlooper.worker.agent import kill_processes_of_run
-from testlooper.worker.server import WorkerApiServer, safe_file_name
+from testlooper.workerapi.local import WorkerApiServer, safe_file_name
 
 # An agent enforces its task's timeout itself; past it plus this margin the runner assumes the
 # worker is dead, kills it and reports an error.
@@ -121,7 +121,7 @@ class LocalRunner:
     def run(self) -> list[RunOutcome]:
         os.makedirs(self.runs_dir, exist_ok=True)
         self.server = WorkerApiServer(artifact_root=self.runs_dir)
-        self.server.start()
+        self.server.start(wait=False)  # aiohttp loads in its thread while the first agents start
         announcements = self.pending_announcements
         try:
             while True:

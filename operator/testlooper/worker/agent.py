@@ -45,10 +45,13 @@ PROCESS_GROUPS_CHECK_SECONDS = 1.0
 DEFAULT_TIMEOUT_SECONDS = 3600
 # A cleanup that follows a timeout or a cancellation gets this long, then it is killed too.
 CLEANUP_SECONDS_AFTER_STOP = 30
-# Waits between attempts to deliver the result; the last word of a run is worth ~15 s of retries.
-RESULT_RETRY_DELAYS = (0.5, 1, 2, 4, 8)
-# The log shipper gives up on a failing API only once the task is over, after this many tries.
-LOG_FINAL_ATTEMPTS = 8
+# An API that does not answer (an operator restarting, a `helm upgrade`) is asked again, waiting
+# longer each time up to the cap, until the run's own deadline: its start, plus its timeout,
+# plus this grace (an assignment's "report_grace_seconds" overrides it). Nothing of a run whose
+# API comes back within that is lost.
+RETRY_FIRST_DELAY_SECONDS = 0.5
+RETRY_MAX_DELAY_SECONDS = 15
+REPORT_GRACE_SECONDS = 600
 
 ARCHIVE_EXTENSIONS = {"Tar": ".tar.gz", "Zip": ".zip", "Files": ".tar"}
 # A run's log is cut past max_log_mb (the task's, else this), keeping its head and its tail.
@@ -103,6 +106,32 @@ class ApiClient:
         self.run_url = urllib.parse.urlunsplit((parts.scheme, parts.netloc, run_path, "", ""))
         self._token = token
         self._local = threading.local()
+        # time.monotonic() past which a failing request is not tried again; the assignment moves it.
+        self.retry_until = time.monotonic() + REPORT_GRACE_SECONDS
+
+    def extend_retries_for(self, assignment):
+        """From now on, requests are retried until the run's own deadline."""
+        task = assignment.get("task") or {}
+        grace = assignment.get("report_grace_seconds", REPORT_GRACE_SECONDS)
+        try:
+            seconds = float(task.get("timeout_seconds") or DEFAULT_TIMEOUT_SECONDS) + float(grace)
+        except (TypeError, ValueError):
+            seconds = DEFAULT_TIMEOUT_SECONDS + REPORT_GRACE_SECONDS
+        self.retry_until = time.monotonic() + seconds
+
+    def retrying(self, call, stop=None):
+        """``call()`` until it succeeds, fails for good (``ApiError.permanent``), the run's
+        deadline passes or ``stop`` asks to stop; the last failure is raised."""
+        delay = RETRY_FIRST_DELAY_SECONDS
+        while True:
+            try:
+                return call()
+            except ApiError as error:
+                if error.permanent or time.monotonic() + delay > self.retry_until \
+                        or (stop is not None and stop.reason):
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX_DELAY_SECONDS)
 
     def request(self, method, path, body=b"", content_type="application/octet-stream"):
         """Sends one request and returns the answer's body; raises ApiError unless it is a 2xx."""
@@ -316,10 +345,10 @@ class LogShipper(threading.Thread):
                     failures = 0
                 except ApiError as error:
                     failures += 1
-                    if error.permanent or (finishing and failures >= LOG_FINAL_ATTEMPTS):
+                    if error.permanent or (finishing and time.monotonic() > self._api.retry_until):
                         self.error = str(error)
                         return
-                    self._finishing.wait(min(0.25 * 2 ** failures, 10))
+                    self._finishing.wait(min(0.25 * 2 ** failures, RETRY_MAX_DELAY_SECONDS))
                     continue
                 if not progressed:
                     if finishing:
@@ -1190,7 +1219,7 @@ class TaskRun:
     def _upload(self, packed):
         path = f"artifacts/{artifact_url_segment(packed.name)}?format={packed.archive_format}"
         try:
-            self.api.upload_file(path, packed.path)
+            self.api.retrying(lambda: self.api.upload_file(path, packed.path))
         except ApiError as error:
             raise InfrastructureError(f"cannot upload artifact {packed.name!r}: {error}") from error
         self.log.note(f"uploaded artifact {packed.name!r} ({packed.archive_format}, {packed.size} bytes)")
@@ -1460,12 +1489,13 @@ def make_result(outcome, *, exit_code=None, duration_seconds=0.0, error="", case
 
 def fetch_assignment(api):
     try:
-        assignment = api.request_json("GET", "assignment")
+        assignment = api.retrying(lambda: api.request_json("GET", "assignment"))
     except ApiError as error:
         raise InfrastructureError(f"cannot fetch the assignment: {error}") from error
     if not isinstance(assignment, dict) or not isinstance(assignment.get("task"), dict) \
             or "source" not in assignment:
         raise InfrastructureError("the assignment has no task or no source")
+    api.extend_retries_for(assignment)
     return assignment
 
 
@@ -1582,17 +1612,12 @@ def deliver_result(api, result_path, result):
             json.dump(result, out, indent=1)
     except OSError as error:
         complain(f"cannot write result.json: {error}")
-    for delay in (0,) + RESULT_RETRY_DELAYS:
-        time.sleep(delay)
-        try:
-            api.request_json("POST", "result", result)
-            return True
-        except ApiError as error:
-            last_error = error
-            if error.permanent:
-                break
-    complain(f"cannot post the result ({last_error}); it is in {result_path}")
-    return False
+    try:
+        api.retrying(lambda: api.request_json("POST", "result", result))
+        return True
+    except ApiError as error:
+        complain(f"cannot post the result ({error}); it is in {result_path}")
+        return False
 
 
 def parse_arguments(argv):

@@ -1,0 +1,71 @@
+"""The agent rides out a worker API that goes away: its log, heartbeats and RESULT are retried
+until the run's deadline, so a server stopped for longer than the old ~15 s of retries and started
+again (same port, same secret: the tokens are derived, docs/worker.md) loses nothing."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+from testlooper.workerapi.local import WorkerApiServer
+from worker_helpers import AgentProcess, make_assignment, make_source, make_task, stage
+
+DOWN_SECONDS = 20  # longer than the agent's old retries (0.5 + 1 + 2 + 4 + 8 s)
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_a_run_finishing_while_the_api_is_down_delivers_its_log_and_result_when_it_returns(tmp_path):
+    source = make_source(tmp_path / "checkout")
+    port, secret = free_port(), b"s" * 32
+    task = make_task("echo before; sleep 2; for i in $(seq 1 2000); do echo line-$i; done; echo after")
+    assignment = make_assignment(task, source)
+    first = WorkerApiServer(artifact_root=tmp_path / "first", port=port, secret=secret)
+    first.start()
+    agent = AgentProcess(first, assignment, tmp_path / "work", run_id="ns.tr.1.1")
+    second = None
+    try:
+        agent.wait_for_phase("stage")
+        first.stop()  # the task finishes and tries to report while nobody listens
+        time.sleep(DOWN_SECONDS)
+        assert agent.process.poll() is None, "the agent gave up while the API was down"
+        second = WorkerApiServer(artifact_root=tmp_path / "second", port=port, secret=secret)
+        second.register_run("ns.tr.1.1", assignment)
+        second.start()
+        result = second.wait_result("ns.tr.1.1", timeout=60)
+        assert agent.process.wait(timeout=30) == 0
+        assert result["result"] == "passed" and result["exit_code"] == 0
+        # The new server held nothing: the agent was told so (409) and sent the whole log again.
+        log = open(second.status("ns.tr.1.1").log_path).read()
+        assert "before" in log and "line-2000\nafter" in log and log.count("line-1000\n") == 1
+        assert "[testlooper] result: passed" in log
+        assert second.status("ns.tr.1.1").artifacts  # the whole-output artifact was uploaded too
+    finally:
+        if agent.process.poll() is None:
+            agent.process.kill()
+        if second is not None:
+            second.stop()
+
+
+def test_past_the_run_deadline_the_agent_stops_trying_and_keeps_its_result(tmp_path):
+    source = make_source(tmp_path / "checkout")
+    task = make_task(stages=[stage("sleep 1")], timeout_seconds=2)  # no artifact: the RESULT is the last word
+    assignment = {**make_assignment(task, source), "report_grace_seconds": 1}
+    server = WorkerApiServer(artifact_root=tmp_path / "api")
+    server.start()
+    agent = AgentProcess(server, assignment, tmp_path / "work", run_id="ns.tr.2.1")
+    try:
+        agent.wait_for_phase("stage")
+        server.stop()
+        started = time.monotonic()
+        assert agent.process.wait(timeout=30) == 1
+        assert time.monotonic() - started < 10  # its deadline: about 2 + 1 s after the assignment
+        result = (tmp_path / "work" / "result.json").read_text()
+        assert '"result": "passed"' in result
+    finally:
+        if agent.process.poll() is None:
+            agent.process.kill()
