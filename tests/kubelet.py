@@ -65,8 +65,10 @@ class PodRun:
 class TestKubelet:
     __test__ = False  # not a pytest test class, despite its name
 
-    def __init__(self, root, *, secrets=None, agent_file=AGENT_FILE, python=sys.executable):
+    def __init__(self, root, *, secrets=None, agent_file=AGENT_FILE, python=sys.executable, path=None):
+        """``path``: the containers' PATH (default this host's, whose programs the tasks use)."""
         self.root = Path(root)
+        self.path = path or os.environ.get("PATH", "/usr/bin:/bin")
         self.secrets = dict(secrets or {})
         self.agent_file = str(agent_file)
         self.python = python
@@ -164,7 +166,7 @@ class TestKubelet:
         argv = [rewrite(word) for word in list(container.get("command", [])) + list(container.get("args", []))]
         if argv[0] == pods.PYTHON:
             argv[0] = self.python
-        environment = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOSTNAME": pod["metadata"]["name"]}
+        environment = {"PATH": self.path, "HOSTNAME": pod["metadata"]["name"]}
         for variable in container.get("env", []):
             if "value" in variable:
                 environment[variable["name"]] = rewrite(variable["value"])

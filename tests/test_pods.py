@@ -236,6 +236,43 @@ def test_stages_run_in_order_and_the_token_stays_out_of_the_test(staged, api_ser
     assert outcome.token not in outcome.log_text
 
 
+def test_the_script_needs_nothing_but_sh(api_server, tmp_path):
+    # No program on PATH at all: the script and these commands use /bin/sh's builtins only.
+    tasks = resolved_tasks("""
+looper_version: 5
+environments:
+  linux: {platform: linux, image: {name: "busybox:1.36"}}
+tests:
+  bare/linux:
+    stages:
+      - {command: 'printf "%s\\n" one >> "$TEST_OUTPUT_DIR/trace"', order: 1, cleanup: 'echo two >> "$TEST_OUTPUT_DIR/trace"'}
+      - {command: 'echo "{\\"case\\": true}" > "$TEST_OUTPUT_DIR/testSummary.json"; exit 0', order: 2}
+""")
+    outcome = run_task_in_pod(api_server, tasks["bare/linux"], tmp_path, path="/nonexistent")
+    assert outcome.result["result"] == "passed", outcome.log_text
+    assert (outcome.workspace / "output" / "trace").read_text() == "one\ntwo\n"
+    assert outcome.result["cases"] == [{"name": "case", "success": True, "duration_seconds": None}]
+
+
+def test_a_log_past_its_limit_stops_the_task(api_server, tmp_path):
+    tasks = resolved_tasks("""
+looper_version: 5
+environments:
+  linux: {platform: linux, image: {name: "alpine:3.20"}}
+tests:
+  chatty/linux:
+    max_log_mb: 1
+    command: 'i=0; while [ $i -lt 40000 ]; do echo "line $i of a task that talks too much"; i=$((i+1)); done; sleep 30'
+""")
+    started = time.monotonic()
+    outcome = run_task_in_pod(api_server, tasks["chatty/linux"], tmp_path)
+    assert outcome.result["result"] == "failed", outcome.log_text
+    assert "the log passed its limit of 1 MiB" in outcome.result["error"]
+    assert time.monotonic() - started < 25
+    assert len(outcome.log_text.encode()) <= 1024 * 1024 + 4096
+    assert "bytes of output cut here" in outcome.log_text and "[testlooper] result: failed" in outcome.log_text
+
+
 def test_a_failing_stage_fails_the_run(staged, api_server, tmp_path):
     outcome = run_task_in_pod(api_server, staged["failing/linux"], tmp_path)
     assert outcome.result["result"] == "failed" and outcome.result["exit_code"] == 7

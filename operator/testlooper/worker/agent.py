@@ -12,6 +12,7 @@ docs/worker.md describes the protocol, the workspace layout and how each failure
 from __future__ import annotations
 
 import argparse
+import errno
 import http.client
 import json
 import math
@@ -2072,6 +2073,8 @@ class PodScriptWatch:
                 if self.begun_at is not None and now >= self.begun_at + self.timeout_seconds:
                     self.stop.request("timeout", f"timed out after {self.timeout_seconds} s")
                 if self.stop.reason and self._stop_script(now):
+                    for event in events.read():  # what the script wrote while it was stopped
+                        self._note_event(event)
                     return
                 time.sleep(POD_POLL_SECONDS)
         finally:
@@ -2107,8 +2110,10 @@ class PodScriptWatch:
         allowance = CLEANUP_SECONDS_AFTER_STOP if in_cleanup else self.kill_grace
         since = self._step_started if in_cleanup else self._last_signal_at
         if now - since >= allowance:
-            self._signal("KILL")
             self._last_signal_at = now
+            if not self._signal("KILL"):
+                self.log.note("the test container's script is gone: it was stopped without finishing")
+                return True
         # Kubernetes' SIGTERM leaves little time: report rather than wait for cleanups.
         patience = self.kill_grace + POD_END_WAIT_SECONDS
         if self.stop.reason not in ("error", "cancelled"):
@@ -2129,16 +2134,21 @@ class PodScriptWatch:
             self.log.note(f"cannot write {self.files.stop}: {error}")
 
     def _signal(self, name):
+        """Writes to the watchdog's FIFO; False when no watchdog reads it any more."""
         try:
             descriptor = open_shared_file(self.files.control, os.O_WRONLY | os.O_NONBLOCK)
             try:
                 os.write(descriptor, f"{name}\n".encode("ascii"))
             finally:
                 os.close(descriptor)
+            return True
         except OSError as error:  # ENXIO: no watchdog reads (the script has ended, or is gone)
+            if error.errno == errno.ENXIO:
+                return False
             if not self._control_problem_noted:
                 self._control_problem_noted = True
                 self.log.note(f"cannot signal the test container's step: {error.strerror or error}")
+            return True
 
 
 def _small_int(text):
