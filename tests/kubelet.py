@@ -61,6 +61,35 @@ class PodRun:
     def log_text(self, container):
         return Path(self.logs[container]).read_text(errors="replace")
 
+    def status(self, pod):
+        """The pod's final ``status`` as a kubelet reports it, to patch into the API."""
+        images = {container["name"]: container["image"]
+                  for container in pod["spec"].get("initContainers", []) + pod["spec"]["containers"]}
+        status = {"phase": self.phase,
+                  "initContainerStatuses": [_terminated(name, code, images[name])
+                                            for name, code in self.init_exit_codes.items()],
+                  "containerStatuses": [_terminated(name, code, images[name]) for name, code in self.exit_codes.items()]}
+        if self.reason:
+            status["reason"] = self.reason
+            status["message"] = "Pod was active on the node longer than the specified deadline"
+        return status
+
+
+def running_status(pod):
+    """The ``status`` of a pod whose containers have all started (after its init containers)."""
+    spec = pod["spec"]
+    return {"phase": "Running",
+            "initContainerStatuses": [_terminated(container["name"], 0, container["image"])
+                                      for container in spec.get("initContainers", [])],
+            "containerStatuses": [{"name": container["name"], "image": container["image"], "imageID": "",
+                                   "ready": True, "restartCount": 0, "started": True,
+                                   "state": {"running": {}}} for container in spec["containers"]]}
+
+
+def _terminated(name, code, image):
+    return {"name": name, "image": image, "imageID": "", "ready": False, "restartCount": 0, "started": False,
+            "state": {"terminated": {"exitCode": code, "reason": "Completed" if code == 0 else "Error"}}}
+
 
 class TestKubelet:
     __test__ = False  # not a pytest test class, despite its name
@@ -73,9 +102,10 @@ class TestKubelet:
         self.agent_file = str(agent_file)
         self.python = python
 
-    def run_pod(self, pod, *, timeout=120):
+    def run_pod(self, pod, *, timeout=120, on_running=None):
         """Runs the pod to its end and returns how each container ended. ``timeout`` guards the
-        test itself; the pod's own deadline is its activeDeadlineSeconds."""
+        test itself; the pod's own deadline is its activeDeadlineSeconds. ``on_running(pod)`` is
+        called once every container has started (when a kubelet reports the pod Running)."""
         spec = pod["spec"]
         containers = list(spec.get("initContainers", [])) + list(spec["containers"])
         for container in containers:
@@ -99,6 +129,8 @@ class TestKubelet:
                 return run
         run.phase = "Running"
         started_containers = [(container["name"], self._start(pod, container, run)) for container in spec["containers"]]
+        if on_running is not None:
+            on_running(pod)
         codes, past_deadline = self._wait(started_containers, deadline, guard, grace)
         run.exit_codes = codes
         run.reason = "DeadlineExceeded" if past_deadline else ""

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from kubelet import PodRefused, TestKubelet
+from kubelet import PodRefused, TestKubelet, running_status
 from pod_helpers import (DEMO, NAMESPACE, WORKER_IMAGE, check_manifests, demo_definitions, pool_object,
                          resolved_tasks, run_task_in_pod, testrun_object)
 from testlooper.kube import pods
@@ -167,6 +167,12 @@ def test_the_demo_build_and_test_run_as_pods(demo, api_server, tmp_path):
     with tarfile.open(artifact.path) as packed:
         assert "lib/calc.py" in packed.getnames()
     assert built.result["artifacts"] == [{"name": "", "format": "Tar", "size": artifact.size}]
+    # The statuses a test patches into the API, as a kubelet would, are valid Pod statuses.
+    final = built.kubelet_run.status(built.pod)
+    assert final["phase"] == "Succeeded"
+    assert [entry["state"]["terminated"]["exitCode"] for entry in final["containerStatuses"]] == [0, 0]
+    checked = check_manifests({**built.pod, "status": running_status(built.pod)}, {**built.pod, "status": final})
+    assert [entry["problem"] for entry in checked] == ["", ""]
 
     # The test consumes the build's artifact, served by the API like any input.
     tested = run_task_in_pod(api_server, demo["tests"]["unit/linux"], tmp_path,
@@ -298,6 +304,7 @@ def test_kubernetes_stopping_the_pod_is_an_error_not_a_verdict(staged, api_serve
     task = {**staged["slow/linux"], "timeout_seconds": 3}
     outcome = run_task_in_pod(api_server, task, tmp_path, deadline_grace_seconds=0)
     assert outcome.kubelet_run.reason == "DeadlineExceeded"
+    assert outcome.kubelet_run.status(outcome.pod)["reason"] == "DeadlineExceeded"
     assert outcome.result["result"] == "error"
     assert "stopped by Kubernetes" in outcome.result["error"]
 
