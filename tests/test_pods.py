@@ -392,3 +392,19 @@ def test_zip_artifacts_keep_symlinks_as_links(tmp_path):
     agent.unpack_archive(packed.path, str(tmp_path / "back"), "z")
     assert os.readlink(tmp_path / "back" / "outside") == "/etc/hostname"
     assert (tmp_path / "back" / "real").read_text() == "content"
+
+
+def test_shared_files_are_opened_without_following_links_or_blocking_on_fifos(tmp_path):
+    from testlooper.worker import agent
+
+    (tmp_path / "token").write_text(TOKEN)
+    os.symlink(tmp_path / "token", tmp_path / "events")
+    os.mkfifo(tmp_path / "log.txt")
+    with pytest.raises(OSError):
+        agent.open_shared_file(str(tmp_path / "events"), os.O_RDONLY)
+    started = time.monotonic()
+    with pytest.raises(OSError, match="not a regular file"):
+        agent.open_shared_file(str(tmp_path / "log.txt"), os.O_RDONLY)  # a plain open would block
+    assert time.monotonic() - started < 1
+    descriptor = agent.open_shared_file(str(tmp_path / "log.txt"), os.O_RDWR, fifo=True)
+    os.close(descriptor)

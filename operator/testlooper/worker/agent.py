@@ -1998,15 +1998,16 @@ def install_report_signal_handlers(stop):
         signal.signal(getattr(signal, name), handle)
 
 
-def open_shared_file(path, flags, mode=0o664):
+def open_shared_file(path, flags, mode=0o664, fifo=False):
     """Opens a file of the shared workspace without following a symlink the task may have put
     in its place (the report container can read the run's token; the task must not make it
-    read that instead). Returns a descriptor of a regular file or FIFO."""
-    descriptor = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    read that instead). Never blocks (a FIFO put in a file's place would block a plain open).
+    Returns a descriptor of a regular file, or of a FIFO when ``fifo``."""
+    descriptor = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, mode)
     kind = os.fstat(descriptor).st_mode
-    if not (stat.S_ISREG(kind) or stat.S_ISFIFO(kind)):
+    if not (stat.S_ISFIFO(kind) if fifo else stat.S_ISREG(kind)):
         os.close(descriptor)
-        raise OSError(f"{path} is not a regular file")
+        raise OSError(f"{path} is not a {'FIFO' if fifo else 'regular file'}")
     return descriptor
 
 
@@ -2018,8 +2019,10 @@ class PodEvents:
         self._pending = b""
 
     def read(self):
+        """The complete lines written since the last call (at most ~1 MiB of them: a task
+        flooding the file costs neither memory nor an endless read)."""
         events = []
-        while True:
+        for _ in range(16):
             block = os.read(self._descriptor, 65536)
             if not block:
                 break
@@ -2136,7 +2139,7 @@ class PodScriptWatch:
     def _signal(self, name):
         """Writes to the watchdog's FIFO; False when no watchdog reads it any more."""
         try:
-            descriptor = open_shared_file(self.files.control, os.O_WRONLY | os.O_NONBLOCK)
+            descriptor = open_shared_file(self.files.control, os.O_WRONLY, fifo=True)
             try:
                 os.write(descriptor, f"{name}\n".encode("ascii"))
             finally:
