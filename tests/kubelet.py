@@ -94,9 +94,12 @@ def _terminated(name, code, image):
 class TestKubelet:
     __test__ = False  # not a pytest test class, despite its name
 
-    def __init__(self, root, *, secrets=None, agent_file=AGENT_FILE, python=sys.executable, path=None):
-        """``path``: the containers' PATH (default this host's, whose programs the tasks use)."""
+    def __init__(self, root, *, secrets=None, agent_file=AGENT_FILE, python=sys.executable, path=None, shell=None):
+        """``path``: the containers' PATH (default this host's, whose programs the tasks use);
+        ``shell``: the program that runs a container's ``/bin/sh`` command (default /bin/sh), to
+        try the stage script with the shells test images bring (busybox, bash)."""
         self.root = Path(root)
+        self.shell = shell
         self.path = path or os.environ.get("PATH", "/usr/bin:/bin")
         self.secrets = dict(secrets or {})
         self.agent_file = str(agent_file)
@@ -198,6 +201,8 @@ class TestKubelet:
         argv = [rewrite(word) for word in list(container.get("command", [])) + list(container.get("args", []))]
         if argv[0] == pods.PYTHON:
             argv[0] = self.python
+        elif argv[0] == ALLOWED_SHELL and self.shell:
+            argv[:1] = self.shell
         environment = {"PATH": self.path, "HOSTNAME": pod["metadata"]["name"]}
         for variable in container.get("env", []):
             if "value" in variable:
@@ -264,3 +269,21 @@ def _kill_group(group, signum):
         os.killpg(group, signum)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def run_agent_alone(pod, secrets, workdir, *, timeout=120):
+    """The simpler stand-in for tests that do not care about the pod's layout: runs the local
+    agent for the pod's run, with the token read through the pod's annotations
+    (``testlooper.dev/run-id``, ``testlooper.dev/token-secret``) from the given Secret objects.
+    Returns the agent's exit status."""
+    annotations = pod["metadata"]["annotations"]
+    secret = secrets[annotations[pods.TOKEN_SECRET_ANNOTATION]]
+    token = base64.b64decode(secret["data"][pods.TOKEN_KEY]).decode()
+    arguments = pod["spec"]["initContainers"][0]["args"]
+    api_url = arguments[arguments.index("--api") + 1]
+    environment = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "TESTLOOPER_WORKER_TOKEN": token}
+    done = subprocess.run([sys.executable, "-S", "-E", str(AGENT_FILE), "--api", api_url,
+                           "--run-id", annotations[pods.RUN_ID_ANNOTATION], "--workdir", str(workdir),
+                           "--heartbeat-seconds", "0.2"], env=environment, stdin=subprocess.DEVNULL,
+                          capture_output=True, timeout=timeout)
+    return done.returncode

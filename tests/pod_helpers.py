@@ -95,7 +95,8 @@ class PodOutcome:
 
 
 def run_task_in_pod(server, task, tmp_path, *, inputs=None, source=None, pool=None, timeout=90,
-                    deadline_grace_seconds=60, assignment_changes=None, kind=None, path=None) -> PodOutcome:
+                    deadline_grace_seconds=60, assignment_changes=None, kind=None, path=None,
+                    shell=None) -> PodOutcome:
     """Registers a run of ``task`` with the API server, builds its Secret and Pod, and runs the
     pod through the test kubelet; returns what the API received."""
     testrun = testrun_object(task, kind=kind)
@@ -112,7 +113,7 @@ def run_task_in_pod(server, task, tmp_path, *, inputs=None, source=None, pool=No
                              heartbeat_seconds=0.2, kill_grace_seconds=1,
                              deadline_grace_seconds=deadline_grace_seconds)
     node = tmp_path / f"node-{testrun['metadata']['name'][-10:]}"
-    kubelet = TestKubelet(node, secrets={secret["metadata"]["name"]: secret}, path=path)
+    kubelet = TestKubelet(node, secrets={secret["metadata"]["name"]: secret}, path=path, shell=shell)
     kubelet_run = kubelet.run_pod(pod, timeout=timeout)
     status = server.status(the_run_id)
     return PodOutcome(run_id=the_run_id, token=token, pod=pod, kubelet_run=kubelet_run,

@@ -7,6 +7,7 @@ import base64
 import json
 import os
 import re
+import shutil
 import tarfile
 import threading
 import time
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from kubelet import PodRefused, TestKubelet, running_status
+from kubelet import PodRefused, TestKubelet, run_agent_alone, running_status
 from pod_helpers import (DEMO, NAMESPACE, WORKER_IMAGE, check_manifests, demo_definitions, pool_object,
                          resolved_tasks, run_task_in_pod, testrun_object)
 from testlooper.kube import pods
@@ -222,8 +223,16 @@ def staged():
     return resolved_tasks(STAGED)
 
 
-def test_stages_run_in_order_and_the_token_stays_out_of_the_test(staged, api_server, tmp_path):
-    outcome = run_task_in_pod(api_server, staged["staged/linux"], tmp_path)
+SHELLS = [pytest.param(None, id="sh"),
+          pytest.param(["busybox", "sh"], id="busybox", marks=pytest.mark.skipif(
+              not shutil.which("busybox"), reason="busybox is not installed (alpine and busybox images' sh)")),
+          pytest.param(["bash", "--posix"], id="bash", marks=pytest.mark.skipif(
+              not shutil.which("bash"), reason="bash is not installed"))]
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_stages_run_in_order_and_the_token_stays_out_of_the_test(staged, api_server, tmp_path, shell):
+    outcome = run_task_in_pod(api_server, staged["staged/linux"], tmp_path, shell=shell)
     assert outcome.result["result"] == "passed", outcome.log_text
     trace = (outcome.workspace / "output" / "trace").read_text().split("\n")
     assert trace == ["setup", "first", "first-cleanup", "second ran listed-case", "third", ""]
@@ -287,9 +296,10 @@ def test_a_failing_stage_fails_the_run(staged, api_server, tmp_path):
     assert outcome.kubelet_run.exit_codes == {"test": 7, "report": 0}  # the report container did its job
 
 
-def test_the_timeout_stops_the_step_and_still_runs_its_cleanup(staged, api_server, tmp_path):
+@pytest.mark.parametrize("shell", SHELLS)
+def test_the_timeout_stops_the_step_and_still_runs_its_cleanup(staged, api_server, tmp_path, shell):
     started = time.monotonic()
-    outcome = run_task_in_pod(api_server, staged["slow/linux"], tmp_path)
+    outcome = run_task_in_pod(api_server, staged["slow/linux"], tmp_path, shell=shell)
     assert outcome.result["result"] == "timeout", outcome.log_text
     assert outcome.result["error"] == "timed out after 2 s"
     assert time.monotonic() - started < 30  # the 60 s sleep was stopped
@@ -408,3 +418,18 @@ def test_shared_files_are_opened_without_following_links_or_blocking_on_fifos(tm
     assert time.monotonic() - started < 1
     descriptor = agent.open_shared_file(str(tmp_path / "log.txt"), os.O_RDWR, fifo=True)
     os.close(descriptor)
+
+
+def test_the_agent_alone_runs_a_pod_from_its_annotations(demo, api_server, tmp_path):
+    task = demo["builds"]["calc/linux"]
+    testrun = testrun_object(task)
+    the_run_id = pods.run_id(NAMESPACE, testrun["metadata"]["name"], 1, 1)
+    token = api_server.register_run(the_run_id, {
+        "task": task, "commit": "c" * 40, "commit_message": "m\n", "source": {"path": str(DEMO)},
+        "inputs": {"src": {"kind": "source", "path": str(DEMO)}}, "run_index": 0, "attempt": 1, "cores": 1,
+        "ram_gb": 1}, inputs_by_url=True)
+    secret = pods.build_run_secret(testrun, the_run_id, token)
+    pod = pods.build_run_pod(testrun, run_index=1, attempt=1, pool=pool_object(), api_url=api_server.url,
+                             worker_image=WORKER_IMAGE, token_secret_name=secret["metadata"]["name"])
+    assert run_agent_alone(pod, {secret["metadata"]["name"]: secret}, tmp_path / "work") == 0
+    assert api_server.wait_result(the_run_id, 0)["result"] == "passed"

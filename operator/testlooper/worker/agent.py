@@ -2172,6 +2172,9 @@ def pod_report(options, api, stop):
     log_alias = f"/proc/self/fd/{log_descriptor}"
     log = TaskLog(log_alias, truncate=False)
     shipper = LogShipper(api, log_alias)
+    # The test container may already be writing: nothing is shipped until the log's limit is
+    # known, since a cut rewrites what follows the head.
+    shipper.hold_beyond = 0
     heartbeat = Heartbeat(api, options.heartbeat_seconds, stop)
     heartbeat.phase = "waiting for the test container"
     shipper.start()
