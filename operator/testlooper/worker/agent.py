@@ -1,6 +1,8 @@
 """The TestLooper worker agent: runs one task of one run and reports it to the worker API.
 
     TESTLOOPER_WORKER_TOKEN=... python3 -m testlooper.worker.agent --api URL --run-id ID --workdir DIR
+    python3 -S -E agent.py prepare|report --api URL --run-id ID --workspace DIR --token-file FILE ...
+                                                    (in a pod: see "Pod modes" below and docs/pods.md)
 
 One module, standard library only: this file alone, copied onto a bare machine (a pod's init
 step, an EC2 instance's user data, a Windows host), runs as ``python3 agent.py`` with nothing
