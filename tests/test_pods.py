@@ -433,3 +433,22 @@ def test_the_agent_alone_runs_a_pod_from_its_annotations(demo, api_server, tmp_p
                              worker_image=WORKER_IMAGE, token_secret_name=secret["metadata"]["name"])
     assert run_agent_alone(pod, {secret["metadata"]["name"]: secret}, tmp_path / "work") == 0
     assert api_server.wait_result(the_run_id, 0)["result"] == "passed"
+
+
+def test_a_variable_sh_cannot_export_is_a_clear_error(demo, api_server, tmp_path):
+    task = {**demo["builds"]["calc/linux"], "variables": {"PYTHON": "python3", "NOT-A-NAME": "x"}}
+    outcome = run_task_in_pod(api_server, task, tmp_path)
+    assert outcome.kubelet_run.init_exit_codes == {"prepare": 1} and outcome.result["result"] == "error"
+    assert outcome.result["error"] == ("variable 'NOT-A-NAME' cannot reach the task through /bin/sh: "
+                                       "a name is letters, digits and _")
+    assert "fetching the source" not in outcome.log_text  # refused before anything was fetched
+
+
+def test_a_testrun_not_as_stored_is_refused(demo):
+    testrun = testrun_object(demo["tests"]["unit/linux"])
+    del testrun["metadata"]["uid"]
+    with pytest.raises(ValueError, match="has no metadata.uid"):
+        pods.build_run_pod(testrun, run_index=1, attempt=1, pool=pool_object(), api_url="http://api",
+                           worker_image=WORKER_IMAGE, token_secret_name="t")
+    with pytest.raises(ValueError, match="not a run id"):
+        pods.build_run_secret(testrun_object(demo["tests"]["unit/linux"]), "no-dots", TOKEN)

@@ -1831,6 +1831,7 @@ def pod_prepare(options, api, stop):
     result = None
     try:
         assignment = fetch_assignment(api)
+        check_shell_names(assignment["task"])  # before fetching what could not be used
         prepare_workspace(workspace, assignment, api, stop, log)
         write_pod_files(workspace, assignment)
         log.note("the workspace is ready; the test container runs the task's steps")
@@ -1870,16 +1871,22 @@ def write_pod_files(workspace, assignment):
         raise InfrastructureError(f"cannot write the pod's stage script: {error}") from error
 
 
+def check_shell_names(task):
+    """The script exports the task's variables: a name /bin/sh cannot export is an error (the
+    local agent passes any name through the process environment)."""
+    for name in task.get("variables", {}):
+        if not _SHELL_NAME.match(str(name)):
+            raise InfrastructureError(
+                f"variable {name!r} cannot reach the task through /bin/sh: a name is letters, digits and _")
+
+
 def stage_script(assignment, workspace, files):
     """The task's steps as one /bin/sh script, with the local agent's order and rules: the setup
     script, then the stages by ``order``; a stage runs while all went well or when it is
     ``always_run``; a listing stage lists, then runs the listed tests; cleanups always run."""
     task = assignment["task"]
+    check_shell_names(task)
     environment = task_environment(workspace, assignment, {})
-    for name in environment:
-        if not _SHELL_NAME.match(name):
-            raise InfrastructureError(
-                f"variable {name!r} cannot reach the task through /bin/sh: a name is letters, digits and _")
     q = shlex.quote
     in_source = task.get("working_directory") == "source"
     directory = workspace.src if in_source else workspace.inputs
