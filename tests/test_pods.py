@@ -134,6 +134,8 @@ def test_resources_security_and_placement_follow_the_task_and_the_pool(demo):
     assert check_manifests(pod)[0]["problem"] == ""
     with pytest.raises(ValueError, match="names no image"):
         build({**task, "image": {}}, pool_object())
+    with pytest.raises(ValueError, match="Windows tasks and pools cannot run as pods yet"):
+        build(task, pool_object(platform="windows", defaultImage="mcr.microsoft.com/windows/nanoserver"))
 
 
 def test_a_pod_in_another_namespace_has_no_owner_reference(demo):

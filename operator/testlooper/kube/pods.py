@@ -133,6 +133,9 @@ def build_run_pod(testrun_obj: dict, *, run_index: int, attempt: int, pool: dict
     spec = parse_testrun_spec(testrun_obj.get("spec"))
     pool_spec = parse_workerpool_spec(pool.get("spec", {}))
     task = spec.definition or {}
+    if "windows" in (pool_spec.platform, task.get("platform")):
+        raise ValueError(f"TestRun {name}: a pod runs its steps with /bin/sh, so Windows tasks and pools "
+                         "cannot run as pods yet")
     namespace = run_namespace(testrun_obj, pool)
     the_run_id = run_id(metadata.get("namespace", "default"), name, run_index, attempt)
     image = _test_image(task, pool_spec, name)
@@ -195,8 +198,7 @@ def build_run_pod(testrun_obj: dict, *, run_index: int, attempt: int, pool: dict
         pod_spec["nodeSelector"] = dict(pool_spec.nodeSelector)
     if pool_spec.tolerations:
         pod_spec["tolerations"] = [toleration.model_dump(exclude_none=True) for toleration in pool_spec.tolerations]
-    if pool_spec.platform == "linux":
-        pod_spec.setdefault("nodeSelector", {}).setdefault("kubernetes.io/os", "linux")
+    pod_spec.setdefault("nodeSelector", {}).setdefault("kubernetes.io/os", "linux")
     body_metadata = {
         "name": run_pod_name(name, run_index, attempt),
         "namespace": namespace,
