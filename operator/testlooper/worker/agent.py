@@ -2126,9 +2126,9 @@ class PodScriptWatch:
             if not self._signal("KILL"):
                 self.log.note("the test container's script is gone: it was stopped without finishing")
                 return True
-        # Kubernetes' SIGTERM leaves little time: report rather than wait for cleanups.
+        # Kubernetes' SIGTERM leaves little time: report rather than wait for a cleanup.
         patience = self.kill_grace + POD_END_WAIT_SECONDS
-        if self.stop.reason not in ("error", "cancelled"):
+        if self.stop.reason != "error":
             patience += CLEANUP_SECONDS_AFTER_STOP
         if now - self._stop_sent_at >= patience:
             self.log.note("the test container did not finish its script after being stopped")
