@@ -290,6 +290,26 @@ tests:
     assert "bytes of output cut here" in outcome.log_text and "[testlooper] result: failed" in outcome.log_text
 
 
+def test_each_stage_is_packed_before_the_next_runs(api_server, tmp_path):
+    tasks = resolved_tasks("""
+looper_version: 5
+environments:
+  linux: {platform: linux, image: {name: "alpine:3.20"}}
+builds:
+  packed/linux:
+    stages:
+      - {command: 'echo built > "$TEST_BUILD_OUTPUT_DIR/first"', order: 1, artifacts: [{name: first}]}
+      - {command: 'rm "$TEST_BUILD_OUTPUT_DIR/first"; echo later > "$TEST_BUILD_OUTPUT_DIR/second"', order: 2,
+         artifacts: [{name: second, format: Files}]}
+""")
+    outcome = run_task_in_pod(api_server, tasks["packed/linux"], tmp_path)
+    assert outcome.result["result"] == "passed", outcome.log_text
+    with tarfile.open(outcome.artifacts["first"].path) as packed:
+        assert packed.getnames() == ["first"]  # what stage 1 left, though stage 2 removed it
+    assert sorted(os.listdir(outcome.artifacts["second"].path)) == ["second"]
+    assert [entry["name"] for entry in outcome.result["artifacts"]] == ["first", "second"]
+
+
 def test_a_failing_stage_fails_the_run(staged, api_server, tmp_path):
     outcome = run_task_in_pod(api_server, staged["failing/linux"], tmp_path)
     assert outcome.result["result"] == "failed" and outcome.result["exit_code"] == 7

@@ -1713,13 +1713,16 @@ def run_once(options, token):
 #   agent.py prepare ...   lays out the workspace (the shared volume) as for a local run and
 #                          writes the task's steps as one /bin/sh script there;
 #   agent.py report ...    runs beside the test container: ships the log, heartbeats, stops the
-#                          script at the timeout or on cancellation, then uploads the artifacts,
-#                          parses the results and posts the RESULT.
+#                          script at the timeout or on cancellation, uploads each stage's
+#                          artifacts once it ran, then parses the results and posts the RESULT.
 #
 # The two halves talk through files in WORKSPACE/agent/pod/ (docs/pods.md):
 #   stages.sh   the script; it appends its output to WORKSPACE/log.txt
 #   events      one line per event, appended by the script: "begin", "stage N", "start STEP",
-#               "exit STEP CODE", "end FAILED FIRST_FAILING_CODE" (as Prow's marker files)
+#               "exit STEP CODE", "pack N", "end FAILED FIRST_FAILING_CODE" (as Prow's marker
+#               files)
+#   ack         a FIFO: after "pack N" the script waits on it until the report half has packed
+#               stage N's artifacts, so they hold what the stage left, as locally
 #   control     a FIFO: the report half writes "TERM" or "KILL", the script's watchdog signals
 #               the running step; "stop" (a file) names why, and keeps the next steps from running
 #   pid         the running step's process id, for the watchdog
@@ -1731,6 +1734,7 @@ POD_FILES_DIRECTORY = "pod"
 POD_SCRIPT_NAME = "stages.sh"
 POD_POLL_SECONDS = 0.1
 POD_EVENT_LINE_LIMIT = 4096
+POD_ACK_SECONDS = 10
 # After a stop, the script has this long beyond the kill grace and the cleanup's own time to
 # write "end"; past it the report half concludes the test container is gone.
 POD_END_WAIT_SECONDS = 5
@@ -1745,6 +1749,7 @@ class PodFiles:
         self.script = os.path.join(self.directory, POD_SCRIPT_NAME)
         self.events = os.path.join(self.directory, "events")
         self.control = os.path.join(self.directory, "control")
+        self.ack = os.path.join(self.directory, "ack")
         self.pid = os.path.join(self.directory, "pid")
         self.stop = os.path.join(self.directory, "stop")
 
@@ -1865,6 +1870,7 @@ def write_pod_files(workspace, assignment):
         for path in (files.events, files.pid):
             open(path, "wb").close()
         os.mkfifo(files.control, 0o666)
+        os.mkfifo(files.ack, 0o666)
         with open(files.script, "w", encoding="utf-8") as out:
             out.write(stage_script(assignment, workspace, files))
     except OSError as error:
@@ -1957,6 +1963,8 @@ def stage_script(assignment, workspace, files):
         body += ["  " + line for line in _stage_lines(number, label, stage, workspace)]
         if stage.get("cleanup"):
             body.append(f"  tl_exec s{number}-cleanup {q(label + ' cleanup')} {q(stage['cleanup'])}")
+        if stage.get("artifacts"):
+            body.append(f"  tl_event 'pack {number}'; read -r tl_ack <\"$tl_dir/ack\" || :")
         body.append("fi")
     lines += ["  " + line for line in body or [":"]]
     lines += [
@@ -2052,8 +2060,9 @@ class PodEvents:
 class PodScriptWatch:
     """Follows the script through its events and stops it when the run must stop."""
 
-    def __init__(self, files, timeout_seconds, kill_grace_seconds, stop, heartbeat, log):
+    def __init__(self, files, timeout_seconds, kill_grace_seconds, stop, heartbeat, log, pack=None):
         self.files = files
+        self.pack = pack  # pack(stage number): ships that stage's artifacts
         self.timeout_seconds = timeout_seconds
         self.kill_grace = kill_grace_seconds
         self.stop = stop
@@ -2063,7 +2072,6 @@ class PodScriptWatch:
         self.ended_at = None
         self.failed = None
         self.first_failing_exit_code = None
-        self.stages_run = []
         self._step = None
         self._step_started = None
         self._stop_sent_at = None
@@ -2097,8 +2105,10 @@ class PodScriptWatch:
         if kind == "begin" and self.begun_at is None:
             self.begun_at = time.monotonic()
             self.heartbeat.phase = "running"
-        elif kind == "stage" and len(words) == 2 and words[1].isdigit():
-            self.stages_run.append(int(words[1]))
+        elif kind == "pack" and len(words) == 2 and words[1].isdigit():
+            if self.pack is not None:
+                self.pack(int(words[1][:6]))
+            self._acknowledge()
         elif kind == "start" and len(words) == 2:
             self._step, self._step_started = words[1][:80], time.monotonic()
             self.heartbeat.phase = self._step
@@ -2134,6 +2144,25 @@ class PodScriptWatch:
             self.log.note("the test container did not finish its script after being stopped")
             return True
         return False
+
+    def _acknowledge(self):
+        """Lets the script go on after "pack N". It opens the FIFO just after writing the event:
+        until it does, opening it to write finds no reader (ENXIO), so this tries again a while."""
+        give_up = time.monotonic() + POD_ACK_SECONDS
+        while True:
+            try:
+                descriptor = open_shared_file(self.files.ack, os.O_WRONLY, fifo=True)
+            except OSError as error:
+                if error.errno == errno.ENXIO and time.monotonic() < give_up:
+                    time.sleep(0.01)
+                    continue
+                self.log.note(f"cannot let the test container go on after packing: {error.strerror or error}")
+                return
+            try:
+                os.write(descriptor, b"done\n")
+            finally:
+                os.close(descriptor)
+            return
 
     def _write_stop_file(self):
         try:
@@ -2215,8 +2244,22 @@ def _report_run(options, api, stop, workspace, files, log, shipper, heartbeat):
     task = assignment["task"]
     log.limit_bytes = int(task.get("max_log_mb") or DEFAULT_MAX_LOG_MB) * 1024 * 1024
     shipper.hold_beyond = log.head_bytes
+    task_run = TaskRun(assignment, workspace, None, api, stop, heartbeat, log)
+    stages = sorted_stages(task)
+
+    def pack(number):
+        """As locally: after each stage that ran, unless cancelled; an upload failure is an error."""
+        if stop.reason in ("cancelled", "error") or not 1 <= number <= len(stages):
+            return
+        try:
+            task_run._ship_artifacts(stages[number - 1].get("artifacts", []))
+        except InfrastructureError as error:
+            log.note(f"error: {error}")
+            stop.request("error", str(error))
+        heartbeat.phase = "running"
+
     watch = PodScriptWatch(files, task.get("timeout_seconds") or DEFAULT_TIMEOUT_SECONDS,
-                           options.kill_grace_seconds, stop, heartbeat, log)
+                           options.kill_grace_seconds, stop, heartbeat, log, pack)
     try:
         watch.follow()
     except OSError as error:
@@ -2230,17 +2273,6 @@ def _report_run(options, api, stop, workspace, files, log, shipper, heartbeat):
     duration = ((watch.ended_at or time.monotonic()) - watch.begun_at) if watch.begun_at is not None else 0.0
     if watch.begun_at is None and stop.reason == "error":
         stop.message += "; the test container had not started the task"
-    heartbeat.phase = "uploading artifacts"
-    task_run = TaskRun(assignment, workspace, None, api, stop, heartbeat, log)
-    if stop.reason not in ("cancelled", "error"):
-        stages = sorted_stages(task)
-        try:
-            for number in watch.stages_run:
-                if 1 <= number <= len(stages):
-                    task_run._ship_artifacts(stages[number - 1].get("artifacts", []))
-        except InfrastructureError as error:
-            log.note(f"error: {error}")
-            return make_result("error", error=str(error), duration_seconds=duration, artifacts=task_run.artifacts)
     heartbeat.phase = "collecting results"
     cases, parse_errors = collect_results(workspace.output, confine_to=workspace.root)
     for message in parse_errors:
