@@ -474,3 +474,17 @@ def test_a_testrun_not_as_stored_is_refused(demo):
                            worker_image=WORKER_IMAGE, token_secret_name="t")
     with pytest.raises(ValueError, match="not a run id"):
         pods.build_run_secret(testrun_object(demo["tests"]["unit/linux"]), "no-dots", TOKEN)
+
+
+def test_an_artifact_the_api_refuses_makes_the_run_an_error(demo, tmp_path):
+    from testlooper.worker.server import WorkerApiServer
+
+    server = WorkerApiServer(artifact_root=tmp_path / "artifacts", max_artifact_bytes=10)
+    server.start()
+    try:
+        outcome = run_task_in_pod(server, demo["builds"]["calc/linux"], tmp_path)
+    finally:
+        server.stop()
+    assert outcome.result["result"] == "error"
+    assert outcome.result["error"].startswith("cannot upload artifact '': ")
+    assert outcome.kubelet_run.exit_codes["report"] == 0  # the RESULT was delivered
