@@ -279,8 +279,8 @@ def run_agent_alone(pod, secrets, workdir, *, timeout=120):
     annotations = pod["metadata"]["annotations"]
     secret = secrets[annotations[pods.TOKEN_SECRET_ANNOTATION]]
     token = base64.b64decode(secret["data"][pods.TOKEN_KEY]).decode()
-    arguments = pod["spec"]["initContainers"][0]["args"]
-    api_url = arguments[arguments.index("--api") + 1]
+    api_url = next(variable["value"] for variable in pod["spec"]["initContainers"][0]["env"]
+                   if variable["name"] == pods.API_URL_ENV)
     environment = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "TESTLOOPER_WORKER_TOKEN": token}
     done = subprocess.run([sys.executable, "-S", "-E", str(AGENT_FILE), "--api", api_url,
                            "--run-id", annotations[pods.RUN_ID_ANNOTATION], "--workdir", str(workdir),

@@ -108,6 +108,7 @@ def test_the_pod_layout(demo):
         assert security["runAsNonRoot"] is True and security["runAsUser"] == pods.DEFAULT_WORKER_USER
         assert security["allowPrivilegeEscalation"] is False and security["capabilities"] == {"drop": ["ALL"]}
         assert "--token-file" in container["args"]
+        assert container["env"] == [{"name": "TESTLOOPER_API_URL", "value": "http://testlooper-api.ci:8080"}]
     assert by_name["prepare"]["command"][3] == pods.AGENT_IN_IMAGE
     assert by_name["report"]["command"][3] == pods.AGENT_COPY  # the copy prepare made
     assert test["securityContext"] == {"allowPrivilegeEscalation": False}  # as the image says
@@ -488,3 +489,23 @@ def test_an_artifact_the_api_refuses_makes_the_run_an_error(demo, tmp_path):
     assert outcome.result["result"] == "error"
     assert outcome.result["error"].startswith("cannot upload artifact '': ")
     assert outcome.kubelet_run.exit_codes["report"] == 0  # the RESULT was delivered
+
+
+def test_the_pod_modes_say_what_is_missing(tmp_path):
+    import subprocess
+    import sys
+
+    from kubelet import AGENT_FILE
+
+    environment = {"PATH": os.environ["PATH"]}
+    no_url = subprocess.run([sys.executable, "-S", "-E", str(AGENT_FILE), "prepare", "--run-id", "ci.x.1.1",
+                             "--workspace", str(tmp_path / "w")], env=environment, capture_output=True, text=True)
+    assert no_url.returncode == 2 and "the worker API's URL is needed: --api URL or $TESTLOOPER_API_URL" in no_url.stderr
+    no_token = subprocess.run([sys.executable, "-S", "-E", str(AGENT_FILE), "report", "--run-id", "ci.x.1.1",
+                               "--workspace", str(tmp_path / "w"), "--result-file", str(tmp_path / "r.json"),
+                               "--token-file", str(tmp_path / "missing")],
+                              env={**environment, "TESTLOOPER_API_URL": "http://127.0.0.1:9"},
+                              capture_output=True, text=True)
+    assert no_token.returncode == 2
+    assert no_token.stderr.startswith(f"testlooper agent: cannot read the token file {tmp_path / 'missing'}: ")
+    assert not (tmp_path / "w").exists()

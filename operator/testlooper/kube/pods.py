@@ -33,6 +33,7 @@ ATTEMPT_LABEL = LABEL_PREFIX + "attempt"
 RUN_ID_ANNOTATION = LABEL_PREFIX + "run-id"
 TOKEN_SECRET_ANNOTATION = LABEL_PREFIX + "token-secret"
 TOKEN_KEY = "token"
+API_URL_ENV = "TESTLOOPER_API_URL"
 
 # Where things are inside the containers. The test kubelet (tests/kubelet.py) maps these.
 AGENT_IN_IMAGE = "/opt/testlooper/agent.py"  # where the worker image keeps the agent
@@ -140,10 +141,11 @@ def build_run_pod(testrun_obj: dict, *, run_index: int, attempt: int, pool: dict
     the_run_id = run_id(metadata.get("namespace", "default"), name, run_index, attempt)
     image = _test_image(task, pool_spec, name)
     worker_user = pool_spec.testRunAsUser or DEFAULT_WORKER_USER
-    agent_arguments = ["--api", api_url, "--run-id", the_run_id, "--workspace", WORKSPACE_MOUNT,
+    agent_arguments = ["--run-id", the_run_id, "--workspace", WORKSPACE_MOUNT,
                        "--token-file", f"{SECRET_MOUNT}/{TOKEN_KEY}",
                        "--heartbeat-seconds", _number(heartbeat_seconds),
                        "--kill-grace-seconds", _number(kill_grace_seconds)]
+    agent_environment = [{"name": API_URL_ENV, "value": api_url}]  # where the agent reaches the worker API
     workspace_mount = {"name": "workspace", "mountPath": WORKSPACE_MOUNT}
     secret_mount = {"name": "token", "mountPath": SECRET_MOUNT, "readOnly": True}
     prepare = {
@@ -151,6 +153,7 @@ def build_run_pod(testrun_obj: dict, *, run_index: int, attempt: int, pool: dict
         "image": worker_image,
         "command": [PYTHON, "-S", "-E", AGENT_IN_IMAGE, "prepare"],
         "args": ["--install-agent", AGENT_COPY, *agent_arguments],
+        "env": agent_environment,
         "resources": WORKER_RESOURCES,
         "securityContext": _worker_security(worker_user),
         "volumeMounts": [{"name": "agent", "mountPath": AGENT_MOUNT}, workspace_mount, secret_mount],
@@ -171,6 +174,7 @@ def build_run_pod(testrun_obj: dict, *, run_index: int, attempt: int, pool: dict
         "image": worker_image,
         "command": [PYTHON, "-S", "-E", AGENT_COPY, "report"],
         "args": [*agent_arguments, "--result-file", RESULT_FILE],
+        "env": agent_environment,
         "resources": WORKER_RESOURCES,
         "securityContext": _worker_security(worker_user),
         "volumeMounts": [{"name": "agent", "mountPath": AGENT_MOUNT}, workspace_mount, secret_mount],

@@ -1730,6 +1730,7 @@ def run_once(options, token):
 # symlinks, and never echoes what it reads from them.
 
 POD_MODES = ("prepare", "report")
+API_URL_ENV = "TESTLOOPER_API_URL"
 POD_FILES_DIRECTORY = "pod"
 POD_SCRIPT_NAME = "stages.sh"
 POD_POLL_SECONDS = 0.1
@@ -1760,7 +1761,8 @@ def parse_pod_arguments(argv):
         prog=f"testlooper-agent {mode}",
         description="prepare: lay out a pod's workspace and write the task's script (init container); "
                     "report: watch that script, then report the run (sidecar). See docs/pods.md.")
-    parser.add_argument("--api", required=True, help="base URL of the worker API")
+    parser.add_argument("--api", default=os.environ.get(API_URL_ENV, ""),
+                        help=f"base URL of the worker API (default ${API_URL_ENV})")
     parser.add_argument("--run-id", required=True)
     parser.add_argument("--workspace", required=True, help="the volume shared with the test container")
     parser.add_argument("--token-file", help=f"file holding the run's token (else ${TOKEN_ENV})")
@@ -1772,7 +1774,10 @@ def parse_pod_arguments(argv):
     else:
         parser.add_argument("--result-file", required=True,
                             help="where the RESULT is kept if it cannot be posted (not in the workspace)")
-    return mode, parser.parse_args(argv[1:])
+    options = parser.parse_args(argv[1:])
+    if not options.api:
+        parser.error(f"the worker API's URL is needed: --api URL or ${API_URL_ENV}")
+    return mode, options
 
 
 def read_token(options):
