@@ -1,6 +1,7 @@
 # Sourced by scripts/demo.sh and scripts/test.sh: installs what a fresh Debian or Ubuntu machine
-# lacks (git, Python's venv, redis-server when WITH_REDIS=1, openssh-server when WITH_SSHD=1),
-# then the project itself into .venv. Afterwards $PY is the virtualenv's python.
+# lacks (git, Python's venv, redis-server when WITH_REDIS=1, openssh-server when WITH_SSHD=1,
+# busybox when WITH_BUSYBOX=1), then the project itself into .venv. Afterwards $PY is the
+# virtualenv's python.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -15,6 +16,8 @@ python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
 if [ "${WITH_REDIS:-0}" = 1 ]; then command -v redis-server >/dev/null 2>&1 || missing+=(redis-server); fi
 # sshd serves git over ssh to the operator's mirror tests (they start their own, on loopback).
 if [ "${WITH_SSHD:-0}" = 1 ]; then [ -x /usr/sbin/sshd ] || missing+=(openssh-server); fi
+# busybox's sh is the /bin/sh of alpine and busybox images: the pod tests run the stage script with it.
+if [ "${WITH_BUSYBOX:-0}" = 1 ]; then command -v busybox >/dev/null 2>&1 || missing+=(busybox); fi
 if [ ${#missing[@]} -gt 0 ]; then
   sudo_cmd=""
   [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"

@@ -310,6 +310,8 @@ class WorkerPoolSpec(_Spec):
     """The most cores all pods may hold at once."""
     maxRamGb: float | None = Field(default=None, ge=0)
     """The most memory, in GB, all pods may hold at once."""
+    testRunAsUser: int | None = Field(default=None, ge=1)
+    """Run the test container as this non-root user id, when its image allows (the worker containers beside it too); unset: the test container runs as its image says, the worker containers as 65532."""
 
 
 class WorkerPoolStatus(_Status):

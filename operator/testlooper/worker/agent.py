@@ -1,6 +1,8 @@
 """The TestLooper worker agent: runs one task of one run and reports it to the worker API.
 
     TESTLOOPER_WORKER_TOKEN=... python3 -m testlooper.worker.agent --api URL --run-id ID --workdir DIR
+    python3 -S -E agent.py prepare|report --api URL --run-id ID --workspace DIR --token-file FILE ...
+                                                    (in a pod: see "Pod modes" below and docs/pods.md)
 
 One module, standard library only: this file alone, copied onto a bare machine (a pod's init
 step, an EC2 instance's user data, a Windows host), runs as ``python3 agent.py`` with nothing
@@ -12,6 +14,7 @@ docs/worker.md describes the protocol, the workspace layout and how each failure
 from __future__ import annotations
 
 import argparse
+import errno
 import http.client
 import json
 import math
@@ -438,8 +441,9 @@ class TaskLog:
     and the rest becomes a line marking the cut followed by the newest bytes.
     """
 
-    def __init__(self, path, limit_bytes=None):
-        open(path, "wb").close()
+    def __init__(self, path, limit_bytes=None, truncate=True):
+        if truncate:  # the report container of a pod appends to the log its prepare step began
+            open(path, "wb").close()
         self.path = path
         # Append mode: the agent and the commands share the file, every write must land at its end
         # (after a cut too: appending writers follow the file's new end).
@@ -1033,7 +1037,7 @@ def pack_artifact(artifact, base_directory, destination_without_extension):
     if archive_format == "Zip":
         with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=6) as packed:
             for relative in selected:
-                packed.write(os.path.join(directory, relative), relative)
+                _zip_add(packed, os.path.join(directory, relative), relative)
     else:
         mode = "w:gz" if archive_format == "Tar" else "w"
         options = {"compresslevel": 6} if archive_format == "Tar" else {}
@@ -1041,6 +1045,18 @@ def pack_artifact(artifact, base_directory, destination_without_extension):
             for relative in selected:
                 packed.add(os.path.join(directory, relative), relative, recursive=False)
     return PackedArtifact(name, archive_format, path)
+
+
+def _zip_add(packed, path, relative):
+    """Adds a file, or a symlink as a link (as tar does and as unpacking restores it): following
+    it would pack whatever it points to, which in a pod may be a file the task cannot read."""
+    if not os.path.islink(path):
+        packed.write(path, relative)
+        return
+    info = zipfile.ZipInfo(relative)
+    info.create_system = ZIP_UNIX_SYSTEMS[0]
+    info.external_attr = (stat.S_IFLNK | 0o777) << 16
+    packed.writestr(info, os.readlink(path))
 
 
 def _inside(base, relative, name):
@@ -1111,6 +1127,11 @@ def _glob_regex(pattern):
 # The task
 
 
+def sorted_stages(task):
+    """The task's stages in the order they run: by ``order``, stable."""
+    return sorted(task.get("stages", []), key=lambda stage: stage.get("order", 0))
+
+
 class TaskRun:
     """Runs the task of an assignment in a prepared workspace: setup script, then the stages in
     order, each followed by its cleanup and the packing and upload of its artifacts."""
@@ -1140,7 +1161,7 @@ class TaskRun:
         passed = True
         if self.task.get("setup_script"):
             passed = self._step("setup_script", self.task["setup_script"])
-        stages = sorted(self.task.get("stages", []), key=lambda stage: stage.get("order", 0))
+        stages = sorted_stages(self.task)
         for number, stage in enumerate(stages, 1):
             label = f"stage {number}/{len(stages)}"
             if self.stop.reason:
@@ -1252,7 +1273,7 @@ MAX_ERRORS_PER_FILE = 20
 JUNIT_ROOT_TAGS = ("testsuites", "testsuite", "testcase")
 
 
-def collect_results(output_dir):
+def collect_results(output_dir, confine_to=None):
     """Collects every case reported under ``output_dir``: its testSummary.json and all JUnit files.
 
     A missing directory reports nothing. A case reported more than once (pytest writes a second
@@ -1263,12 +1284,25 @@ def collect_results(output_dir):
     if not os.path.isdir(output_dir):
         return cases, errors
     summary_path = os.path.join(output_dir, TEST_SUMMARY_FILE)
-    if os.path.isfile(summary_path):
+    if os.path.isfile(summary_path) and _confined(summary_path, confine_to, TEST_SUMMARY_FILE, errors):
         _extend(cases, errors, parse_test_summary(summary_path, label=TEST_SUMMARY_FILE))
     for path in _xml_files(output_dir):
         label = os.path.relpath(path, output_dir).replace(os.sep, "/")
-        _extend(cases, errors, parse_junit(path, label=label))
+        if _confined(path, confine_to, label, errors):
+            _extend(cases, errors, parse_junit(path, label=label))
     return merge_duplicate_cases(cases), errors
+
+
+def _confined(path, root, label, errors):
+    """With ``root`` (a pod's workspace), a result file that links outside it is not read: the
+    report container can read files the task cannot, such as the run's token."""
+    if root is None:
+        return True
+    real, real_root = os.path.realpath(path), os.path.realpath(root)
+    if os.path.commonpath([real, real_root]) == real_root:
+        return True
+    errors.append(f"{label}: refused: it links outside the workspace")
+    return False
 
 
 def merge_duplicate_cases(cases):
@@ -1655,6 +1689,9 @@ def read_run_from_stdin(options):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in POD_MODES:
+        return pod_main(argv)
     options = parse_arguments(argv)
     # Popped, not read: the task's commands must never see the token that could forge its result.
     token = os.environ.pop(TOKEN_ENV, "")
@@ -1690,6 +1727,592 @@ def run_once(options, token):
     agent = Agent(options, api, stop)
     result = agent.run()
     return 0 if deliver_result(api, agent.workspace.result_path, result) else 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Pod modes: "prepare" (the pod's init container) and "report" (its sidecar)
+#
+# In a pod the task's commands run in the test container, whose image needs nothing but /bin/sh,
+# and never next to the run's token. So the agent runs twice, in the worker image:
+#
+#   agent.py prepare ...   lays out the workspace (the shared volume) as for a local run and
+#                          writes the task's steps as one /bin/sh script there;
+#   agent.py report ...    runs beside the test container: ships the log, heartbeats, stops the
+#                          script at the timeout or on cancellation, uploads each stage's
+#                          artifacts once it ran, then parses the results and posts the RESULT.
+#
+# The two halves talk through files in WORKSPACE/agent/pod/ (docs/pods.md):
+#   stages.sh   the script; it appends its output to WORKSPACE/log.txt
+#   events      one line per event, appended by the script: "begin", "stage N", "start STEP",
+#               "exit STEP CODE", "pack N", "end FAILED FIRST_FAILING_CODE" (as Prow's marker
+#               files)
+#   ack         a FIFO: after "pack N" the script waits on it until the report half has packed
+#               stage N's artifacts, so they hold what the stage left, as locally
+#   control     a FIFO: the report half writes "TERM" or "KILL", the script's watchdog signals
+#               the running step; "stop" (a file) names why, and keeps the next steps from running
+#   pid         the running step's process id, for the watchdog
+# Every file there is one the task can replace: the report half opens them without following
+# symlinks, and never echoes what it reads from them.
+
+POD_MODES = ("prepare", "report")
+API_URL_ENV = "TESTLOOPER_API_URL"
+POD_FILES_DIRECTORY = "pod"
+POD_SCRIPT_NAME = "stages.sh"
+POD_POLL_SECONDS = 0.1
+POD_EVENT_LINE_LIMIT = 4096
+POD_ACK_SECONDS = 10
+# After a stop, the script has this long beyond the kill grace and the cleanup's own time to
+# write "end"; past it the report half concludes the test container is gone.
+POD_END_WAIT_SECONDS = 5
+_SHELL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+class PodFiles:
+    """The paths of the files the two halves share, under ``WORKSPACE/agent/pod``."""
+
+    def __init__(self, workspace):
+        self.directory = workspace.agent_path(POD_FILES_DIRECTORY)
+        self.script = os.path.join(self.directory, POD_SCRIPT_NAME)
+        self.events = os.path.join(self.directory, "events")
+        self.control = os.path.join(self.directory, "control")
+        self.ack = os.path.join(self.directory, "ack")
+        self.pid = os.path.join(self.directory, "pid")
+        self.stop = os.path.join(self.directory, "stop")
+
+
+def parse_pod_arguments(argv):
+    mode = argv[0]
+    parser = argparse.ArgumentParser(
+        prog=f"testlooper-agent {mode}",
+        description="prepare: lay out a pod's workspace and write the task's script (init container); "
+                    "report: watch that script, then report the run (sidecar). See docs/pods.md.")
+    parser.add_argument("--api", default=os.environ.get(API_URL_ENV, ""),
+                        help=f"base URL of the worker API (default ${API_URL_ENV})")
+    parser.add_argument("--run-id", required=True)
+    parser.add_argument("--workspace", required=True, help="the volume shared with the test container")
+    parser.add_argument("--token-file", help=f"file holding the run's token (else ${TOKEN_ENV})")
+    parser.add_argument("--heartbeat-seconds", type=float, default=5.0)
+    parser.add_argument("--kill-grace-seconds", type=float, default=2.0,
+                        help="time between TERM and KILL when a step is stopped")
+    if mode == "prepare":
+        parser.add_argument("--install-agent", help="copy this agent file there first (for the report container)")
+    else:
+        parser.add_argument("--result-file", required=True,
+                            help="where the RESULT is kept if it cannot be posted (not in the workspace)")
+    options = parser.parse_args(argv[1:])
+    if not options.api:
+        parser.error(f"the worker API's URL is needed: --api URL or ${API_URL_ENV}")
+    return mode, options
+
+
+def read_token(options):
+    """The token from ``--token-file`` (a mounted Secret), else the environment (popped)."""
+    token = os.environ.pop(TOKEN_ENV, "")
+    if options.token_file:
+        with open(options.token_file, encoding="ascii") as source:
+            token = source.read().strip()
+    return token
+
+
+def pod_main(argv):
+    mode, options = parse_pod_arguments(argv)
+    try:
+        token = read_token(options)
+    except (OSError, ValueError) as error:
+        complain(f"cannot read the token file {options.token_file}: {error}")
+        return 2
+    if not token:
+        complain(f"no token: give --token-file or set ${TOKEN_ENV}")
+        return 2
+    try:
+        api = ApiClient(options.api, options.run_id, token)
+    except ValueError as error:
+        complain(str(error))
+        return 2
+    stop = StopSignal()
+    if mode == "prepare":
+        install_signal_handlers(stop)
+        return pod_prepare(options, api, stop)
+    install_report_signal_handlers(stop)
+    return pod_report(options, api, stop)
+
+
+# -- prepare -----------------------------------------------------------------------------------
+
+
+def pod_prepare(options, api, stop):
+    """Lays out the workspace and writes the script; 0 when the test container may start.
+
+    A failure is reported here (log shipped, RESULT posted) and the exit status is 1, so the pod
+    stops before its test container starts.
+    """
+    os.umask(0o002)  # the test container may run as another user of the pod's group (fsGroup)
+    if options.install_agent:
+        try:
+            shutil.copyfile(os.path.abspath(__file__), options.install_agent)
+        except OSError as error:
+            complain(f"cannot copy the agent to {options.install_agent}: {error}")
+            return 2
+    workspace = Workspace(options.workspace)
+    try:
+        log = workspace.open_log()
+    except OSError as error:
+        result = make_result("error", error=f"cannot create the workspace in {workspace.root}: {error}")
+        deliver_result(api, os.devnull, result)
+        return 1
+    heartbeat = Heartbeat(api, options.heartbeat_seconds, stop)
+    heartbeat.phase = "preparing"
+    heartbeat.start()
+    result = None
+    try:
+        assignment = fetch_assignment(api)
+        check_shell_names(assignment["task"])  # before fetching what could not be used
+        prepare_workspace(workspace, assignment, api, stop, log)
+        write_pod_files(workspace, assignment)
+        log.note("the workspace is ready; the test container runs the task's steps")
+    except StopRequested:
+        result = make_result(stop.reason, error=stop.message)
+    except InfrastructureError as error:
+        log.note(f"error: {error}")
+        result = make_result("error", error=str(error))
+    except Exception as error:  # noqa: BLE001 - reported as error, with the traceback in the log
+        log.note("agent failure:\n" + traceback.format_exc())
+        result = make_result("error", error=f"agent failure: {error!r}")
+    finally:
+        heartbeat.finish()
+        log.close()
+    if result is None:
+        return 0
+    shipper = LogShipper(api, workspace.log_path)
+    shipper.start()
+    shipping_error = shipper.finish()
+    if shipping_error:
+        complain(f"the log could not be shipped completely: {shipping_error}")
+    deliver_result(api, workspace.result_path, result)
+    return 1
+
+
+def write_pod_files(workspace, assignment):
+    """The files the test container and the report container share (see PodFiles)."""
+    files = PodFiles(workspace)
+    try:
+        os.makedirs(files.directory, exist_ok=True)
+        for path in (files.events, files.pid):
+            open(path, "wb").close()
+        os.mkfifo(files.control, 0o666)
+        os.mkfifo(files.ack, 0o666)
+        with open(files.script, "w", encoding="utf-8") as out:
+            out.write(stage_script(assignment, workspace, files))
+    except OSError as error:
+        raise InfrastructureError(f"cannot write the pod's stage script: {error}") from error
+
+
+def check_shell_names(task):
+    """The script exports the task's variables: a name /bin/sh cannot export is an error (the
+    local agent passes any name through the process environment)."""
+    for name in task.get("variables", {}):
+        if not _SHELL_NAME.match(str(name)):
+            raise InfrastructureError(
+                f"variable {name!r} cannot reach the task through /bin/sh: a name is letters, digits and _")
+
+
+def stage_script(assignment, workspace, files):
+    """The task's steps as one /bin/sh script, with the local agent's order and rules: the setup
+    script, then the stages by ``order``; a stage runs while all went well or when it is
+    ``always_run``; a listing stage lists, then runs the listed tests; cleanups always run."""
+    task = assignment["task"]
+    check_shell_names(task)
+    environment = task_environment(workspace, assignment, {})
+    q = shlex.quote
+    in_source = task.get("working_directory") == "source"
+    directory = workspace.src if in_source else workspace.inputs
+    lines = [
+        "#!/bin/sh",
+        f"# The steps of run {assignment.get('run_id', '')}, written by the testlooper agent (prepare).",
+        "# It needs /bin/sh only; the report container reads its events and stops it (docs/pods.md).",
+        f"tl_dir={q(files.directory)}",
+        f"exec >>{q(workspace.log_path)} 2>&1 </dev/null",
+        "tl_note() { printf '[testlooper] %s\\n' \"$*\"; }",
+        "tl_event() { printf '%s\\n' \"$*\" >>\"$tl_dir/events\"; }",
+        "tl_failed=0",
+        "tl_first=0",
+        "tl_why=",
+        "tl_stopped() {",
+        "  [ -e \"$tl_dir/stop\" ] || return 1",
+        "  read -r tl_why <\"$tl_dir/stop\" || :",
+        "}",
+        "tl_exec() {  # step, label, command[, variable, value]",
+        "  tl_note \"$2: $3\"",
+        "  tl_event \"start $1\"",
+        "  if [ $# -ge 5 ]; then (export \"$4=$5\"; exec /bin/sh -c \"$3\") & else /bin/sh -c \"$3\" & fi",
+        "  tl_pid=$!",
+        "  printf '%s\\n' \"$tl_pid\" >\"$tl_dir/pid\"",
+        "  wait \"$tl_pid\"",
+        "  tl_status=$?",
+        "  : >\"$tl_dir/pid\"",
+        "  tl_note \"$2: exit code $tl_status\"",
+        "  tl_event \"exit $1 $tl_status\"",
+        "}",
+        "tl_step() {  # a step that counts towards the verdict",
+        "  if tl_stopped; then tl_note \"$2: not run ($tl_why)\"; return 1; fi",
+        "  tl_exec \"$@\"",
+        "  if [ \"$tl_status\" != 0 ] && [ \"$tl_first\" = 0 ]; then tl_first=$tl_status; fi",
+        "  [ \"$tl_status\" = 0 ]",
+        "}",
+        "tl_stage() {  # number, count, always_run",
+        "  if tl_stopped; then tl_note \"stage $1/$2: not run ($tl_why)\"; return 1; fi",
+        "  if [ \"$tl_failed\" != 0 ] && [ \"$3\" != 1 ]; then",
+        "    tl_note \"stage $1/$2: skipped, an earlier step failed\"; return 1",
+        "  fi",
+        "  tl_event \"stage $1\"",
+        "}",
+        "# The watchdog: signals the running step when the report container asks.",
+        "( exec 3<>\"$tl_dir/control\"",
+        "  while read -r tl_signal <&3; do",
+        "    tl_target=",
+        "    read -r tl_target <\"$tl_dir/pid\" || :",
+        "    case $tl_signal in",
+        "      TERM|KILL) [ -n \"$tl_target\" ] && kill \"-$tl_signal\" \"$tl_target\" 2>/dev/null ;;",
+        "    esac",
+        "  done ) &",
+        "tl_watchdog=$!",
+    ]
+    for name, value in sorted(environment.items()):
+        lines.append(f"{name}={q(value)}; export {name}")
+    lines += [
+        "tl_event begin",
+        f"if cd {q(directory)}; then",
+    ]
+    body = []
+    if task.get("setup_script"):
+        body.append(f"tl_step setup setup_script {q(task['setup_script'])} || tl_failed=1")
+    stages = sorted_stages(task)
+    for number, stage in enumerate(stages, 1):
+        label = f"stage {number}/{len(stages)}"
+        body.append(f"if tl_stage {number} {len(stages)} {1 if stage.get('always_run') else 0}; then")
+        body += ["  " + line for line in _stage_lines(number, label, stage, workspace)]
+        if stage.get("cleanup"):
+            body.append(f"  tl_exec s{number}-cleanup {q(label + ' cleanup')} {q(stage['cleanup'])}")
+        if stage.get("artifacts"):
+            body.append(f"  tl_event 'pack {number}'; read -r tl_ack <\"$tl_dir/ack\" || :")
+        body.append("fi")
+    lines += ["  " + line for line in body or [":"]]
+    lines += [
+        "else",
+        f"  tl_note {q('cannot enter ' + directory)}; tl_failed=1",
+        "fi",
+        "kill \"$tl_watchdog\" 2>/dev/null",
+        "tl_event \"end $tl_failed $tl_first\"",
+        "if [ \"$tl_failed\" = 0 ]; then exit 0; elif [ \"$tl_first\" != 0 ]; then exit \"$tl_first\"; else exit 1; fi",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _stage_lines(number, label, stage, workspace):
+    q = shlex.quote
+    if not stage.get("list_tests_command"):
+        if not stage.get("command"):
+            return [":"]
+        return [f"tl_step s{number} {q(label + ' command')} {q(stage['command'])} || tl_failed=1"]
+    test_list = q(workspace.agent_path(f"tests-stage-{number}.txt"))
+    run_tests = stage.get("run_tests_command") or stage.get("command")
+    listed = [f"tl_step s{number}-run {q(label + ' run_tests_command')} {q(run_tests)} "
+              f"TEST_LOOPER_TESTS_TO_RUN {test_list} || tl_failed=1"] if run_tests else [":"]
+    missing = q(f"{label}: list_tests_command did not write $TEST_LOOPER_TEST_LIST_OUTPUT")
+    return [
+        f"if tl_step s{number}-list {q(label + ' list_tests_command')} {q(stage['list_tests_command'])} "
+        f"TEST_LOOPER_TEST_LIST_OUTPUT {test_list}; then",
+        f"  if [ -f {test_list} ]; then",
+        *["    " + line for line in listed],
+        f"  else tl_note {missing}; tl_failed=1; fi",
+        "else tl_failed=1; fi",
+    ]
+
+
+# -- report ------------------------------------------------------------------------------------
+
+
+def install_report_signal_handlers(stop):
+    """In a pod, SIGTERM comes from Kubernetes (pod deleted, evicted, node drained, or past its
+    activeDeadlineSeconds), not from a user: unless the API cancelled the run or its time was
+    up already, that is the infrastructure failing, an ``error`` the operator may retry."""
+    def handle(signum, _frame):
+        stop.request("error", f"the pod was stopped by Kubernetes ({signal.Signals(signum).name}: "
+                              "deleted, evicted, or past its activeDeadlineSeconds)")
+
+    for name in ("SIGTERM", "SIGINT"):
+        signal.signal(getattr(signal, name), handle)
+
+
+def open_shared_file(path, flags, mode=0o664, fifo=False):
+    """Opens a file of the shared workspace without following a symlink the task may have put
+    in its place (the report container can read the run's token; the task must not make it
+    read that instead). Never blocks (a FIFO put in a file's place would block a plain open).
+    Returns a descriptor of a regular file, or of a FIFO when ``fifo``."""
+    descriptor = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, mode)
+    kind = os.fstat(descriptor).st_mode
+    if not (stat.S_ISFIFO(kind) if fifo else stat.S_ISREG(kind)):
+        os.close(descriptor)
+        raise OSError(f"{path} is not a {'FIFO' if fifo else 'regular file'}")
+    return descriptor
+
+
+class PodEvents:
+    """Reads the script's events file as it grows; only complete lines count."""
+
+    def __init__(self, path):
+        self._descriptor = open_shared_file(path, os.O_RDONLY)
+        self._pending = b""
+
+    def read(self):
+        """The complete lines written since the last call (at most ~1 MiB of them: a task
+        flooding the file costs neither memory nor an endless read)."""
+        events = []
+        for _ in range(16):
+            block = os.read(self._descriptor, 65536)
+            if not block:
+                break
+            self._pending += block
+        *complete, self._pending = self._pending.split(b"\n")
+        if len(self._pending) > POD_EVENT_LINE_LIMIT:
+            self._pending = b""  # not a line the script wrote
+        for line in complete:
+            words = line.decode("ascii", "replace").split()
+            if words:
+                events.append(words)
+        return events
+
+    def close(self):
+        os.close(self._descriptor)
+
+
+class PodScriptWatch:
+    """Follows the script through its events and stops it when the run must stop."""
+
+    def __init__(self, files, timeout_seconds, kill_grace_seconds, stop, heartbeat, log, pack=None):
+        self.files = files
+        self.pack = pack  # pack(stage number): ships that stage's artifacts
+        self.timeout_seconds = timeout_seconds
+        self.kill_grace = kill_grace_seconds
+        self.stop = stop
+        self.heartbeat = heartbeat
+        self.log = log
+        self.begun_at = None
+        self.ended_at = None
+        self.failed = None
+        self.first_failing_exit_code = None
+        self._step = None
+        self._step_started = None
+        self._stop_sent_at = None
+        self._last_signal_at = None
+        self._control_problem_noted = False
+
+    def follow(self):
+        """Returns when the script has ended, or when waiting for it is pointless."""
+        events = PodEvents(self.files.events)
+        try:
+            while True:
+                for event in events.read():
+                    self._note_event(event)
+                if self.ended_at is not None:
+                    return
+                now = time.monotonic()
+                if self.log.enforce_limit():
+                    self.stop.request("failed", self.log.limit_message())
+                if self.begun_at is not None and now >= self.begun_at + self.timeout_seconds:
+                    self.stop.request("timeout", f"timed out after {self.timeout_seconds} s")
+                if self.stop.reason and self._stop_script(now):
+                    for event in events.read():  # what the script wrote while it was stopped
+                        self._note_event(event)
+                    return
+                time.sleep(POD_POLL_SECONDS)
+        finally:
+            events.close()
+
+    def _note_event(self, words):
+        kind = words[0]
+        if kind == "begin" and self.begun_at is None:
+            self.begun_at = time.monotonic()
+            self.heartbeat.phase = "running"
+        elif kind == "pack" and len(words) == 2 and words[1].isdigit():
+            if self.pack is not None:
+                self.pack(int(words[1][:6]))
+            self._acknowledge()
+        elif kind == "start" and len(words) == 2:
+            self._step, self._step_started = words[1][:80], time.monotonic()
+            self.heartbeat.phase = self._step
+        elif kind == "end" and len(words) == 3 and self.ended_at is None:
+            self.ended_at = time.monotonic()
+            self.failed = words[1] != "0"
+            code = _small_int(words[2])
+            self.first_failing_exit_code = code if code else None
+
+    def _stop_script(self, now):
+        """Asks the script to stop, escalating; returns True when there is nothing to wait for."""
+        if self._stop_sent_at is None:
+            self._stop_sent_at = self._last_signal_at = now
+            self._write_stop_file()
+            if self.begun_at is None:
+                return True  # the test container never started: it will run no step now
+            self.log.note(f"stopping the task: {self.stop.reason}")
+            self._signal("TERM")
+            return False
+        in_cleanup = (self._step or "").endswith("-cleanup") and self._step_started >= self._stop_sent_at
+        allowance = CLEANUP_SECONDS_AFTER_STOP if in_cleanup else self.kill_grace
+        since = self._step_started if in_cleanup else self._last_signal_at
+        if now - since >= allowance:
+            self._last_signal_at = now
+            if not self._signal("KILL"):
+                self.log.note("the test container's script is gone: it was stopped without finishing")
+                return True
+        # Kubernetes' SIGTERM leaves little time: report rather than wait for a cleanup.
+        patience = self.kill_grace + POD_END_WAIT_SECONDS
+        if self.stop.reason != "error":
+            patience += CLEANUP_SECONDS_AFTER_STOP
+        if now - self._stop_sent_at >= patience:
+            self.log.note("the test container did not finish its script after being stopped")
+            return True
+        return False
+
+    def _acknowledge(self):
+        """Lets the script go on after "pack N". It opens the FIFO just after writing the event:
+        until it does, opening it to write finds no reader (ENXIO), so this tries again a while."""
+        give_up = time.monotonic() + POD_ACK_SECONDS
+        while True:
+            try:
+                descriptor = open_shared_file(self.files.ack, os.O_WRONLY, fifo=True)
+            except OSError as error:
+                if error.errno == errno.ENXIO and time.monotonic() < give_up:
+                    time.sleep(0.01)
+                    continue
+                self.log.note(f"cannot let the test container go on after packing: {error.strerror or error}")
+                return
+            try:
+                os.write(descriptor, b"done\n")
+            finally:
+                os.close(descriptor)
+            return
+
+    def _write_stop_file(self):
+        try:
+            descriptor = open_shared_file(self.files.stop, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            try:
+                os.write(descriptor, f"{self.stop.reason}\n".encode("ascii"))
+            finally:
+                os.close(descriptor)
+        except OSError as error:
+            self.log.note(f"cannot write {self.files.stop}: {error}")
+
+    def _signal(self, name):
+        """Writes to the watchdog's FIFO; False when no watchdog reads it any more."""
+        try:
+            descriptor = open_shared_file(self.files.control, os.O_WRONLY, fifo=True)
+            try:
+                os.write(descriptor, f"{name}\n".encode("ascii"))
+            finally:
+                os.close(descriptor)
+            return True
+        except OSError as error:  # ENXIO: no watchdog reads (the script has ended, or is gone)
+            if error.errno == errno.ENXIO:
+                return False
+            if not self._control_problem_noted:
+                self._control_problem_noted = True
+                self.log.note(f"cannot signal the test container's step: {error.strerror or error}")
+            return True
+
+
+def _small_int(text):
+    return int(text) if text.isdigit() and len(text) <= 6 else None
+
+
+def pod_report(options, api, stop):
+    """Reports the run the test container executes; 0 when the RESULT was delivered."""
+    workspace = Workspace(options.workspace)
+    files = PodFiles(workspace)
+    try:
+        log_descriptor = open_shared_file(workspace.log_path, os.O_RDWR | os.O_APPEND)
+    except OSError as error:
+        result = make_result("error", error=f"cannot open the run's log {workspace.log_path}: {error}")
+        return 0 if deliver_result(api, options.result_file, result) else 1
+    # The log is read and cut through this descriptor's /proc alias: a path the task replaced
+    # by a link after this point is never followed.
+    log_alias = f"/proc/self/fd/{log_descriptor}"
+    log = TaskLog(log_alias, truncate=False)
+    shipper = LogShipper(api, log_alias)
+    # The test container may already be writing: nothing is shipped until the log's limit is
+    # known, since a cut rewrites what follows the head.
+    shipper.hold_beyond = 0
+    heartbeat = Heartbeat(api, options.heartbeat_seconds, stop)
+    heartbeat.phase = "waiting for the test container"
+    shipper.start()
+    heartbeat.start()
+    try:
+        try:
+            result = _report_run(options, api, stop, workspace, files, log, shipper, heartbeat)
+        except Exception as error:  # noqa: BLE001 - the last line of defence, the traceback is logged
+            log.note("agent failure:\n" + traceback.format_exc())
+            result = make_result("error", error=f"agent failure: {error!r}")
+        log.note(f"result: {result['result']}" + (f" ({result['error']})" if result["error"] else ""))
+    finally:
+        heartbeat.finish()
+        log.close()
+    shipper.hold_beyond = None
+    shipping_error = shipper.finish()
+    if shipping_error:
+        complain(f"the log could not be shipped completely: {shipping_error}")
+    os.close(log_descriptor)
+    return 0 if deliver_result(api, options.result_file, result) else 1
+
+
+def _report_run(options, api, stop, workspace, files, log, shipper, heartbeat):
+    try:
+        assignment = fetch_assignment(api)
+    except InfrastructureError as error:
+        log.note(f"error: {error}")
+        return make_result("error", error=str(error))
+    task = assignment["task"]
+    log.limit_bytes = int(task.get("max_log_mb") or DEFAULT_MAX_LOG_MB) * 1024 * 1024
+    shipper.hold_beyond = log.head_bytes
+    task_run = TaskRun(assignment, workspace, None, api, stop, heartbeat, log)
+    stages = sorted_stages(task)
+
+    def pack(number):
+        """As locally: after each stage that ran, unless cancelled; an upload failure is an error."""
+        if stop.reason in ("cancelled", "error") or not 1 <= number <= len(stages):
+            return
+        try:
+            task_run._ship_artifacts(stages[number - 1].get("artifacts", []))
+        except InfrastructureError as error:
+            log.note(f"error: {error}")
+            stop.request("error", str(error))
+        heartbeat.phase = "running"
+
+    watch = PodScriptWatch(files, task.get("timeout_seconds") or DEFAULT_TIMEOUT_SECONDS,
+                           options.kill_grace_seconds, stop, heartbeat, log, pack)
+    try:
+        watch.follow()
+    except OSError as error:
+        log.note(f"error: cannot follow the test container's script: {error}")
+        return make_result("error", error=f"cannot follow the test container's script: {error}")
+    finally:
+        if log.enforce_limit() and watch.ended_at is not None:
+            stop.request("failed", log.limit_message())
+        shipper.hold_beyond = None  # the test container writes no more (or is being killed)
+    ended = watch.ended_at is not None
+    duration = ((watch.ended_at or time.monotonic()) - watch.begun_at) if watch.begun_at is not None else 0.0
+    if watch.begun_at is None and stop.reason == "error":
+        stop.message += "; the test container had not started the task"
+    heartbeat.phase = "collecting results"
+    cases, parse_errors = collect_results(workspace.output, confine_to=workspace.root)
+    for message in parse_errors:
+        log.note(f"test results: {message}")
+    passed = ended and not watch.failed and not task_run.artifact_problems
+    outcome = stop.reason or ("passed" if passed else "failed")
+    error = stop.message if stop.reason else "; ".join(task_run.artifact_problems)
+    return make_result(outcome, exit_code=0 if outcome == "passed" else watch.first_failing_exit_code,
+                       duration_seconds=duration, error=error, cases=cases, case_parse_errors=parse_errors,
+                       artifacts=task_run.artifacts)
 
 
 if __name__ == "__main__":
