@@ -6,7 +6,6 @@ import base64
 import socket
 import subprocess
 import tempfile
-from pathlib import Path
 
 import pytest
 
@@ -133,8 +132,14 @@ def _closed_port() -> int:
         return probe.getsockname()[1]
 
 
-def test_ssh_keys_and_known_hosts_over_a_real_sshd(tmp_path):
+def test_ssh_keys_and_known_hosts_over_a_real_sshd(tmp_path, monkeypatch):
     from ssh_server import SshServer
+
+    # The key's private folder goes in a temp folder of this test's own, so that what other
+    # processes do in /tmp meanwhile cannot change what is checked at the end.
+    private_root = tmp_path / "private"
+    private_root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(private_root))
 
     _work, bare, first = make_origin(tmp_path)
     with SshServer(tmp_path / "sshd") as server:
@@ -154,8 +159,7 @@ def test_ssh_keys_and_known_hosts_over_a_real_sshd(tmp_path):
         with pytest.raises(MirrorError, match="Permission denied") as refused:
             wrong_key.fetch(timeout=60)
         assert "PRIVATE KEY" not in str(refused.value)
-    leftovers = [p for p in Path(tempfile.gettempdir()).glob("testlooper-git-*")]
-    assert leftovers == [], "the private key folder exists only while a fetch runs"
+    assert list(private_root.iterdir()) == [], "the private key folder exists only while a fetch runs"
 
 
 def test_a_host_that_stops_sending_is_given_up_on_long_before_the_fetch_timeout(tmp_path):
