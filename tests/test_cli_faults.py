@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import json
 import re
-import sqlite3
 from pathlib import Path
 
 import pytest
 
 from fs_helpers import read_only, small_disk
-from redis_server import RedisServer, free_port
+from redis_server import RedisServer
 from run_helpers import cli_env, explain, json_document, make_repo, runs_of, start_tl, stored_runs, tl
 
 DEFINITIONS = r"""
