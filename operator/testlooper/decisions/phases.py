@@ -335,7 +335,7 @@ class _Machine:
         """Pods against the status: adopt what a lost status write created, delete what an ended
         run or an old attempt left."""
         adopted: dict[int, int] = {}
-        for pod in self.observed.pods:
+        for pod in sorted(self.observed.pods, key=lambda p: (p.run, -p.attempt)):  # the newest attempt first
             entry = self.active.get(pod.run)
             if entry is None:
                 if pod.run > self.started and not pod.deleting:
