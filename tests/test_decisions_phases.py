@@ -389,8 +389,9 @@ def test_cancel_deletes_the_pods_and_ends_cancelled():
     d = started_one(runs=3)
     placed(d, admitted=1)
     d.obj["spec"]["cancel"] = True
-    decision = d.decide(T0 + 5, pods=[running_pod(1)])
-    assert {DeletePod(1, 1), DeleteSecret(1, 1), DeleteSecret(2, 1)} <= set(decision.actions)
+    decision = d.decide(T0 + 5, pods=[running_pod(1)], secrets=[(1, 1), (2, 1)])
+    assert {DeletePod(1, 1), DeleteSecret(1, 1), DeleteSecret(2, 1)} == set(decision.afterwards) - {
+        a for a in decision.actions if isinstance(a, EmitEvent)}
     assert (d.status["phase"], d.status["result"], d.status["message"]) == ("Cancelled", "cancelled", "cancelled")
     assert d.status["runCounts"]["running"] == d.status["runCounts"]["queued"] == 0 and "active" not in d.status
     assert queued_demand(d.obj, T0 + 5) is None
@@ -433,6 +434,19 @@ def test_a_pod_of_a_run_already_counted_is_deleted():
     assert d.decide(T0 + 2, pods=[running_pod(1)], results={(1, 1): PASSED}).actions == [
         DeletePod(1, 1), DeleteSecret(1, 1)]
     assert d.status["runCounts"]["passed"] == 1
+
+
+def test_a_secret_left_by_a_crash_goes_unless_its_attempt_is_current_or_being_created():
+    d = Driver(a_testrun(runs=3))
+    d.decide()
+    # Run 1 was placed; a crash came between run 2's Secret and its pod; run 3's Secret is from
+    # a run that never started, and (9, 1) from nothing known at all.
+    placed(d)
+    decision = placed(d, T0 + 1, pods=[running_pod(1)], secrets=[(1, 1), (2, 1), (9, 1)])
+    assert decision.creates == [CreateSecret(2, 1), CreatePod(2, 1)]
+    assert [a for a in decision.actions if isinstance(a, DeleteSecret)] == [DeleteSecret(9, 1)]
+    ended = d.decide(T0 + 2, pods=[running_pod(1)], results={(1, 1): PASSED}, secrets=[(1, 1), (2, 1), (7, 2)])
+    assert [a for a in ended.actions if isinstance(a, DeleteSecret)] == [DeleteSecret(1, 1), DeleteSecret(7, 2)]
 
 
 # -- reading pods ------------------------------------------------------------------------------

@@ -98,6 +98,7 @@ class Observations:
     builds: Mapping[str, tuple[str, str]] = dataclasses.field(default_factory=dict)  # dependsOn -> (phase, result)
     pools: Sequence[dict] = ()  # the namespace's WorkerPools
     pods: Sequence[PodObservation] = ()  # the TestRun's pods (its label), all attempts
+    secrets: Sequence[tuple[int, int]] = ()  # (run, attempt) of the TestRun's token Secrets
     results: Mapping[tuple[int, int], RunResult] = dataclasses.field(default_factory=dict)  # (run, attempt)
     heartbeats: Mapping[tuple[int, int], float] = dataclasses.field(default_factory=dict)  # last seen
     admitted: int = 0  # runs the pool's admission lets this TestRun start now
@@ -182,6 +183,7 @@ def decide(testrun: dict, observed: Observations) -> Decision:
     status = testrun.get("status") or {}
     machine = _Machine(testrun, spec, status, observed)
     machine.run()
+    machine.delete_stray_secrets()
     return Decision(machine.patch or None, machine.actions, machine.wake_after)
 
 
@@ -208,6 +210,7 @@ class _Machine:
         self.infra_retries = int(status.get("infraRetries") or 0)
         self.failing = list(status.get("failingCases") or [])
         self.failing_changed = False
+        self.active_after: dict | None = None  # {} once every run's Secret must go
 
     # -- top level ---------------------------------------------------------------------------
 
@@ -254,9 +257,6 @@ class _Machine:
 
     def cancel(self) -> None:
         self.delete_every_pod()
-        for run, entry in self.active.items():
-            if entry.get("state") == PLACED and not self.pod_of(run, entry["attempt"]):
-                self.actions.append(DeleteSecret(run, entry["attempt"]))
         self.counts["running"] = self.counts["queued"] = 0
         message = "cancelled: no tested branch contains its commit any more" if not self.phase else "cancelled"
         self.patch.update({"phase": "Cancelled", "result": "cancelled", "completionTime": self.stamp,
@@ -268,6 +268,20 @@ class _Machine:
     def delete_every_pod(self) -> None:
         for pod in self.observed.pods:
             self.delete_attempt(pod.run, pod.attempt)
+        self.active_after = {}
+
+    def delete_stray_secrets(self) -> None:
+        """A Secret belongs to the attempt a run is on. Others (a crash lost their delete, or
+        came between a Secret's create and its pod's) go, except those this decision creates."""
+        if not self.observed.secrets:
+            return
+        current = {(run, entry["attempt"]) for run, entry in
+                   (self.active_after if self.active_after is not None else self.active).items()}
+        created = {(a.run, a.attempt) for a in self.actions if isinstance(a, CreateSecret)}
+        deleted = {(a.run, a.attempt) for a in self.actions if isinstance(a, DeleteSecret)}
+        for key in self.observed.secrets:
+            if key not in current and key not in created and key not in deleted:
+                self.actions.append(DeleteSecret(*key))
 
     def dependencies_passed(self) -> bool:
         waiting, failed, cancelled = [], [], []
