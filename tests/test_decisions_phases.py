@@ -200,6 +200,24 @@ def test_raising_runs_adds_runs_while_running_and_reopens_an_ended_testrun():
     assert (d.status["result"], d.status["runsSummary"]) == ("flaky", "3/4")
 
 
+def test_a_reopened_testrun_does_not_wait_for_builds_that_are_gone():
+    d = Driver(a_testrun(runs=1, dependsOn=["b"]))
+    d.decide(builds={"b": ("Succeeded", "passed")})
+    placed(d)
+    d.decide(T0 + 1, pods=[running_pod(1)], results={(1, 1): PASSED})
+    d.obj["spec"]["runs"] = 2
+    d.decide(T0 + 2, builds={})  # the build's TestRun is past retention
+    assert d.status["phase"] == "Running" and queued_demand(d.obj, T0 + 2).count == 1
+
+
+def test_a_pool_deleted_after_placement_is_said():
+    d = Driver(a_testrun(runs=1))
+    d.decide()
+    d.pools = [pool("other")]
+    d.decide(T0 + 1)
+    assert d.status["message"] == "WorkerPool p does not exist any more"
+
+
 def test_lowering_runs_keeps_the_runs_started():
     d = Driver(a_testrun(runs=3))
     d.decide()
@@ -345,10 +363,18 @@ def test_node_lost_and_preemption_are_infrastructure_failures():
 def test_a_pod_being_deleted_is_waited_for_and_its_result_still_counts():
     d = started_one()
     deleting = PodObservation(1, 1, "Running", created=T0, started=T0, deleting=True)
-    assert d.decide(T0 + 1000, pods=[deleting]).status_patch is None
-    decision = d.decide(T0 + 1001, pods=[deleting], results={(1, 1): PASSED})
+    assert d.decide(T0 + 100, pods=[deleting]).status_patch is None
+    pending_deleting = PodObservation(1, 1, "Pending", created=T0, deleting=True)
+    assert d.decide(T0 + 5000, pods=[pending_deleting]).status_patch is None
+    decision = d.decide(T0 + 1001, pods=[deleting], results={(1, 1): PASSED}, heartbeats={(1, 1): T0 + 1000})
     assert d.status["result"] == "passed"
     assert DeletePod(1, 1) not in decision.actions and DeleteSecret(1, 1) in decision.actions
+
+
+def test_a_pod_stuck_deleting_on_a_silent_node_is_a_lost_heartbeat():
+    d = started_one()
+    d.decide(T0 + 1000, pods=[PodObservation(1, 1, "Running", created=T0, started=T0, deleting=True)])
+    assert d.status["attempts"][-1]["reason"] == "HeartbeatLost"
 
 
 def test_a_cancelled_result_nobody_asked_for_is_an_interruption():

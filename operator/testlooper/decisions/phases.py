@@ -211,6 +211,7 @@ class _Machine:
         self.failing = list(status.get("failingCases") or [])
         self.failing_changed = False
         self.active_after: dict | None = None  # {} once every run's Secret must go
+        self.reopened = False
 
     # -- top level ---------------------------------------------------------------------------
 
@@ -223,13 +224,14 @@ class _Machine:
             if not reopened:
                 return self.delete_every_pod()
             self.phase = ""  # running again: the next phase is written and announced
+            self.reopened = True  # its builds passed before (and may be gone by now)
             self.set("result", None)
             self.set("completionTime", None)
             self.event("Normal", "RunsAdded", f"spec.runs raised to {self.asked()}: "
                        f"{self.asked() - max(self.started, self.ended_runs())} more runs")
         if self.spec.get("cancel"):
             return self.cancel()
-        if self.phase in ("", "Pending", "Blocked") and not self.dependencies_passed():
+        if self.phase in ("", "Pending", "Blocked") and not self.reopened and not self.dependencies_passed():
             return  # once placed, what the builds do no longer matters
         pool = self.placement()
         if pool is None:
@@ -408,7 +410,7 @@ class _Machine:
                                       + (f" (exit codes {codes})" if codes else "") + " without a result from its agent")
         if pod.phase == "Unknown" or pod.reason in NODE_LOST_REASONS:
             return self.infra_failure(run, entry, "NodeLost", pod.message or "the pod's node stopped reporting")
-        if pod.deleting:
+        if pod.deleting and pod.phase != "Running":
             return  # it ends (then is gone, a PodDeleted) or its agent still reports
         if pod.phase == "Pending":
             if pod.waiting_reason in IMAGE_PULL_REASONS or pod.waiting_reason in CANNOT_START_REASONS:
@@ -534,7 +536,10 @@ class _Machine:
                        f"{self.ended_runs()}/{total} ended", "Running")
         else:
             pool = self.status.get("workerPool") or self.patch.get("workerPool")
-            self.enter("Queued", f"waiting for room in WorkerPool {pool}", "Queued")
+            known = {p["metadata"]["name"] for p in self.observed.pools}
+            message = (f"WorkerPool {pool} does not exist any more" if self.observed.pools and pool not in known
+                       else f"waiting for room in WorkerPool {pool}")
+            self.enter("Queued", message, "Queued")
 
     # -- helpers -----------------------------------------------------------------------------
 
