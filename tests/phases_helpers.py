@@ -29,9 +29,9 @@ def running_pod(run, attempt=1, at=T0, **fields):
 class Driver:
     """One TestRun, its persisted status, and the decisions taken on it."""
 
-    def __init__(self, obj, pools=(pool(),)):
+    def __init__(self, obj, pools=None):
         self.obj = obj
-        self.pools = list(pools)
+        self.pools = list(pools) if pools is not None else [pool()]
         self.decisions = []
 
     @property

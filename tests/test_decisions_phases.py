@@ -4,7 +4,7 @@ from phases_helpers import T0, Driver, a_testrun, pool, running_pod
 
 from testlooper.decisions.phases import (
     CreatePod, CreateSecret, DeletePod, DeleteSecret, EmitEvent, PodObservation, RecordAttempt, RunResult,
-    Settings, format_time, merged, observe_pod, queued_demand,
+    Settings, format_time, merged, observe_pod, observe_secret, queued_demand,
 )
 
 PASSED, FAILED = RunResult("passed"), RunResult("failed")
@@ -505,6 +505,12 @@ def test_observe_pod_reads_what_the_machine_needs():
     deleting = pod_dict("Running")
     deleting["metadata"]["deletionTimestamp"] = format_time(T0)
     assert observe_pod(deleting).deleting
+
+
+def test_observe_secret_reads_its_run_and_attempt():
+    assert observe_secret({"metadata": {"labels": {"testlooper.dev/run-index": "4", "testlooper.dev/attempt": "1"}}}) \
+        == (4, 1)
+    assert observe_secret({"metadata": {"labels": {"testlooper.dev/run-index": "x"}}}) is None
 
 
 def test_merged_applies_a_json_merge_patch():

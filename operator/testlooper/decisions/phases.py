@@ -685,6 +685,15 @@ def observe_pod(pod: dict) -> PodObservation | None:
     )
 
 
+def observe_secret(secret: dict) -> tuple[int, int] | None:
+    """(run, attempt) of one of the TestRun's token Secrets (the same labels as its pod)."""
+    labels = (secret.get("metadata") or {}).get("labels") or {}
+    try:
+        return int(labels[RUN_INDEX_LABEL]), int(labels[ATTEMPT_LABEL])
+    except (KeyError, ValueError):
+        return None
+
+
 def format_time(seconds: float) -> str:
     return datetime.datetime.fromtimestamp(int(seconds), datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
