@@ -518,3 +518,20 @@ def test_merged_applies_a_json_merge_patch():
     assert merged(status, {"a": None, "active": {"1": None, "3": {"x": 3, "y": None}}, "list": [2]}) == {
         "active": {"2": {"x": 2}, "3": {"x": 3}}, "list": [2]}
     assert merged(status, None) is status
+
+
+def test_the_status_of_100000_runs_stays_bounded_as_runs_come_and_go():
+    import json
+
+    d = Driver(a_testrun(runs=100_000))
+    d.decide()
+    sizes = []
+    for round_number in range(1, 6):
+        now = T0 + round_number
+        pods = [running_pod(int(run), entry["attempt"]) for run, entry in d.status.get("active", {}).items()]
+        results = {(p.run, p.attempt): RunResult("failed", failed_cases=(f"c{p.run}",)) for p in pods[:600]}
+        d.decide(now, admitted=1000, pods=pods, results=results)
+        sizes.append(len(json.dumps(d.status)))
+    assert len(d.status["active"]) == 1000 and d.status["startedRuns"] == 1000 + 4 * 600
+    assert d.status["runCounts"]["failed"] == 4 * 600 and len(d.status["failingCases"]) == 20
+    assert max(sizes) < 100_000, sizes

@@ -9,12 +9,14 @@ is driven by random events, then drained without faults. After every step:
 - only admission creates pods; a Secret exists before its pod;
 - every run ends exactly once, and the counts move by exactly the results of the runs that
   ended (a result seen twice, late, or for a lost attempt is never counted again);
-- attempts and the status stay bounded.
+- attempts and the status stay bounded;
+- deciding is pure: the TestRun is not modified, and deciding again gives the same decision.
 At the end every TestRun has ended and every run of it is counted.
 """
 
 from __future__ import annotations
 
+import copy
 import random
 
 import pytest
@@ -80,7 +82,12 @@ class World:
             operator_started=self.operator_started, settings=SETTINGS)
 
     def reconcile(self, name: str, admitted: int = 0) -> None:
-        decision = decide(self.testruns[name], self.observations(name, admitted))
+        before = copy.deepcopy(self.testruns[name])
+        observed = self.observations(name, admitted)
+        decision = decide(self.testruns[name], observed)
+        # Pure: the TestRun is left as it was, and the same inputs give the same decision.
+        assert self.testruns[name] == before
+        assert decide(before, observed) == decision
         creates = decision.creates
         assert admitted or not creates, "only admission creates pods"
         assert len(creates) <= 2 * admitted
