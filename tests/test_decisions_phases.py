@@ -4,7 +4,7 @@ from phases_helpers import T0, Driver, a_testrun, pool, running_pod
 
 from testlooper.decisions.phases import (
     CreatePod, CreateSecret, DeletePod, DeleteSecret, EmitEvent, PodObservation, RecordAttempt, RunResult,
-    Settings, format_time, merged, observe_pod, observe_secret, queued_demand,
+    Settings, format_time, merged, observe_pod, observe_result, observe_secret, queued_demand,
 )
 
 PASSED, FAILED = RunResult("passed"), RunResult("failed")
@@ -505,6 +505,14 @@ def test_observe_pod_reads_what_the_machine_needs():
     deleting = pod_dict("Running")
     deleting["metadata"]["deletionTimestamp"] = format_time(T0)
     assert observe_pod(deleting).deleting
+
+
+def test_observe_result_keeps_the_failing_case_names_once_and_bounded():
+    cases = [{"name": "a", "success": True}, {"name": "b", "success": False}, {"name": "b", "success": False}]
+    cases += [{"name": f"c{i}", "success": False} for i in range(40)]
+    result = observe_result({"result": "failed", "error": "", "cases": cases})
+    assert result.result == "failed" and result.failed_cases[:2] == ("b", "c0") and len(result.failed_cases) == 20
+    assert observe_result({}) == RunResult("error")
 
 
 def test_observe_secret_reads_its_run_and_attempt():

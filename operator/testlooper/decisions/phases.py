@@ -685,6 +685,19 @@ def observe_pod(pod: dict) -> PodObservation | None:
     )
 
 
+def observe_result(result: dict) -> RunResult:
+    """A RESULT as the worker API kept it (docs/design.md) -> what the machine counts: the
+    result, the error line, and the failing case names in the order reported (at most the 20
+    the status can hold; a name reported twice once)."""
+    failed: list[str] = []
+    for case in result.get("cases") or []:
+        if isinstance(case, dict) and not case.get("success") and case.get("name") not in failed:
+            failed.append(str(case.get("name")))
+            if len(failed) >= MAX_FAILING_CASES:
+                break
+    return RunResult(str(result.get("result") or "error"), str(result.get("error") or "")[:300], tuple(failed))
+
+
 def observe_secret(secret: dict) -> tuple[int, int] | None:
     """(run, attempt) of one of the TestRun's token Secrets (the same labels as its pod)."""
     labels = (secret.get("metadata") or {}).get("labels") or {}
