@@ -25,7 +25,7 @@ from testlooper.decisions.phases import (
     CreatePod, CreateSecret, DeletePod, DeleteSecret, Observations, RunResult, Settings, decide, format_time,
     merged, observe_pod, queued_demand,
 )
-from testlooper.decisions.pools import admit, pool_usage, run_size
+from testlooper.decisions.pools import admit, pool_usage, run_sizes
 from testlooper.decisions.repo import ENDED_PHASES
 
 T0 = 1_800_000_000.0
@@ -105,19 +105,10 @@ class World:
             self.apply(name, action)
 
     def admission_round(self) -> None:
-        sizes = {}
-        for name, testrun in self.testruns.items():
-            pool_name = testrun["status"].get("workerPool")
-            if pool_name:
-                pool = next(p for p in self.pools if p["metadata"]["name"] == pool_name)
-                sizes[("ns", name)] = (pool_name, *run_size(testrun["spec"]["definition"], pool))
+        sizes = run_sizes(self.testruns.values(), self.pools)
         usage = pool_usage(self.pod_dicts(), sizes)
-        demands = []
-        for testrun in self.testruns.values():
-            demand = queued_demand(testrun, self.now, SETTINGS)
-            if demand is not None:
-                _, cores, ram = sizes[demand.testrun]
-                demands.append(type(demand)(**{**demand.__dict__, "cores": cores, "ram_gb": ram}))
+        demands = [demand for demand in (queued_demand(t, self.now, SETTINGS) for t in self.testruns.values())
+                   if demand is not None]
         granted = admit(self.pools, usage, demands)
         for (_, name), count in sorted(granted.items()):
             self.reconcile(name, admitted=count)

@@ -6,7 +6,7 @@ import random
 from phases_helpers import pool
 
 from testlooper.decisions import rules
-from testlooper.decisions.pools import Demand, Usage, admit, pool_status, pool_usage, run_size
+from testlooper.decisions.pools import Demand, Usage, admit, pool_status, pool_usage, run_size, run_sizes
 from testlooper.local import schedule
 from testlooper.local.schedule import Free
 
@@ -50,9 +50,12 @@ def test_a_run_that_does_not_fit_lets_a_smaller_one_go():
 def test_a_run_asking_more_than_the_pool_has_runs_alone_rather_than_never():
     spec_pool = pool(maxCores=4, maxRamGb=8)
     assert run_size({"min_cores": 16, "min_ram_gb": 2}, spec_pool) == (4, 2)
-    cores, ram = run_size({"min_cores": 16}, spec_pool)
-    assert admit([spec_pool], {}, [demand("t", 3, cores=cores, ram=ram)]) == {("ns", "t"): 1}
-    assert admit([spec_pool], {"p": Usage(1, 1)}, [demand("t", 3, cores=cores, ram=ram)]) == {}
+    assert admit([spec_pool], {}, [demand("t", 3, cores=16)]) == {("ns", "t"): 1}
+    assert admit([spec_pool], {"p": Usage(1, 1)}, [demand("t", 3, cores=16)]) == {}
+    placed = {"metadata": {"namespace": "ns", "name": "t"}, "spec": {"definition": {"min_cores": 16}},
+              "status": {"workerPool": "p"}}
+    assert run_sizes([placed, {"metadata": {"name": "u"}, "spec": {}, "status": {}}], [spec_pool]) == {
+        ("ns", "t"): ("p", 4, 0.0)}
 
 
 def test_admitting_at_once_equals_admitting_one_by_one_with_the_shared_fits_rule():

@@ -82,8 +82,9 @@ def run_size(task: dict, pool: dict) -> tuple[float, float]:
 def admit(pools: Sequence[dict], usage: Mapping[str, Usage], demands: Iterable[Demand]) -> dict[tuple[str, str], int]:
     """How many runs of each TestRun start now: TestRuns by priority (higher first), then age,
     then name; each takes as many runs as fit what its pool has free; one that does not fit lets
-    the next, smaller one go (as the local scheduler does). Nothing is admitted to a pool that
-    is not in `pools`. Costs O(TestRuns waiting), whatever their number of runs."""
+    the next, smaller one go (as the local scheduler does). A demand's size is fitted to its
+    pool's totals (`run_size`). Nothing is admitted to a pool that is not in `pools`. Costs
+    O(TestRuns waiting), whatever their number of runs."""
     specs = {pool["metadata"]["name"]: pool.get("spec") or {} for pool in pools}
     free: dict[str, _Free] = {}
     for name, spec in specs.items():
@@ -95,18 +96,34 @@ def admit(pools: Sequence[dict], usage: Mapping[str, Usage], demands: Iterable[D
         room = free.get(demand.pool)
         if room is None or demand.count <= 0:
             continue
-        count = how_many_fit(demand.cores, demand.ram_gb, room, demand.count)
+        spec = specs[demand.pool]
+        cores, ram = fit(demand.cores, spec.get("maxCores")), fit(demand.ram_gb, spec.get("maxRamGb"))
+        count = how_many_fit(cores, ram, room, demand.count)
         if count <= 0:
             continue
         granted[demand.testrun] = granted.get(demand.testrun, 0) + count
         room.jobs -= count
-        room.cores -= count * demand.cores
-        room.ram_gb -= count * demand.ram_gb
+        room.cores -= count * cores
+        room.ram_gb -= count * ram
     return granted
 
 
 def _left(limit, used: float) -> float:
     return math.inf if limit is None else limit - used
+
+
+def run_sizes(testruns: Iterable[dict], pools: Sequence[dict]) -> dict[tuple[str, str], tuple[str, float, float]]:
+    """(namespace, name) -> (pool, cores, GB of one run) for the TestRuns placed in a pool, as
+    `pool_usage` wants them."""
+    by_name = {pool["metadata"]["name"]: pool for pool in pools}
+    sizes = {}
+    for testrun in testruns:
+        placed = (testrun.get("status") or {}).get("workerPool")
+        if placed in by_name:
+            metadata = testrun.get("metadata") or {}
+            definition = (testrun.get("spec") or {}).get("definition") or {}
+            sizes[(metadata.get("namespace", ""), metadata.get("name", ""))] = (placed, *run_size(definition, by_name[placed]))
+    return sizes
 
 
 def pool_usage(pods: Iterable[dict], testruns: Mapping[tuple[str, str], tuple[str, float, float]]) -> dict[str, Usage]:
