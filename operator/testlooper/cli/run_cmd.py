@@ -218,6 +218,7 @@ def _compare(recorder, target) -> dict | None:
 
 
 def render_summary(outcomes, summary, comparison, output_dir, recorder, styler: terminal.Styler) -> str:
+    from testlooper.decisions.rules import task_result
     from testlooper.local.runner import final_attempts
 
     by_task: dict[str, list] = {}
@@ -229,7 +230,7 @@ def render_summary(outcomes, summary, comparison, output_dir, recorder, styler: 
         passed = results.count("passed")
         cases = sum(len(o.cases) for o in runs)
         failed_cases = sum(1 for o in runs for c in o.cases if not c["success"])
-        status = "passed" if passed == len(runs) else ("flaky" if passed else _worst(results))
+        status = task_result(results)
         style = {"passed": "green", "flaky": "yellow"}.get(status, "red")
         attempts = max(o.attempt for o in runs)
         rows.append([task, terminal.kind_cell(runs[0].kind), terminal.Cell(status, style), f"{passed}/{len(runs)}",
@@ -310,10 +311,3 @@ def _uncounted_lines(uncounted, styler) -> list[str]:
         lines.append(f"  {outcome.result:<10} {label}" + (f": {terminal.printable(outcome.message)}"
                                                           if outcome.message else ""))
     return lines
-
-
-def _worst(results: list[str]) -> str:
-    for result in ("error", "timeout", "failed", "blocked", "cancelled"):
-        if result in results:
-            return result
-    return results[0]

@@ -29,7 +29,7 @@ CATEGORIES = ["testlooper"]
 # JSON Schema keywords that mean the same in a CRD's OpenAPI v3 schema and pass through as they are.
 PASSED_THROUGH = {
     "type", "description", "required", "default", "enum", "format", "pattern",
-    "minimum", "maximum", "minLength", "maxLength", "minItems", "maxItems",
+    "minimum", "maximum", "minLength", "maxLength", "minItems", "maxItems", "maxProperties",
 }
 # Pydantic's annotations for documentation tools, with no meaning for validation.
 DROPPED = {"title"}
@@ -134,7 +134,7 @@ def structural(node: dict, definitions: dict) -> dict:
 # Keys in the order a reader of the YAML wants them: what it is, then what it holds.
 _KEY_ORDER = ["description", "type", "format", "enum", "default", "minimum", "maximum",
               "minLength", "maxLength", "pattern", "minItems", "maxItems",
-              "properties", "additionalProperties", "items", "required"]
+              "maxProperties", "properties", "additionalProperties", "items", "required"]
 
 
 def _ordered(node: dict) -> dict:

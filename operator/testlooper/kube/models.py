@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from testlooper.decisions.phases import MAX_ACTIVE_RUNS, MAX_FAILING_CASES, MAX_RECORDED_ATTEMPTS
 from testlooper.errors import UserError
 
 GROUP = "testlooper.dev"
@@ -212,6 +213,8 @@ class RunCounts(_Status):
     """Runs waiting for a worker."""
     errored: int = Field(ge=0)
     """Runs that could not run (the worker or the infrastructure failed)."""
+    timedOut: int = Field(default=0, ge=0)
+    """Of the failed runs, those that ran past their timeout."""
 
 
 class CaseCounts(_Status):
@@ -223,6 +226,36 @@ class CaseCounts(_Status):
     """Cases that passed in every run."""
     failed: int = Field(ge=0)
     """Cases that failed in at least one run."""
+
+
+class ActiveRun(_Status):
+    """A run started and not ended: the attempt it is on and where that attempt stands."""
+
+    attempt: int = Field(ge=1)
+    """The attempt now placed or waiting (1 for the first)."""
+    state: Literal["Placed", "Waiting"]
+    """Placed: its pod was created. Waiting: it waits for room in the pool (a retry)."""
+    since: DateTime
+    """When it entered that state."""
+    notBefore: DateTime | None = None
+    """A retried build waits until then (its retry_wait_seconds)."""
+    infraFailures: int = Field(default=0, ge=0)
+    """Attempts of this run lost to the infrastructure so far (evicted, deleted, no heartbeat...)."""
+
+
+class AttemptRecord(_Status):
+    """One attempt that ended without ending its run, and why."""
+
+    run: int = Field(ge=1)
+    """The run index."""
+    attempt: int = Field(ge=1)
+    """The attempt that ended."""
+    reason: NonEmptyString
+    """A CamelCase word: Evicted, PodDeleted, NodeLost, ImagePullBackOff, HeartbeatLost, NoResult, BuildFailed..."""
+    message: str | None = None
+    """One line: what was observed."""
+    time: DateTime
+    """When it was recorded."""
 
 
 class ResultFrom(_Status):
@@ -251,10 +284,20 @@ class TestRunStatus(_Status):
     """The test cases' tally."""
     casesSummary: str | None = None
     """passed/total cases, e.g. 118/120."""
-    failingCases: list[str] | None = Field(default=None, max_length=20)
+    failingCases: list[str] | None = Field(default=None, max_length=MAX_FAILING_CASES)
     """The first failing case names (at most 20)."""
     resultFrom: ResultFrom | None = None
     """Set when the result was reused from an earlier commit."""
+    workerPool: str | None = None
+    """The WorkerPool its runs were placed in (chosen once)."""
+    startedRuns: int | None = Field(default=None, ge=0)
+    """Run indexes 1..startedRuns have been started at least once; the others wait their turn."""
+    active: dict[str, ActiveRun] | None = Field(default=None, max_length=MAX_ACTIVE_RUNS)
+    """The runs started and not ended, by run index (at most 1000 at once)."""
+    attempts: list[AttemptRecord] | None = Field(default=None, max_length=MAX_RECORDED_ATTEMPTS)
+    """The latest attempts that ended without ending their run, with why (at most 20)."""
+    infraRetries: int | None = Field(default=None, ge=0)
+    """Attempts retried because the infrastructure failed, in total."""
     startTime: DateTime | None = None
     """When its first run started."""
     completionTime: DateTime | None = None

@@ -2,8 +2,8 @@
 
 The runner feeds it observations (a run finished with a result, time passed) and asks it for
 actions (start these runs, these are blocked). It does no I/O, so its rules are tested
-directly and the cluster operator can reuse them: the rules themselves (retries, blocking,
-fitting a task's cores and RAM to a machine) are plain functions at the top of this module.
+directly. The rules themselves (retries, blocking, fitting a task's cores and RAM to a machine)
+are plain functions in decisions/rules.py, which the cluster operator's phase machine shares.
 
 Every step costs what changed, not the size of the plan: a task's runs not yet started are a
 counter rather than a list, the runs ready to start wait in one heap per size of run (cores and
@@ -18,40 +18,12 @@ import itertools
 import math
 from dataclasses import dataclass, field
 
+# The rules live below both shells, shared with the cluster operator; they are re-exported here.
+from testlooper.decisions.rules import (  # noqa: F401
+    RETRIED_RESULTS, blocked_reason, build_verdict, fit, fits, retry_wait,
+)
+
 PENDING, WAITING_RETRY, RUNNING, DONE = "pending", "waiting-retry", "running", "done"
-RETRIED_RESULTS = ("failed", "timeout", "error")
-
-
-# -- the rules, shared with the cluster operator ---------------------------------------------
-
-def fit(need, available):
-    """A task asking more than this machine has runs alone rather than never."""
-    return min(need, available) if available else need
-
-
-def retry_wait(task: dict, kind: str, attempt: int, result: str) -> float | None:
-    """Seconds before the next attempt of a build whose `attempt` ended with `result`, or None
-    when it is not retried. Only builds are retried: a test's failures are what is measured."""
-    if kind != "build" or result not in RETRIED_RESULTS or attempt > int(task.get("max_retries") or 0):
-        return None
-    return float(task.get("retry_wait_seconds") or 0)
-
-
-def build_verdict(result: str) -> str | None:
-    """What a build's final attempt means for its consumers: "passed", "failed", or None for a
-    cancelled build (it decided nothing)."""
-    if result == "cancelled":
-        return None
-    return "passed" if result == "passed" else "failed"
-
-
-def blocked_reason(failed_builds: list[str]) -> str:
-    return "needs build " + ", ".join(failed_builds) + ", which failed"
-
-
-def fits(cores: int, ram_gb: float, free: "Free") -> bool:
-    """Needs are capped to the machine (`fit`), so an idle machine fits any run."""
-    return free.jobs > 0 and cores <= free.cores and ram_gb <= free.ram_gb
 
 
 # -- the state machine -------------------------------------------------------------------------
