@@ -145,21 +145,30 @@ async def _webhook_secret(context: OperatorContext, repo: WatchedRepo) -> str:
         reading = context.webhook_secret_reads.get(key)
         if reading is None:
             reading = context.webhook_secret_reads[key] = asyncio.ensure_future(
-                context.api.read_secret_data(repo.namespace, repo.webhook_secret))
-            reading.add_done_callback(lambda _: context.webhook_secret_reads.pop(key, None))
+                _read_and_keep(context, key))
         try:
             data = await asyncio.shield(reading)
         except Exception as exc:
             logger.warning("Repo %s/%s: webhook Secret %r unreadable: %s", repo.namespace, repo.name,
                            repo.webhook_secret, type(exc).__name__)
             return ""
-        context.webhook_secrets[key] = (time.monotonic(), data)
     if not data or "secret" not in data:
         return ""
     try:
         return base64.b64decode(data["secret"]).decode("utf-8").strip()
     except (ValueError, UnicodeDecodeError):
         return ""
+
+
+async def _read_and_keep(context: OperatorContext, key: tuple[str, str]) -> dict | None:
+    """Read a webhook Secret and keep it, in one step: no request can find the read finished
+    but its answer not kept yet, and start a second read."""
+    try:
+        data = await context.api.read_secret_data(*key)
+        context.webhook_secrets[key] = (time.monotonic(), data)
+        return data
+    finally:
+        context.webhook_secret_reads.pop(key, None)
 
 
 def _answer(status: int, message: str) -> web.Response:
