@@ -26,7 +26,7 @@ OPERATOR_DIR = Path(__file__).resolve().parent.parent / "operator"
 
 class OperatorProcess:
     def __init__(self, kube, directory: Path, namespaces=("team-a",), args=(), client: str = "operator",
-                 env: dict | None = None, priority: int | None = None):
+                 env: dict | None = None, priority: int | None = None, port: int = 0):
         self.kube = kube
         self.directory = Path(directory)
         self.namespaces = list(namespaces)
@@ -34,13 +34,14 @@ class OperatorProcess:
         self.client = client
         self.extra_env = env or {}
         self.priority = priority  # None: --standalone; a number: peering with that priority
+        self.fixed_port = port  # known before the start: for --api-url, which names it
         self.port = 0
         self.process: subprocess.Popen | None = None
         self.log_path = self.directory / f"operator-{client}.log"
         self.cache_dir = self.directory / "operator-cache"
 
     def start(self, ready_timeout: float = 30) -> "OperatorProcess":
-        self.port = free_port()
+        self.port = self.fixed_port or free_port()
         env = self.kube.client_env(self.client)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(OPERATOR_DIR), env.get("PYTHONPATH")) if p)
         env.update(self.extra_env)

@@ -32,6 +32,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--api-port", type=int, default=8080, metavar="PORT", help="its port (default: 8080)")
     parser.add_argument("--api-url", default=os.environ.get("TESTLOOPER_API_URL", ""), metavar="URL",
                         help="how workers reach that server, e.g. http://testlooper.testlooper.svc:8080")
+    parser.add_argument("--worker-image", default=os.environ.get("TESTLOOPER_WORKER_IMAGE", "ghcr.io/testlooper/worker:latest"),
+                        metavar="IMAGE", help="the image of a run pod's prepare and report containers")
+    parser.add_argument("--operator-namespace", default=os.environ.get("POD_NAMESPACE", ""), metavar="NS",
+                        help="where the operator keeps its Secret testlooper-operator (default: $POD_NAMESPACE, "
+                             "else the first --namespace)")
     parser.add_argument("--cache-dir", default=os.environ.get("TESTLOOPER_CACHE_DIR", "/var/cache/testlooper"),
                         metavar="DIR", help="where git mirrors are kept (default: /var/cache/testlooper)")
     parser.add_argument("--max-concurrent-polls", type=int, default=4, metavar="N",
@@ -68,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
         namespaces=tuple(args.namespaces), all_namespaces=args.all_namespaces, standalone=args.standalone,
         peering_name=args.peering, priority=args.priority, store_url=args.store, api_host=args.api_host,
         api_port=args.api_port, api_url=args.api_url, cache_dir=args.cache_dir,
-        max_concurrent_polls=args.max_concurrent_polls,
+        max_concurrent_polls=args.max_concurrent_polls, worker_image=args.worker_image,
+        operator_namespace=args.operator_namespace,
     )
     return run_operator(options)

@@ -46,7 +46,7 @@ def build_registry(options: OperatorOptions) -> kopf.OperatorRegistry:
     # KUBECONFIG), the same configuration kube/api.py loads.
     kopf.on.login(registry=registry)(kopf.login_via_client)
     repo_handlers.register(registry)
-    testrun_handlers.register(registry)
+    testrun_handlers.register(registry, runs_enabled=options.runs_enabled)
     pool_handlers.register(registry, options.pool_status_interval)
     return registry
 
@@ -64,9 +64,11 @@ async def serve(options: OperatorOptions) -> None:
 
     api = KubeApi()
     context = OperatorContext(options, api, OperatorMetrics())
-    runner = await http.start_server(context)
-    logger.info("serving /healthz, /metrics and webhooks on %s:%d", options.api_host, options.api_port)
     context.store = await asyncio.to_thread(open_history_store, options.store_url)
+    worker_backend = await start_runs(context) if options.runs_enabled else None
+    runner = await http.start_server(context, worker_backend)
+    logger.info("serving /healthz, /metrics, webhooks%s on %s:%d", " and the worker API" if worker_backend else "",
+                options.api_host, options.api_port)
     if not options.standalone:
         # kopf only patches its peering object; a first replica creates it, so that a fresh
         # install needs no extra manifest per namespace.
@@ -88,11 +90,37 @@ async def serve(options: OperatorOptions) -> None:
             ready_flag=context.ready,
         )
     finally:
+        if context.runs is not None:
+            await context.runs.close()
         await http.stop_server(runner)
         api.close()
         if context.store is not None:
             context.store.close()
         logger.info("stopped")
+
+
+async def start_runs(context: OperatorContext):
+    """The worker API's backend and the controller that turns runs into pods (cluster/runs.py)."""
+    import redis
+
+    from testlooper.cluster.runs import RunController, TestRunDirectory, artifacts_root, ensure_operator_secret
+    from testlooper.workerapi.cluster import ClusterBackend, DiskArtifactStore, SourceCache
+
+    options = context.options
+    secret = await ensure_operator_secret(context.api, options.secret_namespace)
+
+    async def on_result(run, result):
+        namespace, name = run.run_id.split(".")[:2]
+        if context.runs is not None:
+            context.runs.poke(namespace, name)
+
+    backend = ClusterBackend(
+        secret=secret, runs=TestRunDirectory(context), client=redis.Redis.from_url(options.store_url),
+        history=context.store, artifacts=DiskArtifactStore(artifacts_root(options.cache_dir)),
+        source_cache=SourceCache(os.path.join(options.cache_dir, "sources")), on_result=on_result)
+    context.runs = RunController(context, secret=secret, backend=backend, worker_image=options.worker_image)
+    logger.info("runs become pods; workers reach the operator at %s", options.api_url)
+    return backend
 
 
 def open_history_store(url: str):

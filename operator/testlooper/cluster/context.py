@@ -28,6 +28,18 @@ class OperatorOptions:
     cache_dir: str = "/var/cache/testlooper"
     max_concurrent_polls: int = 4
     pool_status_interval: float = 10.0
+    worker_image: str = "ghcr.io/testlooper/worker:latest"  # the image of a run pod's prepare and report containers
+    operator_namespace: str = ""  # where the operator secret is kept ("" : the first watched namespace)
+
+    @property
+    def runs_enabled(self) -> bool:
+        """Runs become pods only with a store (its Redis keeps the worker API's state) and a URL
+        the pods reach the operator at."""
+        return bool(self.store_url and self.api_url)
+
+    @property
+    def secret_namespace(self) -> str:
+        return self.operator_namespace or (self.namespaces[0] if self.namespaces else "default")
 
 
 @dataclasses.dataclass
@@ -80,6 +92,7 @@ class OperatorContext:
         self.poll_slots = asyncio.Semaphore(max(1, options.max_concurrent_polls))
         self.ready = asyncio.Event()
         self.store = None  # the history store (--store), opened at startup
+        self.runs = None  # the RunController (cluster/runs.py) when runs are enabled
         self.webhook_slots = asyncio.Semaphore(WEBHOOK_CONCURRENCY)
         self.webhook_secrets: dict[tuple[str, str], tuple[float, dict | None]] = {}  # (ns, name) -> (read at, data)
         self.webhook_secret_reads: dict[tuple[str, str], asyncio.Future] = {}  # reads in flight

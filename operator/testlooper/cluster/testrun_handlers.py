@@ -1,4 +1,6 @@
-"""TestRuns: this handler is the only writer of a TestRun's status (decisions/testrun.py decides).
+"""TestRuns: these handlers are the only writers of a TestRun's status. Without runs (no
+--store or no --api-url) decisions/testrun.py decides the part-1 statuses; with them every
+event asks cluster/runs.py for a decision of the phase machine.
 
 It is an event handler, not a change handler: it keeps no progress annotations and adds no
 finalizer, so a TestRun costs one status patch when it appears and one when it is cancelled.
@@ -14,13 +16,36 @@ import kopf
 from testlooper.cluster.context import OperatorContext
 from testlooper.decisions.repo import ENDED_PHASES
 from testlooper.decisions.testrun import decide_status
+from testlooper.kube.objects import MANAGED_BY, MANAGED_BY_LABEL
+from testlooper.kube.pods import RUN_ID_ANNOTATION
 
 logger = logging.getLogger(__name__)
 
 
-def register(registry: kopf.OperatorRegistry) -> None:
-    kopf.on.event("testlooper.dev", "v1alpha1", "testruns", registry=registry, id="status",
-                  when=needs_status)(testrun_event)
+def register(registry: kopf.OperatorRegistry, runs_enabled: bool = False) -> None:
+    if not runs_enabled:
+        kopf.on.event("testlooper.dev", "v1alpha1", "testruns", registry=registry, id="status",
+                      when=needs_status)(testrun_event)
+        return
+    # Runs become pods (cluster/runs.py): every change of a TestRun or of one of its pods asks
+    # for a decision; the decisions themselves read the objects as stored.
+    kopf.on.event("testlooper.dev", "v1alpha1", "testruns", registry=registry, id="runs")(testrun_changed)
+    kopf.on.event("", "v1", "pods", registry=registry, id="run-pods",
+                  labels={MANAGED_BY_LABEL: MANAGED_BY})(run_pod_changed)
+
+
+async def testrun_changed(type: str | None, name: str, namespace: str, memo: OperatorContext, **_) -> None:
+    if type != "DELETED":
+        memo.runs.poke(namespace, name)
+
+
+async def run_pod_changed(type: str | None, body: kopf.Body, namespace: str, memo: OperatorContext, **_) -> None:
+    run_id = (body.get("metadata", {}).get("annotations") or {}).get(RUN_ID_ANNOTATION, "")
+    parts = run_id.split(".")
+    if len(parts) == 4:
+        memo.runs.poke(parts[0], parts[1])
+        if (body.get("status") or {}).get("phase") in ("Succeeded", "Failed") or type == "DELETED":
+            memo.runs.wake_admission(parts[0])  # its room is free
 
 
 def needs_status(body: kopf.Body, **_) -> bool:

@@ -143,6 +143,11 @@ class KubeApi:
     async def delete_object(self, plural: str, namespace: str, name: str) -> None:
         await self._call(self._request, "DELETE", self._path(plural, namespace, name), ok_statuses=(404,))
 
+    async def get_object(self, plural: str, namespace: str, name: str) -> dict | None:
+        """One object as stored now (None when there is none): what a decision starts from,
+        since an event's body may be older than the status last written."""
+        return await self._call(self._request, "GET", self._path(plural, namespace, name), ok_statuses=(404,))
+
     async def ensure_peering(self, name: str, namespace: str | None) -> bool:
         """Create kopf's peering object (a KopfPeering in `namespace`, or a ClusterKopfPeering
         when None) unless it exists; kopf itself only patches it. True when created."""
@@ -155,6 +160,38 @@ class KubeApi:
         return await self._call(create, ok_statuses=(409,)) is not None
 
     # -- core ------------------------------------------------------------------------------------
+    # Pods and Secrets of the runs go through the same REST layer as the custom resources.
+
+    @staticmethod
+    def _core_path(plural: str, namespace: str, name: str = "") -> str:
+        return f"/api/v1/namespaces/{quote(namespace)}/{plural}" + (f"/{quote(name)}" if name else "")
+
+    async def list_core(self, plural: str, namespace: str, label_selector: str = "") -> list[dict]:
+        """`pods` or `secrets` of the namespace with those labels."""
+        query = {"labelSelector": label_selector} if label_selector else None
+        answer = await self._call(self._request, "GET", self._core_path(plural, namespace), query=query)
+        return answer.get("items") or []
+
+    async def create_core(self, plural: str, namespace: str, body: dict) -> bool:
+        """True when created, False when one of that name existed already (a run's pod and
+        Secret have deterministic names: that is the one wanted)."""
+        try:
+            await self._call(self._create_core_once, plural, namespace, body)
+        except AlreadyExists:
+            return False
+        return True
+
+    def _create_core_once(self, plural: str, namespace: str, body: dict):
+        try:
+            return self._request("POST", self._core_path(plural, namespace), body)
+        except self._api_exception as exc:
+            if exc.status == 409:
+                raise AlreadyExists(body["metadata"]["name"]) from None
+            raise
+
+    async def delete_core(self, plural: str, namespace: str, name: str) -> None:
+        await self._call(self._request, "DELETE", self._core_path(plural, namespace, name), ok_statuses=(404,))
+
 
     async def read_secret_data(self, namespace: str, name: str) -> dict[str, str] | None:
         """The Secret's `data` (base64 values), or None when there is no such Secret."""

@@ -1,0 +1,367 @@
+"""Running a TestRun's runs as pods: the phase machine (decisions/phases.py) applied through
+kube/api.py, one admission loop per namespace, and the worker API's view of the runs.
+
+Enabled when the operator has a history store (`--store`, whose Redis also keeps the worker
+API's heartbeats, results and log streams) and an `--api-url` its pods reach it at; without
+them the TestRun handler writes only the part-1 statuses.
+
+- `reconcile(namespace, name, admitted)` reads the TestRun as stored now, gathers the
+  observations (builds, pools, its pods and token Secrets, the RESULTs and heartbeats the worker
+  API kept for its active runs, the store's case tally), calls `decide`, and applies the
+  decision in the documented order: creates, then the status patch, then deletes. The decisions
+  of one TestRun run one at a time (a lock per TestRun).
+- Events (the TestRun's, its pods', a RESULT posted) call it with `admitted = 0`, which never
+  creates a pod. Only the namespace's admission loop passes `admitted > 0`: each round recounts
+  what the pools' pods hold, asks `admit`, and reconciles the TestRuns it let start, one after
+  the other; rounds never overlap, so no two spend the same room.
+- `TestRunDirectory` is the worker API's `RunDirectory`: a run id names a TestRun, and what the
+  run is (its task, commit, mirror, inputs) is read from that TestRun.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import os
+import secrets as random_secrets
+import subprocess
+import time
+
+from testlooper.decisions import phases
+from testlooper.decisions.pools import admit, pool_for, pool_usage, run_sizes
+from testlooper.decisions.repo import ENDED_PHASES
+from testlooper.kube import pods as pod_builder
+from testlooper.kube.objects import MANAGED_BY, MANAGED_BY_LABEL, label_value, testrun_name
+from testlooper.workerapi import tokens
+from testlooper.workerapi.cluster import ClusterRun, InputSource, parse_run_id
+
+logger = logging.getLogger(__name__)
+
+OPERATOR_SECRET_NAME = "testlooper-operator"
+OPERATOR_SECRET_KEY = "secret"
+ADMISSION_INTERVAL_SECONDS = 2.0  # a round at least this often, sooner when woken
+DESCRIBE_TTL_SECONDS = 2.0  # a run's description is read again after this (heartbeats come every few s)
+
+
+async def ensure_operator_secret(api, namespace: str) -> bytes:
+    """The operator secret (the key tokens are derived from), kept in the Secret
+    `testlooper-operator` of `namespace`: read, or created with 32 random bytes by the first
+    replica. A replica that loses the race to create it reads the winner's."""
+    for _ in range(2):
+        secret = await api.read_secret(namespace, OPERATOR_SECRET_NAME)
+        if secret is not None and secret["data"].get(OPERATOR_SECRET_KEY):
+            return base64.b64decode(secret["data"][OPERATOR_SECRET_KEY])
+        if secret is not None:
+            raise RuntimeError(f"Secret {namespace}/{OPERATOR_SECRET_NAME} has no key {OPERATOR_SECRET_KEY!r}")
+        body = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                "metadata": {"name": OPERATOR_SECRET_NAME, "namespace": namespace,
+                             "labels": {MANAGED_BY_LABEL: MANAGED_BY}},
+                "data": {OPERATOR_SECRET_KEY: base64.b64encode(random_secrets.token_bytes(32)).decode()}}
+        if await api.create_core("secrets", namespace, body):
+            return base64.b64decode(body["data"][OPERATOR_SECRET_KEY])
+    raise RuntimeError(f"Secret {namespace}/{OPERATOR_SECRET_NAME} could not be read or created")
+
+
+def repo_id(namespace: str, repo: str) -> str:
+    return f"{namespace}/{repo}"  # as repo_handlers records branch lines
+
+
+class TestRunDirectory:
+    """What each run id is, read from its TestRun (kept a moment: an agent calls every few s)."""
+
+    def __init__(self, context):
+        self.context = context
+        self._cache: dict[str, tuple[float, ClusterRun | None]] = {}
+
+    async def describe(self, run_id: str) -> ClusterRun | None:
+        cached = self._cache.get(run_id)
+        if cached is not None and time.monotonic() - cached[0] < DESCRIBE_TTL_SECONDS:
+            return cached[1]
+        run = await self._describe(run_id)
+        if len(self._cache) > 10000:
+            self._cache.clear()
+        self._cache[run_id] = (time.monotonic(), run)
+        return run
+
+    async def _describe(self, run_id: str) -> ClusterRun | None:
+        try:
+            namespace, name, index, attempt = parse_run_id(run_id)
+        except ValueError:
+            return None
+        testrun = await self.context.api.get_object("testruns", namespace, name)
+        if testrun is None:
+            return None
+        spec = testrun.get("spec") or {}
+        status = testrun.get("status") or {}
+        definition = spec.get("definition") or {}
+        repo_uid = next((owner.get("uid") for owner in testrun["metadata"].get("ownerReferences") or []
+                         if owner.get("kind") == "Repo"), "")
+        git_dir = self.context.mirror_path(namespace, spec.get("repo", ""), repo_uid)
+        commit = spec.get("commit", "")
+        inputs = {}
+        for key, dependency in (definition.get("dependencies") or {}).items():
+            if dependency.get("repo", "HEAD") != "HEAD" and dependency.get("kind") == "source":
+                continue  # another repository's source: not served by the cluster yet (docs/operator.md)
+            if dependency.get("kind") == "source":
+                inputs[key] = InputSource("source", path=dependency.get("path") or "")
+            else:
+                inputs[key] = await self._build_input(namespace, spec, dependency)
+        current = ((status.get("active") or {}).get(str(index)) or {}).get("attempt")
+        message = await asyncio.to_thread(_commit_message, git_dir, commit)
+        assignment = {"task": definition, "commit": commit, "commit_message": message, "run_index": index,
+                      "attempt": attempt, "cores": float(definition.get("min_cores") or 1),
+                      "ram_gb": float(definition.get("min_ram_gb") or 0)}
+        return ClusterRun(run_id=run_id, assignment=assignment, git_dir=git_dir, commit=commit,
+                          repo=repo_id(namespace, spec.get("repo", "")), task=spec.get("task", ""),
+                          kind=spec.get("kind", "test"), run_index=index, attempt=attempt,
+                          branch=spec.get("branch", ""), inputs=inputs,
+                          cancel=bool(spec.get("cancel")) or (current is not None and current != attempt))
+
+    async def _build_input(self, namespace: str, spec: dict, dependency: dict) -> InputSource:
+        """The artifact of the build's run that passed (the store says which attempt it was)."""
+        from testlooper.planning.planner import build_key
+
+        task = build_key(dependency.get("repo", "HEAD"), dependency["build"])
+        build_testrun = testrun_name(spec.get("repo", ""), spec.get("commit", ""), task)
+        records = await asyncio.to_thread(self.context.store.runs, repo_id(namespace, spec.get("repo", "")),
+                                          spec.get("commit", ""))
+        passed = [record for record in records if record.task == task and record.result == "passed"]
+        if not passed:
+            return InputSource("build", run_id="", artifact=dependency.get("artifact") or "")
+        chosen = max(passed, key=lambda record: (record.run_index, record.attempt))
+        return InputSource("build", run_id=pod_builder.run_id(namespace, build_testrun, chosen.run_index, chosen.attempt),
+                           artifact=dependency.get("artifact") or "")
+
+
+def _commit_message(git_dir: str, commit: str) -> str:
+    try:
+        done = subprocess.run(["git", "--git-dir", git_dir, "log", "-1", "--format=%B", commit],
+                              capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return done.stdout if done.returncode == 0 else ""
+
+
+class RunController:
+    """Decides and applies the TestRuns' runs (see the module's docstring)."""
+
+    def __init__(self, context, *, secret: bytes, backend, worker_image: str):
+        self.context = context
+        self.api = context.api
+        self.secret = secret
+        self.backend = backend
+        self.worker_image = worker_image
+        self.started = time.time()
+        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._queued: set[tuple[str, str]] = set()
+        self._timers: dict[tuple[str, str], asyncio.TimerHandle] = {}
+        self._loops: dict[str, asyncio.Task] = {}
+        self._wakes: dict[str, asyncio.Event] = {}
+        self._tasks: set[asyncio.Task] = set()
+
+    # -- scheduling ----------------------------------------------------------------------------
+
+    def poke(self, namespace: str, name: str) -> None:
+        """Decide this TestRun again soon (events coming together make one decision)."""
+        self.ensure_loop(namespace)
+        key = (namespace, name)
+        if key in self._queued:
+            return
+        self._queued.add(key)
+        task = asyncio.get_running_loop().create_task(self._decide_queued(key))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _decide_queued(self, key: tuple[str, str]) -> None:
+        async with self._lock(key):
+            self._queued.discard(key)
+            await self._reconcile_logged(key, 0)
+
+    def wake_later(self, key: tuple[str, str], delay: float) -> None:
+        loop = asyncio.get_running_loop()
+        when = loop.time() + max(0.05, delay)
+        existing = self._timers.get(key)
+        if existing is not None and not existing.cancelled() and loop.time() < existing.when() <= when:
+            return
+        if existing is not None:
+            existing.cancel()
+        self._timers[key] = loop.call_at(when, self.poke, *key)
+
+    def wake_admission(self, namespace: str) -> None:
+        self.ensure_loop(namespace)
+        self._wakes[namespace].set()
+
+    def ensure_loop(self, namespace: str) -> None:
+        if namespace in self._loops:
+            return
+        self._wakes[namespace] = asyncio.Event()
+        self._loops[namespace] = asyncio.get_running_loop().create_task(self._admission_loop(namespace))
+
+    def _lock(self, key: tuple[str, str]) -> asyncio.Lock:
+        lock = self._locks.get(key)
+        if lock is None:
+            lock = self._locks[key] = asyncio.Lock()
+        return lock
+
+    async def close(self) -> None:
+        for handle in self._timers.values():
+            handle.cancel()
+        for task in [*self._loops.values(), *self._tasks]:
+            task.cancel()
+        await asyncio.gather(*self._loops.values(), *self._tasks, return_exceptions=True)
+
+    # -- admission -----------------------------------------------------------------------------
+
+    async def _admission_loop(self, namespace: str) -> None:
+        wake = self._wakes[namespace]
+        while True:
+            try:
+                await asyncio.wait_for(wake.wait(), ADMISSION_INTERVAL_SECONDS)
+            except asyncio.TimeoutError:
+                pass
+            wake.clear()
+            try:
+                await self.admission_round(namespace)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the next round tries again
+                self.context.metrics.reconcile_errors.labels("WorkerPool").inc()
+                logger.warning("admission in namespace %s failed: %s: %s", namespace, type(exc).__name__, exc)
+
+    async def admission_round(self, namespace: str) -> None:
+        pools = await self.api.list_objects("workerpools", namespace)
+        testruns = await self.api.list_objects("testruns", namespace)
+        now = time.time()
+        demands = [demand for demand in (phases.queued_demand(testrun, now) for testrun in testruns) if demand]
+        if not demands:
+            return
+        pods = await self.api.list_core("pods", namespace, f"{MANAGED_BY_LABEL}={MANAGED_BY}")
+        usage = pool_usage(pods, run_sizes(testruns, pools))
+        for (testrun_namespace, name), count in admit(pools, usage, demands).items():
+            async with self._lock((testrun_namespace, name)):
+                await self._reconcile_logged((testrun_namespace, name), count)
+
+    # -- one decision --------------------------------------------------------------------------
+
+    async def _reconcile_logged(self, key: tuple[str, str], admitted: int) -> None:
+        try:
+            await self.reconcile(*key, admitted=admitted)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # decided again at the next event, timer or round
+            self.context.metrics.reconcile_errors.labels("TestRun").inc()
+            logger.warning("TestRun %s/%s: runs not reconciled: %s: %s", *key, type(exc).__name__, exc)
+            self.wake_later(key, 5.0)
+
+    async def reconcile(self, namespace: str, name: str, admitted: int = 0) -> None:
+        testrun = await self.api.get_object("testruns", namespace, name)
+        if testrun is None or testrun["metadata"].get("deletionTimestamp"):
+            return
+        spec, status = testrun.get("spec") or {}, testrun.get("status") or {}
+        pools = await self.api.list_objects("workerpools", namespace)
+        pool_name = status.get("workerPool") or pool_for(spec.get("definition") or {}, spec.get("workerPool") or "", pools)
+        pool = next((p for p in pools if p["metadata"]["name"] == pool_name), None)
+        pod_namespace = pod_builder.run_namespace(testrun, pool)
+        selector = f"{pod_builder.TESTRUN_LABEL}={label_value(name)}"
+        own_pods = [pod for pod in await self.api.list_core("pods", pod_namespace, selector) if _owned(pod, testrun)]
+        own_secrets = [s for s in await self.api.list_core("secrets", pod_namespace, selector) if _owned(s, testrun)]
+        builds = {}
+        for build in spec.get("dependsOn") or []:
+            found = await self.api.get_object("testruns", namespace, build)
+            if found is not None:
+                found_status = found.get("status") or {}
+                builds[build] = (found_status.get("phase") or "", found_status.get("result") or "")
+        results, heartbeats = {}, {}
+        for index, entry in (status.get("active") or {}).items():
+            key = (int(index), int(entry["attempt"]))
+            the_run_id = pod_builder.run_id(namespace, name, *key)
+            result = await self.backend.result_of(the_run_id)
+            if result is not None:
+                results[key] = phases.observe_result(result)
+            beat = await self.backend.last_heartbeat(the_run_id)
+            if beat is not None:
+                heartbeats[key] = float(beat["time"])
+        observed = phases.Observations(
+            now=time.time(), builds=builds, pools=pools,
+            pods=[p for p in (phases.observe_pod(pod) for pod in own_pods) if p is not None],
+            secrets=[s for s in (phases.observe_secret(secret) for secret in own_secrets) if s is not None],
+            results=results, heartbeats=heartbeats, admitted=admitted, operator_started=self.started,
+            cases=await self._case_tally(namespace, spec))
+        decision = phases.decide(testrun, observed)
+        for action in decision.creates:
+            await self._create(action, testrun, pool, pod_namespace)
+        if decision.status_patch:
+            await self.api.patch_status("testruns", namespace, name, decision.status_patch)
+        for action in decision.afterwards:
+            await self._apply_after(action, testrun, pod_namespace)
+        if decision.wake_after is not None:
+            self.wake_later((namespace, name), decision.wake_after)
+        if decision.status_patch and ("phase" in decision.status_patch or "active" in decision.status_patch):
+            self.wake_admission(namespace)  # queued now, or runs ended and freed room
+        if decision.status_patch and decision.status_patch.get("phase") in ENDED_PHASES and spec.get("kind") == "build":
+            # The TestRuns consuming this build wait for it: they decide again now.
+            for other in await self.api.list_objects("testruns", namespace):
+                if name in ((other.get("spec") or {}).get("dependsOn") or []):
+                    self.poke(namespace, other["metadata"]["name"])
+
+    async def _case_tally(self, namespace: str, spec: dict) -> dict | None:
+        """{total, passed, failed} of the cases the TestRun's runs reported, from the store (the
+        last attempt of each run index)."""
+        store = self.context.store
+        if store is None:
+            return None
+        records = await asyncio.to_thread(store.runs, repo_id(namespace, spec.get("repo", "")),
+                                          spec.get("commit", ""), True)
+        last: dict[int, object] = {}
+        for record in records:
+            if record.task == spec.get("task") and (record.run_index not in last
+                                                    or record.attempt > last[record.run_index].attempt):
+                last[record.run_index] = record
+        if not last:
+            return None
+        passed = sum(1 for record in last.values() for case in record.cases if case.success)
+        total = sum(len(record.cases) for record in last.values())
+        return {"total": total, "passed": passed, "failed": total - passed}
+
+    async def _create(self, action, testrun: dict, pool: dict | None, pod_namespace: str) -> None:
+        metadata = testrun["metadata"]
+        the_run_id = pod_builder.run_id(metadata["namespace"], metadata["name"], action.run, action.attempt)
+        secret_name = pod_builder.run_secret_name(metadata["name"], action.run, action.attempt)
+        if isinstance(action, phases.CreateSecret):
+            body = pod_builder.build_run_secret(testrun, the_run_id, tokens.run_token(self.secret, the_run_id),
+                                                namespace=pod_namespace)
+            await self.api.create_core("secrets", pod_namespace, body)
+        else:
+            body = pod_builder.build_run_pod(testrun, run_index=action.run, attempt=action.attempt, pool=pool or {},
+                                             api_url=self.context.options.api_url, worker_image=self.worker_image,
+                                             token_secret_name=secret_name)
+            await self.api.create_core("pods", pod_namespace, body)
+
+    async def _apply_after(self, action, testrun: dict, pod_namespace: str) -> None:
+        name = testrun["metadata"]["name"]
+        if isinstance(action, phases.DeletePod):
+            await self.api.delete_core("pods", pod_namespace, pod_builder.run_pod_name(name, action.run, action.attempt))
+        elif isinstance(action, phases.DeleteSecret):
+            await self.api.delete_core("secrets", pod_namespace,
+                                       pod_builder.run_secret_name(name, action.run, action.attempt))
+        elif isinstance(action, phases.RecordAttempt):
+            logger.warning("TestRun %s/%s run %d attempt %d: %s: %s%s", testrun["metadata"]["namespace"], name,
+                           action.run, action.attempt, action.reason, action.message,
+                           "; retried" if action.retried else "; given up")
+        elif isinstance(action, phases.EmitEvent):
+            # Events on TestRuns are not posted yet (docs/operator.md): the log says them.
+            logger.info("TestRun %s/%s: %s %s: %s", testrun["metadata"]["namespace"], name, action.type,
+                        action.reason, action.message)
+
+
+def _owned(obj: dict, testrun: dict) -> bool:
+    """A pod or Secret of this TestRun (the label value may be a digest of a long name)."""
+    annotations = (obj.get("metadata") or {}).get("annotations") or {}
+    run = annotations.get(pod_builder.RUN_ID_ANNOTATION, "")
+    metadata = testrun["metadata"]
+    return run.startswith(f"{metadata['namespace']}.{metadata['name']}.")
+
+
+def artifacts_root(cache_dir: str) -> str:
+    return os.path.join(cache_dir, "artifacts")

@@ -1,0 +1,177 @@
+"""Runs as pods, end to end: the real `testlooper operator` process (with a Redis store and the
+worker API on its HTTP server) against the Kubernetes emulator, and this test as the kubelet.
+
+A commit with a build and a test consuming its output (runs: 2) is pushed; the operator places
+the TestRuns, admits their runs and creates a token Secret and a pod for each; the test runs each
+pod's containers as local processes (tests/kubelet.py), patching the pod's status Running, then
+Succeeded, as a kubelet would. The build's artifact reaches the test through the worker API; the
+TestRuns end Succeeded with their case tallies, and the results are in the Redis history store.
+"""
+
+from __future__ import annotations
+
+import base64
+import threading
+import time
+
+import pytest
+
+from cluster_helpers import NAMESPACE, list_testruns
+from gitrepo import GitRepo
+from kubelet import TestKubelet, running_status
+from operator_process import OperatorProcess, wait_for
+from redis_server import RedisServer, free_port
+from test_operator_e2e import RUN_PERMISSIONS, check_rbac_subset
+from testlooper.kube import pods as pod_builder
+from testlooper.kube.objects import testrun_name
+from testlooper.store import open_store
+
+DEFINITIONS = """\
+looper_version: 5
+environments:
+  linux:
+    platform: linux
+    image: {name: "busybox:1.36"}
+builds:
+  app/linux:
+    command: sh src/build.sh
+    dependencies: {src: HEAD}
+tests:
+  check/linux:
+    command: sh src/check.sh
+    dependencies: {src: HEAD, app: app/linux}
+    runs: 2
+"""
+BUILD = 'mkdir -p "$TEST_BUILD_OUTPUT_DIR" && echo 42 > "$TEST_BUILD_OUTPUT_DIR/answer" && echo built\n'
+CHECK = """\
+answer=$(cat "$TEST_INPUTS/app/answer")
+if [ "$answer" = 42 ]; then ok=true; else ok=false; fi
+printf '{"answer_is_42": %s, "runs_at_all": true}' "$ok" > "$TEST_OUTPUT_DIR/testSummary.json"
+echo "answer $answer"
+"""
+POOL = {"apiVersion": "testlooper.dev/v1alpha1", "kind": "WorkerPool", "metadata": {"name": "linux"},
+        "spec": {"provider": "kubernetes", "platform": "linux", "defaultImage": "busybox:1.36", "maxWorkers": 4}}
+
+
+def pods_path(name: str = "") -> str:
+    return f"/api/v1/namespaces/{NAMESPACE}/pods" + (f"/{name}" if name else "")
+
+
+class Kubelet:
+    """Plays the node: takes each pod the operator creates, once, and runs it to its end."""
+
+    def __init__(self, kube, root):
+        self.kube = kube
+        self.root = root
+        self.ran: dict[str, str] = {}  # pod name -> phase it ended in
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(timeout=60)
+
+    def _loop(self):
+        while not self._stop.is_set():
+            for pod in self.kube.api("GET", pods_path())["items"]:
+                name = pod["metadata"]["name"]
+                if name not in self.ran and not pod["metadata"].get("deletionTimestamp"):
+                    try:
+                        self.run(pod)
+                    except Exception as error:  # said by the test, not lost in a thread
+                        self.errors.append(f"{name}: {type(error).__name__}: {error}")
+                        self.ran[name] = "error"
+            time.sleep(0.1)
+
+    def run(self, pod):
+        name = pod["metadata"]["name"]
+        secret_name = pod["metadata"]["annotations"][pod_builder.TOKEN_SECRET_ANNOTATION]
+        secret = self.kube.api("GET", f"/api/v1/namespaces/{NAMESPACE}/secrets/{secret_name}")
+        kubelet = TestKubelet(self.root / name, secrets={secret_name: secret})
+        self.kube.api("PATCH", pods_path(name) + "/status",
+                      {"status": {"startTime": _now(), "phase": "Pending"}},
+                      content_type="application/merge-patch+json")
+        run = kubelet.run_pod(pod, timeout=120, on_running=lambda p: self.kube.api(
+            "PATCH", pods_path(name) + "/status", {"status": running_status(p)},
+            content_type="application/merge-patch+json"))
+        # The pod may be gone already: the operator deletes it once its RESULT is counted.
+        status, answer = self.kube._call("PATCH", pods_path(name) + "/status", {"status": run.status(pod)},
+                                         content_type="application/merge-patch+json")
+        assert status in (200, 404), answer
+        self.ran[name] = run.phase
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+@pytest.fixture
+def redis_url():
+    server = RedisServer().start()
+    yield server.url
+    server.stop()
+
+
+def test_a_build_and_its_test_run_as_pods_and_end_succeeded_with_results(kube, tmp_path, redis_url):
+    work = GitRepo(tmp_path / "work")
+    commit = work.commit({"testlooper.yml": DEFINITIONS, "build.sh": BUILD, "check.sh": CHECK}, "build and check")
+    bare = tmp_path / "origin.git"
+    GitRepo(bare, bare=True)
+    work.git("push", "--quiet", str(bare), "HEAD:main")
+    kube.create_namespace(NAMESPACE)
+    kube.api("POST", f"/apis/testlooper.dev/v1alpha1/namespaces/{NAMESPACE}/workerpools", POOL)
+    port = free_port()
+    operator = OperatorProcess(kube, tmp_path, namespaces=[NAMESPACE], port=port, args=[
+        "--store", redis_url, "--api-url", f"http://127.0.0.1:{port}", "--worker-image", "testlooper/worker:test"])
+    with operator, Kubelet(kube, tmp_path / "node") as kubelet:
+        kube.api("POST", f"/apis/testlooper.dev/v1alpha1/namespaces/{NAMESPACE}/repos", {
+            "apiVersion": "testlooper.dev/v1alpha1", "kind": "Repo", "metadata": {"name": "demo"},
+            "spec": {"url": f"file://{bare}", "branches": ["main"], "pollIntervalSeconds": 60}})
+
+        def ended():
+            items = list_testruns(kube)
+            done = len(items) == 2 and all((i.get("status") or {}).get("phase") in
+                                           ("Succeeded", "Failed", "Error", "Cancelled") for i in items)
+            return done and {i["spec"]["task"]: i for i in items}
+        try:
+            by_task = wait_for(ended, timeout=90, interval=0.3, message="both TestRuns ended")
+        finally:
+            assert kubelet.errors == [], kubelet.errors
+        build, check = by_task["app/linux"]["status"], by_task["check/linux"]["status"]
+        assert (build["phase"], build["result"], build["runsSummary"]) == ("Succeeded", "passed", "1/1"), build
+        assert (check["phase"], check["result"], check["runsSummary"]) == ("Succeeded", "passed", "2/2"), check
+        assert check["runCounts"] == {"total": 2, "passed": 2, "failed": 0, "running": 0, "queued": 0,
+                                      "errored": 0, "timedOut": 0}
+        assert check["cases"] == {"total": 4, "passed": 4, "failed": 0} and check["casesSummary"] == "4/4"
+        assert check["workerPool"] == "linux" and "active" not in check
+        # One pod per run, each run by the kubelet to Succeeded; then deleted with its Secret.
+        build_name = testrun_name("demo", commit, "app/linux")
+        check_name = testrun_name("demo", commit, "check/linux")
+        assert kubelet.ran == {pod_builder.run_pod_name(build_name, 1, 1): "Succeeded",
+                               pod_builder.run_pod_name(check_name, 1, 1): "Succeeded",
+                               pod_builder.run_pod_name(check_name, 2, 1): "Succeeded"}
+        wait_for(lambda: kube.api("GET", pods_path())["items"] == [], message="the run pods deleted")
+        secrets = kube.api("GET", f"/api/v1/namespaces/{NAMESPACE}/secrets")["items"]
+        assert [s["metadata"]["name"] for s in secrets] == ["testlooper-operator"]
+        operator_secret = secrets[0]["data"]["secret"]
+        assert len(base64.b64decode(operator_secret)) == 32
+        assert operator_secret not in operator.log() and base64.b64decode(operator_secret).hex() not in operator.log()
+
+    store = open_store(redis_url)
+    try:
+        recorded = {(run.task, run.run_index): run for run in store.runs(f"{NAMESPACE}/demo", commit, with_cases=True)}
+    finally:
+        store.close()
+    assert sorted(recorded) == [("app/linux", 1), ("check/linux", 1), ("check/linux", 2)]
+    assert all(run.result == "passed" for run in recorded.values())
+    assert {case.name: case.success for case in recorded[("check/linux", 2)].cases} == {
+        "answer_is_42": True, "runs_at_all": True}
+    used = kube.permissions(client="operator")
+    check_rbac_subset(used)
+    assert RUN_PERMISSIONS <= used, sorted(RUN_PERMISSIONS - used)
+    assert "Traceback" not in operator.log(), operator.log()
