@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from cluster_helpers import NAMESPACE, list_testruns
+from cluster_helpers import NAMESPACE, events, list_testruns
 from gitrepo import GitRepo
 from kubelet import TestKubelet, running_status
 from operator_process import OperatorProcess, wait_for
@@ -117,29 +117,44 @@ def redis_url():
     server.stop()
 
 
-def test_a_build_and_its_test_run_as_pods_and_end_succeeded_with_results(kube, tmp_path, redis_url):
+def push_project(tmp_path, files: dict[str, str]) -> tuple[str, str]:
+    """The project committed and pushed to a bare repository: (its file:// URL, the commit)."""
     work = GitRepo(tmp_path / "work")
-    commit = work.commit({"testlooper.yml": DEFINITIONS, "build.sh": BUILD, "check.sh": CHECK}, "build and check")
+    commit = work.commit(files, "build and check")
     bare = tmp_path / "origin.git"
     GitRepo(bare, bare=True)
     work.git("push", "--quiet", str(bare), "HEAD:main")
-    kube.create_namespace(NAMESPACE)
-    kube.api("POST", f"/apis/testlooper.dev/v1alpha1/namespaces/{NAMESPACE}/workerpools", POOL)
-    port = free_port()
-    operator = OperatorProcess(kube, tmp_path, namespaces=[NAMESPACE], port=port, args=[
-        "--store", redis_url, "--api-url", f"http://127.0.0.1:{port}", "--worker-image", "testlooper/worker:test"])
-    with operator, Kubelet(kube, tmp_path / "node") as kubelet:
-        kube.api("POST", f"/apis/testlooper.dev/v1alpha1/namespaces/{NAMESPACE}/repos", {
-            "apiVersion": "testlooper.dev/v1alpha1", "kind": "Repo", "metadata": {"name": "demo"},
-            "spec": {"url": f"file://{bare}", "branches": ["main"], "pollIntervalSeconds": 60}})
+    return f"file://{bare}", commit
 
-        def ended():
-            items = list_testruns(kube)
-            done = len(items) == 2 and all((i.get("status") or {}).get("phase") in
-                                           ("Succeeded", "Failed", "Error", "Cancelled") for i in items)
-            return done and {i["spec"]["task"]: i for i in items}
+
+def start_operator(kube, tmp_path, redis_url, pool: dict) -> OperatorProcess:
+    kube.create_namespace(NAMESPACE)
+    kube.api("POST", f"/apis/testlooper.dev/v1alpha1/namespaces/{NAMESPACE}/workerpools", pool)
+    port = free_port()
+    return OperatorProcess(kube, tmp_path, namespaces=[NAMESPACE], port=port, args=[
+        "--store", redis_url, "--api-url", f"http://127.0.0.1:{port}", "--worker-image", "testlooper/worker:test"])
+
+
+def apply_repo(kube, url: str) -> None:
+    kube.api("POST", f"/apis/testlooper.dev/v1alpha1/namespaces/{NAMESPACE}/repos", {
+        "apiVersion": "testlooper.dev/v1alpha1", "kind": "Repo", "metadata": {"name": "demo"},
+        "spec": {"url": url, "branches": ["main"], "pollIntervalSeconds": 60}})
+
+
+def ended_testruns(kube, count: int):
+    items = list_testruns(kube)
+    done = len(items) == count and all((i.get("status") or {}).get("phase") in
+                                       ("Succeeded", "Failed", "Error", "Cancelled") for i in items)
+    return done and {i["spec"]["task"]: i for i in items}
+
+
+def test_a_build_and_its_test_run_as_pods_and_end_succeeded_with_results(kube, tmp_path, redis_url):
+    url, commit = push_project(tmp_path, {"testlooper.yml": DEFINITIONS, "build.sh": BUILD, "check.sh": CHECK})
+    operator = start_operator(kube, tmp_path, redis_url, POOL)
+    with operator, Kubelet(kube, tmp_path / "node") as kubelet:
+        apply_repo(kube, url)
         try:
-            by_task = wait_for(ended, timeout=90, interval=0.3, message="both TestRuns ended")
+            by_task = wait_for(lambda: ended_testruns(kube, 2), timeout=90, interval=0.3, message="both TestRuns ended")
         finally:
             assert kubelet.errors == [], kubelet.errors
         build, check = by_task["app/linux"]["status"], by_task["check/linux"]["status"]
@@ -158,6 +173,10 @@ def test_a_build_and_its_test_run_as_pods_and_end_succeeded_with_results(kube, t
         wait_for(lambda: kube.api("GET", pods_path())["items"] == [], message="the run pods deleted")
         secrets = kube.api("GET", f"/api/v1/namespaces/{NAMESPACE}/secrets")["items"]
         assert [s["metadata"]["name"] for s in secrets] == ["testlooper-operator"]
+        announced = {(build_name, "Queued"), (build_name, "Running"), (build_name, "Ended"), (check_name, "Blocked"),
+                     (check_name, "Running"), (check_name, "Ended")}
+        wait_for(lambda: announced <= {(e["involvedObject"]["name"], e["reason"]) for e in events(kube)},
+                 message="the phase changes as Events on the TestRuns")  # kopf posts them in the background
         operator_secret = secrets[0]["data"]["secret"]
         assert len(base64.b64decode(operator_secret)) == 32
         assert operator_secret not in operator.log() and base64.b64decode(operator_secret).hex() not in operator.log()
@@ -174,4 +193,29 @@ def test_a_build_and_its_test_run_as_pods_and_end_succeeded_with_results(kube, t
     used = kube.permissions(client="operator")
     check_rbac_subset(used)
     assert RUN_PERMISSIONS <= used, sorted(RUN_PERMISSIONS - used)
+    assert "Traceback" not in operator.log(), operator.log()
+
+
+def test_a_task_no_pod_can_be_made_for_ends_as_an_error_saying_why_and_leaves_nothing(kube, tmp_path, redis_url):
+    definitions = DEFINITIONS.replace("platform: linux", "platform: windows")
+    url, commit = push_project(tmp_path, {"testlooper.yml": definitions, "build.sh": BUILD, "check.sh": CHECK})
+    pool = {**POOL, "spec": {**POOL["spec"], "platform": "windows"}}
+    with start_operator(kube, tmp_path, redis_url, pool) as operator:
+        apply_repo(kube, url)
+        by_task = wait_for(lambda: ended_testruns(kube, 2), timeout=60, interval=0.3, message="both TestRuns ended")
+        build, check = by_task["app/linux"]["status"], by_task["check/linux"]["status"]
+        build_name = testrun_name("demo", commit, "app/linux")
+        assert (build["phase"], build["result"]) == ("Error", "error")
+        assert build["message"] == (f"cannot make its pods: TestRun {build_name}: a pod runs its steps with "
+                                    "/bin/sh, so Windows tasks and pools cannot run as pods yet")
+        assert build["runCounts"]["errored"] == 1 and build["runsSummary"] == "0/1"
+        assert (check["phase"], check["result"]) == ("Failed", "blocked")
+        wait_for(lambda: [s["metadata"]["name"] for s in kube.api("GET", f"/api/v1/namespaces/{NAMESPACE}/secrets")["items"]]
+                 == ["testlooper-operator"], message="the run's token Secret deleted")
+        assert kube.api("GET", pods_path())["items"] == []
+        wait_for(lambda: (build_name, "CannotRun") in {(e["involvedObject"]["name"], e["reason"]) for e in events(kube)},
+                 message="a Warning CannotRun Event")
+        time.sleep(1)  # it stays ended: no pod is tried again
+        assert list_testruns(kube, **{"testlooper.dev/commit": commit})[0]["status"]["phase"] in ("Error", "Failed")
+        assert kube.api("GET", pods_path())["items"] == []
     assert "Traceback" not in operator.log(), operator.log()

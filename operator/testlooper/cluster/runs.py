@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextvars
 import logging
 import os
 import secrets as random_secrets
@@ -159,6 +160,17 @@ class RunController:
         self._loops: dict[str, asyncio.Task] = {}
         self._wakes: dict[str, asyncio.Event] = {}
         self._tasks: set[asyncio.Task] = set()
+        # kopf's context (its Event poster lives there), taken from the first handler that
+        # calls in: the worker API's requests (a RESULT posted) start decisions too.
+        self._kopf_context: contextvars.Context | None = None
+
+    def adopt_kopf_context(self) -> None:
+        if self._kopf_context is None:
+            self._kopf_context = contextvars.copy_context()
+
+    def _start(self, coroutine) -> asyncio.Task:
+        context = self._kopf_context.copy() if self._kopf_context is not None else None
+        return asyncio.get_running_loop().create_task(coroutine, context=context)
 
     # -- scheduling ----------------------------------------------------------------------------
 
@@ -169,7 +181,7 @@ class RunController:
         if key in self._queued:
             return
         self._queued.add(key)
-        task = asyncio.get_running_loop().create_task(self._decide_queued(key))
+        task = self._start(self._decide_queued(key))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -196,7 +208,7 @@ class RunController:
         if namespace in self._loops:
             return
         self._wakes[namespace] = asyncio.Event()
-        self._loops[namespace] = asyncio.get_running_loop().create_task(self._admission_loop(namespace))
+        self._loops[namespace] = self._start(self._admission_loop(namespace))
 
     def _lock(self, key: tuple[str, str]) -> asyncio.Lock:
         lock = self._locks.get(key)
@@ -236,7 +248,10 @@ class RunController:
         demands = [demand for demand in (phases.queued_demand(testrun, now) for testrun in testruns) if demand]
         if not demands:
             return
-        pods = await self.api.list_core("pods", namespace, f"{MANAGED_BY_LABEL}={MANAGED_BY}")
+        pods = []
+        # A pool may run its pods in a namespace of its own (spec.namespace): they count too.
+        for pod_namespace in sorted({namespace} | {(p.get("spec") or {}).get("namespace") or namespace for p in pools}):
+            pods += await self.api.list_core("pods", pod_namespace, f"{MANAGED_BY_LABEL}={MANAGED_BY}")
         usage = pool_usage(pods, run_sizes(testruns, pools))
         for (testrun_namespace, name), count in admit(pools, usage, demands).items():
             async with self._lock((testrun_namespace, name)):
@@ -290,7 +305,11 @@ class RunController:
             cases=await self._case_tally(namespace, spec))
         decision = phases.decide(testrun, observed)
         for action in decision.creates:
-            await self._create(action, testrun, pool, pod_namespace)
+            try:
+                await self._create(action, testrun, pool, pod_namespace)
+            except ValueError as exc:  # no pod can be made of it (no image, a Windows task): it ends here
+                await self._cannot_run(testrun, str(exc))
+                return
         if decision.status_patch:
             await self.api.patch_status("testruns", namespace, name, decision.status_patch)
         for action in decision.afterwards:
@@ -299,11 +318,35 @@ class RunController:
             self.wake_later((namespace, name), decision.wake_after)
         if decision.status_patch and ("phase" in decision.status_patch or "active" in decision.status_patch):
             self.wake_admission(namespace)  # queued now, or runs ended and freed room
-        if decision.status_patch and decision.status_patch.get("phase") in ENDED_PHASES and spec.get("kind") == "build":
-            # The TestRuns consuming this build wait for it: they decide again now.
-            for other in await self.api.list_objects("testruns", namespace):
-                if name in ((other.get("spec") or {}).get("dependsOn") or []):
-                    self.poke(namespace, other["metadata"]["name"])
+        if decision.status_patch and decision.status_patch.get("phase") in ENDED_PHASES:
+            await self._wake_consumers(testrun)
+
+    async def _wake_consumers(self, testrun: dict) -> None:
+        """The TestRuns consuming an ended build wait for it: they decide again now."""
+        if (testrun.get("spec") or {}).get("kind") != "build":
+            return
+        namespace, name = testrun["metadata"]["namespace"], testrun["metadata"]["name"]
+        for other in await self.api.list_objects("testruns", namespace):
+            if name in ((other.get("spec") or {}).get("dependsOn") or []):
+                self.poke(namespace, other["metadata"]["name"])
+
+    async def _cannot_run(self, testrun: dict, why: str) -> None:
+        """Ends the TestRun as an error when its pods cannot be built; the next decision (it has
+        ended) deletes whatever Secret was made for it."""
+        metadata = testrun["metadata"]
+        message = f"cannot make its pods: {why}"
+        runs = int((testrun.get("spec") or {}).get("runs") or 1)
+        counts = {key: int(value or 0) for key, value in ((testrun.get("status") or {}).get("runCounts") or {}).items()}
+        ended = counts.get("passed", 0) + counts.get("failed", 0)
+        # Every run not ended counts as an error: the machine sees them all ended (not to be
+        # started again) until spec.runs is raised.
+        await self.api.patch_status("testruns", metadata["namespace"], metadata["name"], {
+            "phase": "Error", "result": "error", "message": message, "active": None, "startedRuns": runs,
+            "runCounts": {"total": runs, "running": 0, "queued": 0, "errored": max(0, runs - ended)},
+            "runsSummary": f"{counts.get('passed', 0)}/{runs}", "completionTime": phases.format_time(time.time())})
+        post_event(testrun, "Warning", "CannotRun", message)
+        self.poke(metadata["namespace"], metadata["name"])  # ended: what was made for it goes
+        await self._wake_consumers(testrun)
 
     async def _case_tally(self, namespace: str, spec: dict) -> dict | None:
         """{total, passed, failed} of the cases the TestRun's runs reported, from the store (the
@@ -350,9 +393,20 @@ class RunController:
                            action.run, action.attempt, action.reason, action.message,
                            "; retried" if action.retried else "; given up")
         elif isinstance(action, phases.EmitEvent):
-            # Events on TestRuns are not posted yet (docs/operator.md): the log says them.
-            logger.info("TestRun %s/%s: %s %s: %s", testrun["metadata"]["namespace"], name, action.type,
-                        action.reason, action.message)
+            post_event(testrun, action.type, action.reason, action.message)
+
+
+def post_event(testrun: dict, type_: str, reason: str, message: str) -> None:
+    """An Event on the TestRun, posted by kopf's poster (our tasks start from its handlers, so
+    they carry its context); said in the log too."""
+    import kopf
+
+    logger.info("TestRun %s/%s: %s %s: %s", testrun["metadata"]["namespace"], testrun["metadata"]["name"], type_,
+                reason, message)
+    try:
+        kopf.event(testrun, type=type_, reason=reason, message=message[:1000])
+    except LookupError:  # outside kopf's context (no poster): the log line above stands
+        pass
 
 
 def _owned(obj: dict, testrun: dict) -> bool:

@@ -35,12 +35,14 @@ def register(registry: kopf.OperatorRegistry, runs_enabled: bool = False) -> Non
 
 
 async def testrun_changed(type: str | None, name: str, namespace: str, memo: OperatorContext, **_) -> None:
+    memo.runs.adopt_kopf_context()
     if type != "DELETED":
         memo.runs.poke(namespace, name)
 
 
 async def run_pod_changed(type: str | None, body: kopf.Body, namespace: str, memo: OperatorContext, **_) -> None:
     run_id = (body.get("metadata", {}).get("annotations") or {}).get(RUN_ID_ANNOTATION, "")
+    memo.runs.adopt_kopf_context()
     parts = run_id.split(".")
     if len(parts) == 4:
         memo.runs.poke(parts[0], parts[1])
