@@ -64,6 +64,7 @@ class Kubelet:
         self.kube = kube
         self.root = root
         self.ran: dict[str, str] = {}  # pod name -> phase it ended in
+        self.labels: dict[str, dict] = {}  # pod name -> its labels
         self.errors: list[str] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -90,6 +91,7 @@ class Kubelet:
 
     def run(self, pod):
         name = pod["metadata"]["name"]
+        self.labels[name] = dict(pod["metadata"].get("labels") or {})
         secret_name = pod["metadata"]["annotations"][pod_builder.TOKEN_SECRET_ANNOTATION]
         secret = self.kube.api("GET", f"/api/v1/namespaces/{NAMESPACE}/secrets/{secret_name}")
         kubelet = TestKubelet(self.root / name, secrets={secret_name: secret})
@@ -167,6 +169,7 @@ def test_a_build_and_its_test_run_as_pods_and_end_succeeded_with_results(kube, t
         # One pod per run, each run by the kubelet to Succeeded; then deleted with its Secret.
         build_name = testrun_name("demo", commit, "app/linux")
         check_name = testrun_name("demo", commit, "check/linux")
+        assert {labels.get("testlooper.dev/worker-pool") for labels in kubelet.labels.values()} == {"linux"}
         assert kubelet.ran == {pod_builder.run_pod_name(build_name, 1, 1): "Succeeded",
                                pod_builder.run_pod_name(check_name, 1, 1): "Succeeded",
                                pod_builder.run_pod_name(check_name, 2, 1): "Succeeded"}

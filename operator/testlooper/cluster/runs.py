@@ -30,7 +30,7 @@ import subprocess
 import time
 
 from testlooper.decisions import phases
-from testlooper.decisions.pools import admit, pool_for, pool_usage, run_sizes
+from testlooper.decisions.pools import POOL_LABEL, admit, pool_for, pool_usage, run_sizes
 from testlooper.decisions.repo import ENDED_PHASES
 from testlooper.kube import pods as pod_builder
 from testlooper.kube.objects import MANAGED_BY, MANAGED_BY_LABEL, label_value, testrun_name
@@ -379,6 +379,8 @@ class RunController:
             body = pod_builder.build_run_pod(testrun, run_index=action.run, attempt=action.attempt, pool=pool or {},
                                              api_url=self.context.options.api_url, worker_image=self.worker_image,
                                              token_secret_name=secret_name)
+            if pool is not None:  # admission counts a pool's pods by this label (docs/decisions.md)
+                body["metadata"]["labels"][POOL_LABEL] = label_value(pool["metadata"]["name"])
             await self.api.create_core("pods", pod_namespace, body)
 
     async def _apply_after(self, action, testrun: dict, pod_namespace: str) -> None:
