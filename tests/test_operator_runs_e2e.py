@@ -155,10 +155,12 @@ def test_a_build_and_its_test_run_as_pods_and_end_succeeded_with_results(kube, t
     operator = start_operator(kube, tmp_path, redis_url, POOL)
     with operator, Kubelet(kube, tmp_path / "node") as kubelet:
         apply_repo(kube, url)
+        applied = time.monotonic()
         try:
             by_task = wait_for(lambda: ended_testruns(kube, 2), timeout=90, interval=0.3, message="both TestRuns ended")
         finally:
             assert kubelet.errors == [], kubelet.errors
+        print(f"Repo applied to a build and 2 test runs ended, as pods: {time.monotonic() - applied:.1f}s")
         build, check = by_task["app/linux"]["status"], by_task["check/linux"]["status"]
         assert (build["phase"], build["result"], build["runsSummary"]) == ("Succeeded", "passed", "1/1"), build
         assert (check["phase"], check["result"], check["runsSummary"]) == ("Succeeded", "passed", "2/2"), check
@@ -174,7 +176,10 @@ def test_a_build_and_its_test_run_as_pods_and_end_succeeded_with_results(kube, t
                                pod_builder.run_pod_name(check_name, 1, 1): "Succeeded",
                                pod_builder.run_pod_name(check_name, 2, 1): "Succeeded"}
         wait_for(lambda: kube.api("GET", pods_path())["items"] == [], message="the run pods deleted")
-        secrets = kube.api("GET", f"/api/v1/namespaces/{NAMESPACE}/secrets")["items"]
+        secrets = wait_for(lambda: [s for s in kube.api("GET", f"/api/v1/namespaces/{NAMESPACE}/secrets")["items"]
+                                    if s["metadata"]["name"] != "testlooper-operator"] == [] and
+                           kube.api("GET", f"/api/v1/namespaces/{NAMESPACE}/secrets")["items"],
+                           message="the runs' token Secrets deleted")
         assert [s["metadata"]["name"] for s in secrets] == ["testlooper-operator"]
         announced = {(build_name, "Queued"), (build_name, "Running"), (build_name, "Ended"), (check_name, "Blocked"),
                      (check_name, "Running"), (check_name, "Ended")}
