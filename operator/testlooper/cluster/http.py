@@ -26,12 +26,13 @@ from testlooper.decisions.webhooks import (
 from testlooper.workerapi.protocol import mount_worker_api
 
 logger = logging.getLogger(__name__)
+CONTEXT = web.AppKey("context", OperatorContext)
 WEBHOOK_SECRET_TTL_SECONDS = 10
 
 
 def build_app(context: OperatorContext, worker_backend=None) -> web.Application:
     app = web.Application(client_max_size=MAX_PAYLOAD_BYTES)
-    app["context"] = context
+    app[CONTEXT] = context
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
@@ -58,14 +59,14 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     """Readiness: kopf has started its watches."""
-    context: OperatorContext = request.app["context"]
+    context: OperatorContext = request.app[CONTEXT]
     if not context.ready.is_set():
         return web.json_response({"ok": False, "reason": "the operator is starting"}, status=503)
     return web.json_response({"ok": True, "repos": len(context.repos)})
 
 
 async def metrics(request: web.Request) -> web.Response:
-    context: OperatorContext = request.app["context"]
+    context: OperatorContext = request.app[CONTEXT]
     body = generate_latest(context.metrics.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -86,7 +87,7 @@ async def gitlab_webhook(request: web.Request) -> web.Response:
 async def _receive(request: web.Request, provider: str, event: str, signed) -> web.Response:
     # Anyone can call these before a signature is checked: a few at a time, so that a flood of
     # 25 MB bodies cannot take the operator's memory or its API quota (each reads Secrets).
-    context: OperatorContext = request.app["context"]
+    context: OperatorContext = request.app[CONTEXT]
     async with context.webhook_slots:
         return await _receive_one(request, context, provider, event, signed)
 
