@@ -41,7 +41,8 @@ import bare_operator  # noqa: E402
 from cluster_helpers import signed_push  # noqa: E402
 from gitrepo import GitRepo  # noqa: E402
 from kube_bench_support import Emulator, cpu_seconds, resident_bytes  # noqa: E402
-from operator_process import OperatorProcess, wait_for  # noqa: E402
+from operator_process import OperatorProcess
+from run_helpers import wait_for  # noqa: E402
 
 
 def definitions(tests: int) -> str:
@@ -173,7 +174,7 @@ def memory_with(kube, directory: Path, present: int) -> dict:
         kube.wait_for_count(GROUP, VERSION, "testruns", present, NAMESPACE, timeout=3600)
         created = time.perf_counter() - started
         wait_for(lambda: operator.metric("testlooper_testruns_created_total", namespace=NAMESPACE, repo="big") == present,
-                 timeout=600, message="the operator's own count")
+                 timeout=600, what="the operator's own count")
         time.sleep(10)  # the TestRuns' first status patches
         rss = resident_bytes(operator.process.pid)
     finally:

@@ -125,14 +125,3 @@ class OperatorProcess:
                 return float(value)
         return 0.0
 
-
-def wait_for(condition, timeout: float = 20, interval: float = 0.1, message: str = "condition"):
-    """Poll `condition()` until it returns something truthy; returns that."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
-        time.sleep(interval)

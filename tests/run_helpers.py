@@ -101,7 +101,7 @@ def stored_runs(store_url: str, repo, sha: str, with_cases: bool = False):
         store.close()
 
 
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
+def wait_for(predicate, timeout: float = 20, what: str = "the condition", interval: float = 0.05):
     """Polls `predicate` until it returns something true; fails naming `what` after `timeout`."""
     deadline = time.monotonic() + timeout
     while True:

@@ -21,7 +21,8 @@ import yaml
 
 from cluster_helpers import NAMESPACE, list_testruns, repo_object, signed_push, writes
 from gitrepo import GitRepo
-from operator_process import OperatorProcess, wait_for
+from operator_process import OperatorProcess
+from run_helpers import wait_for
 from testlooper.kube.objects import testrun_name
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,7 +72,7 @@ def test_push_to_testruns_end_to_end(kube, origin, tmp_path):
         work.git("push", "--quiet", "origin", "main")
         pushed = time.monotonic()
         created = wait_for(lambda: len(list_testruns(kube, **{"testlooper.dev/commit": first})) == 3 and
-                           list_testruns(kube, **{"testlooper.dev/commit": first}), timeout=25, message="first TestRuns")
+                           list_testruns(kube, **{"testlooper.dev/commit": first}), timeout=25, what="first TestRuns")
         print(f"push to 3 TestRuns by poll: {time.monotonic() - pushed:.1f}s")
         repo = repo_object(kube)
         by_task = {item["spec"]["task"]: item for item in created}
@@ -93,20 +94,20 @@ def test_push_to_testruns_end_to_end(kube, origin, tmp_path):
         assert by_task["calc/linux"]["spec"]["kind"] == "build"
         assert by_task["unit/linux"]["spec"]["dependsOn"] == [testrun_name("demo", first, "calc/linux")]
         wait_for(lambda: all((t.get("status") or {}).get("phase") == "Pending" for t in list_testruns(kube)),
-                 message="TestRuns Pending")
+                 what="TestRuns Pending")
 
         # 2. kubectl shows them as the local `run` table reads.
         table = kube.kubectl("get", "testruns", "-n", NAMESPACE).stdout.splitlines()
         assert table[0].split() == ["NAME", "REPO", "COMMIT", "TASK", "PHASE", "RESULT", "RUNS", "CASES", "AGE"]
         network_row = next(line.split() for line in table if "network/linux" in line)
         assert network_row[1:6] == ["demo", first[:12], "network/linux", "Pending", "0/6"]
-        wait_for(lambda: "3 running" in kube.kubectl("get", "repos", "-n", NAMESPACE).stdout, message="repo tally")
+        wait_for(lambda: "3 running" in kube.kubectl("get", "repos", "-n", NAMESPACE).stdout, what="repo tally")
         repos = kube.kubectl("get", "repos", "-n", NAMESPACE).stdout.splitlines()
         assert repos[0].split()[:5] == ["NAME", "URL", "BRANCHES", "READY", "LAST"]
         assert f"main@{first[:8]} 3 running" in repos[1] and " True " in repos[1]
         wait_for(lambda: kube.kubectl("get", "workerpools", "-n", NAMESPACE, "-o",
                                       "jsonpath={.items[0].status.queued}").stdout == "8",
-                 message="the pool counts 8 queued runs (1 + 6 + 1)")
+                 what="the pool counts 8 queued runs (1 + 6 + 1)")
         pools = kube.kubectl("get", "workerpools", "-n", NAMESPACE).stdout.splitlines()
         assert pools[0].split() == ["NAME", "PROVIDER", "WORKERS", "CORES", "QUEUED", "AGE"]
         assert pools[1].split()[:5] == ["linux", "kubernetes", "0/20", "0", "8"]
@@ -116,7 +117,7 @@ def test_push_to_testruns_end_to_end(kube, origin, tmp_path):
         kube.kubectl("patch", "repo", "demo", "-n", NAMESPACE, "--type", "merge",
                      "-p", '{"spec": {"pollIntervalSeconds": 3600}}')
         wait_for(lambda: repo_object(kube)["status"].get("observedGeneration") == repo_object(kube)["metadata"]["generation"],
-                 message="the spec edit observed")
+                 what="the spec edit observed")
         second = work.commit({"calc.py": (work.path / "calc.py").read_text() + "\n# second\n"}, "second")
         work.git("push", "--quiet", "origin", "main")
         body, headers = signed_push(url, second)
@@ -124,7 +125,7 @@ def test_push_to_testruns_end_to_end(kube, origin, tmp_path):
         status, answer = operator.webhook("/webhooks/github", body, headers)
         assert status == 202, answer
         wait_for(lambda: len(list_testruns(kube, **{"testlooper.dev/commit": second})) == 3, timeout=10,
-                 interval=0.05, message="second commit's TestRuns")
+                 interval=0.05, what="second commit's TestRuns")
         print(f"webhook to 3 TestRuns: {time.monotonic() - sent:.2f}s")
         assert operator.metric("testlooper_webhooks_total", provider="github", outcome="accepted") == 1
 
@@ -142,12 +143,12 @@ def test_push_to_testruns_end_to_end(kube, origin, tmp_path):
             items = list_testruns(kube, **{"testlooper.dev/commit": second})
             return len(items) == 3 and all(i["spec"].get("cancel") and (i.get("status") or {}).get("phase") == "Cancelled"
                                            for i in items) and items
-        for item in wait_for(cancelled_second, message="the orphaned TestRuns cancelled"):
+        for item in wait_for(cancelled_second, what="the orphaned TestRuns cancelled"):
             assert item["status"]["result"] == "cancelled"
-        wait_for(lambda: len(list_testruns(kube, **{"testlooper.dev/commit": third})) == 3, message="third commit")
+        wait_for(lambda: len(list_testruns(kube, **{"testlooper.dev/commit": third})) == 3, what="third commit")
         status, _ = operator.webhook("/webhooks/github", *signed_push(url, third))
         assert status == 202
-        wait_for(lambda: list_testruns(kube, **{"testlooper.dev/commit": second}) == [], message="retention")
+        wait_for(lambda: list_testruns(kube, **{"testlooper.dev/commit": second}) == [], what="retention")
         assert len(list_testruns(kube, **{"testlooper.dev/commit": first})) == 3
 
         # 5. A second replica (lower priority) stands by: it writes nothing while the first runs.
@@ -160,7 +161,7 @@ def test_push_to_testruns_end_to_end(kube, origin, tmp_path):
         assert operator.stop() == 0, "SIGTERM must end the operator cleanly"
         mark = len(kube.requests(client="operator-b"))
         wait_for(lambda: any(r["resource"] == "repos/status" for r in writes(kube, "operator-b")), timeout=30,
-                 message="the standby replica's first poll")
+                 what="the standby replica's first poll")
         status, _ = standby.webhook("/githubReceivedAPush", *signed_push(url, third))
         assert status == 202
         time.sleep(1.5)

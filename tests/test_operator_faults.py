@@ -15,7 +15,8 @@ import yaml
 from cluster_helpers import NAMESPACE, condition, events, list_testruns, repo_object, signed_push
 from git_http import GitHttpServer
 from gitrepo import GitRepo
-from operator_process import OperatorProcess, wait_for
+from operator_process import OperatorProcess
+from run_helpers import wait_for
 
 GOOD_DEFINITIONS = """looper_version: 5
 environments:
@@ -71,7 +72,7 @@ def test_bad_signatures_and_unknown_repositories_change_nothing(kube, operator, 
     url = f"file://{bare}"
     apply(kube, secret("hook", secret="right-secret"), repo("demo", url, webhookSecret="hook"),
           repo("unsigned", url))
-    wait_for(lambda: len(list_testruns(kube)) == 2, message="the first commit's TestRun of each Repo")
+    wait_for(lambda: len(list_testruns(kube)) == 2, what="the first commit's TestRun of each Repo")
     second = work.commit({"x": "2"}, "second")
     work.git("push", "--quiet", "origin", "main")
 
@@ -101,7 +102,7 @@ def test_bad_signatures_and_unknown_repositories_change_nothing(kube, operator, 
     status, _ = operator.webhook("/webhooks/github", body, headers)
     assert status == 202
     wait_for(lambda: {t["spec"]["repo"] for t in list_testruns(kube) if t["spec"]["commit"] == second} == {"demo"},
-             message="only the signed Repo polled")
+             what="only the signed Repo polled")
     time.sleep(1)
     assert {t["spec"]["repo"] for t in list_testruns(kube) if t["spec"]["commit"] == second} == {"demo"}
 
@@ -110,7 +111,7 @@ def test_gitlab_push_hooks_use_their_token(kube, operator, tmp_path):
     work, bare, _first = make_origin(tmp_path)
     url = f"file://{bare}"
     apply(kube, secret("hook", secret="gl-token"), repo("demo", url, webhookSecret="hook"))
-    wait_for(lambda: len(list_testruns(kube)) == 1, message="the first TestRun")
+    wait_for(lambda: len(list_testruns(kube)) == 1, what="the first TestRun")
     second = work.commit({"x": "2"}, "second")
     work.git("push", "--quiet", "origin", "main")
     body = json.dumps({"object_kind": "push", "ref": "refs/heads/main", "after": second,
@@ -119,7 +120,7 @@ def test_gitlab_push_hooks_use_their_token(kube, operator, tmp_path):
     assert status == 401
     status, _ = operator.webhook("/webhooks/gitlab", body, {"X-Gitlab-Event": "Push Hook", "X-Gitlab-Token": "gl-token"})
     assert status == 202
-    wait_for(lambda: len(list_testruns(kube)) == 2, message="the pushed commit's TestRun")
+    wait_for(lambda: len(list_testruns(kube)) == 2, what="the pushed commit's TestRun")
 
 
 def test_unreachable_hosts_and_missing_secrets_show_conditions_and_never_delay_others(kube, operator, tmp_path):
@@ -141,16 +142,16 @@ def test_unreachable_hosts_and_missing_secrets_show_conditions_and_never_delay_o
         started = time.monotonic()
         apply(kube, repo("good", f"file://{bare}"))
         wait_for(lambda: [t for t in list_testruns(kube) if t["spec"]["repo"] == "good"], timeout=10,
-                 message="the good Repo's TestRun while another host hangs")
+                 what="the good Repo's TestRun while another host hangs")
         print(f"good Repo tested {time.monotonic() - started:.2f}s after apply, beside a hung host")
 
         refused = wait_for(lambda: condition(repo_object(kube, "refused"), "GitReachable").get("status") == "False"
-                           and repo_object(kube, "refused"), message="GitReachable=False")
+                           and repo_object(kube, "refused"), what="GitReachable=False")
         reachable = condition(refused, "GitReachable")
         assert reachable["reason"] == "FetchFailed" and closed_url in reachable["message"]
         assert condition(refused, "Ready")["status"] == "False"
         missing = wait_for(lambda: condition(repo_object(kube, "no-secret"), "GitReachable").get("status") == "False"
-                           and repo_object(kube, "no-secret"), message="missing Secret condition")
+                           and repo_object(kube, "no-secret"), what="missing Secret condition")
         assert "credentials Secret 'does-not-exist' not found" in condition(missing, "GitReachable")["message"]
         warnings = [e for e in events(kube) if e.get("reason") == "GitUnreachable"]
         assert {e["involvedObject"]["name"] for e in warnings} >= {"refused", "no-secret"}
@@ -162,7 +163,7 @@ def test_unreachable_hosts_and_missing_secrets_show_conditions_and_never_delay_o
         kube.kubectl("patch", "repo", "no-secret", "-n", NAMESPACE, "--type", "merge",
                      "-p", '{"spec": {"pollIntervalSeconds": 3599}}')
         wait_for(lambda: condition(repo_object(kube, "no-secret"), "GitReachable").get("status") == "True",
-                 message="reachable once the Secret exists")
+                 what="reachable once the Secret exists")
     finally:
         # The operator must stop promptly even with a fetch hanging (the fixture checks SIGTERM).
         stopped = time.monotonic()
@@ -175,7 +176,7 @@ def test_definitions_that_do_not_resolve_give_a_condition_and_an_event_not_a_cra
     work, bare, _first = make_origin(tmp_path, GOOD_DEFINITIONS.replace('command: "true"', 'comand: "true"'))
     apply(kube, secret("hook", secret="s"), repo("demo", f"file://{bare}", webhookSecret="hook"))
     invalid = wait_for(lambda: condition(repo_object(kube), "DefinitionsValid").get("status") == "False"
-                       and repo_object(kube), message="DefinitionsValid=False")
+                       and repo_object(kube), what="DefinitionsValid=False")
     message = condition(invalid, "DefinitionsValid")["message"]
     assert "testlooper.yml:5:" in message and "comand" in message
     event, = [e for e in events(kube) if e.get("reason") == "DefinitionsInvalid"]
@@ -186,7 +187,7 @@ def test_definitions_that_do_not_resolve_give_a_condition_and_an_event_not_a_cra
     fixed = work.commit({"testlooper.yml": GOOD_DEFINITIONS}, "fix the typo")
     work.git("push", "--quiet", "origin", "main")
     operator.webhook("/webhooks/github", *signed_push(f"file://{bare}", fixed, secret="s"))
-    wait_for(lambda: condition(repo_object(kube), "DefinitionsValid").get("status") == "True", message="valid again")
+    wait_for(lambda: condition(repo_object(kube), "DefinitionsValid").get("status") == "True", what="valid again")
     assert len(list_testruns(kube)) == 1
     assert len([e for e in events(kube) if e.get("reason") == "DefinitionsInvalid"]) == 1
 
@@ -194,7 +195,7 @@ def test_definitions_that_do_not_resolve_give_a_condition_and_an_event_not_a_cra
 def test_nonsense_edits_are_refused_by_the_schema_and_the_rest_gets_a_condition(kube, operator, tmp_path):
     _work, bare, _first = make_origin(tmp_path)
     apply(kube, repo("demo", f"file://{bare}"))
-    wait_for(lambda: len(list_testruns(kube)) == 1, message="the first TestRun")
+    wait_for(lambda: len(list_testruns(kube)) == 1, what="the first TestRun")
     # What the schema can say, the API server says (the emulator enforces the CRD's schema).
     refused = kube.kubectl("patch", "repo", "demo", "-n", NAMESPACE, "--type", "merge",
                            "-p", '{"spec": {"pollIntervalSeconds": 5, "branches": "main"}}', check=False)
@@ -204,7 +205,7 @@ def test_nonsense_edits_are_refused_by_the_schema_and_the_rest_gets_a_condition(
     kube.kubectl("patch", "repo", "demo", "-n", NAMESPACE, "--type", "merge",
                  "-p", '{"spec": {"definitionsPath": "ci/missing.yml"}}')
     invalid = wait_for(lambda: condition(repo_object(kube), "DefinitionsValid").get("status") == "False"
-                       and repo_object(kube), message="DefinitionsValid=False for a missing definitionsPath")
+                       and repo_object(kube), what="DefinitionsValid=False for a missing definitionsPath")
     assert "ci/missing.yml does not exist" in condition(invalid, "DefinitionsValid")["message"]
     assert operator.process.poll() is None
 
@@ -215,10 +216,10 @@ def test_conflicts_and_server_errors_are_retried(kube, operator, tmp_path):
     kube.inject_fault("patch", 409, times=1, group="testlooper.dev", resource="repos/status", client="operator")
     kube.inject_fault("patch", 503, times=2, group="testlooper.dev", resource="testruns/status", client="operator")
     apply(kube, repo("demo", f"file://{bare}"))
-    created = wait_for(lambda: list_testruns(kube), message="the TestRun despite two 500s")
+    created = wait_for(lambda: list_testruns(kube), what="the TestRun despite two 500s")
     wait_for(lambda: (list_testruns(kube)[0].get("status") or {}).get("phase") == "Pending",
-             message="its status despite two 503s")
-    wait_for(lambda: condition(repo_object(kube), "Ready").get("status") == "True", message="Repo status despite a 409")
+             what="its status despite two 503s")
+    wait_for(lambda: condition(repo_object(kube), "Ready").get("status") == "True", what="Repo status despite a 409")
     assert len(created) == 1
 
 
@@ -230,11 +231,11 @@ def test_credentials_never_reach_logs_events_status_or_metrics(kube, operator, t
         apply(kube, secret("git", git_hosts="127.0.0.1", token=wrong), secret("hook", secret="s"),
               repo("demo", url, credentialsSecret="git", webhookSecret="hook"))
         refused = wait_for(lambda: condition(repo_object(kube), "GitReachable").get("status") == "False"
-                           and repo_object(kube), message="refused credentials")
+                           and repo_object(kube), what="refused credentials")
         assert "failed" in condition(refused, "GitReachable")["message"]
         apply(kube, secret("git", git_hosts="127.0.0.1", token=token))
         operator.webhook("/webhooks/github", *signed_push(url, first, secret="s"))
-        wait_for(lambda: len(list_testruns(kube)) == 1, message="fetched with the right token")
+        wait_for(lambda: len(list_testruns(kube)) == 1, what="fetched with the right token")
         sent = {header for header in server.authorizations if header}
         assert "Basic " + base64.b64encode(f"x-access-token:{token}".encode()).decode() in sent
 
@@ -258,7 +259,7 @@ def test_credentials_go_only_to_the_hosts_their_secret_names(kube, operator, tmp
               repo("grab", url, credentialsSecret="unmarked"), repo("redirect", url, credentialsSecret="elsewhere"))
         for name, named in (("grab", "none"), ("redirect", "git.example.com")):
             refused = wait_for(lambda: condition(repo_object(kube, name), "GitReachable").get("status") == "False"
-                               and repo_object(kube, name), message=f"{name} refused")
+                               and repo_object(kube, name), what=f"{name} refused")
             assert condition(refused, "GitReachable")["message"] == (
                 f"credentials Secret {refused['spec']['credentialsSecret']!r} may be sent only to the hosts its "
                 f"annotation testlooper.dev/git-hosts names ({named}), not to 127.0.0.1")
@@ -277,7 +278,7 @@ def test_one_operator_for_all_namespaces_with_peering(kube, tmp_path):
         kube.kubectl("apply", "--validate=false", "-n", namespace, "-f", "-", input=text)
     with OperatorProcess(kube, tmp_path, namespaces=[], args=["--all-namespaces"], priority=5) as process:
         for namespace in ("team-b", "team-c"):
-            wait_for(lambda: len(list_testruns(kube, namespace=namespace)) == 1, message=f"TestRuns in {namespace}")
+            wait_for(lambda: len(list_testruns(kube, namespace=namespace)) == 1, what=f"TestRuns in {namespace}")
     used = kube.permissions(client="operator")
     assert ("kopf.dev", "clusterkopfpeerings", "create") in used
     assert not [p for p in used if p[1] == "kopfpeerings"]
@@ -297,7 +298,7 @@ def test_the_history_store_is_checked_at_startup_and_a_dead_one_stops_nothing(ku
     dead = f"redis://:hunter2pass@127.0.0.1:{free_port()}/0"
     with OperatorProcess(kube, tmp_path, args=["--store", dead], client="operator-dead-store") as process:
         apply(kube, repo("demo", f"file://{bare}"))
-        wait_for(lambda: len(list_testruns(kube)) == 1, message="TestRuns while the store is down")
+        wait_for(lambda: len(list_testruns(kube)) == 1, what="TestRuns while the store is down")
     assert "does not answer" in process.log()
     assert "hunter2pass" not in process.log()
 
@@ -335,22 +336,22 @@ def test_pinned_repositories_resolve_against_other_repos_in_the_namespace(kube, 
     _app_work, app_bare, app_sha = make_origin(tmp_path / "app", app_definitions)
     apply(kube, repo("lib", f"file://{lib_bare}"))
     # lib runs nothing of its own (no test needs its build), but its mirror is fetched.
-    wait_for(lambda: (repo_object(kube, "lib").get("status") or {}).get("lastPollTime"), message="lib fetched")
+    wait_for(lambda: (repo_object(kube, "lib").get("status") or {}).get("lastPollTime"), what="lib fetched")
     apply(kube, repo("app", f"file://{app_bare}"))
     wait_for(lambda: len([t for t in list_testruns(kube) if t["spec"]["repo"] == "app"]) == 2,
-             message="app's test and lib's build")
+             what="app's test and lib's build")
     app_runs = {t["spec"]["task"]: t for t in list_testruns(kube) if t["spec"]["repo"] == "app"}
     assert sorted(app_runs) == ["lib/build/linux", "uses-lib/linux"]
     assert app_runs["lib/build/linux"]["spec"]["kind"] == "build"
     assert app_runs["uses-lib/linux"]["spec"]["dependsOn"] == [app_runs["lib/build/linux"]["metadata"]["name"]]
     assert app_runs["uses-lib/linux"]["spec"]["commit"] == app_sha
-    warning = wait_for(lambda: [e for e in events(kube) if e.get("reason") == "DefinitionsWarning"], message="warning")
+    warning = wait_for(lambda: [e for e in events(kube) if e.get("reason") == "DefinitionsWarning"], what="warning")
     assert "command" in warning[0]["message"] and warning[0]["involvedObject"]["name"] == "app"
 
     _work, bad_bare, _sha = make_origin(tmp_path / "bad", app_definitions.replace("lib: lib/", "lib: nowhere/"))
     apply(kube, repo("bad", f"file://{bad_bare}"))
     invalid = wait_for(lambda: condition(repo_object(kube, "bad"), "DefinitionsValid").get("status") == "False"
-                       and repo_object(kube, "bad"), message="unmapped pin")
+                       and repo_object(kube, "bad"), what="unmapped pin")
     message = condition(invalid, "DefinitionsValid")["message"]
     assert "nowhere" in message and "lib" in message
 
@@ -359,9 +360,9 @@ def test_suspend_stops_polling_and_creating_and_resuming_catches_up(kube, operat
     work, bare, _first = make_origin(tmp_path)
     url = f"file://{bare}"
     apply(kube, secret("hook", secret="s"), repo("demo", url, webhookSecret="hook"))
-    wait_for(lambda: len(list_testruns(kube)) == 1, message="the first TestRun")
+    wait_for(lambda: len(list_testruns(kube)) == 1, what="the first TestRun")
     kube.kubectl("patch", "repo", "demo", "-n", NAMESPACE, "--type", "merge", "-p", '{"spec": {"suspend": true}}')
-    wait_for(lambda: condition(repo_object(kube), "Ready").get("reason") == "Suspended", message="Suspended")
+    wait_for(lambda: condition(repo_object(kube), "Ready").get("reason") == "Suspended", what="Suspended")
     second = work.commit({"x": "2"}, "second")
     work.git("push", "--quiet", "origin", "main")
     status, _ = operator.webhook("/webhooks/github", *signed_push(url, second, secret="s"))
@@ -370,7 +371,7 @@ def test_suspend_stops_polling_and_creating_and_resuming_catches_up(kube, operat
     assert len(list_testruns(kube)) == 1, "a suspended Repo creates nothing"
     assert "1 running" in repo_object(kube)["status"]["branchesSummary"]
     kube.kubectl("patch", "repo", "demo", "-n", NAMESPACE, "--type", "merge", "-p", '{"spec": {"suspend": false}}')
-    wait_for(lambda: len(list_testruns(kube)) == 2, message="the commit pushed while suspended")
+    wait_for(lambda: len(list_testruns(kube)) == 2, what="the commit pushed while suspended")
     assert condition(repo_object(kube), "Ready")["status"] == "True"
 
 
@@ -391,14 +392,14 @@ def test_history_of_a_cluster_repo_needs_no_checkout(kube, tmp_path):
     url = f"redis://127.0.0.1:{port}/0"
     with OperatorProcess(kube, tmp_path, args=["--store", url]) as process:
         apply(kube, secret("hook", secret="s"), repo("demo", f"file://{bare}", webhookSecret="hook"))
-        wait_for(lambda: len(list_testruns(kube)) == 1, message="the first TestRun")
+        wait_for(lambda: len(list_testruns(kube)) == 1, what="the first TestRun")
         assert "does not answer" in process.log()
         with RedisServer(port=port) as redis:
             second = work.commit({"x": "2"}, "second")
             work.git("push", "--quiet", "origin", "main")
             process.webhook("/webhooks/github", *signed_push(f"file://{bare}", second, secret="s"))
             store = open_store(redis.url)
-            wait_for(lambda: store.branch_line(f"{NAMESPACE}/demo", "main") == [second, first], message="the line")
+            wait_for(lambda: store.branch_line(f"{NAMESPACE}/demo", "main") == [second, first], what="the line")
             # What part 2 will record for each run; here, as its RESULT would land.
             store.record_run(RunRecord(f"{NAMESPACE}/demo", second, "smoke/linux", "test", 0, 0, "failed", 1.0, 1,
                                        1.7e9, "main", [CaseResult("test_it", False, 0.1)]))
@@ -427,18 +428,18 @@ def test_a_spec_edit_made_while_git_is_unreachable_is_applied_when_it_comes_back
     work.git("push", "--quiet", "origin", "main")
     url = f"file://{bare}"
     apply(kube, secret("hook", secret="s"), repo("demo", url, webhookSecret="hook"))
-    wait_for(lambda: [t["spec"]["task"] for t in list_testruns(kube)] == ["smoke/linux"], message="the first TestRun")
+    wait_for(lambda: [t["spec"]["task"] for t in list_testruns(kube)] == ["smoke/linux"], what="the first TestRun")
     hidden = bare.with_name("hidden.git")
     bare.rename(hidden)
     kube.kubectl("patch", "repo", "demo", "-n", NAMESPACE, "--type", "merge",
                  "-p", '{"spec": {"definitionsPath": "ci/other.yml"}}')
-    wait_for(lambda: condition(repo_object(kube), "GitReachable").get("status") == "False", message="git unreachable")
+    wait_for(lambda: condition(repo_object(kube), "GitReachable").get("status") == "False", what="git unreachable")
     hidden.rename(bare)
     status, _ = operator.webhook("/webhooks/github", *signed_push(url, work.head(), secret="s"))
     assert status == 202
-    wait_for(lambda: condition(repo_object(kube), "GitReachable").get("status") == "True", message="git back")
+    wait_for(lambda: condition(repo_object(kube), "GitReachable").get("status") == "True", what="git back")
     wait_for(lambda: sorted(t["spec"]["task"] for t in list_testruns(kube)) == ["other/linux", "smoke/linux"],
-             message="the edited definitionsPath read once git answers again")
+             what="the edited definitionsPath read once git answers again")
     obj = repo_object(kube)
     assert obj["status"]["observedGeneration"] == obj["metadata"]["generation"]
 
@@ -451,7 +452,7 @@ def test_a_spec_edit_landing_during_a_fetch_is_read_by_the_next_poll(kube, opera
     with GitHttpServer(bare.parent) as server:
         url = server.url("origin.git")
         apply(kube, secret("hook", secret="s"), repo("demo", url, webhookSecret="hook"))
-        wait_for(lambda: [t["spec"]["task"] for t in list_testruns(kube)] == ["smoke/linux"], message="the first TestRun")
+        wait_for(lambda: [t["spec"]["task"] for t in list_testruns(kube)] == ["smoke/linux"], what="the first TestRun")
         server.hold()
         status, _ = operator.webhook("/webhooks/github", *signed_push(url, work.head(), secret="s"))
         assert status == 202
@@ -461,14 +462,14 @@ def test_a_spec_edit_landing_during_a_fetch_is_read_by_the_next_poll(kube, opera
         time.sleep(0.5)  # the watch brings the edit to the operator while its fetch waits
         server.release()
         wait_for(lambda: sorted(t["spec"]["task"] for t in list_testruns(kube)) == ["other/linux", "smoke/linux"],
-                 message="the definitionsPath edited during the fetch read by the next poll")
+                 what="the definitionsPath edited during the fetch read by the next poll")
 
 
 def test_a_force_push_undone_tests_the_commit_that_came_back(kube, operator, tmp_path):
     work, bare, first = make_origin(tmp_path)
     url = f"file://{bare}"
     apply(kube, secret("hook", secret="s"), repo("demo", url, webhookSecret="hook"))
-    wait_for(lambda: len(list_testruns(kube)) == 1, message="the first TestRun")
+    wait_for(lambda: len(list_testruns(kube)) == 1, what="the first TestRun")
 
     def push(commit: str, force: bool = False) -> None:
         work.git("push", "--quiet", *(["--force"] if force else []), "origin", f"{commit}:refs/heads/main")
@@ -479,14 +480,14 @@ def test_a_force_push_undone_tests_the_commit_that_came_back(kube, operator, tmp
 
     kept = work.commit({"x": "kept"}, "the commit that will come back")
     push(kept)
-    wait_for(lambda: phases(kept) == ["Pending"], message="its TestRun")
+    wait_for(lambda: phases(kept) == ["Pending"], what="its TestRun")
     work.git("reset", "--quiet", "--hard", first)
     mistake = work.commit({"x": "mistake"}, "pushed by mistake")
     push(mistake, force=True)
-    wait_for(lambda: phases(kept) == ["Cancelled"] and phases(mistake) == ["Pending"], message="the mistake")
+    wait_for(lambda: phases(kept) == ["Cancelled"] and phases(mistake) == ["Pending"], what="the mistake")
     push(kept, force=True)  # undone
     wait_for(lambda: phases(kept) == ["Pending"] and phases(mistake) == ["Cancelled"],
-             message="the commit that came back tested again")
+             what="the commit that came back tested again")
     testrun, = list_testruns(kube, **{"testlooper.dev/commit": kept})
     assert not testrun["spec"].get("cancel")
     assert "1 running" in repo_object(kube)["status"]["branchesSummary"]
@@ -497,26 +498,26 @@ def test_a_pin_to_a_commit_not_fetched_yet_resolves_once_it_is(kube, operator, t
     head is untestable only until the lib's mirror has that commit, not until the next push."""
     lib_work, lib_bare, _lib_sha = make_origin(tmp_path / "lib", LIB_DEFINITIONS)
     apply(kube, secret("hook", secret="s"), repo("lib", f"file://{lib_bare}", webhookSecret="hook"))
-    wait_for(lambda: (repo_object(kube, "lib").get("status") or {}).get("lastPollTime"), message="lib fetched")
+    wait_for(lambda: (repo_object(kube, "lib").get("status") or {}).get("lastPollTime"), what="lib fetched")
     lib_next = lib_work.commit({"x": "2"}, "what the app is about to pin")
     lib_work.git("push", "--quiet", "origin", "main")
     _app_work, app_bare, app_sha = make_origin(tmp_path / "app", app_pinning(lib_next))
     apply(kube, repo("app", f"file://{app_bare}", webhookSecret="hook"))
     invalid = wait_for(lambda: condition(repo_object(kube, "app"), "DefinitionsValid").get("status") == "False"
-                       and repo_object(kube, "app"), message="the pin not fetched yet")
+                       and repo_object(kube, "app"), what="the pin not fetched yet")
     assert lib_next in condition(invalid, "DefinitionsValid")["message"]
     polls = operator.metric("testlooper_git_poll_duration_seconds_count", repo="app")
     assert operator.webhook("/webhooks/github", *signed_push(f"file://{app_bare}", app_sha, secret="s"))[0] == 202
     wait_for(lambda: operator.metric("testlooper_git_poll_duration_seconds_count", repo="app") > polls,
-             message="the app polled again, its head still untestable")
+             what="the app polled again, its head still untestable")
     assert operator.metric("testlooper_definitions_errors_total", repo="app") == 1, "one error, however often read"
 
     assert operator.webhook("/webhooks/github", *signed_push(f"file://{lib_bare}", lib_next, secret="s"))[0] == 202
     wait_for(lambda: [b["commit"] for b in repo_object(kube, "lib")["status"]["branches"]] == [lib_next],
-             message="lib fetched again")
+             what="lib fetched again")
     assert operator.webhook("/webhooks/github", *signed_push(f"file://{app_bare}", app_sha, secret="s"))[0] == 202
     wait_for(lambda: condition(repo_object(kube, "app"), "DefinitionsValid").get("status") == "True",
-             message="the app's unmoved head read again")
+             what="the app's unmoved head read again")
     assert sorted(t["spec"]["task"] for t in list_testruns(kube) if t["spec"]["repo"] == "app") == [
         "lib/build/linux", "uses-lib/linux"]
     assert len([e for e in events(kube) if e.get("reason") == "DefinitionsInvalid"]) == 1
@@ -532,11 +533,11 @@ def test_a_pin_two_repos_could_answer_says_which_two(kube, operator, tmp_path):
     second_lib.rename(lib_b)
     apply(kube, repo("lib-a", f"file://{lib_a}"), repo("lib-b", f"file://{lib_b}"))
     for name in ("lib-a", "lib-b"):
-        wait_for(lambda: (repo_object(kube, name).get("status") or {}).get("lastPollTime"), message=f"{name} fetched")
+        wait_for(lambda: (repo_object(kube, name).get("status") or {}).get("lastPollTime"), what=f"{name} fetched")
     _work, app_bare, _app_sha = make_origin(tmp_path / "app", app_pinning(lib_sha))
     apply(kube, repo("app", f"file://{app_bare}"))
     invalid = wait_for(lambda: condition(repo_object(kube, "app"), "DefinitionsValid").get("status") == "False"
-                       and repo_object(kube, "app"), message="the ambiguous pin")
+                       and repo_object(kube, "app"), what="the ambiguous pin")
     message = condition(invalid, "DefinitionsValid")["message"]
     assert "lib-a" in message and "lib-b" in message, message
 
@@ -547,7 +548,7 @@ def test_a_flood_of_forged_pushes_reads_the_secret_once(kube, operator, tmp_path
     _work, bare, first = make_origin(tmp_path)
     url = f"file://{bare}"
     apply(kube, secret("hook", secret="right"), repo("demo", url, webhookSecret="hook"))
-    wait_for(lambda: len(list_testruns(kube)) == 1, message="the first TestRun")
+    wait_for(lambda: len(list_testruns(kube)) == 1, what="the first TestRun")
     mark = len(kube.requests(client="operator"))
     forged = signed_push(url, first, secret="forged")
     with ThreadPoolExecutor(16) as pool:

@@ -19,7 +19,8 @@ import pytest
 from cluster_helpers import NAMESPACE, events, list_testruns
 from gitrepo import GitRepo
 from kubelet import TestKubelet, running_status
-from operator_process import OperatorProcess, wait_for
+from operator_process import OperatorProcess
+from run_helpers import wait_for
 from redis_server import RedisServer, free_port
 from test_operator_e2e import RUN_PERMISSIONS, check_rbac_subset
 from testlooper.kube import pods as pod_builder
@@ -157,7 +158,7 @@ def test_a_build_and_its_test_run_as_pods_and_end_succeeded_with_results(kube, t
         apply_repo(kube, url)
         applied = time.monotonic()
         try:
-            by_task = wait_for(lambda: ended_testruns(kube, 2), timeout=90, interval=0.3, message="both TestRuns ended")
+            by_task = wait_for(lambda: ended_testruns(kube, 2), timeout=90, interval=0.3, what="both TestRuns ended")
         finally:
             assert kubelet.errors == [], kubelet.errors
         print(f"Repo applied to a build and 2 test runs ended, as pods: {time.monotonic() - applied:.1f}s")
@@ -175,16 +176,16 @@ def test_a_build_and_its_test_run_as_pods_and_end_succeeded_with_results(kube, t
         assert kubelet.ran == {pod_builder.run_pod_name(build_name, 1, 1): "Succeeded",
                                pod_builder.run_pod_name(check_name, 1, 1): "Succeeded",
                                pod_builder.run_pod_name(check_name, 2, 1): "Succeeded"}
-        wait_for(lambda: kube.api("GET", pods_path())["items"] == [], message="the run pods deleted")
+        wait_for(lambda: kube.api("GET", pods_path())["items"] == [], what="the run pods deleted")
         secrets = wait_for(lambda: [s for s in kube.api("GET", f"/api/v1/namespaces/{NAMESPACE}/secrets")["items"]
                                     if s["metadata"]["name"] != "testlooper-operator"] == [] and
                            kube.api("GET", f"/api/v1/namespaces/{NAMESPACE}/secrets")["items"],
-                           message="the runs' token Secrets deleted")
+                           what="the runs' token Secrets deleted")
         assert [s["metadata"]["name"] for s in secrets] == ["testlooper-operator"]
         announced = {(build_name, "Queued"), (build_name, "Running"), (build_name, "Ended"), (check_name, "Blocked"),
                      (check_name, "Running"), (check_name, "Ended")}
         wait_for(lambda: announced <= {(e["involvedObject"]["name"], e["reason"]) for e in events(kube)},
-                 message="the phase changes as Events on the TestRuns")  # kopf posts them in the background
+                 what="the phase changes as Events on the TestRuns")  # kopf posts them in the background
         operator_secret = secrets[0]["data"]["secret"]
         assert len(base64.b64decode(operator_secret)) == 32
         assert operator_secret not in operator.log() and base64.b64decode(operator_secret).hex() not in operator.log()
@@ -210,7 +211,7 @@ def test_a_task_no_pod_can_be_made_for_ends_as_an_error_saying_why_and_leaves_no
     pool = {**POOL, "spec": {**POOL["spec"], "platform": "windows"}}
     with start_operator(kube, tmp_path, redis_url, pool) as operator:
         apply_repo(kube, url)
-        by_task = wait_for(lambda: ended_testruns(kube, 2), timeout=60, interval=0.3, message="both TestRuns ended")
+        by_task = wait_for(lambda: ended_testruns(kube, 2), timeout=60, interval=0.3, what="both TestRuns ended")
         build, check = by_task["app/linux"]["status"], by_task["check/linux"]["status"]
         build_name = testrun_name("demo", commit, "app/linux")
         assert (build["phase"], build["result"]) == ("Error", "error")
@@ -219,10 +220,10 @@ def test_a_task_no_pod_can_be_made_for_ends_as_an_error_saying_why_and_leaves_no
         assert build["runCounts"]["errored"] == 1 and build["runsSummary"] == "0/1"
         assert (check["phase"], check["result"]) == ("Failed", "blocked")
         wait_for(lambda: [s["metadata"]["name"] for s in kube.api("GET", f"/api/v1/namespaces/{NAMESPACE}/secrets")["items"]]
-                 == ["testlooper-operator"], message="the run's token Secret deleted")
+                 == ["testlooper-operator"], what="the run's token Secret deleted")
         assert kube.api("GET", pods_path())["items"] == []
         wait_for(lambda: (build_name, "CannotRun") in {(e["involvedObject"]["name"], e["reason"]) for e in events(kube)},
-                 message="a Warning CannotRun Event")
+                 what="a Warning CannotRun Event")
         time.sleep(1)  # it stays ended: no pod is tried again
         assert list_testruns(kube, **{"testlooper.dev/commit": commit})[0]["status"]["phase"] in ("Error", "Failed")
         assert kube.api("GET", pods_path())["items"] == []
