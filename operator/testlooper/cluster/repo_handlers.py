@@ -374,4 +374,6 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    from testlooper.kube.objects import timestamp
+
+    return timestamp(datetime.datetime.now(datetime.timezone.utc))

@@ -16,7 +16,7 @@ import kopf
 from testlooper.cluster.context import OperatorContext
 from testlooper.decisions.repo import ENDED_PHASES
 from testlooper.decisions.testrun import decide_status
-from testlooper.kube.objects import MANAGED_BY, MANAGED_BY_LABEL
+from testlooper.kube.objects import MANAGED_BY, MANAGED_BY_LABEL, timestamp
 from testlooper.kube.pods import RUN_ID_ANNOTATION
 
 logger = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ async def testrun_event(type: str | None, body: kopf.Body, name: str, namespace:
                         **_) -> None:
     if type == "DELETED" or body.get("metadata", {}).get("deletionTimestamp"):
         return
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    now = timestamp(datetime.datetime.now(datetime.timezone.utc))
     patch = decide_status(dict(body.get("spec") or {}), dict(body.get("status") or {}),
                           dict(body.get("metadata", {}).get("annotations") or {}), now)
     if patch is None:
