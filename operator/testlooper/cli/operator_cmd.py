@@ -41,6 +41,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         metavar="DIR", help="where git mirrors are kept (default: /var/cache/testlooper)")
     parser.add_argument("--max-concurrent-polls", type=int, default=4, metavar="N",
                         help="git fetches running at once across all Repos (default: 4)")
+    # The phase machine's limits (decisions/phases.py Settings; docs/operator.md "Phase machine").
+    # The defaults are the Settings' own, written out here so that --help needs no import.
+    machine = parser.add_argument_group("runs as pods")
+    machine.add_argument("--max-infra-retries", metavar="N",
+                         help="attempts of a run lost to the infrastructure (evicted, deleted, image pull failing, "
+                              "heartbeat lost) that are retried; then the run is an error (default: 3)")
+    machine.add_argument("--pending-timeout", metavar="SECONDS",
+                         help="how long a pod may stay Pending, not scheduled, before its run is an error (default: 600)")
+    machine.add_argument("--image-pull-grace", metavar="SECONDS",
+                         help="how long a container may fail to pull its image before the attempt is retried "
+                              "(default: 300)")
+    machine.add_argument("--heartbeat-grace", metavar="SECONDS",
+                         help="how long a running pod's agent may be silent before the attempt is retried; agents "
+                              "beat at a third of it, at most every 5 s (default: 180)")
+    machine.add_argument("--missing-pod-grace", metavar="SECONDS",
+                         help="how long after its creation a run's pod may be missing from the API before it counts "
+                              "as deleted (default: 30)")
+    machine.add_argument("--result-grace", metavar="SECONDS",
+                         help="how long after a pod ended its agent's RESULT is waited for (default: 30)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="(default: INFO)")
     parser.set_defaults(run=run)
@@ -60,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--max-concurrent-polls must be at least 1")
     if args.store and not args.store.startswith(("redis://", "rediss://", "unix://")):
         raise UserError(f"--store must be a redis:// URL in the cluster, not {args.store!r}")
+    run_settings = phase_settings(args)
     try:
         os.makedirs(os.path.join(args.cache_dir, "mirrors"), exist_ok=True)
     except OSError as exc:
@@ -74,6 +94,49 @@ def run(args: argparse.Namespace) -> int:
         peering_name=args.peering, priority=args.priority, store_url=args.store, api_host=args.api_host,
         api_port=args.api_port, api_url=args.api_url, cache_dir=args.cache_dir,
         max_concurrent_polls=args.max_concurrent_polls, worker_image=args.worker_image,
-        operator_namespace=args.operator_namespace,
+        operator_namespace=args.operator_namespace, run_settings=run_settings,
     )
     return run_operator(options)
+
+
+SETTINGS_FLAGS = {  # flag -> the Settings field it sets
+    "max_infra_retries": "max_infra_retries",
+    "pending_timeout": "pending_timeout_seconds",
+    "image_pull_grace": "image_pull_grace_seconds",
+    "heartbeat_grace": "heartbeat_grace_seconds",
+    "missing_pod_grace": "missing_pod_grace_seconds",
+    "result_grace": "result_grace_seconds",
+}
+
+
+def phase_settings(args: argparse.Namespace):
+    """The phase machine's Settings from the flags given (the others keep their defaults);
+    a value that is not a count or a duration is a one-line error naming the flag."""
+    import dataclasses
+    import math
+
+    from testlooper.decisions.phases import Settings
+
+    given = {}
+    for attribute, field in SETTINGS_FLAGS.items():
+        text = getattr(args, attribute)
+        if text is None:
+            continue
+        flag = "--" + attribute.replace("_", "-")
+        if attribute == "max_infra_retries":
+            try:
+                count = int(text)
+            except ValueError:
+                raise UserError(f"{flag} must be a whole number of retries (0 or more), not {text!r}") from None
+            if count < 0:
+                raise UserError(f"{flag} must be 0 or more (0: never retry), not {count}")
+            given[field] = count
+            continue
+        try:
+            seconds = float(text)
+        except ValueError:
+            raise UserError(f"{flag} must be a number of seconds, not {text!r}") from None
+        if not math.isfinite(seconds) or seconds <= 0:
+            raise UserError(f"{flag} must be a number of seconds greater than 0, not {text!r}")
+        given[field] = seconds
+    return dataclasses.replace(Settings(), **given)

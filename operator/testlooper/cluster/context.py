@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import os
 
+from testlooper.decisions.phases import Settings
 from testlooper.repos.urls import normalize_url
 
 WEBHOOK_CONCURRENCY = 8  # webhook requests handled at once; more wait their turn
@@ -30,6 +31,7 @@ class OperatorOptions:
     pool_status_interval: float = 10.0
     worker_image: str = "ghcr.io/testlooper/worker:latest"  # the image of a run pod's prepare and report containers
     operator_namespace: str = ""  # where the operator secret is kept ("" : the first watched namespace)
+    run_settings: Settings = Settings()  # the phase machine's limits (--max-infra-retries, --pending-timeout...)
 
     @property
     def runs_enabled(self) -> bool:

@@ -154,6 +154,7 @@ class RunController:
         self.backend = backend
         self.worker_image = worker_image
         self.started = time.time()
+        self.settings = context.options.run_settings
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._queued: set[tuple[str, str]] = set()
         self._timers: dict[tuple[str, str], asyncio.TimerHandle] = {}
@@ -245,7 +246,7 @@ class RunController:
         pools = await self.api.list_objects("workerpools", namespace)
         testruns = await self.api.list_objects("testruns", namespace)
         now = time.time()
-        demands = [demand for demand in (phases.queued_demand(testrun, now) for testrun in testruns) if demand]
+        demands = [demand for demand in (phases.queued_demand(testrun, now, self.settings) for testrun in testruns) if demand]
         if not demands:
             return
         pods = []
@@ -302,7 +303,7 @@ class RunController:
             pods=[p for p in (phases.observe_pod(pod) for pod in own_pods) if p is not None],
             secrets=[s for s in (phases.observe_secret(secret) for secret in own_secrets) if s is not None],
             results=results, heartbeats=heartbeats, admitted=admitted, operator_started=self.started,
-            cases=await self._case_tally(namespace, spec))
+            cases=await self._case_tally(namespace, spec), settings=self.settings)
         decision = phases.decide(testrun, observed)
         for action in decision.creates:
             try:
@@ -378,7 +379,8 @@ class RunController:
         else:
             body = pod_builder.build_run_pod(testrun, run_index=action.run, attempt=action.attempt, pool=pool or {},
                                              api_url=self.context.options.api_url, worker_image=self.worker_image,
-                                             token_secret_name=secret_name)
+                                             token_secret_name=secret_name,
+                                             heartbeat_seconds=heartbeat_interval(self.settings))
             if pool is not None:  # admission counts a pool's pods by this label (docs/decisions.md)
                 body["metadata"]["labels"][POOL_LABEL] = label_value(pool["metadata"]["name"])
             await self.api.create_core("pods", pod_namespace, body)
@@ -396,6 +398,11 @@ class RunController:
                            "; retried" if action.retried else "; given up")
         elif isinstance(action, phases.EmitEvent):
             post_event(testrun, action.type, action.reason, action.message)
+
+
+def heartbeat_interval(settings: phases.Settings) -> float:
+    """How often the agents beat: a third of the grace (so two may be lost), at most every 5 s."""
+    return min(5.0, settings.heartbeat_grace_seconds / 3)
 
 
 def post_event(testrun: dict, type_: str, reason: str, message: str) -> None:
