@@ -543,3 +543,25 @@ def test_the_status_of_100000_runs_stays_bounded_as_runs_come_and_go():
     assert len(d.status["active"]) == 1000 and d.status["startedRuns"] == 1000 + 4 * 600
     assert d.status["runCounts"]["failed"] == 4 * 600 and len(d.status["failingCases"]) == 20
     assert max(sizes) < 100_000, sizes
+
+
+def test_with_the_agents_reports_unknown_no_run_is_judged_but_new_runs_and_cancels_go_on():
+    # Redis down: a pod gone, a pod ended without a result seen, and a silent agent all wait.
+    d = started_one()
+    ended = PodObservation(1, 1, "Succeeded", created=T0, started=T0, finished=T0 + 1)
+    for pods in ([], [ended], [running_pod(1, at=T0)]):
+        decision = d.decide(T0 + 10_000, pods=pods, reports_known=False)
+        assert not any(isinstance(a, (RecordAttempt, DeletePod)) for a in decision.actions), decision.actions
+        assert d.status["active"]["1"] == {"attempt": 1, "state": "Placed", "since": format_time(T0)}
+        assert decision.wake_after == 2.0
+    # ... while runs not started yet still start, and a cancel still cancels.
+    more = Driver(a_testrun(runs=2))
+    placed(more, T0, admitted=1)
+    assert placed(more, T0 + 1, admitted=1, pods=[running_pod(1, at=T0)], reports_known=False).creates == [
+        CreateSecret(2, 1), CreatePod(2, 1)]
+    more.obj["spec"]["cancel"] = True
+    more.decide(T0 + 2, pods=[running_pod(1, at=T0), running_pod(2, at=T0 + 1)], reports_known=False)
+    assert more.status["phase"] == "Cancelled"
+    # Known again, the result counts.
+    d.decide(T0 + 10_001, pods=[ended], results={(1, 1): PASSED})
+    assert d.status["result"] == "passed"

@@ -16,6 +16,7 @@ import kopf
 from testlooper.cluster import http, pool_handlers, repo_handlers, testrun_handlers
 from testlooper.cluster.context import OperatorContext, OperatorOptions
 from testlooper.cluster.metrics import OperatorMetrics
+from testlooper.cluster.store_health import StoreHealth
 
 FINALIZER = "testlooper.dev/finalizer"
 logger = logging.getLogger("testlooper.operator")
@@ -65,6 +66,8 @@ async def serve(options: OperatorOptions) -> None:
     api = KubeApi()
     context = OperatorContext(options, api, OperatorMetrics())
     context.store = await asyncio.to_thread(open_history_store, options.store_url)
+    context.store_health = StoreHealth(context.metrics, context.store)
+    store_monitor = asyncio.ensure_future(context.store_health.monitor()) if context.store is not None else None
     worker_backend = await start_runs(context) if options.runs_enabled else None
     runner = await http.start_server(context, worker_backend)
     logger.info("serving /healthz, /metrics, webhooks%s on %s:%d", " and the worker API" if worker_backend else "",
@@ -90,6 +93,8 @@ async def serve(options: OperatorOptions) -> None:
             ready_flag=context.ready,
         )
     finally:
+        if store_monitor is not None:
+            store_monitor.cancel()
         if context.runs is not None:
             await context.runs.close()
         await http.stop_server(runner)
@@ -111,13 +116,21 @@ async def start_runs(context: OperatorContext):
 
     async def on_result(run, result):
         namespace, name = run.run_id.split(".")[:2]
+        context.store_health.answered()
         if context.runs is not None:
+            context.runs.result_recorded(namespace, name)
             context.runs.poke(namespace, name)
+
+    async def on_unrecorded(run, message):
+        namespace, name = run.run_id.split(".")[:2]
+        if context.runs is not None:
+            context.runs.result_unrecorded(namespace, name, message)
 
     backend = ClusterBackend(
         secret=secret, runs=TestRunDirectory(context), client=redis.Redis.from_url(options.store_url),
         history=context.store, artifacts=DiskArtifactStore(artifacts_root(options.cache_dir)),
-        source_cache=SourceCache(os.path.join(options.cache_dir, "sources")), on_result=on_result)
+        source_cache=SourceCache(os.path.join(options.cache_dir, "sources")), on_result=on_result,
+        on_unrecorded=on_unrecorded, on_store_error=context.store_health.failed)
     context.runs = RunController(context, secret=secret, backend=backend, worker_image=options.worker_image)
     logger.info("runs become pods; workers reach the operator at %s", options.api_url)
     return backend

@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import os
 
+from testlooper.cluster.store_health import StoreHealth
 from testlooper.decisions.phases import Settings
 from testlooper.repos.urls import normalize_url
 
@@ -94,6 +95,7 @@ class OperatorContext:
         self.poll_slots = asyncio.Semaphore(max(1, options.max_concurrent_polls))
         self.ready = asyncio.Event()
         self.store = None  # the history store (--store), opened at startup
+        self.store_health = StoreHealth(metrics)  # whether it answers (cluster/store_health.py)
         self.runs = None  # the RunController (cluster/runs.py) when runs are enabled
         self.webhook_slots = asyncio.Semaphore(WEBHOOK_CONCURRENCY)
         self.webhook_secrets: dict[tuple[str, str], tuple[float, dict | None]] = {}  # (ns, name) -> (read at, data)

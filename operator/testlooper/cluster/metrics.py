@@ -35,6 +35,9 @@ class OperatorMetrics:
         self.store_errors = Counter(
             "testlooper_store_errors_total", "History store calls that failed and will be retried, by operation",
             ["operation"], registry=self.registry)
+        self.store_up = Gauge(
+            "testlooper_store_up", "1 when the store (Redis: history, results, heartbeats, logs) answers, else 0",
+            registry=self.registry)
         self.repos = Gauge("testlooper_repos", "Repos the operator is polling", registry=self.registry)
         self.last_poll = Gauge("testlooper_last_poll_timestamp_seconds", "When a Repo was last polled",
                                ["namespace", "repo"], registry=self.registry)

@@ -34,7 +34,10 @@ from testlooper.decisions.pools import POOL_LABEL, admit, pool_for, pool_usage, 
 from testlooper.decisions.repo import ENDED_PHASES
 from testlooper.kube import pods as pod_builder
 from testlooper.kube.objects import MANAGED_BY, MANAGED_BY_LABEL, label_value, testrun_name
+from testlooper.cluster.store_health import recorded_conditions, unrecorded_conditions
+from testlooper.store.base import StoreError
 from testlooper.workerapi import tokens
+from testlooper.workerapi.contract import ApiError
 from testlooper.workerapi.cluster import ClusterRun, InputSource, parse_run_id
 
 logger = logging.getLogger(__name__)
@@ -125,8 +128,12 @@ class TestRunDirectory:
 
         task = build_key(dependency.get("repo", "HEAD"), dependency["build"])
         build_testrun = testrun_name(spec.get("repo", ""), spec.get("commit", ""), task)
-        records = await asyncio.to_thread(self.context.store.runs, repo_id(namespace, spec.get("repo", "")),
-                                          spec.get("commit", ""))
+        try:
+            records = await asyncio.to_thread(self.context.store.runs, repo_id(namespace, spec.get("repo", "")),
+                                              spec.get("commit", ""))
+        except StoreError as exc:  # the agent asks again
+            self.context.store_health.failed("read_inputs", exc)
+            raise ApiError(503, "the history store cannot say which build run to take the input from now") from None
         passed = [record for record in records if record.task == task and record.result == "passed"]
         if not passed:
             return InputSource("build", run_id="", artifact=dependency.get("artifact") or "")
@@ -161,6 +168,7 @@ class RunController:
         self._loops: dict[str, asyncio.Task] = {}
         self._wakes: dict[str, asyncio.Event] = {}
         self._tasks: set[asyncio.Task] = set()
+        self._unrecorded: set[tuple[str, str]] = set()  # TestRuns this process marked Recorded False
         # kopf's context (its Event poster lives there), taken from the first handler that
         # calls in: the worker API's requests (a RESULT posted) start decisions too.
         self._kopf_context: contextvars.Context | None = None
@@ -288,22 +296,16 @@ class RunController:
             if found is not None:
                 found_status = found.get("status") or {}
                 builds[build] = (found_status.get("phase") or "", found_status.get("result") or "")
-        results, heartbeats = {}, {}
-        for index, entry in (status.get("active") or {}).items():
-            key = (int(index), int(entry["attempt"]))
-            the_run_id = pod_builder.run_id(namespace, name, *key)
-            result = await self.backend.result_of(the_run_id)
-            if result is not None:
-                results[key] = phases.observe_result(result)
-            beat = await self.backend.last_heartbeat(the_run_id)
-            if beat is not None:
-                heartbeats[key] = float(beat["time"])
+        results, heartbeats, reports_known = await self._agent_reports(namespace, name, status)
         observed = phases.Observations(
             now=time.time(), builds=builds, pools=pools,
             pods=[p for p in (phases.observe_pod(pod) for pod in own_pods) if p is not None],
             secrets=[s for s in (phases.observe_secret(secret) for secret in own_secrets) if s is not None],
-            results=results, heartbeats=heartbeats, admitted=admitted, operator_started=self.started,
-            cases=await self._case_tally(namespace, spec), settings=self.settings)
+            results=results, heartbeats=heartbeats, admitted=admitted,
+            # No agent could be heard while the operator, or its Redis, was down.
+            operator_started=max(self.started, self.context.store_health.back_since),
+            cases=await self._case_tally(namespace, spec) if reports_known else None,
+            settings=self.settings, reports_known=reports_known)
         decision = phases.decide(testrun, observed)
         for action in decision.creates:
             try:
@@ -317,10 +319,65 @@ class RunController:
             await self._apply_after(action, testrun, pod_namespace)
         if decision.wake_after is not None:
             self.wake_later((namespace, name), decision.wake_after)
+        if reports_known and (namespace, name) not in self._unrecorded and recorded_conditions(status) is not None:
+            # Marked by an operator before this one: its store answers now.
+            await self.api.patch_status("testruns", namespace, name, {"conditions": recorded_conditions(status)})
         if decision.status_patch and ("phase" in decision.status_patch or "active" in decision.status_patch):
             self.wake_admission(namespace)  # queued now, or runs ended and freed room
         if decision.status_patch and decision.status_patch.get("phase") in ENDED_PHASES:
             await self._wake_consumers(testrun)
+
+    # -- the condition Recorded (cluster/store_health.py) ---------------------------------------
+
+    def result_unrecorded(self, namespace: str, name: str, message: str) -> None:
+        """A RESULT of this TestRun could not be recorded (the store is down; its agent retries):
+        said once on the TestRun, condition Recorded False, in the background."""
+        if (namespace, name) not in self._unrecorded:
+            self._unrecorded.add((namespace, name))
+            self._background(self._set_conditions(namespace, name, lambda status: unrecorded_conditions(
+                status, message, phases.format_time(time.time()))))
+
+    def result_recorded(self, namespace: str, name: str) -> None:
+        if (namespace, name) in self._unrecorded:
+            self._unrecorded.discard((namespace, name))
+            self._background(self._set_conditions(namespace, name, recorded_conditions))
+
+    def _background(self, coroutine) -> None:
+        task = self._start(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _set_conditions(self, namespace: str, name: str, change) -> None:
+        try:
+            async with self._lock((namespace, name)):
+                testrun = await self.api.get_object("testruns", namespace, name)
+                conditions = change((testrun or {}).get("status") or {}) if testrun is not None else None
+                if conditions is not None:
+                    await self.api.patch_status("testruns", namespace, name, {"conditions": conditions})
+        except Exception as exc:  # the next change of the store's state says it again
+            logger.warning("TestRun %s/%s: condition Recorded not written: %s: %s", namespace, name,
+                           type(exc).__name__, exc)
+
+    async def _agent_reports(self, namespace: str, name: str, status: dict) -> tuple[dict, dict, bool]:
+        """The RESULTs and last heartbeats of the active runs, as the worker API keeps them in
+        Redis; with Redis unreachable none, and False: the machine judges no run then."""
+        results, heartbeats = {}, {}
+        try:
+            for index, entry in (status.get("active") or {}).items():
+                key = (int(index), int(entry["attempt"]))
+                the_run_id = pod_builder.run_id(namespace, name, *key)
+                result = await self.backend.result_of(the_run_id)
+                if result is not None:
+                    results[key] = phases.observe_result(result)
+                beat = await self.backend.last_heartbeat(the_run_id)
+                if beat is not None:
+                    heartbeats[key] = float(beat["time"])
+        except ApiError as exc:
+            if exc.status != 503:
+                raise
+            self.context.store_health.failed("read_results", exc)
+            return {}, {}, False
+        return results, heartbeats, True
 
     async def _wake_consumers(self, testrun: dict) -> None:
         """The TestRuns consuming an ended build wait for it: they decide again now."""
@@ -355,8 +412,12 @@ class RunController:
         store = self.context.store
         if store is None:
             return None
-        records = await asyncio.to_thread(store.runs, repo_id(namespace, spec.get("repo", "")),
-                                          spec.get("commit", ""), True)
+        try:
+            records = await asyncio.to_thread(store.runs, repo_id(namespace, spec.get("repo", "")),
+                                              spec.get("commit", ""), True)
+        except StoreError as exc:  # down: the tally shown stays until it answers
+            self.context.store_health.failed("case_tally", exc)
+            return None
         last: dict[int, object] = {}
         for record in records:
             if record.task == spec.get("task") and (record.run_index not in last

@@ -45,6 +45,7 @@ PHASE_OF_RESULT = {"passed": "Succeeded", "failed": "Failed", "flaky": "Failed",
 # A container waiting for these will not start by itself soon: past a grace period, try again.
 IMAGE_PULL_REASONS = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"})
 CANNOT_START_REASONS = frozenset({"CreateContainerConfigError", "CreateContainerError", "RunContainerError"})
+REPORTS_UNKNOWN_RETRY_SECONDS = 2.0  # decide again this soon when the agents' reports could not be read
 NODE_LOST_REASONS = frozenset({"NodeLost", "NodeShutdown", "Terminated", "Shutdown", "UnexpectedAdmissionError"})
 
 
@@ -105,6 +106,10 @@ class Observations:
     operator_started: float = 0.0  # no heartbeat is missed while the operator itself was down
     cases: Mapping[str, int] | None = None  # the store's case tally {total, passed, failed}, when known
     settings: Settings = Settings()
+    # False when the worker API's Redis could not be read: `results` and `heartbeats` are then
+    # unknown, not empty, and no placed run is judged until they are known again (its RESULT
+    # may be there, or on its way: its agent retries). Cancels, placement and new runs go on.
+    reports_known: bool = True
 
 
 # -- actions -----------------------------------------------------------------------------------
@@ -376,6 +381,8 @@ class _Machine:
             self.started = newest
 
     def watch_placed(self, run: int, entry: dict) -> None:
+        if not self.observed.reports_known:
+            return self.wake_at(self.now + REPORTS_UNKNOWN_RETRY_SECONDS)
         attempt = entry["attempt"]
         result = self.observed.results.get((run, attempt))
         if result is not None:

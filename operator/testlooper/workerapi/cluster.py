@@ -304,7 +304,9 @@ class ClusterBackend(Backend):
     def __init__(self, *, secret: bytes, runs: RunDirectory, client: redis.Redis, history: HistoryStore,
                  artifacts: DiskArtifactStore | S3ArtifactStore, logs: LogStreams | None = None,
                  source_cache: SourceCache | None = None,
-                 on_result: Callable[[ClusterRun, dict], Awaitable[None]] | None = None):
+                 on_result: Callable[[ClusterRun, dict], Awaitable[None]] | None = None,
+                 on_unrecorded: Callable[[ClusterRun, str], Awaitable[None]] | None = None,
+                 on_store_error: Callable[[str, str], None] | None = None):
         if not secret:
             raise ValueError("the operator secret must not be empty")
         self._secret = secret
@@ -315,6 +317,8 @@ class ClusterBackend(Backend):
         self.logs = logs or LogStreams(client)
         self.source_cache = source_cache
         self._on_result = on_result
+        self._on_unrecorded = on_unrecorded  # a RESULT could not be kept or recorded: the store is down
+        self._on_store_error = on_store_error  # (operation, message) of each call Redis failed
 
     @staticmethod
     def _key(run_id: str, what: str) -> str:
@@ -365,17 +369,17 @@ class ClusterBackend(Backend):
 
     async def heartbeat(self, run, phase):
         beat = json.dumps({"time": time.time(), "phase": phase[:200]})
-        await self._redis(self._client.set, self._key(run.run_id, "heartbeat"), beat, ex=7 * 24 * 3600)
+        await self._redis("heartbeat", self._client.set, self._key(run.run_id, "heartbeat"), beat, ex=7 * 24 * 3600)
         return run.cancel
 
     async def last_heartbeat(self, run_id: str) -> dict | None:
         """``{"time", "phase"}`` of the run's last heartbeat, kept across operator restarts."""
-        value = await self._redis(self._client.get, self._key(run_id, "heartbeat"))
+        value = await self._redis("read_heartbeat", self._client.get, self._key(run_id, "heartbeat"))
         return json.loads(value) if value else None
 
     async def append_log(self, run, offset, data):
         try:
-            return await self._redis(self.logs.append, run.run_id, offset, data)
+            return await self._redis("append_log", self.logs.append, run.run_id, offset, data)
         except LogGap as gap:
             raise ApiError(409, f"offset {offset} leaves a gap: the log holds {gap.size} bytes",
                            size=gap.size) from None
@@ -384,29 +388,41 @@ class ClusterBackend(Backend):
         await self.artifacts.put(run.run_id, name, archive_format, body, length)
 
     async def record_result(self, run, result):
+        try:
+            kept = await self._keep_and_record(run, result)
+        except ApiError as error:
+            if error.status == 503 and self._on_unrecorded is not None:
+                await self._on_unrecorded(run, str(error))
+            raise
+        if self._on_result is not None:
+            await self._on_result(run, kept)
+
+    async def _keep_and_record(self, run, result) -> dict:
         key = self._key(run.run_id, "result")
         # The first RESULT counts: one posted again, or another after a restart, changes nothing.
-        await self._redis(self._client.set, key, json.dumps({**result, "received_at": time.time()}), nx=True,
-                          ex=RESULT_KEEP_SECONDS)
-        kept = json.loads(await self._redis(self._client.get, key))
+        await self._redis("keep_result", self._client.set, key, json.dumps({**result, "received_at": time.time()}),
+                          nx=True, ex=RESULT_KEEP_SECONDS)
+        kept = json.loads(await self._redis("keep_result", self._client.get, key))
         record = run_record(run, kept)
         try:
             await asyncio.to_thread(self.history.record_run, record)  # idempotent: same key, same record
         except Exception as error:  # the store down: the agent retries, nothing is lost
+            if self._on_store_error is not None:
+                self._on_store_error("record_result", str(error))
             raise ApiError(503, f"the history store cannot record the result now: {error}") from None
-        await self._redis(self.logs.end, run.run_id)
-        if self._on_result is not None:
-            await self._on_result(run, kept)
+        await self._redis("end_log", self.logs.end, run.run_id)
+        return kept
 
     async def result_of(self, run_id: str) -> dict | None:
-        value = await self._redis(self._client.get, self._key(run_id, "result"))
+        value = await self._redis("read_result", self._client.get, self._key(run_id, "result"))
         return json.loads(value) if value else None
 
-    @staticmethod
-    async def _redis(call, *args, **kwargs):
+    async def _redis(self, operation: str, call, *args, **kwargs):
         try:
             return await asyncio.to_thread(call, *args, **kwargs)
         except (redis.ConnectionError, redis.TimeoutError) as error:
+            if self._on_store_error is not None:
+                self._on_store_error(operation, type(error).__name__)
             # 503: the agent asks again until the run's deadline.
             raise ApiError(503, f"the operator's Redis is unreachable: {type(error).__name__}") from None
 

@@ -1,0 +1,278 @@
+"""Bad input and faults, end to end (issue 9): the real `testlooper operator` process with the
+Kubernetes emulator, a real redis-server and real git, and a kubelet thread that plays the node,
+including its faults: a pod evicted, deleted by hand, stuck pulling its image; Redis stopped
+mid-run; tokens of one run used on another; hostile RESULT bodies; 50 runs queued against a
+pool's caps while decisions race. Short grace periods come from the operator's flags.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import os
+import re
+import signal
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+
+import pytest
+
+from cluster_helpers import NAMESPACE, events, list_testruns
+from kubelet import TestKubelet, run_agent_alone, running_status
+from redis_server import RedisServer
+from run_cluster import Kubelet, apply_repo, ended_testruns, pods_path, push_project, start_operator
+from run_helpers import wait_for
+from testlooper.cli.main import main as cli_main
+from testlooper.kube import pods as pod_builder
+from testlooper.kube.objects import testrun_name
+from testlooper.store import open_store
+from testlooper.store.logstream import LogStreams
+
+SECRETS_PATH = f"/api/v1/namespaces/{NAMESPACE}/secrets"
+TESTRUNS_PATH = f"/apis/testlooper.dev/v1alpha1/namespaces/{NAMESPACE}/testruns"
+PASS = 'printf \'{"works": true}\' > "$TEST_OUTPUT_DIR/testSummary.json"; echo "ran $0"\n'
+FAIL = 'echo "this build is broken"; exit 1\n'
+# Short limits, so that each fault is seen within a second or two.
+FAST = ["--image-pull-grace", "1", "--missing-pod-grace", "1", "--result-grace", "2", "--heartbeat-grace", "20",
+        "--pending-timeout", "60"]
+
+
+def pool(**spec):
+    return {"apiVersion": "testlooper.dev/v1alpha1", "kind": "WorkerPool", "metadata": {"name": "linux"},
+            "spec": {"provider": "kubernetes", "platform": "linux", "defaultImage": "busybox:1.36", "maxWorkers": 8,
+                     **spec}}
+
+
+def definitions(tests: dict[str, str], builds: dict[str, str] | None = None) -> str:
+    """A definitions file: each test and build `name: extra YAML fields` on the linux environment."""
+    text = "looper_version: 5\nenvironments:\n  linux:\n    platform: linux\n    image: {name: \"busybox:1.36\"}\n"
+    for section, tasks in (("builds", builds or {}), ("tests", tests)):
+        if tasks:
+            text += f"{section}:\n" + "".join(f"  {name}/linux:\n    dependencies: {{src: HEAD}}\n{fields}"
+                                             for name, fields in tasks.items())
+    return text
+
+
+def secret_token(kube, pod) -> str:
+    secret = kube.api("GET", f"{SECRETS_PATH}/{pod['metadata']['annotations'][pod_builder.TOKEN_SECRET_ANNOTATION]}")
+    return base64.b64decode(secret["data"][pod_builder.TOKEN_KEY]).decode()
+
+
+def patch_pod_status(kube, name, status) -> int:
+    code, _ = kube._call("PATCH", pods_path(name) + "/status", {"status": status},
+                         content_type="application/merge-patch+json")
+    return code
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+class KillableKubelet(TestKubelet):
+    """A TestKubelet whose containers can be killed from outside, as a kubelet kills a deleted pod's."""
+
+    __test__ = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.processes = []
+
+    def _start(self, pod, container, run):
+        process = super()._start(pod, container, run)
+        self.processes.append(process)
+        return process
+
+    def kill(self):
+        for process in self.processes:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+class FaultKubelet(Kubelet):
+    """The node, with faults: `plan(pod)` says what happens to each pod the operator creates:
+    "run" (its containers run, tests/kubelet.py), "agent" (the agent alone, with the pod's
+    token), "evict", "delete" (by hand, with kubectl), "image-pull" (stuck in ImagePullBackOff)
+    or "hold" (Running, nothing runs until `release`). Each pod goes in a thread of its own.
+    A deleted pod's containers are killed. Every list of the pods is a sample of what exists at
+    once: `peak_pods` and `peak_cores` count the pods that are not Succeeded or Failed."""
+
+    def __init__(self, kube, root, plan=lambda pod: "run"):
+        super().__init__(kube, root)
+        self.plan = plan
+        self.seen: dict[str, float] = {}  # pod name -> when first listed (monotonic)
+        self.ended: dict[str, float] = {}  # pod name -> when its end was patched
+        self.peak_pods = 0
+        self.peak_cores = 0.0
+        self.released = threading.Event()
+        self._nodes: dict[str, KillableKubelet] = {}
+        self._threads: list[threading.Thread] = []
+
+    def __exit__(self, *exc):
+        self.released.set()
+        super().__exit__(*exc)
+        for node in list(self._nodes.values()):
+            node.kill()
+        for thread in self._threads:
+            thread.join(timeout=30)
+
+    def _loop(self):
+        while not self._stop.is_set():
+            pods = self.kube.api("GET", pods_path())["items"]
+            self._sample(pods)
+            present = {pod["metadata"]["name"] for pod in pods if not pod["metadata"].get("deletionTimestamp")}
+            for name, node in list(self._nodes.items()):
+                if name not in present:
+                    node.kill()  # deleted: its containers go
+            for pod in pods:
+                name = pod["metadata"]["name"]
+                if name not in self.seen and name in present:
+                    self.seen[name] = time.monotonic()
+                    thread = threading.Thread(target=self._take, args=(pod,), daemon=True)
+                    self._threads.append(thread)
+                    thread.start()
+            time.sleep(0.1)
+
+    def _sample(self, pods):
+        live = [pod for pod in pods if (pod.get("status") or {}).get("phase") not in ("Succeeded", "Failed")]
+        cores = sum(float(container.get("resources", {}).get("requests", {}).get("cpu", 0))
+                    for pod in live for container in pod["spec"]["containers"] if container["name"] == "test")
+        self.peak_pods = max(self.peak_pods, len(live))
+        self.peak_cores = max(self.peak_cores, cores)
+
+    def _take(self, pod):
+        name = pod["metadata"]["name"]
+        try:
+            getattr(self, "_" + self.plan(pod).replace("-", "_"))(pod)
+        except Exception as error:  # said by the test, not lost in a thread
+            self.errors.append(f"{name}: {type(error).__name__}: {error}")
+            self.ran[name] = "error"
+
+    def _run(self, pod):
+        name = pod["metadata"]["name"]
+        secret_name = pod["metadata"]["annotations"][pod_builder.TOKEN_SECRET_ANNOTATION]
+        secret = self.kube.api("GET", f"{SECRETS_PATH}/{secret_name}")
+        node = self._nodes[name] = KillableKubelet(self.root / name, secrets={secret_name: secret})
+        patch_pod_status(self.kube, name, {"startTime": _now(), "phase": "Pending"})
+        run = node.run_pod(pod, timeout=120, on_running=lambda p: patch_pod_status(self.kube, name, running_status(p)))
+        assert patch_pod_status(self.kube, name, run.status(pod)) in (200, 404)
+        self.ended[name] = time.monotonic()
+        self.ran[name] = run.phase
+
+    def _agent(self, pod):
+        name = pod["metadata"]["name"]
+        patch_pod_status(self.kube, name, {"startTime": _now(), **running_status(pod)})
+        secret_name = pod["metadata"]["annotations"][pod_builder.TOKEN_SECRET_ANNOTATION]
+        secret = self.kube.api("GET", f"{SECRETS_PATH}/{secret_name}")
+        (self.root / name).mkdir(parents=True)
+        code = run_agent_alone(pod, {secret_name: secret}, self.root / name, timeout=120)
+        phase = "Succeeded" if code == 0 else "Failed"
+        assert patch_pod_status(self.kube, name, {"phase": phase}) in (200, 404)
+        self.ended[name] = time.monotonic()
+        self.ran[name] = phase
+
+    def _evict(self, pod):
+        name = pod["metadata"]["name"]
+        patch_pod_status(self.kube, name, {"startTime": _now(), **running_status(pod)})
+        time.sleep(0.3)
+        # What the kubelet writes when node pressure makes it evict a pod.
+        patch_pod_status(self.kube, name, {
+            "phase": "Failed", "reason": "Evicted",
+            "message": "The node was low on resource: memory. Threshold quantity: 100Mi, available: 51Mi.",
+            "conditions": [{"type": "DisruptionTarget", "status": "True", "reason": "TerminationByKubelet",
+                            "message": "The node was low on resource: memory.", "lastTransitionTime": _now()}]})
+        self.ran[name] = "Evicted"
+
+    def _delete(self, pod):
+        name = pod["metadata"]["name"]
+        patch_pod_status(self.kube, name, {"startTime": _now(), **running_status(pod)})
+        time.sleep(0.3)
+        self.kube.kubectl("delete", "pod", name, "-n", NAMESPACE, "--wait=false")
+        self.ran[name] = "Deleted"
+
+    def _image_pull(self, pod):
+        name = pod["metadata"]["name"]
+        first = pod["spec"]["initContainers"][0]
+        message = f'Back-off pulling image "{first["image"]}"'
+        patch_pod_status(self.kube, name, {
+            "phase": "Pending", "startTime": _now(),
+            "conditions": [{"type": "PodScheduled", "status": "True", "lastTransitionTime": _now()}],
+            "initContainerStatuses": [{"name": first["name"], "image": first["image"], "imageID": "", "ready": False,
+                                       "restartCount": 0, "started": False,
+                                       "state": {"waiting": {"reason": "ImagePullBackOff", "message": message}}}]})
+        self.ran[name] = "ImagePullBackOff"
+
+    def _hold(self, pod):
+        name = pod["metadata"]["name"]
+        patch_pod_status(self.kube, name, {"startTime": _now(), **running_status(pod)})
+        self.released.wait()
+        status, _ = self.kube._call("GET", pods_path(name))
+        if status == 200 and not self._stop.is_set():
+            self._run(pod)
+        else:
+            self.ran[name] = "gone"
+
+
+def task_of(pod) -> tuple[str, int, int]:
+    """(TestRun name, run index, attempt) of a run pod."""
+    _, testrun, index, attempt = pod["metadata"]["annotations"][pod_builder.RUN_ID_ANNOTATION].split(".")
+    return testrun, int(index), int(attempt)
+
+
+def by_task(kube) -> dict:
+    return {item["spec"]["task"]: item for item in list_testruns(kube)}
+
+
+def recorded_runs(redis_url, commit):
+    store = open_store(redis_url)
+    try:
+        return store.runs(f"{NAMESPACE}/demo", commit, with_cases=True)
+    finally:
+        store.close()
+
+
+# -- the flags ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--max-infra-retries", "many", "--max-infra-retries must be a whole number of retries (0 or more), not 'many'"),
+    ("--max-infra-retries", "-1", "--max-infra-retries must be 0 or more (0: never retry), not -1"),
+    ("--pending-timeout", "10m", "--pending-timeout must be a number of seconds, not '10m'"),
+    ("--image-pull-grace", "0", "--image-pull-grace must be a number of seconds greater than 0, not '0'"),
+    ("--heartbeat-grace", "-5", "--heartbeat-grace must be a number of seconds greater than 0, not '-5'"),
+    ("--heartbeat-grace", "inf", "--heartbeat-grace must be a number of seconds greater than 0, not 'inf'"),
+    ("--missing-pod-grace", "nan", "--missing-pod-grace must be a number of seconds greater than 0, not 'nan'"),
+    ("--result-grace", "", "--result-grace must be a number of seconds, not ''"),
+])
+def test_a_bad_phase_machine_flag_is_one_clear_line_and_starts_nothing(tmp_path, capsys, flag, value, message):
+    code = cli_main(["operator", "--namespace", "ci", "--cache-dir", str(tmp_path / "cache"), flag, value])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.err == f"testlooper: error: {message}\n" and captured.out == ""
+    assert not (tmp_path / "cache").exists()  # refused before anything was made
+
+
+def test_the_phase_machine_flags_become_its_settings():
+    from testlooper.cli.main import build_parser
+    from testlooper.cli.operator_cmd import phase_settings
+    from testlooper.decisions.phases import Settings
+
+    parse = lambda *flags: phase_settings(build_parser().parse_args(["operator", "-n", "ci", *flags]))  # noqa: E731
+    assert parse() == Settings()
+    assert parse("--max-infra-retries", "0", "--pending-timeout", "90", "--image-pull-grace", "1.5",
+                 "--heartbeat-grace", "12", "--missing-pod-grace", "2", "--result-grace", "3") == Settings(
+        max_infra_retries=0, pending_timeout_seconds=90.0, image_pull_grace_seconds=1.5, heartbeat_grace_seconds=12.0,
+        missing_pod_grace_seconds=2.0, result_grace_seconds=3.0)
+    help_text = " ".join(build_parser()._subparsers._group_actions[0].choices["operator"].format_help().split())
+    defaults = Settings()  # --help states the Settings' own defaults
+    for flag, value in (("--max-infra-retries", defaults.max_infra_retries),
+                        ("--pending-timeout", defaults.pending_timeout_seconds),
+                        ("--image-pull-grace", defaults.image_pull_grace_seconds),
+                        ("--heartbeat-grace", defaults.heartbeat_grace_seconds),
+                        ("--missing-pod-grace", defaults.missing_pod_grace_seconds),
+                        ("--result-grace", defaults.result_grace_seconds)):
+        stated = re.search(re.escape(flag) + r" (?:N|SECONDS) [^\[]*?\(default: ([^)]*)\)", help_text)
+        assert stated and stated.group(1) == f"{value:g}", flag
