@@ -24,7 +24,7 @@ import pytest
 from cluster_helpers import NAMESPACE, events, list_testruns
 from kubelet import TestKubelet, run_agent_alone, running_status
 from redis_server import RedisServer
-from run_cluster import Kubelet, apply_repo, ended_testruns, pods_path, push_project, start_operator
+from run_cluster import Kubelet, apply_repo, ended_testruns, pods_path, push_project, redis_url, start_operator  # noqa: F401
 from run_helpers import wait_for
 from testlooper.cli.main import main as cli_main
 from testlooper.kube import pods as pod_builder
@@ -276,3 +276,61 @@ def test_the_phase_machine_flags_become_its_settings():
                         ("--result-grace", defaults.result_grace_seconds)):
         stated = re.search(re.escape(flag) + r" (?:N|SECONDS) [^\[]*?\(default: ([^)]*)\)", help_text)
         assert stated and stated.group(1) == f"{value:g}", flag
+
+
+# -- infrastructure failures are retried, a real failure only per max_retries -------------------
+
+def test_evicted_deleted_and_image_pull_pods_are_retried_and_a_failing_build_only_per_max_retries(kube, tmp_path, redis_url):
+    tests = {name: "    command: sh src/pass.sh\n" for name in ("evicted", "deleted", "pulling", "never-pulls")}
+    tests["needs-broken"] = "    command: sh src/pass.sh\n    dependencies: {src: HEAD, broken: broken/linux}\n"
+    builds = {"broken": "    command: sh src/fail.sh\n    max_retries: 1\n    retry_wait_seconds: 2\n"}
+    url, commit = push_project(tmp_path, {"testlooper.yml": definitions(tests, builds).replace(
+        "  needs-broken/linux:\n    dependencies: {src: HEAD}\n", "  needs-broken/linux:\n"),
+        "pass.sh": PASS, "fail.sh": FAIL})
+    names = {task: testrun_name("demo", commit, f"{task}/linux") for task in [*tests, *builds]}
+    faults = {(names["evicted"], 1): "evict", (names["deleted"], 1): "delete", (names["pulling"], 1): "image-pull"}
+
+    def plan(pod):
+        testrun, _, attempt = task_of(pod)
+        return "image-pull" if testrun == names["never-pulls"] else faults.get((testrun, attempt), "run")
+
+    operator = start_operator(kube, tmp_path, redis_url, pool(), args=[*FAST, "--max-infra-retries", "1"])
+    with operator, FaultKubelet(kube, tmp_path / "node", plan) as kubelet:
+        apply_repo(kube, url)
+        try:
+            ended = wait_for(lambda: ended_testruns(kube, 6), timeout=90, interval=0.3, what="the six TestRuns ended")
+        finally:
+            assert kubelet.errors == [], kubelet.errors
+        status = {task.split("/")[0]: item["status"] for task, item in ended.items()}
+        for task, reason in (("evicted", "Evicted"), ("deleted", "PodDeleted"), ("pulling", "ImagePullBackOff")):
+            assert (status[task]["phase"], status[task]["result"], status[task]["runsSummary"]) == (
+                "Succeeded", "passed", "1/1"), (task, status[task])
+            assert [(a["run"], a["attempt"], a["reason"]) for a in status[task]["attempts"]] == [(1, 1, reason)], task
+            assert status[task]["infraRetries"] == 1
+            assert kubelet.ran[pod_builder.run_pod_name(names[task], 1, 2)] == "Succeeded", task
+        assert status["evicted"]["attempts"][0]["message"].startswith("The node was low on resource: memory.")
+        assert status["pulling"]["attempts"][0]["message"] == \
+            'ImagePullBackOff: Back-off pulling image "testlooper/worker:test"'
+        # --max-infra-retries 1: the second attempt lost to the infrastructure ends the run as an error.
+        never = status["never-pulls"]
+        assert (never["phase"], never["result"], never["runCounts"]["errored"]) == ("Error", "error", 1), never
+        assert [(a["attempt"], a["reason"]) for a in never["attempts"]] == [(1, "ImagePullBackOff"), (2, "ImagePullBackOff")]
+        # A build that fails for real: retried once (max_retries: 1) after retry_wait_seconds, then not again.
+        broken = status["broken"]
+        assert (broken["phase"], broken["result"], broken["runsSummary"]) == ("Failed", "failed", "0/1"), broken
+        assert [(a["attempt"], a["reason"]) for a in broken["attempts"]] == [(1, "BuildRetried")]
+        assert "infraRetries" not in broken or broken["infraRetries"] == 0
+        first, second = (pod_builder.run_pod_name(names["broken"], 1, attempt) for attempt in (1, 2))
+        assert kubelet.seen[second] - kubelet.ended[first] >= 1.5  # retry_wait_seconds: 2 (a second's resolution)
+        assert (status["needs-broken"]["phase"], status["needs-broken"]["result"]) == ("Failed", "blocked")
+        time.sleep(2.5)  # past another retry wait: no third attempt of the build, no other pod
+        pods_made = sorted(kubelet.seen)
+        assert pod_builder.run_pod_name(names["broken"], 1, 3) not in pods_made
+        assert len(pods_made) == 3 * 2 + 2 + 2, pods_made  # three faults retried once, never-pulls twice, the build twice
+        reasons = {(e["involvedObject"]["name"], e["reason"]) for e in events(kube)}
+        assert {(names["evicted"], "Evicted"), (names["deleted"], "PodDeleted"), (names["pulling"], "ImagePullBackOff"),
+                (names["never-pulls"], "RunError")} <= reasons
+    recorded = {(run.task, run.attempt): run.result for run in recorded_runs(redis_url, commit)}
+    assert recorded == {("evicted/linux", 2): "passed", ("deleted/linux", 2): "passed", ("pulling/linux", 2): "passed",
+                        ("broken/linux", 1): "failed", ("broken/linux", 2): "failed"}
+    assert "Traceback" not in operator.log(), operator.log()
