@@ -334,3 +334,112 @@ def test_evicted_deleted_and_image_pull_pods_are_retried_and_a_failing_build_onl
     assert recorded == {("evicted/linux", 2): "passed", ("deleted/linux", 2): "passed", ("pulling/linux", 2): "passed",
                         ("broken/linux", 1): "failed", ("broken/linux", 2): "failed"}
     assert "Traceback" not in operator.log(), operator.log()
+
+
+# -- tokens and hostile RESULTs, through the operator's own server ------------------------------
+
+def call(operator, method, run_id, action, token=None, body=b"", content_type="application/json"):
+    """One worker API request to the operator; (status, answer)."""
+    request = urllib.request.Request(operator.url(f"/runs/{urllib.parse.quote(run_id, safe='')}/{action}"),
+                                     data=body if method in ("POST", "PUT") else None, method=method,
+                                     headers={"Content-Type": content_type,
+                                              **({"Authorization": f"Bearer {token}"} if token else {})})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            return answer.status, answer.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def claimed_length_only(operator, run_id, token, length) -> int:
+    """POSTs a RESULT's headers claiming `length` bytes, sends none of them, and returns the status."""
+    connection = http.client.HTTPConnection("127.0.0.1", operator.port, timeout=10)
+    try:
+        connection.putrequest("POST", f"/runs/{run_id}/result")
+        connection.putheader("Authorization", f"Bearer {token}")
+        connection.putheader("Content-Type", "application/json")
+        connection.putheader("Content-Length", str(length))
+        connection.endheaders()
+        return connection.getresponse().status
+    finally:
+        connection.close()
+
+
+HOSTILE_NAMES = ["../../../../etc/passwd", "a/b/c", "..", "/absolute", "ünïcødé ✓ 测试 🧪", "tab\there", "%2e%2e%2f"]
+
+
+def test_tokens_open_only_their_run_and_hostile_results_are_refused_or_stored_as_sent(kube, tmp_path, redis_url):
+    url, commit = push_project(tmp_path, {"testlooper.yml": definitions({"pair": "    command: sh src/pass.sh\n    runs: 2\n"}),
+                                          "pass.sh": PASS})
+    name = testrun_name("demo", commit, "pair/linux")
+    operator = start_operator(kube, tmp_path, redis_url, pool(), args=FAST)
+    with operator, FaultKubelet(kube, tmp_path / "node", plan=lambda pod: "hold") as kubelet:
+        apply_repo(kube, url)
+        pods = wait_for(lambda: len(items := kube.api("GET", pods_path())["items"]) == 2 and items,
+                        timeout=30, what="both runs' pods")
+        token = {task_of(pod)[1]: secret_token(kube, pod) for pod in pods}
+        run_a, run_b = (pod_builder.run_id(NAMESPACE, name, index, 1) for index in (1, 2))
+        assert call(operator, "GET", run_a, "assignment", token[1])[0] == 200
+        # Run A's token on run B, everything the protocol has: 401, and nothing is told of B.
+        for method, action, body in (("GET", "assignment", b""), ("GET", "source", b""), ("GET", "inputs/src", b""),
+                                     ("POST", "heartbeat", b"{}"), ("POST", "log?offset=0", b"forged\n"),
+                                     ("PUT", "artifacts/_?format=Tar", b"x"),
+                                     ("POST", "result", json.dumps({"result": "failed"}).encode())):
+            for wrong in (token[1], None, "Bearer", token[1][:-2] + "AA"):
+                status, answer = call(operator, method, run_b, action, wrong, body)
+                assert status == 401, (method, action, wrong, status, answer)
+                assert json.loads(answer) == {"error": "a valid bearer token for this run is required"}
+        # A token for a run id of another TestRun, or of another attempt of the same run: 401 too.
+        for other in (pod_builder.run_id(NAMESPACE, "someone-else", 1, 1), pod_builder.run_id(NAMESPACE, name, 1, 2),
+                      pod_builder.run_id("other-namespace", name, 1, 1)):
+            assert call(operator, "GET", other, "assignment", token[1])[0] == 401, other
+
+        # Hostile RESULT bodies on run A with its real token: refused, nothing recorded.
+        assert claimed_length_only(operator, run_a, token[1], 64 * 1024 * 1024 + 1) == 413
+        refused = [b"not json", b"[1, 2]", b'"passed"', b"{\"result\": \"passed\"", json.dumps({"result": "great"}).encode(),
+                   json.dumps({"result": "passed", "cases": {"a": True}}).encode(),
+                   json.dumps({"result": "passed", "cases": [{"name": "", "success": True}]}).encode(),
+                   json.dumps({"result": "passed", "cases": [{"name": 7, "success": True}]}).encode(),
+                   json.dumps({"result": "passed", "cases": [{"name": "x", "success": "yes"}]}).encode(),
+                   json.dumps({"result": "passed", "cases": [{"name": "nul\u0000byte", "success": True}]}).encode(),
+                   b'{"result": "passed", "cases": [{"name": "\\ud800", "success": true}]}',
+                   json.dumps({"result": "passed", "cases": [{"name": "x" * 5000, "success": True}]}).encode(),
+                   json.dumps({"result": "passed", "cases": [{"name": "x", "success": True,
+                                                             "duration_seconds": -1}]}).encode()]
+        for body in refused:
+            status, answer = call(operator, "POST", run_a, "result", token[1], body)
+            assert status == 400 and json.loads(answer)["error"], (body[:60], status, answer)
+        assert recorded_runs(redis_url, commit) == []
+        # An artifact named to climb out of its directory stays inside the artifact volume.
+        status, _ = call(operator, "PUT", run_a, "artifacts/" + urllib.parse.quote("../../../escaped", safe="")
+                         + "?format=Tar", token[1], b"not really a tarball", "application/octet-stream")
+        assert status == 200
+        artifacts = operator.cache_dir / "artifacts"
+        stored = [os.path.join(folder, file) for folder, _, files in os.walk(tmp_path) for file in files
+                  if "escaped" in file]
+        assert stored and all(os.path.realpath(path).startswith(str(artifacts) + os.sep) for path in stored), stored
+        # Names with "/", ".." and unicode are only names: stored as sent, read back the same.
+        cases = [{"name": case, "success": index % 2 == 1, "duration_seconds": 0.5}
+                 for index, case in enumerate(HOSTILE_NAMES)]
+        status, answer = call(operator, "POST", run_a, "result", token[1],
+                              json.dumps({"result": "failed", "exit_code": 1, "duration_seconds": 1.0,
+                                          "cases": cases}).encode())
+        assert status == 200, answer
+        (record,) = recorded_runs(redis_url, commit)
+        assert (record.run_index, record.attempt, record.result) == (1, 1, "failed")
+        assert sorted((case.name, case.success) for case in record.cases) == sorted(
+            (case["name"], case["success"]) for case in cases)
+        # Run A is counted by its first RESULT (its pod goes); run B, released, runs its real agent.
+        wait_for(lambda: [task_of(pod)[1] for pod in kube.api("GET", pods_path())["items"]] == [2],
+                 what="run A's pod deleted once its RESULT counted")
+        kubelet.released.set()
+        status = wait_for(lambda: (ended := ended_testruns(kube, 1)) and ended["pair/linux"]["status"],
+                          timeout=60, interval=0.3, what="the TestRun ended")
+        assert kubelet.errors == [], kubelet.errors
+        assert (status["phase"], status["result"], status["runsSummary"]) == ("Failed", "flaky", "1/2"), status
+        assert status["failingCases"] == [case["name"] for case in cases if not case["success"]]
+    records = {(run.run_index, run.attempt): run for run in recorded_runs(redis_url, commit)}
+    assert sorted(records) == [(1, 1), (2, 1)] and records[(2, 1)].result == "passed"
+    assert {case.name for case in records[(1, 1)].cases} == set(HOSTILE_NAMES)  # the agent's later post changed nothing
+    assert token[1] not in operator.log() and token[2] not in operator.log()
+    assert "Traceback" not in operator.log(), operator.log()

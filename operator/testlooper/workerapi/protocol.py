@@ -311,11 +311,16 @@ async def stream_git_archive(request, git_dir: str, commit: str, tee=None) -> we
         response = web.StreamResponse(headers={"Content-Type": "application/x-tar"})
         await response.prepare(request)
         block = first
-        while block:
-            if tee is not None:
-                tee.write(block)
-            await response.write(block)
-            block = await loop.run_in_executor(readers, read_block)
+        try:
+            while block:
+                if tee is not None:
+                    tee.write(block)
+                await response.write(block)
+                block = await loop.run_in_executor(readers, read_block)
+        except ConnectionResetError:  # aiohttp's ClientConnectionResetError is one
+            # The run went away mid-download (its pod deleted): no one to answer; git is stopped.
+            _log.debug("%s: the client went away during git archive %s", request.rel_url.path, commit)
+            return response
         stderr = await process.stderr.read()
         if await process.wait() != 0:
             _log.warning("git archive %s failed mid-way: %s", commit, stderr.decode("utf-8", "replace")[-500:])
@@ -325,7 +330,10 @@ async def stream_git_archive(request, git_dir: str, commit: str, tee=None) -> we
         if tee is not None:
             tee.finish()  # whole: from now on it is sent from the cache
             tee = None
-        await response.write_eof()
+        try:
+            await response.write_eof()
+        except ConnectionResetError:
+            _log.debug("%s: the client went away at the end of git archive %s", request.rel_url.path, commit)
         return response
     finally:
         if tee is not None:
