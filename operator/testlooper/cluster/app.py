@@ -65,6 +65,10 @@ async def serve(options: OperatorOptions) -> None:
     api = KubeApi()
     context = OperatorContext(options, api, OperatorMetrics())
     context.store = await asyncio.to_thread(open_history_store, options.store_url)
+    if context.store is not None:
+        from testlooper.cluster.run_metrics import FlakyCases
+
+        context.flaky_cases = FlakyCases(context)
     worker_backend = await start_runs(context) if options.runs_enabled else None
     runner = await http.start_server(context, worker_backend)
     logger.info("serving /healthz, /metrics, webhooks%s on %s:%d", " and the worker API" if worker_backend else "",
@@ -92,6 +96,8 @@ async def serve(options: OperatorOptions) -> None:
     finally:
         if context.runs is not None:
             await context.runs.close()
+        if context.flaky_cases is not None:
+            await context.flaky_cases.close()
         await http.stop_server(runner)
         api.close()
         if context.store is not None:

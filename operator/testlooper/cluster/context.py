@@ -93,6 +93,7 @@ class OperatorContext:
         self.ready = asyncio.Event()
         self.store = None  # the history store (--store), opened at startup
         self.runs = None  # the RunController (cluster/runs.py) when runs are enabled
+        self.flaky_cases = None  # cluster/run_metrics.FlakyCases when there is a store
         self.webhook_slots = asyncio.Semaphore(WEBHOOK_CONCURRENCY)
         self.webhook_secrets: dict[tuple[str, str], tuple[float, dict | None]] = {}  # (ns, name) -> (read at, data)
         self.webhook_secret_reads: dict[tuple[str, str], asyncio.Future] = {}  # reads in flight
