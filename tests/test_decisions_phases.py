@@ -40,8 +40,12 @@ def test_blocked_until_the_builds_consumed_succeed():
     assert d.status["runCounts"]["queued"] == 1
     assert queued_demand(d.obj, T0) is None
     assert d.decide(builds={"b1": ("Running", ""), "b2": ("Queued", "")}).actions == []  # no second event
-    d.decide(builds={"b1": ("Succeeded", "passed"), "b2": ("Succeeded", "passed")})
+    assert "runnableSince" not in d.status
+    d.decide(T0 + 40, builds={"b1": ("Succeeded", "passed"), "b2": ("Succeeded", "passed")})
     assert d.status["phase"] == "Queued"
+    assert d.status["runnableSince"] == format_time(T0 + 40)  # its runs queue from then
+    d.decide(T0 + 50, builds={"b1": ("Succeeded", "passed"), "b2": ("Succeeded", "passed")})
+    assert d.status["runnableSince"] == format_time(T0 + 40)
 
 
 def test_a_failed_build_ends_its_consumer_as_blocked():

@@ -12,6 +12,7 @@ from phases_helpers import T0, Driver, a_testrun, pool, running_pod
 from prometheus_client import generate_latest
 
 from testlooper.cluster import run_metrics
+from testlooper.cluster.context import RepoRegistry
 from testlooper.cluster.metrics import OperatorMetrics
 from testlooper.decisions.phases import CreatePod, Observations, PodObservation, RunResult, format_time
 from testlooper.decisions.pools import Usage, pool_status
@@ -223,11 +224,17 @@ def test_flaky_cases_are_counted_from_the_store_as_testlooper_flaky_counts_them(
                              [("steady", True), ("wobbly", True), ("shaky", False)]])
         store.record_branch_line("ns/demo", "main", [head, old])
         metrics = OperatorMetrics()
-        context = types.SimpleNamespace(metrics=metrics, store=store)
+        repos = RepoRegistry()
+        context = types.SimpleNamespace(metrics=metrics, store=store, repos=repos)
 
         async def scenario():
             flaky = run_metrics.FlakyCases(context, refresh_seconds=0.2)
+            # A poll ending after its Repo's deletion (its daemon gone): no series comes back.
             flaky.branches_tested("ns", "demo", {"main": head})
+            await asyncio.sleep(0.3)
+            assert ("ns", "demo") not in metrics.figures.flaky
+            repos.register("ns", "demo", "uid-1", {"url": "https://example.com/demo.git"})
+            flaky.refresh_soon("ns", "demo")
             for _ in range(100):
                 if ("ns", "demo") in metrics.figures.flaky:
                     break

@@ -254,7 +254,7 @@ class FlakyCases:
             self._dirty.discard(key)
             branches = sorted(self._branches.get(key, {}))
             counts = await asyncio.to_thread(self._count, key, branches)
-            if key in self._branches:  # not forgotten (the Repo deleted) meanwhile
+            if key in self._branches and self._polled(key):  # not deleted meanwhile
                 self.context.metrics.figures.flaky[key] = counts
         except asyncio.CancelledError:
             self._dirty.discard(key)  # stopping, or the Repo forgotten: not asked again
@@ -266,6 +266,11 @@ class FlakyCases:
                 del self._pending[key]
                 if key in self._dirty:
                     self.refresh_soon(*key)
+
+    def _polled(self, key: tuple[str, str]) -> bool:
+        """The Repo's daemon still runs (a poll that ends after the Repo's deletion must not bring
+        its series back)."""
+        return any(watched.name == key[1] for watched in self.context.repos.in_namespace(key[0]))
 
     def _count(self, key: tuple[str, str], branches: Sequence[str]) -> dict[str, int]:
         from testlooper.history import branch_flakiness
