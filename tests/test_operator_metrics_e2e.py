@@ -6,14 +6,19 @@ One push makes three TestRuns: `good` (2 runs that pass), `bad` (1 run with a fa
 `wobbly` (4 runs whose case `sometimes` fails on the even runs: flaky). The pool holds 4 pods
 at once. While no kubelet runs them, the pool's gauges and its status say the same 4 pods and
 queued runs; then the kubelet evicts one pod (an infrastructure retry) and runs the rest. Every
-series is then scraped over HTTP and checked against what happened; a restarted operator,
+series is then scraped over HTTP and checked against what happened; a RESULT posted again
+counts nothing more; a restarted operator,
 which decides every TestRun again from the same RESULTs, counts no run twice; deleting the
 pool, the TestRuns and the Repo takes their series away.
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import time
+import urllib.error
+import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -24,6 +29,7 @@ from test_operator_runs_e2e import (  # noqa: F401  (redis_url is a fixture)
 )
 from testlooper.kube import pods as pod_builder
 from testlooper.kube.objects import testrun_name
+from testlooper.workerapi import tokens
 
 DEFINITIONS = """\
 looper_version: 5
@@ -114,6 +120,21 @@ def pool_status(kube, pool="linux") -> tuple:
     return status.get("workers"), status.get("cores"), status.get("queued")
 
 
+def post_result(kube, operator, testrun: str, run: int, body: dict) -> tuple[int, str]:
+    """POST a RESULT for (run, attempt 1) as its agent would, with the token derived for it."""
+    secret = kube.api("GET", f"/api/v1/namespaces/{NAMESPACE}/secrets/testlooper-operator")["data"]["secret"]
+    run_id = pod_builder.run_id(NAMESPACE, testrun, run, 1)
+    request = urllib.request.Request(operator.url(f"/runs/{run_id}/result"), data=json.dumps(body).encode(),
+                                     method="POST", headers={
+                                         "Content-Type": "application/json",
+                                         "Authorization": f"Bearer {tokens.run_token(base64.b64decode(secret), run_id)}"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
 def test_the_run_metrics_say_what_the_runs_did(kube, tmp_path, redis_url):
     url, commit = push_project(tmp_path, {"testlooper.yml": DEFINITIONS, "good.sh": GOOD, "bad.sh": BAD,
                                           "wobbly.sh": WOBBLY})
@@ -168,6 +189,20 @@ def test_the_run_metrics_say_what_the_runs_did(kube, tmp_path, redis_url):
         assert value(samples, "testlooper_run_queue_wait_seconds_sum", namespace=NAMESPACE, pool="linux") > 0
         assert series(samples, "testlooper_infra_retries_total") == {
             (("namespace", NAMESPACE), ("reason", "Evicted")): 1}
+
+        # The agent of wobbly's run 2 posts its RESULT again (a retry after a lost answer), and
+        # another one too: the first RESULT stands, and no run or case is counted again.
+        same = {"result": "failed", "cases": [{"name": "always", "success": True},
+                                              {"name": "sometimes", "success": False}]}
+        other = {"result": "passed", "cases": [{"name": "always", "success": True}]}
+        for body in (same, other):
+            status, answer = post_result(kube, operator, names["wobbly/linux"], run=2, body=body)
+            assert status == 200, answer
+        time.sleep(3)  # the decisions the RESULTs asked for
+        again = scrape(operator)
+        for name in ("testlooper_runs_finished_total", "testlooper_test_cases_total",
+                     "testlooper_run_duration_seconds_count"):
+            assert series(again, name) == series(samples, name), name
 
         # A restart decides every TestRun again, from the same RESULTs: no run is counted again,
         # and the gauges are counted again from the objects.
