@@ -23,7 +23,7 @@ import urllib.request
 from prometheus_client.parser import text_string_to_metric_families
 
 from cluster_helpers import NAMESPACE, list_testruns
-from run_helpers import wait_for
+from run_helpers import cli_env, tl, wait_for
 from test_operator_runs_e2e import (  # noqa: F401  (redis_url is a fixture)
     POOL, Kubelet, apply_repo, ended_testruns, pods_path, push_project, redis_url, start_operator,
 )
@@ -139,14 +139,14 @@ def test_the_run_metrics_say_what_the_runs_did(kube, tmp_path, redis_url):
     url, commit = push_project(tmp_path, {"testlooper.yml": DEFINITIONS, "good.sh": GOOD, "bad.sh": BAD,
                                           "wobbly.sh": WOBBLY})
     operator = start_operator(kube, tmp_path, redis_url, POOL)
+    operator.args += ["--pool-status-interval", "1"]
     names = {task: testrun_name("demo", commit, task) for task in ("good/linux", "bad/linux", "wobbly/linux")}
     evicted = pod_builder.run_pod_name(names["good/linux"], 1, 1)
     repo_labels = {"namespace": NAMESPACE, "repo": "demo"}
     with operator:
         apply_repo(kube, url)
         # No kubelet yet: 4 pods (maxWorkers) are created and stay Pending, 3 runs wait.
-        wait_for(lambda: len(kube.api("GET", pods_path())["items"]) == 4 and time.sleep(3) is None
-                 and len(kube.api("GET", pods_path())["items"]) == 4, timeout=60, what="the pool full")
+        wait_for(lambda: len(kube.api("GET", pods_path())["items"]) == 4, timeout=60, what="the pool full")
         wait_for(lambda: pool_gauges(scrape(operator)) == (4, 4, 3), timeout=20,
                  what=lambda: f"the pool gauges at 4 workers, 4 cores, 3 queued: {pool_gauges(scrape(operator))}")
         wait_for(lambda: pool_status(kube) == (4, 4, 3), timeout=20,
@@ -198,7 +198,7 @@ def test_the_run_metrics_say_what_the_runs_did(kube, tmp_path, redis_url):
         for body in (same, other):
             status, answer = post_result(kube, operator, names["wobbly/linux"], run=2, body=body)
             assert status == 200, answer
-        time.sleep(3)  # the decisions the RESULTs asked for
+        time.sleep(2)  # the decisions the RESULTs asked for
         again = scrape(operator)
         for name in ("testlooper_runs_finished_total", "testlooper_test_cases_total",
                      "testlooper_run_duration_seconds_count"):
@@ -216,7 +216,7 @@ def test_the_run_metrics_say_what_the_runs_did(kube, tmp_path, redis_url):
         for task in names.values():  # an edit of each TestRun makes one more decision of it
             kube.api("PATCH", f"/apis/testlooper.dev/v1alpha1/namespaces/{NAMESPACE}/testruns/{task}",
                      {"metadata": {"annotations": {"test/nudge": "1"}}}, content_type="application/merge-patch+json")
-        time.sleep(3)
+        time.sleep(2)  # their decisions
         samples = scrape(operator)
         assert series(samples, "testlooper_runs_finished_total") == {}
         assert series(samples, "testlooper_test_cases_total") == {}
@@ -233,3 +233,10 @@ def test_the_run_metrics_say_what_the_runs_did(kube, tmp_path, redis_url):
         wait_for(lambda: phase_gauge(scrape(operator)) == {}, timeout=20,
                  what=lambda: f"no TestRun counted: {phase_gauge(scrape(operator))}")
     assert "Traceback" not in operator.log(), operator.log()
+
+
+def test_a_pool_status_interval_too_short_is_refused_in_one_line(tmp_path):
+    done = tl(["operator", "--namespace", NAMESPACE, "--cache-dir", str(tmp_path / "cache"),
+               "--pool-status-interval", "0"], cli_env(tmp_path), timeout=60)
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines()[-1].endswith("--pool-status-interval must be at least 0.5 seconds, not 0")

@@ -41,6 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         metavar="DIR", help="where git mirrors are kept (default: /var/cache/testlooper)")
     parser.add_argument("--max-concurrent-polls", type=int, default=4, metavar="N",
                         help="git fetches running at once across all Repos (default: 4)")
+    parser.add_argument("--pool-status-interval", type=float, default=10.0, metavar="SECONDS",
+                        help="how often each WorkerPool's status and gauges are counted from its pods (default: 10)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="(default: INFO)")
     parser.set_defaults(run=run)
@@ -58,6 +60,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--api-port must be between 1 and 65535, not {args.api_port}")
     if args.max_concurrent_polls < 1:
         raise UserError("--max-concurrent-polls must be at least 1")
+    if not args.pool_status_interval >= 0.5:
+        raise UserError(f"--pool-status-interval must be at least 0.5 seconds, not {args.pool_status_interval:g}")
     if args.store and not args.store.startswith(("redis://", "rediss://", "unix://")):
         raise UserError(f"--store must be a redis:// URL in the cluster, not {args.store!r}")
     try:
@@ -74,6 +78,6 @@ def run(args: argparse.Namespace) -> int:
         peering_name=args.peering, priority=args.priority, store_url=args.store, api_host=args.api_host,
         api_port=args.api_port, api_url=args.api_url, cache_dir=args.cache_dir,
         max_concurrent_polls=args.max_concurrent_polls, worker_image=args.worker_image,
-        operator_namespace=args.operator_namespace,
+        operator_namespace=args.operator_namespace, pool_status_interval=args.pool_status_interval,
     )
     return run_operator(options)
