@@ -101,15 +101,16 @@ def stored_runs(store_url: str, repo, sha: str, with_cases: bool = False):
         store.close()
 
 
-def wait_for(predicate, timeout: float = 20, what: str = "the condition", interval: float = 0.05):
-    """Polls `predicate` until it returns something true; fails naming `what` after `timeout`."""
+def wait_for(predicate, timeout: float = 20, what="the condition", interval: float = 0.05):
+    """Polls `predicate` until it returns something true; fails naming `what` after `timeout`
+    (a callable `what` is asked then, so it can say what was seen last)."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            raise AssertionError(f"timed out after {timeout}s waiting for {what() if callable(what) else what}")
         time.sleep(interval)
 
 

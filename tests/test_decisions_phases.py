@@ -40,8 +40,12 @@ def test_blocked_until_the_builds_consumed_succeed():
     assert d.status["runCounts"]["queued"] == 1
     assert queued_demand(d.obj, T0) is None
     assert d.decide(builds={"b1": ("Running", ""), "b2": ("Queued", "")}).actions == []  # no second event
-    d.decide(builds={"b1": ("Succeeded", "passed"), "b2": ("Succeeded", "passed")})
+    assert "runnableSince" not in d.status
+    d.decide(T0 + 40, builds={"b1": ("Succeeded", "passed"), "b2": ("Succeeded", "passed")})
     assert d.status["phase"] == "Queued"
+    assert d.status["runnableSince"] == format_time(T0 + 40)  # its runs queue from then
+    d.decide(T0 + 50, builds={"b1": ("Succeeded", "passed"), "b2": ("Succeeded", "passed")})
+    assert d.status["runnableSince"] == format_time(T0 + 40)
 
 
 def test_a_failed_build_ends_its_consumer_as_blocked():
@@ -394,7 +398,7 @@ def test_a_failed_build_is_retried_per_max_retries_after_its_wait_and_infra_loss
     entry = d.status["active"]["1"]
     assert (entry["state"], entry["attempt"], entry["notBefore"]) == ("Waiting", 3, format_time(T0 + 33))
     assert decision.wake_after == 30
-    assert RecordAttempt(1, 2, "BuildRetried", "failed", True) in decision.actions
+    assert RecordAttempt(1, 2, "BuildRetried", "failed", True, infrastructure=False) in decision.actions
     assert d.status["infraRetries"] == 1  # the build's retry is not an infrastructure retry
     assert queued_demand(d.obj, T0 + 10) is None and queued_demand(d.obj, T0 + 33).count == 1
     assert placed(d, T0 + 10).creates == []

@@ -70,6 +70,9 @@ def test_a_build_and_its_test_run_as_pods_and_end_succeeded_with_results(kube, t
         build_name = testrun_name("demo", commit, "app/linux")
         check_name = testrun_name("demo", commit, "check/linux")
         assert {labels.get("testlooper.dev/worker-pool") for labels in kubelet.labels.values()} == {"linux"}
+        # The TestRun may end (its RESULTs counted) before the kubelet has written the last
+        # pod's end: wait for that too.
+        wait_for(lambda: len(kubelet.ran) == 3, what="the kubelet to finish the three pods")
         assert kubelet.ran == {pod_builder.run_pod_name(build_name, 1, 1): "Succeeded",
                                pod_builder.run_pod_name(check_name, 1, 1): "Succeeded",
                                pod_builder.run_pod_name(check_name, 2, 1): "Succeeded"}

@@ -81,3 +81,21 @@ def _earlier_results(commits: Iterator[tuple[str, dict]], tasks: set[str]) -> di
         if not waiting:
             break
     return earlier
+
+
+FLAKY_WINDOW = 50  # tested commits `testlooper flaky` and the flaky-cases metric look at
+
+
+@dataclass
+class BranchFlakiness:
+    counts: dict  # sha -> {(task, case): (runs, failures)}, the last tested commits, newest first
+    flaky: list  # stats.FlakeRate of the cases with a rate above 0, highest first
+
+
+def branch_flakiness(store, repo_id: str, line: list[str], last: int = FLAKY_WINDOW) -> BranchFlakiness:
+    """The flaky cases over the last `last` tested commits of `line` (first-parent shas from the
+    branch head, newest first): what `testlooper flaky` prints and the operator's
+    testlooper_flaky_cases counts."""
+    counts = dict(itertools.islice(tested_aggregates(store, repo_id, line, last, globs=[]), last))
+    rates = stats.flake_rates(list(counts), counts, last)
+    return BranchFlakiness(counts, [rate for rate in rates if rate.flake_rate > 0])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
 import json
 
 from testlooper import terminal
@@ -13,9 +12,9 @@ from testlooper.local.recording import open_store_replaying_spool
 from testlooper.cli.history_cmd import (
     BranchLine, add_branch_arguments, branch_line, no_history_message, stored_branch_line,
 )
-from testlooper.history import tested_aggregates
+from testlooper.history import FLAKY_WINDOW, branch_flakiness
 
-DEFAULT_LAST = 50
+DEFAULT_LAST = FLAKY_WINDOW
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -34,17 +33,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from testlooper import stats
-
     if args.last < 1:
         raise UserError("--last must be at least 1")
     target = None if args.repo_id else branch_line(args.path, args.branch, args.last)
     with open_store_replaying_spool(args.store, args.spool) as store:
         target = target or stored_branch_line(store, args.repo_id, args.branch)
-        commits = tested_aggregates(store, target.repo_id, target.line, args.last, globs=[])
-        counts = dict(itertools.islice(commits, args.last))
+        flakiness = branch_flakiness(store, target.repo_id, target.line, args.last)
         store_url = store.url
-    flaky = [rate for rate in stats.flake_rates(list(counts), counts, args.last) if rate.flake_rate > 0]
+    counts, flaky = flakiness.counts, flakiness.flaky
     if args.json:
         print(json.dumps([dataclasses.asdict(rate) for rate in flaky], indent=2, sort_keys=True,
                          ensure_ascii=False))

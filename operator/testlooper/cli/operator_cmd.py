@@ -60,6 +60,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               "as deleted (default: 30)")
     machine.add_argument("--result-grace", metavar="SECONDS",
                          help="how long after a pod ended its agent's RESULT is waited for (default: 30)")
+    parser.add_argument("--pool-status-interval", type=float, default=10.0, metavar="SECONDS",
+                        help="how often each WorkerPool's status and gauges are counted from its pods (default: 10)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="(default: INFO)")
     parser.set_defaults(run=run)
@@ -77,6 +79,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--api-port must be between 1 and 65535, not {args.api_port}")
     if args.max_concurrent_polls < 1:
         raise UserError("--max-concurrent-polls must be at least 1")
+    if not args.pool_status_interval >= 0.5:
+        raise UserError(f"--pool-status-interval must be at least 0.5 seconds, not {args.pool_status_interval:g}")
     if args.store and not args.store.startswith(("redis://", "rediss://", "unix://")):
         raise UserError(f"--store must be a redis:// URL in the cluster, not {args.store!r}")
     run_settings = phase_settings(args)
@@ -95,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
         api_port=args.api_port, api_url=args.api_url, cache_dir=args.cache_dir,
         max_concurrent_polls=args.max_concurrent_polls, worker_image=args.worker_image,
         operator_namespace=args.operator_namespace, run_settings=run_settings,
+        pool_status_interval=args.pool_status_interval,
     )
     return run_operator(options)
 

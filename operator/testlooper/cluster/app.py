@@ -68,6 +68,10 @@ async def serve(options: OperatorOptions) -> None:
     context.store = await asyncio.to_thread(open_history_store, options.store_url)
     context.store_health = StoreHealth(context.metrics, context.store)
     store_monitor = asyncio.ensure_future(context.store_health.monitor()) if context.store is not None else None
+    if context.store is not None:
+        from testlooper.cluster.run_metrics import FlakyCases
+
+        context.flaky_cases = FlakyCases(context)
     worker_backend = await start_runs(context) if options.runs_enabled else None
     runner = await http.start_server(context, worker_backend)
     logger.info("serving /healthz, /metrics, webhooks%s on %s:%d", " and the worker API" if worker_backend else "",
@@ -97,6 +101,8 @@ async def serve(options: OperatorOptions) -> None:
             store_monitor.cancel()
         if context.runs is not None:
             await context.runs.close()
+        if context.flaky_cases is not None:
+            await context.flaky_cases.close()
         await http.stop_server(runner)
         api.close()
         if context.store is not None:

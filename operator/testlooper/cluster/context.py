@@ -97,6 +97,7 @@ class OperatorContext:
         self.store = None  # the history store (--store), opened at startup
         self.store_health = StoreHealth(metrics)  # whether it answers (cluster/store_health.py)
         self.runs = None  # the RunController (cluster/runs.py) when runs are enabled
+        self.flaky_cases = None  # cluster/run_metrics.FlakyCases when there is a store
         self.webhook_slots = asyncio.Semaphore(WEBHOOK_CONCURRENCY)
         self.webhook_secrets: dict[tuple[str, str], tuple[float, dict | None]] = {}  # (ns, name) -> (read at, data)
         self.webhook_secret_reads: dict[tuple[str, str], asyncio.Future] = {}  # reads in flight

@@ -68,6 +68,8 @@ async def repo_daemon(name: str, namespace: str, uid: str, body: kopf.Body, stop
 async def forget_repo(name: str, namespace: str, uid: str, memo: OperatorContext, **_) -> None:
     """A deleted Repo's mirror and metric series go (its TestRuns follow by owner reference)."""
     memo.metrics.forget_repo(namespace, name)
+    if memo.flaky_cases is not None:
+        memo.flaky_cases.forget(namespace, name)
     await asyncio.to_thread(GitMirror(memo.mirror_path(namespace, name, uid), "").remove)
 
 
@@ -144,6 +146,8 @@ async def poll(context: OperatorContext, body: kopf.Body, name: str, namespace: 
     watched = context.repos.get(uid)
     if context.store is not None and watched is not None:
         await asyncio.to_thread(record_branch_lines, context, f"{namespace}/{name}", mirror, tested, watched)
+        if context.flaky_cases is not None:  # the flaky-cases gauge of each tested branch
+            context.flaky_cases.branches_tested(namespace, name, tested)
     observed = decide.PollObservations(heads=heads, new_heads=tuple(new_heads), testruns=testruns,
                                        reachable_commits=frozenset(reachable), now=now)
     decision = decide.decide_poll(spec, status, observed)

@@ -29,8 +29,10 @@ import secrets as random_secrets
 import subprocess
 import time
 
+from testlooper.cluster import run_metrics
+from testlooper.cluster.pool_handlers import count_pool_usage
 from testlooper.decisions import phases
-from testlooper.decisions.pools import POOL_LABEL, admit, pool_for, pool_usage, run_sizes
+from testlooper.decisions.pools import POOL_LABEL, admit, pool_for
 from testlooper.decisions.repo import ENDED_PHASES
 from testlooper.kube import pods as pod_builder
 from testlooper.kube.objects import MANAGED_BY, MANAGED_BY_LABEL, label_value, testrun_name
@@ -253,15 +255,14 @@ class RunController:
     async def admission_round(self, namespace: str) -> None:
         pools = await self.api.list_objects("workerpools", namespace)
         testruns = await self.api.list_objects("testruns", namespace)
+        run_metrics.testruns_listed(self.context, namespace, testruns)
         now = time.time()
         demands = [demand for demand in (phases.queued_demand(testrun, now, self.settings) for testrun in testruns) if demand]
         if not demands:
             return
-        pods = []
         # A pool may run its pods in a namespace of its own (spec.namespace): they count too.
-        for pod_namespace in sorted({namespace} | {(p.get("spec") or {}).get("namespace") or namespace for p in pools}):
-            pods += await self.api.list_core("pods", pod_namespace, f"{MANAGED_BY_LABEL}={MANAGED_BY}")
-        usage = pool_usage(pods, run_sizes(testruns, pools))
+        usage = await count_pool_usage(self.api, namespace, pools, testruns)
+        run_metrics.pools_counted(self.context, namespace, pools, testruns, usage)
         for (testrun_namespace, name), count in admit(pools, usage, demands).items():
             async with self._lock((testrun_namespace, name)):
                 await self._reconcile_logged((testrun_namespace, name), count)
@@ -296,7 +297,7 @@ class RunController:
             if found is not None:
                 found_status = found.get("status") or {}
                 builds[build] = (found_status.get("phase") or "", found_status.get("result") or "")
-        results, heartbeats, reports_known = await self._agent_reports(namespace, name, status)
+        results, heartbeats, posted, reports_known = await self._agent_reports(namespace, name, status)
         observed = phases.Observations(
             now=time.time(), builds=builds, pools=pools,
             pods=[p for p in (phases.observe_pod(pod) for pod in own_pods) if p is not None],
@@ -309,12 +310,14 @@ class RunController:
         decision = phases.decide(testrun, observed)
         for action in decision.creates:
             try:
-                await self._create(action, testrun, pool, pod_namespace)
+                if await self._create(action, testrun, pool, pod_namespace):
+                    run_metrics.pod_created(self.context, testrun, action, pool_name)
             except ValueError as exc:  # no pod can be made of it (no image, a Windows task): it ends here
                 await self._cannot_run(testrun, str(exc))
                 return
         if decision.status_patch:
             await self.api.patch_status("testruns", namespace, name, decision.status_patch)
+            run_metrics.after_status_write(self.context, testrun, decision.status_patch, observed, posted)
         for action in decision.afterwards:
             await self._apply_after(action, testrun, pod_namespace)
         if decision.wake_after is not None:
@@ -358,10 +361,11 @@ class RunController:
             logger.warning("TestRun %s/%s: condition Recorded not written: %s: %s", namespace, name,
                            type(exc).__name__, exc)
 
-    async def _agent_reports(self, namespace: str, name: str, status: dict) -> tuple[dict, dict, bool]:
-        """The RESULTs and last heartbeats of the active runs, as the worker API keeps them in
-        Redis; with Redis unreachable none, and False: the machine judges no run then."""
-        results, heartbeats = {}, {}
+    async def _agent_reports(self, namespace: str, name: str, status: dict) -> tuple[dict, dict, dict, bool]:
+        """The RESULTs (observed, and as posted) and last heartbeats of the active runs, as the
+        worker API keeps them in Redis; with Redis unreachable none, and False: the machine
+        judges no run then."""
+        results, heartbeats, posted = {}, {}, {}
         try:
             for index, entry in (status.get("active") or {}).items():
                 key = (int(index), int(entry["attempt"]))
@@ -369,6 +373,7 @@ class RunController:
                 result = await self.backend.result_of(the_run_id)
                 if result is not None:
                     results[key] = phases.observe_result(result)
+                    posted[key] = result
                 beat = await self.backend.last_heartbeat(the_run_id)
                 if beat is not None:
                     heartbeats[key] = float(beat["time"])
@@ -376,8 +381,8 @@ class RunController:
             if exc.status != 503:
                 raise
             self.context.store_health.failed("read_results", exc)
-            return {}, {}, False
-        return results, heartbeats, True
+            return {}, {}, {}, False
+        return results, heartbeats, posted, True
 
     async def _wake_consumers(self, testrun: dict) -> None:
         """The TestRuns consuming an ended build wait for it: they decide again now."""
@@ -429,14 +434,15 @@ class RunController:
         total = sum(len(record.cases) for record in last.values())
         return {"total": total, "passed": passed, "failed": total - passed}
 
-    async def _create(self, action, testrun: dict, pool: dict | None, pod_namespace: str) -> None:
+    async def _create(self, action, testrun: dict, pool: dict | None, pod_namespace: str) -> bool:
+        """True when made now, False when it existed already."""
         metadata = testrun["metadata"]
         the_run_id = pod_builder.run_id(metadata["namespace"], metadata["name"], action.run, action.attempt)
         secret_name = pod_builder.run_secret_name(metadata["name"], action.run, action.attempt)
         if isinstance(action, phases.CreateSecret):
             body = pod_builder.build_run_secret(testrun, the_run_id, tokens.run_token(self.secret, the_run_id),
                                                 namespace=pod_namespace)
-            await self.api.create_core("secrets", pod_namespace, body)
+            return await self.api.create_core("secrets", pod_namespace, body)
         else:
             body = pod_builder.build_run_pod(testrun, run_index=action.run, attempt=action.attempt, pool=pool or {},
                                              api_url=self.context.options.api_url, worker_image=self.worker_image,
@@ -444,7 +450,7 @@ class RunController:
                                              heartbeat_seconds=heartbeat_interval(self.settings))
             if pool is not None:  # admission counts a pool's pods by this label (docs/decisions.md)
                 body["metadata"]["labels"][POOL_LABEL] = label_value(pool["metadata"]["name"])
-            await self.api.create_core("pods", pod_namespace, body)
+            return await self.api.create_core("pods", pod_namespace, body)
 
     async def _apply_after(self, action, testrun: dict, pod_namespace: str) -> None:
         name = testrun["metadata"]["name"]
@@ -457,6 +463,7 @@ class RunController:
             logger.warning("TestRun %s/%s run %d attempt %d: %s: %s%s", testrun["metadata"]["namespace"], name,
                            action.run, action.attempt, action.reason, action.message,
                            "; retried" if action.retried else "; given up")
+            run_metrics.attempt_recorded(self.context, testrun["metadata"]["namespace"], action)
         elif isinstance(action, phases.EmitEvent):
             post_event(testrun, action.type, action.reason, action.message)
 

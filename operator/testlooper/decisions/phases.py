@@ -149,6 +149,7 @@ class RecordAttempt:
     reason: str
     message: str
     retried: bool  # False: the run gave up (it ends as error)
+    infrastructure: bool = True  # False: a build's own verdict, retried per its max_retries
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,6 +239,8 @@ class _Machine:
             return self.cancel()
         if self.phase in ("", "Pending", "Blocked") and not self.reopened and not self.dependencies_passed():
             return  # once placed, what the builds do no longer matters
+        if self.phase in ("", "Pending", "Blocked") or self.reopened:
+            self.set("runnableSince", self.stamp)  # where its runs' queue wait starts (the metric)
         pool = self.placement()
         if pool is None:
             return
@@ -569,7 +572,7 @@ class _Machine:
         self.active_changes[str(run)] = entry
 
     def record(self, run: int, attempt: int, reason: str, message: str, retried: bool, infra: bool) -> None:
-        self.actions.append(RecordAttempt(run, attempt, reason, message, retried))
+        self.actions.append(RecordAttempt(run, attempt, reason, message, retried, infra))
         self.new_attempts.append({"run": run, "attempt": attempt, "reason": reason, "message": message[:300],
                                   "time": self.stamp})
         if retried and infra:

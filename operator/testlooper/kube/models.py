@@ -298,6 +298,8 @@ class TestRunStatus(_Status):
     """The latest attempts that ended without ending their run, with why (at most 20)."""
     infraRetries: int | None = Field(default=None, ge=0)
     """Attempts retried because the infrastructure failed, in total."""
+    runnableSince: DateTime | None = None
+    """When its builds had passed (or spec.runs was raised): its runs wait in the queue from then."""
     startTime: DateTime | None = None
     """When its first run started."""
     completionTime: DateTime | None = None
