@@ -407,6 +407,14 @@ def test_a_failed_build_is_retried_per_max_retries_after_its_wait_and_infra_loss
     assert (d.status["phase"], d.status["result"]) == ("Failed", "failed")
 
 
+def test_a_build_retry_never_starts_before_its_wait_though_the_status_counts_whole_seconds():
+    d = started_one(kind="build", definition={"max_retries": 1, "retry_wait_seconds": 2})
+    decision = d.decide(T0 + 0.9, pods=[running_pod(1)], results={(1, 1): FAILED})
+    assert d.status["active"]["1"]["notBefore"] == format_time(T0 + 3)  # not T0 + 2, 1.1 s after the verdict
+    assert decision.wake_after >= 2
+    assert queued_demand(d.obj, T0 + 2.9) is None and queued_demand(d.obj, T0 + 3).count == 1
+
+
 def test_a_test_is_never_retried_on_its_verdict():
     d = started_one(definition={"max_retries": 3})
     d.decide(T0 + 3, pods=[running_pod(1)], results={(1, 1): FAILED})

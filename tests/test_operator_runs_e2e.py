@@ -69,6 +69,8 @@ def test_a_build_and_its_test_run_as_pods_and_end_succeeded_with_results(kube, t
         # One pod per run, each run by the kubelet to Succeeded; then deleted with its Secret.
         build_name = testrun_name("demo", commit, "app/linux")
         check_name = testrun_name("demo", commit, "check/linux")
+        # The TestRuns may end before the kubelet has written a pod's end (its RESULT came first).
+        wait_for(lambda: len(kubelet.ran) == 3, what="the kubelet done with the three pods")
         assert {labels.get("testlooper.dev/worker-pool") for labels in kubelet.labels.values()} == {"linux"}
         # The TestRun may end (its RESULTs counted) before the kubelet has written the last
         # pod's end: wait for that too.

@@ -106,6 +106,7 @@ class FaultKubelet(Kubelet):
         super().__init__(kube, root)
         self.plan = plan
         self.seen: dict[str, float] = {}  # pod name -> when first listed (monotonic)
+        self.seen_at: dict[str, float] = {}  # the same, time.time()
         self.ended: dict[str, float] = {}  # pod name -> when its end was patched
         self.peak_pods = 0
         self.peak_cores = 0.0
@@ -132,7 +133,7 @@ class FaultKubelet(Kubelet):
             for pod in pods:
                 name = pod["metadata"]["name"]
                 if name not in self.seen and name in present:
-                    self.seen[name] = time.monotonic()
+                    self.seen[name], self.seen_at[name] = time.monotonic(), time.time()
                     thread = threading.Thread(target=self._take, args=(pod,), daemon=True)
                     self._threads.append(thread)
                     thread.start()
@@ -307,7 +308,7 @@ def test_evicted_deleted_and_image_pull_pods_are_retried_and_a_failing_build_onl
                 "Succeeded", "passed", "1/1"), (task, status[task])
             assert [(a["run"], a["attempt"], a["reason"]) for a in status[task]["attempts"]] == [(1, 1, reason)], task
             assert status[task]["infraRetries"] == 1
-            assert kubelet.ran[pod_builder.run_pod_name(names[task], 1, 2)] == "Succeeded", task
+            assert pod_builder.run_pod_name(names[task], 1, 2) in kubelet.seen, task  # the retry's pod
         assert status["evicted"]["attempts"][0]["message"].startswith("The node was low on resource: memory.")
         assert status["pulling"]["attempts"][0]["message"] == \
             'ImagePullBackOff: Back-off pulling image "testlooper/worker:test"'
@@ -320,8 +321,10 @@ def test_evicted_deleted_and_image_pull_pods_are_retried_and_a_failing_build_onl
         assert (broken["phase"], broken["result"], broken["runsSummary"]) == ("Failed", "failed", "0/1"), broken
         assert [(a["attempt"], a["reason"]) for a in broken["attempts"]] == [(1, "BuildRetried")]
         assert "infraRetries" not in broken or broken["infraRetries"] == 0
-        first, second = (pod_builder.run_pod_name(names["broken"], 1, attempt) for attempt in (1, 2))
-        assert kubelet.seen[second] - kubelet.ended[first] >= 1.5  # retry_wait_seconds: 2 (a second's resolution)
+        second = pod_builder.run_pod_name(names["broken"], 1, 2)
+        first_verdict = next(run for run in recorded_runs(redis_url, commit) if run.task == "broken/linux")
+        received = first_verdict.started_at + first_verdict.duration_seconds  # when its RESULT came
+        assert kubelet.seen_at[second] - received >= 2  # retry_wait_seconds: 2
         assert (status["needs-broken"]["phase"], status["needs-broken"]["result"]) == ("Failed", "blocked")
         time.sleep(2.5)  # past another retry wait: no third attempt of the build, no other pod
         pods_made = sorted(kubelet.seen)
@@ -443,3 +446,81 @@ def test_tokens_open_only_their_run_and_hostile_results_are_refused_or_stored_as
     assert {case.name for case in records[(1, 1)].cases} == set(HOSTILE_NAMES)  # the agent's later post changed nothing
     assert token[1] not in operator.log() and token[2] not in operator.log()
     assert "Traceback" not in operator.log(), operator.log()
+
+
+# -- Redis down mid-run ---------------------------------------------------------------------------
+
+def metric_sum(operator, name) -> float:
+    status, text = operator.get("/metrics")
+    assert status == 200, text
+    return sum(float(line.rpartition(" ")[2]) for line in text.splitlines()
+               if line.startswith(name + "{") or line.startswith(name + " "))
+
+
+def recorded_condition(testrun):
+    return next((c for c in (testrun.get("status") or {}).get("conditions") or [] if c["type"] == "Recorded"), None)
+
+
+def test_redis_down_mid_run_decisions_go_on_results_wait_and_land_once(kube, tmp_path):
+    gate = tmp_path / "gate"
+    wait_gate = ('echo "before the gate"\n'
+                 f'i=0; while [ ! -e {gate}{{suffix}} ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done\n')
+    url, commit = push_project(tmp_path, {
+        "testlooper.yml": definitions({"slow": "    command: sh src/slow.sh\n", "other": "    command: sh src/other.sh\n"}),
+        "slow.sh": wait_gate.format(suffix="") + 'echo "after the gate"\n' + PASS,
+        "other.sh": wait_gate.format(suffix=".never") + PASS})
+    slow, other = (testrun_name("demo", commit, f"{task}/linux") for task in ("slow", "other"))
+    redis = RedisServer(persistent=True).start()  # as a production Redis: what it acknowledged survives a restart
+    try:
+        operator = start_operator(kube, tmp_path, redis.url, pool(maxWorkers=2), args=FAST)
+        with operator, FaultKubelet(kube, tmp_path / "node") as kubelet:
+            apply_repo(kube, url)
+            wait_for(lambda: len([p for p in kube.api("GET", pods_path())["items"]
+                                  if (p.get("status") or {}).get("phase") == "Running"]) == 2,
+                     timeout=30, what="both runs' pods running")
+            wait_for(lambda: metric_sum(operator, "testlooper_store_up") == 1, what="the store up")
+            redis.stop()
+            wait_for(lambda: metric_sum(operator, "testlooper_store_up") == 0, timeout=15, what="the store said down")
+            # The operator goes on deciding: a cancel ends a TestRun, raised runs get pods.
+            kube.api("PATCH", f"{TESTRUNS_PATH}/{other}", {"spec": {"cancel": True}},
+                     content_type="application/merge-patch+json")
+            kube.api("PATCH", f"{TESTRUNS_PATH}/{slow}", {"spec": {"runs": 2}},
+                     content_type="application/merge-patch+json")
+            wait_for(lambda: by_task(kube)["other/linux"]["status"]["phase"] == "Cancelled", timeout=20,
+                     what="the other TestRun cancelled while Redis is down")
+            wait_for(lambda: pod_builder.run_pod_name(slow, 2, 1) in kubelet.seen, timeout=20,
+                     what="the raised run's pod made while Redis is down")
+            condition = wait_for(lambda: recorded_condition(by_task(kube)["slow/linux"]), timeout=20,
+                                 what="the condition Recorded")
+            assert (condition["status"], condition["reason"]) == ("False", "StoreUnavailable"), condition
+            assert "its agents retry" in condition["message"]
+            gate.touch()  # both runs finish; their logs and RESULTs cannot be recorded yet
+            assert metric_sum(operator, "testlooper_store_errors_total") > 0
+            time.sleep(2)  # a while down: the agents keep retrying
+            assert by_task(kube)["slow/linux"]["status"]["phase"] == "Running"
+            redis.start()
+            ended = wait_for(lambda: ended_testruns(kube, 2), timeout=60, interval=0.3, what="both TestRuns ended")
+            assert kubelet.errors == [], kubelet.errors
+            status = ended["slow/linux"]["status"]
+            assert (status["phase"], status["result"], status["runsSummary"]) == ("Succeeded", "passed", "2/2"), status
+            assert "attempts" not in status and status["cases"] == {"total": 2, "passed": 2, "failed": 0}
+            wait_for(lambda: recorded_condition(by_task(kube)["slow/linux"]) is None, what="the condition cleared")
+            assert metric_sum(operator, "testlooper_store_up") == 1
+            assert ended["other/linux"]["status"]["result"] == "cancelled"
+            wait_for(lambda: recorded_condition(by_task(kube)["other/linux"]) is None,
+                     what="the cancelled TestRun's condition cleared too")
+            assert len(kubelet.seen) == 3  # no attempt was retried
+        runs = recorded_runs(redis.url, commit)
+        assert [(run.task, run.run_index, run.attempt, run.result) for run in runs] == [
+            ("slow/linux", 1, 1, "passed"), ("slow/linux", 2, 1, "passed")]
+        streams = LogStreams.from_url(redis.url)
+        for index in (1, 2):
+            chunks, ended_log = streams.read(pod_builder.run_id(NAMESPACE, slow, index, 1))
+            text = b"".join(chunk.data for chunk in chunks).decode()
+            assert ended_log and text.count("before the gate") == 1 and text.count("after the gate") == 1, (index, text)
+        streams._client.close()
+        log = operator.log()
+        assert "the store is unreachable" in log and "the store answers again" in log
+        assert "Traceback" not in log, log
+    finally:
+        redis.stop()

@@ -902,3 +902,28 @@ def test_a_log_cut_twice_keeps_one_head_one_marker_and_counts_what_was_left_out(
     left_out = len(written) - len(head) - len(tail)
     assert int(marker.split()[2]) == left_out == log.left_out_bytes
     assert log.limit_message().endswith(f"{left_out} bytes were cut from its middle")
+
+
+def test_the_log_shipper_backs_off_while_finishing_against_an_api_that_is_down(tmp_path):
+    # Once the task ended (finish()), a failing API was asked again at once, over and over,
+    # until 2 ** failures overflowed and the shipper died with the log unsent.
+    log_path = tmp_path / "log.txt"
+    log_path.write_bytes(b"every line of it\n")
+    calls = []
+
+    class DownThenUp:
+        def request(self, method, path, data):
+            calls.append(time.monotonic())
+            if len(calls) <= 2:
+                raise agent.ApiError("503 from the operator", status=503)
+            self.shipped = data
+
+    api = DownThenUp()
+    api.retry_until = time.monotonic() + 60
+    shipper = agent.LogShipper(api, str(log_path))
+    shipper._finishing.set()  # the task has ended: finish() at once
+    started = time.monotonic()
+    shipper.start()
+    assert shipper.finish() is None
+    assert api.shipped == b"every line of it\n" and len(calls) == 3
+    assert time.monotonic() - started >= 0.5 + 1 - 0.05  # 0.25 * 2 ** n between the tries, not at once

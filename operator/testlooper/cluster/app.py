@@ -124,13 +124,12 @@ async def start_runs(context: OperatorContext):
         namespace, name = run.run_id.split(".")[:2]
         context.store_health.answered()
         if context.runs is not None:
-            context.runs.result_recorded(namespace, name)
             context.runs.poke(namespace, name)
 
-    async def on_unrecorded(run, message):
+    async def on_unrecorded(run, message):  # the store is down: its decision says so on the TestRun
         namespace, name = run.run_id.split(".")[:2]
         if context.runs is not None:
-            context.runs.result_unrecorded(namespace, name, message)
+            context.runs.poke(namespace, name)
 
     backend = ClusterBackend(
         secret=secret, runs=TestRunDirectory(context), client=redis.Redis.from_url(options.store_url),
@@ -138,6 +137,7 @@ async def start_runs(context: OperatorContext):
         source_cache=SourceCache(os.path.join(options.cache_dir, "sources")), on_result=on_result,
         on_unrecorded=on_unrecorded, on_store_error=context.store_health.failed)
     context.runs = RunController(context, secret=secret, backend=backend, worker_image=options.worker_image)
+    context.store_health.on_change = context.runs.store_changed
     logger.info("runs become pods; workers reach the operator at %s", options.api_url)
     return backend
 

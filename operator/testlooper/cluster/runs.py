@@ -36,7 +36,7 @@ from testlooper.decisions.pools import POOL_LABEL, admit, pool_for
 from testlooper.decisions.repo import ENDED_PHASES
 from testlooper.kube import pods as pod_builder
 from testlooper.kube.objects import MANAGED_BY, MANAGED_BY_LABEL, label_value, testrun_name
-from testlooper.cluster.store_health import recorded_conditions, unrecorded_conditions
+from testlooper.cluster.store_health import recorded_conditions
 from testlooper.store.base import StoreError
 from testlooper.workerapi import tokens
 from testlooper.workerapi.contract import ApiError
@@ -170,7 +170,6 @@ class RunController:
         self._loops: dict[str, asyncio.Task] = {}
         self._wakes: dict[str, asyncio.Event] = {}
         self._tasks: set[asyncio.Task] = set()
-        self._unrecorded: set[tuple[str, str]] = set()  # TestRuns this process marked Recorded False
         # kopf's context (its Event poster lives there), taken from the first handler that
         # calls in: the worker API's requests (a RESULT posted) start decisions too.
         self._kopf_context: contextvars.Context | None = None
@@ -315,51 +314,42 @@ class RunController:
             except ValueError as exc:  # no pod can be made of it (no image, a Windows task): it ends here
                 await self._cannot_run(testrun, str(exc))
                 return
+        patch = decision.status_patch
+        conditions = recorded_conditions(status, reports_known, phases.format_time(observed.now))
+        if conditions is not None:  # in the same write
+            patch = {**(patch or {}), "conditions": conditions}
+        if patch:
+            await self.api.patch_status("testruns", namespace, name, patch)
         if decision.status_patch:
-            await self.api.patch_status("testruns", namespace, name, decision.status_patch)
             run_metrics.after_status_write(self.context, testrun, decision.status_patch, observed, posted)
         for action in decision.afterwards:
             await self._apply_after(action, testrun, pod_namespace)
         if decision.wake_after is not None:
             self.wake_later((namespace, name), decision.wake_after)
-        if reports_known and (namespace, name) not in self._unrecorded and recorded_conditions(status) is not None:
-            # Marked by an operator before this one: its store answers now.
-            await self.api.patch_status("testruns", namespace, name, {"conditions": recorded_conditions(status)})
         if decision.status_patch and ("phase" in decision.status_patch or "active" in decision.status_patch):
             self.wake_admission(namespace)  # queued now, or runs ended and freed room
         if decision.status_patch and decision.status_patch.get("phase") in ENDED_PHASES:
             await self._wake_consumers(testrun)
 
-    # -- the condition Recorded (cluster/store_health.py) ---------------------------------------
+    def store_changed(self, up: bool) -> None:
+        """The store went down or came back: the running TestRuns decide again now (they say it
+        in their condition Recorded, and judge their runs once it answers)."""
+        for namespace in list(self._loops):
+            self._background(self._poke_running(namespace))
 
-    def result_unrecorded(self, namespace: str, name: str, message: str) -> None:
-        """A RESULT of this TestRun could not be recorded (the store is down; its agent retries):
-        said once on the TestRun, condition Recorded False, in the background."""
-        if (namespace, name) not in self._unrecorded:
-            self._unrecorded.add((namespace, name))
-            self._background(self._set_conditions(namespace, name, lambda status: unrecorded_conditions(
-                status, message, phases.format_time(time.time()))))
-
-    def result_recorded(self, namespace: str, name: str) -> None:
-        if (namespace, name) in self._unrecorded:
-            self._unrecorded.discard((namespace, name))
-            self._background(self._set_conditions(namespace, name, recorded_conditions))
+    async def _poke_running(self, namespace: str) -> None:
+        try:
+            for testrun in await self.api.list_objects("testruns", namespace):
+                status = testrun.get("status") or {}
+                if status.get("active") or recorded_conditions(status, True, "") is not None:
+                    self.poke(namespace, testrun["metadata"]["name"])
+        except Exception as exc:  # their own timers decide them soon anyway
+            logger.warning("namespace %s: running TestRuns not woken: %s: %s", namespace, type(exc).__name__, exc)
 
     def _background(self, coroutine) -> None:
         task = self._start(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-    async def _set_conditions(self, namespace: str, name: str, change) -> None:
-        try:
-            async with self._lock((namespace, name)):
-                testrun = await self.api.get_object("testruns", namespace, name)
-                conditions = change((testrun or {}).get("status") or {}) if testrun is not None else None
-                if conditions is not None:
-                    await self.api.patch_status("testruns", namespace, name, {"conditions": conditions})
-        except Exception as exc:  # the next change of the store's state says it again
-            logger.warning("TestRun %s/%s: condition Recorded not written: %s: %s", namespace, name,
-                           type(exc).__name__, exc)
 
     async def _agent_reports(self, namespace: str, name: str, status: dict) -> tuple[dict, dict, dict, bool]:
         """The RESULTs (observed, and as posted) and last heartbeats of the active runs, as the

@@ -24,6 +24,7 @@ class StoreHealth:
     def __init__(self, metrics=None, store=None):
         self.metrics = metrics
         self.store = store
+        self.on_change = None  # called with the new state (True: up) when it changes
         self.up = True
         self.back_since = 0.0  # time.time() it last came back (0: never down)
 
@@ -33,13 +34,17 @@ class StoreHealth:
             self.metrics.store_up.set(0)
         if self.up:
             logger.warning("the store is unreachable (%s): %s; runs wait, agents retry", operation, error)
-        self.up = False
+            self.up = False
+            if self.on_change is not None:
+                self.on_change(False)
 
     def answered(self) -> None:
         if not self.up:
             self.back_since = time.time()
             logger.info("the store answers again")
-        self.up = True
+            self.up = True
+            if self.on_change is not None:
+                self.on_change(True)
         if self.metrics is not None:
             self.metrics.store_up.set(1)
 
@@ -57,28 +62,23 @@ class StoreHealth:
             await asyncio.sleep(PING_SECONDS_UP if self.up else PING_SECONDS_DOWN)
 
 
-# -- the TestRun condition saying a RESULT waits for the store ----------------------------------
+# -- the TestRun condition saying its runs' reports wait for the store ---------------------------
 
 RECORDED = "Recorded"
 STORE_UNAVAILABLE = "StoreUnavailable"
+UNRECORDED_MESSAGE = ("the store is unreachable: this TestRun's RESULTs, heartbeats and logs cannot be recorded "
+                      "now; its agents retry, and its runs are judged once it answers")
 
 
-def unrecorded_conditions(status: dict, message: str, now: str) -> list[dict] | None:
-    """The TestRun's conditions with `Recorded` False (reason StoreUnavailable), or None when
-    it says so already (its first transition time stays)."""
+def recorded_conditions(status: dict, reports_known: bool, now: str) -> list[dict] | None:
+    """The TestRun's conditions after a decision: `Recorded` False (reason StoreUnavailable)
+    while its runs' reports could not be read, gone once they could; None when they stay."""
     from testlooper.kube.objects import condition, set_condition
 
     conditions = status.get("conditions") or []
-    if any(c.get("type") == RECORDED and c.get("status") == "False" for c in conditions):
+    present = next((c for c in conditions if c.get("type") == RECORDED), None)
+    if reports_known:
+        return None if present is None else [c for c in conditions if c.get("type") != RECORDED]
+    if present is not None and present.get("status") == "False":
         return None
-    return set_condition(conditions, condition(
-        RECORDED, False, STORE_UNAVAILABLE,
-        f"a run's RESULT cannot be recorded yet: {message[:300]}; its agent retries", now, None))
-
-
-def recorded_conditions(status: dict) -> list[dict] | None:
-    """The TestRun's conditions without `Recorded`, or None when it has none."""
-    conditions = status.get("conditions") or []
-    if not any(c.get("type") == RECORDED for c in conditions):
-        return None
-    return [c for c in conditions if c.get("type") != RECORDED]
+    return set_condition(conditions, condition(RECORDED, False, STORE_UNAVAILABLE, UNRECORDED_MESSAGE, now, None))

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import math
 from typing import Mapping, Sequence
 
 from testlooper.decisions.pools import pool_for
@@ -455,8 +456,8 @@ class _Machine:
             message = f"{result.result}" + (f": {result.error}" if result.error else "")
             self.record(run, attempt, "BuildRetried", message, retried=True, infra=False)
             self.update(run, {**entry, "attempt": attempt + 1, "state": WAITING, "since": self.stamp,
-                              "notBefore": format_time(self.now + wait)})
-            self.wake_at(self.now + wait)
+                              "notBefore": format_time(math.ceil(self.now + wait))})  # whole seconds: never early
+            self.wake_at(math.ceil(self.now + wait))
             return
         self.end_run(run, result)
 

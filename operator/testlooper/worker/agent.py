@@ -351,7 +351,11 @@ class LogShipper(threading.Thread):
                     if error.permanent or (finishing and time.monotonic() > self._api.retry_until):
                         self.error = str(error)
                         return
-                    self._finishing.wait(min(0.25 * 2 ** failures, RETRY_MAX_DELAY_SECONDS))
+                    delay = min(0.25 * 2 ** min(failures, 16), RETRY_MAX_DELAY_SECONDS)
+                    if finishing:
+                        time.sleep(delay)  # the event is set already: waiting on it would not wait
+                    else:
+                        self._finishing.wait(delay)  # wakes early when the task ends
                     continue
                 if not progressed:
                     if finishing:
