@@ -524,3 +524,76 @@ def test_redis_down_mid_run_decisions_go_on_results_wait_and_land_once(kube, tmp
         assert "Traceback" not in log, log
     finally:
         redis.stop()
+
+
+# -- caps under load and racing decisions ---------------------------------------------------------
+
+class Racer:
+    """Pokes the TestRuns' decisions from outside while admission runs: labels patched through
+    the API, and annotations through kubectl, over and over (each is a TestRun event)."""
+
+    def __init__(self, kube):
+        self.kube = kube
+        self.patches = 0
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._patch, daemon=True),
+                         threading.Thread(target=self._annotate, daemon=True)]
+
+    def __enter__(self):
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=30)
+
+    def _patch(self):
+        while not self._stop.is_set():
+            for testrun in list_testruns(self.kube):
+                status, _ = self.kube._call("PATCH", f"{TESTRUNS_PATH}/{testrun['metadata']['name']}",
+                                            {"metadata": {"labels": {"poked": str(self.patches)}}},
+                                            content_type="application/merge-patch+json")
+                self.patches += status == 200
+            time.sleep(0.2)
+
+    def _annotate(self):
+        while not self._stop.is_set():
+            done = self.kube.kubectl("annotate", "testruns", "--all", "-n", NAMESPACE, f"poked={time.time()}",
+                                     "--overwrite", check=False)
+            self.patches += done.returncode == 0 and done.stdout.count("annotated")
+
+
+def test_caps_hold_with_50_runs_queued_decisions_racing_and_a_restart(kube, tmp_path, redis_url):
+    tests = {"many": "    command: sh src/pass.sh\n    runs: 30\n    min_cores: 1\n",
+             "wide": "    command: sh src/pass.sh\n    runs: 10\n    min_cores: 2\n",
+             **{f"one-{index}": "    command: sh src/pass.sh\n    min_cores: 1\n" for index in range(10)}}
+    url, commit = push_project(tmp_path, {"testlooper.yml": definitions(tests), "pass.sh": PASS})
+    operator = start_operator(kube, tmp_path, redis_url, pool(maxWorkers=3, maxCores=4), args=FAST)
+    started = time.monotonic()
+    with operator, FaultKubelet(kube, tmp_path / "node", plan=lambda pod: "agent") as kubelet, Racer(kube) as racer:
+        apply_repo(kube, url)
+        # A restart midway: the new process counts the pods it finds, not what the old one knew.
+        wait_for(lambda: len(recorded_runs(redis_url, commit)) >= 15, timeout=120, interval=0.3, what="15 runs recorded")
+        operator.stop()
+        operator.start()
+        try:
+            ended = wait_for(lambda: ended_testruns(kube, 12), timeout=240, interval=0.5, what="the 12 TestRuns ended")
+        finally:
+            assert kubelet.errors == [], kubelet.errors
+        print(f"50 runs through a pool of 3 workers and 4 cores, {racer.patches} racing patches: "
+              f"{time.monotonic() - started:.1f}s")
+        assert kubelet.peak_pods == 3, kubelet.peak_pods  # reached, never passed
+        assert kubelet.peak_cores <= 4, kubelet.peak_cores
+        assert racer.patches > 50
+        for task, item in ended.items():
+            status, runs = item["status"], {"many/linux": 30, "wide/linux": 10}.get(task, 1)
+            assert (status["phase"], status["result"], status["runsSummary"]) == (
+                "Succeeded", "passed", f"{runs}/{runs}"), (task, status)
+            assert "attempts" not in status, (task, status["attempts"])
+        assert len(kubelet.seen) == 50  # one pod per run: nothing retried, nothing made twice
+    runs = recorded_runs(redis_url, commit)
+    assert len(runs) == 50 and {run.result for run in runs} == {"passed"}
+    assert sorted(run.run_index for run in runs if run.task == "many/linux") == list(range(1, 31))
+    assert "Traceback" not in operator.log(), operator.log()
