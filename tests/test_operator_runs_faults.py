@@ -597,3 +597,24 @@ def test_caps_hold_with_50_runs_queued_decisions_racing_and_a_restart(kube, tmp_
     assert len(runs) == 50 and {run.result for run in runs} == {"passed"}
     assert sorted(run.run_index for run in runs if run.task == "many/linux") == list(range(1, 31))
     assert "Traceback" not in operator.log(), operator.log()
+
+
+def test_the_recorded_condition_comes_once_keeps_its_time_and_goes_and_the_health_says_each_change():
+    from testlooper.cluster.store_health import StoreHealth, recorded_conditions
+
+    ready = {"type": "Ready", "status": "True", "reason": "Fine", "message": "", "lastTransitionTime": "t0"}
+    assert recorded_conditions({"conditions": [ready]}, True, "t1") is None  # nothing to say, nothing written
+    down = recorded_conditions({"conditions": [ready]}, False, "t1")
+    assert down[0] == ready and {k: down[1][k] for k in ("type", "status", "reason", "lastTransitionTime")} == {
+        "type": "Recorded", "status": "False", "reason": "StoreUnavailable", "lastTransitionTime": "t1"}
+    assert recorded_conditions({"conditions": down}, False, "t2") is None  # said already: no write
+    assert recorded_conditions({"conditions": down}, True, "t3") == [ready]
+    changes = []
+    health = StoreHealth()
+    health.on_change = changes.append
+    health.answered()
+    health.failed("heartbeat", "ConnectionError")
+    health.failed("append_log", "ConnectionError")
+    before = time.time()
+    health.answered()
+    assert changes == [False, True] and health.up and health.back_since >= before
