@@ -472,7 +472,8 @@ def test_redis_down_mid_run_decisions_go_on_results_wait_and_land_once(kube, tmp
     slow, other = (testrun_name("demo", commit, f"{task}/linux") for task in ("slow", "other"))
     redis = RedisServer(persistent=True).start()  # as a production Redis: what it acknowledged survives a restart
     try:
-        operator = start_operator(kube, tmp_path, redis.url, pool(maxWorkers=2), args=FAST)
+        # A heartbeat grace shorter than the outage: the agents could not beat while Redis was down.
+        operator = start_operator(kube, tmp_path, redis.url, pool(maxWorkers=2), args=[*FAST, "--heartbeat-grace", "6"])
         with operator, FaultKubelet(kube, tmp_path / "node") as kubelet:
             apply_repo(kube, url)
             wait_for(lambda: len([p for p in kube.api("GET", pods_path())["items"]
@@ -480,6 +481,7 @@ def test_redis_down_mid_run_decisions_go_on_results_wait_and_land_once(kube, tmp
                      timeout=30, what="both runs' pods running")
             wait_for(lambda: metric_sum(operator, "testlooper_store_up") == 1, what="the store up")
             redis.stop()
+            stopped = time.monotonic()
             wait_for(lambda: metric_sum(operator, "testlooper_store_up") == 0, timeout=15, what="the store said down")
             # The operator goes on deciding: a cancel ends a TestRun, raised runs get pods.
             kube.api("PATCH", f"{TESTRUNS_PATH}/{other}", {"spec": {"cancel": True}},
@@ -494,9 +496,10 @@ def test_redis_down_mid_run_decisions_go_on_results_wait_and_land_once(kube, tmp
                                  what="the condition Recorded")
             assert (condition["status"], condition["reason"]) == ("False", "StoreUnavailable"), condition
             assert "its agents retry" in condition["message"]
-            gate.touch()  # both runs finish; their logs and RESULTs cannot be recorded yet
             assert metric_sum(operator, "testlooper_store_errors_total") > 0
-            time.sleep(2)  # a while down: the agents keep retrying
+            time.sleep(max(0.0, stopped + 8 - time.monotonic()))  # down longer than the heartbeat grace
+            gate.touch()  # both runs finish; their logs and RESULTs wait for the store
+            time.sleep(1)
             assert by_task(kube)["slow/linux"]["status"]["phase"] == "Running"
             redis.start()
             ended = wait_for(lambda: ended_testruns(kube, 2), timeout=60, interval=0.3, what="both TestRuns ended")

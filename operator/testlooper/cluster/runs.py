@@ -372,6 +372,8 @@ class RunController:
                 raise
             self.context.store_health.failed("read_results", exc)
             return {}, {}, {}, False
+        if status.get("active"):
+            self.context.store_health.answered()  # back (if it was down) before any agent could beat again
         return results, heartbeats, posted, True
 
     async def _wake_consumers(self, testrun: dict) -> None:

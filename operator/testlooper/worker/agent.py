@@ -2251,22 +2251,28 @@ def pod_report(options, api, stop):
     heartbeat.phase = "waiting for the test container"
     shipper.start()
     heartbeat.start()
+    # The heartbeat goes on until the RESULT is delivered: shipping the rest of the log and the
+    # RESULT may wait minutes for an API (or its store) that is down, and a run that is only
+    # waiting to report must not be taken for a lost one.
     try:
         try:
-            result = _report_run(options, api, stop, workspace, files, log, shipper, heartbeat)
-        except Exception as error:  # noqa: BLE001 - the last line of defence, the traceback is logged
-            log.note("agent failure:\n" + traceback.format_exc())
-            result = make_result("error", error=f"agent failure: {error!r}")
-        log.note(f"result: {result['result']}" + (f" ({result['error']})" if result["error"] else ""))
+            try:
+                result = _report_run(options, api, stop, workspace, files, log, shipper, heartbeat)
+            except Exception as error:  # noqa: BLE001 - the last line of defence, the traceback is logged
+                log.note("agent failure:\n" + traceback.format_exc())
+                result = make_result("error", error=f"agent failure: {error!r}")
+            log.note(f"result: {result['result']}" + (f" ({result['error']})" if result["error"] else ""))
+        finally:
+            log.close()
+        heartbeat.phase = "reporting"
+        shipper.hold_beyond = None
+        shipping_error = shipper.finish()
+        if shipping_error:
+            complain(f"the log could not be shipped completely: {shipping_error}")
+        os.close(log_descriptor)
+        return 0 if deliver_result(api, options.result_file, result) else 1
     finally:
         heartbeat.finish()
-        log.close()
-    shipper.hold_beyond = None
-    shipping_error = shipper.finish()
-    if shipping_error:
-        complain(f"the log could not be shipped completely: {shipping_error}")
-    os.close(log_descriptor)
-    return 0 if deliver_result(api, options.result_file, result) else 1
 
 
 def _report_run(options, api, stop, workspace, files, log, shipper, heartbeat):
