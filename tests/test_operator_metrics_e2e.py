@@ -1,6 +1,6 @@
 """The run metrics on the real operator's /metrics, end to end: the `testlooper operator` process
 with a Redis store against the Kubernetes emulator, and this test as the kubelet
-(tests/test_operator_runs_e2e.py's harness).
+(tests/run_cluster.py's harness).
 
 One push makes three TestRuns: `good` (2 runs that pass), `bad` (1 run with a failing case) and
 `wobbly` (4 runs whose case `sometimes` fails on the even runs: flaky). The pool holds 4 pods
@@ -24,9 +24,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cluster_helpers import NAMESPACE, list_testruns
 from run_helpers import cli_env, tl, wait_for
-from test_operator_runs_e2e import (  # noqa: F401  (redis_url is a fixture)
-    POOL, Kubelet, apply_repo, ended_testruns, pods_path, push_project, redis_url, start_operator,
+from run_cluster import (  # noqa: F401  (redis_url is a fixture)
+    Kubelet, apply_repo, ended_testruns, pods_path, push_project, redis_url, start_operator,
 )
+from test_operator_runs_e2e import POOL
 from testlooper.kube import pods as pod_builder
 from testlooper.kube.objects import testrun_name
 from testlooper.workerapi import tokens
@@ -138,8 +139,7 @@ def post_result(kube, operator, testrun: str, run: int, body: dict) -> tuple[int
 def test_the_run_metrics_say_what_the_runs_did(kube, tmp_path, redis_url):
     url, commit = push_project(tmp_path, {"testlooper.yml": DEFINITIONS, "good.sh": GOOD, "bad.sh": BAD,
                                           "wobbly.sh": WOBBLY})
-    operator = start_operator(kube, tmp_path, redis_url, POOL)
-    operator.args += ["--pool-status-interval", "1"]
+    operator = start_operator(kube, tmp_path, redis_url, POOL, args=["--pool-status-interval", "1"])
     names = {task: testrun_name("demo", commit, task) for task in ("good/linux", "bad/linux", "wobbly/linux")}
     evicted = pod_builder.run_pod_name(names["good/linux"], 1, 1)
     repo_labels = {"namespace": NAMESPACE, "repo": "demo"}

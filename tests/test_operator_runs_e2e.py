@@ -120,6 +120,11 @@ def test_a_task_no_pod_can_be_made_for_ends_as_an_error_saying_why_and_leaves_no
         assert build["message"] == (f"cannot make its pods: TestRun {build_name}: a pod runs its steps with "
                                     "/bin/sh, so Windows tasks and pools cannot run as pods yet")
         assert build["runCounts"]["errored"] == 1 and build["runsSummary"] == "0/1"
+        # Its one run ended as an error; the blocked test's runs never started, nor ended.
+        assert operator.metric("testlooper_runs_finished_total", namespace=NAMESPACE, repo="demo", result="error") == 1
+        finished = [line for line in operator.get("/metrics")[1].splitlines()
+                    if line.startswith("testlooper_runs_finished_total{")]
+        assert len(finished) == 1, finished
         assert (check["phase"], check["result"]) == ("Failed", "blocked")
         wait_for(lambda: [s["metadata"]["name"] for s in kube.api("GET", f"/api/v1/namespaces/{NAMESPACE}/secrets")["items"]]
                  == ["testlooper-operator"], what="the run's token Secret deleted")

@@ -144,10 +144,13 @@ def queue_wait_start(testrun: dict, run: int, attempt: int) -> float | None:
 
 # -- glue, called from cluster/runs.py and the handlers ---------------------------------------
 
-def after_status_write(context, testrun: dict, patch: dict | None, observed: phases.Observations,
-                       posted: Mapping[tuple[int, int], dict]) -> None:
-    """A decision's status write landed: count the runs it ended, their cases and durations."""
+def after_status_write(context, testrun: dict, patch: dict | None, observed: phases.Observations | None = None,
+                       posted: Mapping[tuple[int, int], dict] | None = None) -> None:
+    """A status write of `testrun` landed: count the runs it ended and, given what the decision
+    observed and the RESULTs behind it, their cases and durations."""
     metrics = context.metrics
+    observed = observed or phases.Observations(now=0.0)
+    posted = posted or {}
     try:
         spec, status = testrun.get("spec") or {}, testrun.get("status") or {}
         namespace, repo = testrun["metadata"]["namespace"], spec.get("repo", "")

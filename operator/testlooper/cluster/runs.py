@@ -395,10 +395,12 @@ class RunController:
         ended = counts.get("passed", 0) + counts.get("failed", 0)
         # Every run not ended counts as an error: the machine sees them all ended (not to be
         # started again) until spec.runs is raised.
-        await self.api.patch_status("testruns", metadata["namespace"], metadata["name"], {
+        patch = {
             "phase": "Error", "result": "error", "message": message, "active": None, "startedRuns": runs,
             "runCounts": {"total": runs, "running": 0, "queued": 0, "errored": max(0, runs - ended)},
-            "runsSummary": f"{counts.get('passed', 0)}/{runs}", "completionTime": phases.format_time(time.time())})
+            "runsSummary": f"{counts.get('passed', 0)}/{runs}", "completionTime": phases.format_time(time.time())}
+        await self.api.patch_status("testruns", metadata["namespace"], metadata["name"], patch)
+        run_metrics.after_status_write(self.context, testrun, patch)
         post_event(testrun, "Warning", "CannotRun", message)
         self.poke(metadata["namespace"], metadata["name"])  # ended: what was made for it goes
         await self._wake_consumers(testrun)
