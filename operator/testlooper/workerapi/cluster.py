@@ -138,12 +138,39 @@ class S3ArtifactStore:
     def __init__(self, bucket: str, *, prefix: str = "", spool_dir: str, presign_seconds: int = 6 * 3600,
                  client=None):
         import boto3  # only an operator configured for S3 pays for the import
+        import botocore.config
 
         self.bucket = bucket
         self.prefix = prefix
         self.spool_dir = os.path.abspath(spool_dir)
         self.presign_seconds = presign_seconds
-        self._s3 = client or boto3.session.Session().client("s3")
+        # A few quick tries: botocore's defaults (60 s to connect, 5 tries) would hold a request,
+        # or the operator's start, for minutes when S3 does not answer; the agent retries anyway.
+        config = botocore.config.Config(connect_timeout=10, retries={"mode": "standard", "max_attempts": 3})
+        self._s3 = client or boto3.session.Session().client("s3", config=config)
+
+    @property
+    def endpoint(self) -> str:
+        return self._s3.meta.endpoint_url
+
+    def check(self) -> str:
+        """What keeps the bucket from being used, in one line, or "" when it answers."""
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+        try:
+            self._s3.head_bucket(Bucket=self.bucket)
+        except NoCredentialsError:
+            return "no AWS credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, a profile or an instance role)"
+        except ClientError as error:
+            code = str(error.response.get("Error", {}).get("Code") or "")
+            if code in ("404", "NoSuchBucket"):
+                return f"there is no bucket {self.bucket} at {self.endpoint}"
+            if code in ("403", "AccessDenied"):
+                return f"access to bucket {self.bucket} at {self.endpoint} is denied to these credentials"
+            return f"{self.endpoint} answered {code or type(error).__name__}"
+        except BotoCoreError as error:
+            return f"{self.endpoint} does not answer: {' '.join(str(error).split())}"
+        return ""
 
     def key(self, run_id: str, name: str, archive_format: str) -> str:
         return f"{self.prefix}{safe_file_name(run_id)}/{safe_file_name(name)}{S3_EXTENSIONS[archive_format]}"
