@@ -43,13 +43,18 @@ from testlooper.workerapi.protocol import ARTIFACT_FORMATS, ApiError, Backend, S
 
 @dataclass(frozen=True)
 class InputSource:
-    """Where an input comes from: ``source`` (``path`` of the commit's tree) or ``build`` (the
-    artifact ``artifact`` uploaded by the run ``run_id``)."""
+    """Where an input comes from: ``source`` (``path`` of the commit's tree; of ``commit`` in
+    the mirror ``git_dir`` when they are set, for another repository's pinned commit) or
+    ``build`` (the artifact ``artifact`` uploaded by the run ``run_id``). ``unavailable`` says
+    why it cannot be served (a pinned repository with no mirror): the agent is told so."""
 
     kind: str
     path: str = ""
     run_id: str = ""
     artifact: str = ""
+    git_dir: str = ""
+    commit: str = ""
+    unavailable: str = ""
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,7 @@ class ClusterRun:
     branch: str = ""
     inputs: dict = field(default_factory=dict)  # key -> InputSource
     cancel: bool = False
+    source: InputSource | None = None  # its source, when not ``commit`` of ``git_dir`` (a pinned build's)
 
 
 class RunDirectory(Protocol):
@@ -378,15 +384,23 @@ class ClusterBackend(Backend):
 
     async def served(self, run, route):
         if route == "source":
+            if run.source is not None:
+                return await self._source_tree(run, run.source)
             return await self._tree(run.git_dir, run.commit)
         for key, source in run.inputs.items():
             if input_route(key) != route:
                 continue
             if source.kind == "source":
-                path = source.path.strip("/")
-                return await self._tree(run.git_dir, f"{run.commit}:{path}" if path else run.commit)
+                return await self._source_tree(run, source)
             return await asyncio.to_thread(self.artifacts.find, source.run_id, source.artifact)
         return None
+
+    async def _source_tree(self, run: ClusterRun, source: InputSource) -> Served:
+        if source.unavailable:
+            raise ApiError(404, source.unavailable)
+        path = source.path.strip("/")
+        git_dir, commit = source.git_dir or run.git_dir, source.commit or run.commit
+        return await self._tree(git_dir, f"{commit}:{path}" if path else commit)
 
     async def _tree(self, git_dir: str, tree: str) -> Served:
         # Streamed from git unless cached; a tree git cannot archive answers 404 there.
