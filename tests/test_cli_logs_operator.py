@@ -55,3 +55,46 @@ def test_logs_follows_a_real_build_pod_and_shows_each_run_of_its_test(kube, tmp_
         assert (one.returncode, one.stdout, one.stderr) == (
             0, second, f"testlooper: run 2 of {check_name}, attempt 1\n")
     assert "Traceback" not in operator.log()
+
+
+SLOW_DEFINITIONS = """\
+looper_version: 5
+environments:
+  linux:
+    platform: linux
+    image: {name: "busybox:1.36"}
+tests:
+  slow/linux:
+    command: sh src/slow.sh
+    dependencies: {src: HEAD}
+"""
+SLOW = 'i=0; while [ $i -lt 600 ]; do echo "tick $i"; i=$((i+1)); sleep 0.2; done\n'
+
+
+def test_logs_follow_ends_when_the_user_cancels_the_testrun(kube, tmp_path, redis_url):  # noqa: F811
+    url, commit = push_project(tmp_path, {"testlooper.yml": SLOW_DEFINITIONS, "slow.sh": SLOW})
+    env = kube.client_env("user", namespace=NAMESPACE)
+    env["PYTHONPATH"] = str(OPERATOR_DIR)
+    name = testrun_name("demo", commit, "slow/linux")
+    with start_operator(kube, tmp_path, redis_url, POOL) as operator, Kubelet(kube, tmp_path / "node") as kubelet:
+        apply_repo(kube, url)
+        wait_for(lambda: len(list_testruns(kube)) == 1, timeout=60, what="the TestRun made")
+        follower = subprocess.Popen(logs_command(name, redis_url, "-f"), env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
+        try:
+            while "tick 3" not in follower.stdout.readline():
+                assert follower.poll() is None, follower.stderr.read()
+            kube.kubectl("patch", "testrun", name, "-n", NAMESPACE, "--type", "merge", "-p", '{"spec": {"cancel": true}}')
+            stdout, stderr = follower.communicate(timeout=60)
+        finally:
+            follower.kill()
+            follower.wait()
+        assert follower.returncode == 0, stderr
+        assert stderr == f"testlooper: TestRun {name} ended: Cancelled, cancelled\n"
+        assert "tick 599" not in stdout
+        status = list_testruns(kube)[0]["status"]
+        assert (status["phase"], status["result"]) == ("Cancelled", "cancelled")
+        wait_for(lambda: kube.api("GET", f"/api/v1/namespaces/{NAMESPACE}/pods")["items"] == [],
+                 what="the run's pod deleted")
+        assert kubelet.errors == [], kubelet.errors
+    assert "Traceback" not in operator.log()
