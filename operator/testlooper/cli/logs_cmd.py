@@ -108,13 +108,15 @@ class StoreLogs:
 
     def recorded_attempts(self, testrun: dict) -> dict[int, int]:
         """{run index: its latest attempt with a recorded RESULT}, from the history store."""
-        from testlooper.store import StoreError, open_store
+        from testlooper.store import StoreError, StoreUnavailable, open_store
 
         spec = testrun["spec"]
         if self._history is None:
             self._history = open_store(self._url)
         try:
             records = self._history.runs(f"{self.namespace}/{spec.get('repo', '')}", spec.get("commit", ""))
+        except StoreUnavailable as exc:  # said as the log streams' own calls say it
+            raise UserError(f"cannot reach the store {self.identity}: {_one_line(exc.__cause__ or exc)}") from None
         except StoreError as exc:
             raise UserError(f"cannot read the store {self.identity}: {exc}") from None
         latest: dict[int, int] = {}
