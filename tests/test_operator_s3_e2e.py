@@ -67,3 +67,22 @@ def test_s3_flags_are_checked_before_anything_starts(tmp_path):
                                str(tmp_path / "cache"), *args], env={"PYTHONPATH": str(OPERATOR_DIR), "PATH": "/usr/bin:/bin"},
                               capture_output=True, text=True, timeout=60)
         assert (done.returncode, done.stderr) == (2, message)
+
+
+def test_the_bucket_check_says_what_is_wrong_in_one_line(tmp_path, monkeypatch):
+    from redis_server import free_port
+    from testlooper.workerapi.cluster import S3ArtifactStore
+
+    port = free_port()
+    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}.items():
+        monkeypatch.setenv(name, value)
+    unreachable = S3ArtifactStore(BUCKET, spool_dir=str(tmp_path / "spool")).check()
+    assert unreachable.startswith(f"http://127.0.0.1:{port} does not answer: Could not connect") and "\n" not in unreachable
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    assert S3ArtifactStore(BUCKET, spool_dir=str(tmp_path / "spool")).check() == (
+        "no AWS credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, a profile or an instance role)")
