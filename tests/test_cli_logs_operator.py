@@ -10,9 +10,8 @@ import sys
 from cluster_helpers import NAMESPACE, list_testruns
 from operator_process import OPERATOR_DIR
 from run_helpers import wait_for
-from test_operator_runs_e2e import (  # noqa: F401 - redis_url is a fixture
-    BUILD, CHECK, DEFINITIONS, POOL, Kubelet, apply_repo, ended_testruns, push_project, redis_url, start_operator,
-)
+from run_cluster import Kubelet, apply_repo, ended_testruns, push_project, redis_url, start_operator  # noqa: F401
+from test_operator_runs_e2e import BUILD, CHECK, DEFINITIONS, POOL
 from testlooper.kube.objects import testrun_name
 
 

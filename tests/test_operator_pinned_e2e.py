@@ -9,7 +9,8 @@ from __future__ import annotations
 from cluster_helpers import NAMESPACE, list_testruns, repo_object
 from gitrepo import GitRepo
 from run_helpers import wait_for
-from test_operator_runs_e2e import POOL, Kubelet, ended_testruns, redis_url, start_operator  # noqa: F401
+from run_cluster import Kubelet, ended_testruns, redis_url, start_operator  # noqa: F401
+from test_operator_runs_e2e import POOL
 from test_workerapi_cluster import mirror  # noqa: F401 - a fixture
 from testlooper.decisions.repo import with_pins
 

@@ -11,9 +11,8 @@ import sys
 
 from operator_process import OPERATOR_DIR
 from run_helpers import wait_for
-from test_operator_runs_e2e import (  # noqa: F401 - redis_url is a fixture
-    BUILD, CHECK, DEFINITIONS, POOL, Kubelet, apply_repo, ended_testruns, push_project, redis_url, start_operator,
-)
+from run_cluster import Kubelet, apply_repo, ended_testruns, push_project, redis_url, start_operator  # noqa: F401
+from test_operator_runs_e2e import BUILD, CHECK, DEFINITIONS, POOL
 from test_workerapi_s3 import s3  # noqa: F401 - a fixture
 from testlooper.kube import pods as pod_builder
 from testlooper.kube.objects import testrun_name
@@ -24,8 +23,7 @@ BUCKET = "artifacts"  # the fixture's
 def test_a_build_artifact_goes_to_s3_and_its_consumers_pods_get_it_from_there(kube, tmp_path, redis_url, s3):  # noqa: F811
     store, _, port = s3
     url, commit = push_project(tmp_path, {"testlooper.yml": DEFINITIONS, "build.sh": BUILD, "check.sh": CHECK})
-    operator = start_operator(kube, tmp_path, redis_url, POOL)
-    operator.args += ["--s3-bucket", BUCKET, "--s3-prefix", "ci"]
+    operator = start_operator(kube, tmp_path, redis_url, POOL, args=["--s3-bucket", BUCKET, "--s3-prefix", "ci"])
     with operator, Kubelet(kube, tmp_path / "node") as kubelet:
         apply_repo(kube, url)
         try:
@@ -49,8 +47,7 @@ def test_a_build_artifact_goes_to_s3_and_its_consumers_pods_get_it_from_there(ku
 
 def test_a_bucket_that_cannot_be_used_is_said_at_startup_and_the_operator_stays_up(kube, tmp_path, redis_url, s3):  # noqa: F811
     _, _, port = s3
-    operator = start_operator(kube, tmp_path, redis_url, POOL)
-    operator.args += ["--s3-bucket", "no-such-bucket"]
+    operator = start_operator(kube, tmp_path, redis_url, POOL, args=["--s3-bucket", "no-such-bucket"])
     with operator:
         assert operator.get("/healthz")[0] == 200
         assert (f"artifact bucket s3://no-such-bucket/ cannot be used: there is no bucket no-such-bucket at "
