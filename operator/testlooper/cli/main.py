@@ -13,11 +13,11 @@ import traceback
 
 from testlooper import __version__
 from testlooper.cli import (
-    UserError, definitions_cmd, flaky_cmd, history_cmd, operator_cmd, plan_cmd, rerun_cmd, run_cmd, watch_cmd,
+    UserError, definitions_cmd, flaky_cmd, history_cmd, logs_cmd, operator_cmd, plan_cmd, rerun_cmd, run_cmd, watch_cmd,
 )
 
 # Each module has `register(subparsers)`, which adds its parser with a `run(args) -> int` default.
-SUBCOMMANDS = (definitions_cmd, plan_cmd, run_cmd, watch_cmd, history_cmd, flaky_cmd, operator_cmd, rerun_cmd)
+SUBCOMMANDS = (definitions_cmd, plan_cmd, run_cmd, watch_cmd, history_cmd, flaky_cmd, operator_cmd, rerun_cmd, logs_cmd)
 
 EXIT_USER_ERROR = 2  # the status argparse gives a usage error, too
 EXIT_INTERRUPTED = 130

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 
 from testlooper.errors import UserError
 
@@ -37,6 +38,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--operator-namespace", default=os.environ.get("POD_NAMESPACE", ""), metavar="NS",
                         help="where the operator keeps its Secret testlooper-operator (default: $POD_NAMESPACE, "
                              "else the first --namespace)")
+    parser.add_argument("--s3-bucket", default=os.environ.get("TESTLOOPER_S3_BUCKET", ""), metavar="NAME",
+                        help="keep build artifacts in this S3 bucket rather than under --cache-dir; endpoint and "
+                             "credentials as boto3 reads them (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ..., an "
+                             "instance role) (default: $TESTLOOPER_S3_BUCKET)")
+    parser.add_argument("--s3-prefix", default=os.environ.get("TESTLOOPER_S3_PREFIX", ""), metavar="PREFIX",
+                        help="the artifacts' key prefix in that bucket, e.g. testlooper/ (default: none)")
     parser.add_argument("--cache-dir", default=os.environ.get("TESTLOOPER_CACHE_DIR", "/var/cache/testlooper"),
                         metavar="DIR", help="where git mirrors are kept (default: /var/cache/testlooper)")
     parser.add_argument("--max-concurrent-polls", type=int, default=4, metavar="N",
@@ -84,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
     if args.store and not args.store.startswith(("redis://", "rediss://", "unix://")):
         raise UserError(f"--store must be a redis:// URL in the cluster, not {args.store!r}")
     run_settings = phase_settings(args)
+    s3_bucket, s3_prefix = s3_options(args.s3_bucket, args.s3_prefix)
     try:
         os.makedirs(os.path.join(args.cache_dir, "mirrors"), exist_ok=True)
     except OSError as exc:
@@ -99,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
         api_port=args.api_port, api_url=args.api_url, cache_dir=args.cache_dir,
         max_concurrent_polls=args.max_concurrent_polls, worker_image=args.worker_image,
         operator_namespace=args.operator_namespace, run_settings=run_settings,
-        pool_status_interval=args.pool_status_interval,
+        pool_status_interval=args.pool_status_interval, s3_bucket=s3_bucket, s3_prefix=s3_prefix,
     )
     return run_operator(options)
 
@@ -145,3 +153,21 @@ def phase_settings(args: argparse.Namespace):
             raise UserError(f"{flag} must be a number of seconds greater than 0, not {text!r}")
         given[field] = seconds
     return dataclasses.replace(Settings(), **given)
+
+
+# S3's rules for new bucket names: 3-63 lowercase letters, digits, dots and hyphens, starting
+# and ending with a letter or digit.
+S3_BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
+
+def s3_options(bucket: str, prefix: str) -> tuple[str, str]:
+    """--s3-bucket and --s3-prefix checked; the prefix ends in "/" (a folder of the bucket)."""
+    if prefix and not bucket:
+        raise UserError("--s3-prefix needs --s3-bucket")
+    if bucket and not S3_BUCKET_NAME.match(bucket):
+        raise UserError(f"--s3-bucket {bucket!r} is not an S3 bucket name (3 to 63 lowercase letters, digits, "
+                        "dots and hyphens)")
+    prefix = prefix.lstrip("/")
+    if prefix and not prefix.endswith("/"):
+        prefix += "/"
+    return bucket, prefix

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 
 from testlooper.errors import UserError
 
@@ -27,21 +26,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import urllib3
-    from kubernetes import client, config
+    from kubernetes import client
 
+    from testlooper.cli.cluster_access import GROUP, VERSION, connect, read_testrun, reason
     from testlooper.planning.planner import MAX_RUNS
 
-    try:
-        config.load_kube_config(config_file=os.environ.get("KUBECONFIG") or None)
-        namespace = args.namespace or config.list_kube_config_contexts()[1]["context"].get("namespace") or "default"
-    except config.ConfigException:
-        try:
-            config.load_incluster_config()
-        except config.ConfigException:
-            raise UserError("no cluster to talk to: set KUBECONFIG, or run this inside the cluster") from None
-        namespace = args.namespace or _incluster_namespace()
-    api = client.CustomObjectsApi()
-    testrun = _read(api, namespace, args.testrun)
+    api, namespace = connect(args.namespace)
+    testrun = read_testrun(api, namespace, args.testrun)
     current = int(testrun["spec"].get("runs") or 1)
     wanted = args.runs if args.runs is not None else current + (args.add if args.add is not None else current)
     if args.add is not None and args.add < 1:
@@ -54,41 +45,12 @@ def run(args: argparse.Namespace) -> int:
     # The resourceVersion makes this a compare-and-swap: two reruns at once never lose one.
     patch = {"metadata": {"resourceVersion": testrun["metadata"]["resourceVersion"]}, "spec": {"runs": wanted}}
     try:
-        api.patch_namespaced_custom_object("testlooper.dev", "v1alpha1", namespace, "testruns", args.testrun, patch)
+        api.patch_namespaced_custom_object(GROUP, VERSION, namespace, "testruns", args.testrun, patch)
     except (OSError, urllib3.exceptions.HTTPError) as exc:
-        raise UserError(f"cannot reach the cluster: {_reason(exc)}") from None
+        raise UserError(f"cannot reach the cluster: {reason(exc)}") from None
     except client.ApiException as exc:
         if exc.status == 409:
             raise UserError(f"TestRun {args.testrun} changed meanwhile: run the command again") from None
         raise UserError(f"the cluster refused the change: {exc.status} {exc.reason}") from None
     print(f"{args.testrun}: runs {current} -> {wanted} ({wanted - current} more)")
     return 0
-
-
-def _read(api, namespace: str, name: str) -> dict:
-    import urllib3
-    from kubernetes import client
-
-    try:
-        return api.get_namespaced_custom_object("testlooper.dev", "v1alpha1", namespace, "testruns", name)
-    except client.ApiException as exc:
-        if exc.status == 404:
-            raise UserError(f"no TestRun {name} in namespace {namespace} (kubectl get testruns -n {namespace})") from None
-        raise UserError(f"cannot read TestRun {name}: {exc.status} {exc.reason}") from None
-    except (OSError, urllib3.exceptions.HTTPError) as exc:
-        raise UserError(f"cannot reach the cluster: {_reason(exc)}") from None
-
-
-def _reason(exc: BaseException) -> str:
-    """The innermost cause, in one line: "Connection refused", not urllib3's retry wrapping."""
-    while getattr(exc, "reason", None) is not None and isinstance(exc.reason, BaseException):
-        exc = exc.reason
-    return " ".join(str(exc).split(": ")[-1:]) or type(exc).__name__
-
-
-def _incluster_namespace() -> str:
-    try:
-        with open("/var/run/secrets/kubernetes.io/serviceaccount/namespace") as handle:
-            return handle.read().strip() or "default"
-    except OSError:
-        return "default"

@@ -114,8 +114,8 @@ async def start_runs(context: OperatorContext):
     """The worker API's backend and the controller that turns runs into pods (cluster/runs.py)."""
     import redis
 
-    from testlooper.cluster.runs import RunController, TestRunDirectory, artifacts_root, ensure_operator_secret
-    from testlooper.workerapi.cluster import ClusterBackend, DiskArtifactStore, SourceCache
+    from testlooper.cluster.runs import RunController, TestRunDirectory, ensure_operator_secret
+    from testlooper.workerapi.cluster import ClusterBackend, SourceCache
 
     options = context.options
     secret = await ensure_operator_secret(context.api, options.secret_namespace)
@@ -133,13 +133,36 @@ async def start_runs(context: OperatorContext):
 
     backend = ClusterBackend(
         secret=secret, runs=TestRunDirectory(context), client=redis.Redis.from_url(options.store_url),
-        history=context.store, artifacts=DiskArtifactStore(artifacts_root(options.cache_dir)),
+        history=context.store, artifacts=await asyncio.to_thread(artifact_store, options),
         source_cache=SourceCache(os.path.join(options.cache_dir, "sources")), on_result=on_result,
         on_unrecorded=on_unrecorded, on_store_error=context.store_health.failed)
     context.runs = RunController(context, secret=secret, backend=backend, worker_image=options.worker_image)
     context.store_health.on_change = context.runs.store_changed
     logger.info("runs become pods; workers reach the operator at %s", options.api_url)
     return backend
+
+
+def artifact_store(options: OperatorOptions):
+    """Where the runs' artifacts go: the S3 bucket of --s3-bucket, else the cache volume.
+
+    The bucket is checked now and what is wrong said in one line (no bucket, no credentials,
+    no answer). It is used anyway: uploads answer 503 until it works, and the agents retry,
+    as with a store that does not answer."""
+    from testlooper.cluster.runs import artifacts_root
+    from testlooper.workerapi.cluster import DiskArtifactStore, S3ArtifactStore
+
+    if not options.s3_bucket:
+        return DiskArtifactStore(artifacts_root(options.cache_dir))
+    store = S3ArtifactStore(options.s3_bucket, prefix=options.s3_prefix,
+                            spool_dir=os.path.join(options.cache_dir, "s3-spool"))
+    where = f"s3://{options.s3_bucket}/{options.s3_prefix}"
+    problem = store.check()
+    if problem:
+        logger.error("artifact bucket %s cannot be used: %s; build artifacts cannot be stored until it can "
+                     "(their uploads are refused with 503 and the agents retry)", where, problem)
+    else:
+        logger.info("artifacts go to %s (endpoint %s)", where, store.endpoint)
+    return store
 
 
 def open_history_store(url: str):

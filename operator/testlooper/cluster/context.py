@@ -33,6 +33,8 @@ class OperatorOptions:
     worker_image: str = "ghcr.io/testlooper/worker:latest"  # the image of a run pod's prepare and report containers
     operator_namespace: str = ""  # where the operator secret is kept ("" : the first watched namespace)
     run_settings: Settings = Settings()  # the phase machine's limits (--max-infra-retries, --pending-timeout...)
+    s3_bucket: str = ""  # artifacts go to this bucket (boto3's environment: endpoint, credentials) when set
+    s3_prefix: str = ""  # the keys' prefix in it ("" or ending in "/")
 
     @property
     def runs_enabled(self) -> bool:

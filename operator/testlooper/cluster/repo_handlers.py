@@ -194,7 +194,7 @@ def observe_head(mirror: GitMirror, branch: str, sha: str, spec: dict, repositor
         tasks.append(decide.PlannedTask(
             name=task["name"], kind=task["kind"], runs=task["runs"],
             hash=decide.run_content_hash(task["hash"], source_tree),
-            depends_on=tuple(task["depends_on"]), definition=definition,
+            depends_on=tuple(task["depends_on"]), definition=decide.with_pins(definition, definitions["repos"]),
         ))
     return decide.HeadObservation(branch, sha, tasks=tuple(tasks), reason=planned["reason"], warnings=tuple(warnings))
 

@@ -30,6 +30,7 @@ import subprocess
 import time
 
 from testlooper.cluster import run_metrics
+from testlooper.cluster.pins import pinned_source
 from testlooper.cluster.pool_handlers import count_pool_usage
 from testlooper.decisions import phases
 from testlooper.decisions.pools import POOL_LABEL, admit, pool_for
@@ -105,24 +106,30 @@ class TestRunDirectory:
                          if owner.get("kind") == "Repo"), "")
         git_dir = self.context.mirror_path(namespace, spec.get("repo", ""), repo_uid)
         commit = spec.get("commit", "")
+        # Another repository's build runs on its pinned commit (cluster/pins.py).
+        source = await pinned_source(self.context, namespace, repo_uid, definition, definition["repo"]) \
+            if definition.get("repo", "HEAD") != "HEAD" else None
+        tree_dir, tree_commit = (source.git_dir, source.commit) if source and source.commit else (git_dir, commit)
         inputs = {}
         for key, dependency in (definition.get("dependencies") or {}).items():
             if dependency.get("repo", "HEAD") != "HEAD" and dependency.get("kind") == "source":
-                continue  # another repository's source: not served by the cluster yet (docs/operator.md)
-            if dependency.get("kind") == "source":
+                inputs[key] = await pinned_source(self.context, namespace, repo_uid, definition, dependency["repo"],
+                                                  dependency.get("path") or "")
+            elif dependency.get("kind") == "source":
                 inputs[key] = InputSource("source", path=dependency.get("path") or "")
             else:
                 inputs[key] = await self._build_input(namespace, spec, dependency)
         current = ((status.get("active") or {}).get(str(index)) or {}).get("attempt")
-        message = await asyncio.to_thread(_commit_message, git_dir, commit)
-        assignment = {"task": definition, "commit": commit, "commit_message": message, "run_index": index,
+        message = await asyncio.to_thread(_commit_message, tree_dir, tree_commit)
+        assignment = {"task": definition, "commit": tree_commit, "commit_message": message, "run_index": index,
                       "attempt": attempt, "cores": float(definition.get("min_cores") or 1),
                       "ram_gb": float(definition.get("min_ram_gb") or 0)}
         return ClusterRun(run_id=run_id, assignment=assignment, git_dir=git_dir, commit=commit,
                           repo=repo_id(namespace, spec.get("repo", "")), task=spec.get("task", ""),
                           kind=spec.get("kind", "test"), run_index=index, attempt=attempt,
                           branch=spec.get("branch", ""), inputs=inputs,
-                          cancel=bool(spec.get("cancel")) or (current is not None and current != attempt))
+                          cancel=bool(spec.get("cancel")) or (current is not None and current != attempt),
+                          source=source)
 
     async def _build_input(self, namespace: str, spec: dict, dependency: dict) -> InputSource:
         """The artifact of the build's run that passed (the store says which attempt it was)."""

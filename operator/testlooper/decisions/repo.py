@@ -271,6 +271,18 @@ def pinned_repos(repository: str, url_keys: dict[str, str]) -> list[str]:
     return sorted(name for name, key in url_keys.items() if key == wanted or key.endswith("/" + wanted))
 
 
+def with_pins(definition: dict, repos: dict) -> dict:
+    """The task's definition with the pins it reads (`pins: {PIN: {repository, commit}}`, from
+    the definitions' `repos`): its own `repo` when it is another repository's build, and the
+    `repo` of each of its dependencies. The TestRun keeps them, so its runs are served the
+    pinned commits the plan saw, whatever the file says later."""
+    wanted = {definition.get("repo", "HEAD")} | {
+        dependency.get("repo", "HEAD") for dependency in (definition.get("dependencies") or {}).values()}
+    pins = {pin: {"repository": repos[pin]["repository"], "commit": repos[pin]["commit"]}
+            for pin in sorted(wanted - {"HEAD"}) if pin in repos and repos[pin].get("commit")}
+    return {**definition, "pins": pins} if pins else definition
+
+
 def next_poll_delay(interval: float, consecutive_failures: int, cap: float = 600.0) -> float:
     """The poll interval, doubled for each failure in a row (at most `cap`): an unreachable host
     is asked less and less often, and never delays the other Repos (each has its own loop)."""

@@ -94,6 +94,29 @@ class LogStreams:
                                       count=count)
         return _chunks(entries)
 
+    def exists(self, run_id: str) -> bool:
+        """Whether the run has logged anything (or ended) within the expiry."""
+        return bool(self._client.exists(self._keys(run_id)[0]))
+
+    def read_many(self, positions: dict[str, str], block_seconds: float = 0.0,
+                  count: int = 512) -> dict[str, tuple[list[LogChunk], bool, str]]:
+        """The chunks after each run's entry (``{run_id: after}``), waiting up to
+        ``block_seconds`` for one when none is there yet (0: no wait): ``{run_id: (chunks, ended,
+        the entry to read on after)}`` for the runs that had news."""
+        if not positions:
+            return {}
+        by_stream = {self._keys(run_id)[0]: run_id for run_id in positions}
+        answer = self._client.xread({stream: positions[run_id] for stream, run_id in by_stream.items()},
+                                    count=count, block=int(block_seconds * 1000) if block_seconds > 0 else None)
+        news = {}
+        for stream, entries in answer or ():
+            if not entries:
+                continue
+            run_id = by_stream[stream.decode() if isinstance(stream, bytes) else stream]
+            chunks, ended = _chunks(entries)
+            news[run_id] = (chunks, ended, entries[-1][0].decode())
+        return news
+
     def follow(self, run_id: str, after: str = "0-0", block_seconds: float = 5.0):
         """Yields chunks as they come until the end marker (a generator for `logs -f`)."""
         stream = self._keys(run_id)[0]

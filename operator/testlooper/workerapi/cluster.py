@@ -43,13 +43,18 @@ from testlooper.workerapi.protocol import ARTIFACT_FORMATS, ApiError, Backend, S
 
 @dataclass(frozen=True)
 class InputSource:
-    """Where an input comes from: ``source`` (``path`` of the commit's tree) or ``build`` (the
-    artifact ``artifact`` uploaded by the run ``run_id``)."""
+    """Where an input comes from: ``source`` (``path`` of the commit's tree; of ``commit`` in
+    the mirror ``git_dir`` when they are set, for another repository's pinned commit) or
+    ``build`` (the artifact ``artifact`` uploaded by the run ``run_id``). ``unavailable`` says
+    why it cannot be served (a pinned repository with no mirror): the agent is told so."""
 
     kind: str
     path: str = ""
     run_id: str = ""
     artifact: str = ""
+    git_dir: str = ""
+    commit: str = ""
+    unavailable: str = ""
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,7 @@ class ClusterRun:
     branch: str = ""
     inputs: dict = field(default_factory=dict)  # key -> InputSource
     cancel: bool = False
+    source: InputSource | None = None  # its source, when not ``commit`` of ``git_dir`` (a pinned build's)
 
 
 class RunDirectory(Protocol):
@@ -138,12 +144,39 @@ class S3ArtifactStore:
     def __init__(self, bucket: str, *, prefix: str = "", spool_dir: str, presign_seconds: int = 6 * 3600,
                  client=None):
         import boto3  # only an operator configured for S3 pays for the import
+        import botocore.config
 
         self.bucket = bucket
         self.prefix = prefix
         self.spool_dir = os.path.abspath(spool_dir)
         self.presign_seconds = presign_seconds
-        self._s3 = client or boto3.session.Session().client("s3")
+        # A few quick tries: botocore's defaults (60 s to connect, 5 tries) would hold a request,
+        # or the operator's start, for minutes when S3 does not answer; the agent retries anyway.
+        config = botocore.config.Config(connect_timeout=10, retries={"mode": "standard", "max_attempts": 3})
+        self._s3 = client or boto3.session.Session().client("s3", config=config)
+
+    @property
+    def endpoint(self) -> str:
+        return self._s3.meta.endpoint_url
+
+    def check(self) -> str:
+        """What keeps the bucket from being used, in one line, or "" when it answers."""
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+        try:
+            self._s3.head_bucket(Bucket=self.bucket)
+        except NoCredentialsError:
+            return "no AWS credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, a profile or an instance role)"
+        except ClientError as error:
+            code = str(error.response.get("Error", {}).get("Code") or "")
+            if code in ("404", "NoSuchBucket"):
+                return f"there is no bucket {self.bucket} at {self.endpoint}"
+            if code in ("403", "AccessDenied"):
+                return f"access to bucket {self.bucket} at {self.endpoint} is denied to these credentials"
+            return f"{self.endpoint} answered {code or type(error).__name__}"
+        except BotoCoreError as error:
+            return f"{self.endpoint} does not answer: {' '.join(str(error).split())}"
+        return ""
 
     def key(self, run_id: str, name: str, archive_format: str) -> str:
         return f"{self.prefix}{safe_file_name(run_id)}/{safe_file_name(name)}{S3_EXTENSIONS[archive_format]}"
@@ -351,15 +384,23 @@ class ClusterBackend(Backend):
 
     async def served(self, run, route):
         if route == "source":
+            if run.source is not None:
+                return await self._source_tree(run, run.source)
             return await self._tree(run.git_dir, run.commit)
         for key, source in run.inputs.items():
             if input_route(key) != route:
                 continue
             if source.kind == "source":
-                path = source.path.strip("/")
-                return await self._tree(run.git_dir, f"{run.commit}:{path}" if path else run.commit)
+                return await self._source_tree(run, source)
             return await asyncio.to_thread(self.artifacts.find, source.run_id, source.artifact)
         return None
+
+    async def _source_tree(self, run: ClusterRun, source: InputSource) -> Served:
+        if source.unavailable:
+            raise ApiError(404, source.unavailable)
+        path = source.path.strip("/")
+        git_dir, commit = source.git_dir or run.git_dir, source.commit or run.commit
+        return await self._tree(git_dir, f"{commit}:{path}" if path else commit)
 
     async def _tree(self, git_dir: str, tree: str) -> Served:
         # Streamed from git unless cached; a tree git cannot archive answers 404 there.
