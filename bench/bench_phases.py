@@ -11,7 +11,8 @@ admission alone): the median and 99th percentile, and the largest status written
 10,000 and 100,000 runs. The status is bounded and a decision costs what changed plus the runs
 active, so the figures must not grow with RUNS. Targets: median decision at most 2 ms, growth
 100,000 over 1,000 at most 2x, status at most 300 kB. Also: one admission round over 5,000
-queued TestRuns.
+queued TestRuns, and what the run metrics add to each status write
+(`run_metrics.after_status_write`: the runs ended, their cases and durations).
 """
 
 from __future__ import annotations
@@ -21,7 +22,10 @@ import platform
 import statistics
 import sys
 import time
+import types
 
+from testlooper.cluster import run_metrics
+from testlooper.cluster.metrics import OperatorMetrics
 from testlooper.decisions.phases import (
     CreatePod, DeletePod, Observations, RunResult, decide, format_time, merged, observe_pod, queued_demand,
 )
@@ -49,6 +53,8 @@ def drive(runs: int) -> dict:
     pods: dict[tuple[int, int], dict] = {}
     results: dict[tuple[int, int], RunResult] = {}
     decide_seconds: list[float] = []
+    metrics_seconds: list[float] = []
+    context = types.SimpleNamespace(metrics=OperatorMetrics(), flaky_cases=None)
     admit_seconds: list[float] = []
     largest_status = 0
     now = T0
@@ -66,8 +72,16 @@ def drive(runs: int) -> dict:
                                 results=results, heartbeats={key: now for key in pods}, admitted=granted,
                                 operator_started=T0)
         decision = decide(testrun, observed)
+        before = testrun["status"]
         testrun["status"] = merged(testrun["status"], decision.status_patch)
         decide_seconds.append(time.perf_counter() - started)
+        if decision.status_patch:
+            posted = {key: {"result": result.result, "received_at": now, "cases": [
+                {"name": "c", "success": result.result == "passed"}]} for key, result in results.items()}
+            started = time.perf_counter()
+            run_metrics.after_status_write(context, {**testrun, "status": before}, decision.status_patch, observed,
+                                           posted)
+            metrics_seconds.append(time.perf_counter() - started)
         largest_status = max(largest_status, len(json.dumps(testrun["status"])))
         for action in decision.actions:
             if isinstance(action, CreatePod):
@@ -86,6 +100,7 @@ def drive(runs: int) -> dict:
         "decide_total_seconds": round(sum(decide_seconds), 3),
         "microseconds_per_run": round(sum(decide_seconds) / runs * 1e6, 1),
         "admission_median_ms": round(statistics.median(admit_seconds) * 1e3, 3),
+        "status_write_metrics_median_ms": round(statistics.median(metrics_seconds) * 1e3, 3),
         "largest_status_bytes": largest_status,
         "result": testrun["status"]["result"],
     }

@@ -68,7 +68,10 @@ def run_endings(before: dict, patch: dict | None) -> dict[str, int]:
     reused result (nothing ran) counts nothing."""
     if not patch or patch.get("resultFrom"):
         return {}
-    after = phases.merged(before, patch)
+    return _endings(before, phases.merged(before, patch))
+
+
+def _endings(before: dict, after: dict) -> dict[str, int]:
     old, new = before.get("runCounts") or {}, after.get("runCounts") or {}
 
     def moved(key: str) -> int:
@@ -77,8 +80,8 @@ def run_endings(before: dict, patch: dict | None) -> dict[str, int]:
     timeouts = moved("timedOut")
     endings = {"passed": moved("passed"), "failed": max(0, moved("failed") - timeouts), "timeout": timeouts,
                "error": moved("errored")}
-    left = len(set(before.get("active") or {}) - set(after.get("active") or {}))
     if after.get("phase") == "Cancelled":
+        left = len(set(before.get("active") or {}) - set(after.get("active") or {}))
         endings["cancelled"] = max(0, left - sum(endings.values()))
     return {result: count for result, count in endings.items() if count}
 
@@ -89,7 +92,10 @@ def consumed_results(before: dict, patch: dict | None, results: Iterable[tuple[i
     `cancelled` is not a verdict (its agent was stopped), nor is one under a cancel."""
     if not patch:
         return []
-    after = phases.merged(before, patch)
+    return _consumed(before, phases.merged(before, patch), results)
+
+
+def _consumed(before: dict, after: dict, results: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
     if after.get("phase") == "Cancelled":
         return []
     old, new = before.get("active") or {}, after.get("active") or {}
@@ -154,11 +160,17 @@ def after_status_write(context, testrun: dict, patch: dict | None, observed: pha
     try:
         spec, status = testrun.get("spec") or {}, testrun.get("status") or {}
         namespace, repo = testrun["metadata"]["namespace"], spec.get("repo", "")
-        for result, count in run_endings(status, patch).items():
-            metrics.runs_finished.labels(namespace, repo, result).inc(count)
-        pods = {(pod.run, pod.attempt): pod for pod in observed.pods}
+        if not patch:
+            return
+        after = phases.merged(status, patch)  # once: it copies the active runs
+        if not patch.get("resultFrom"):
+            for result, count in _endings(status, after).items():
+                metrics.runs_finished.labels(namespace, repo, result).inc(count)
+        verdicts = [key for key, result in observed.results.items() if result.result != "cancelled"]
+        consumed = _consumed(status, after, verdicts) if verdicts else []
+        pods = {(pod.run, pod.attempt): pod for pod in observed.pods} if consumed else {}
         kind = spec.get("kind") or "test"
-        for key in consumed_results(status, patch, [k for k, r in observed.results.items() if r.result != "cancelled"]):
+        for key in consumed:
             result = posted.get(key)
             if result is None:
                 continue
