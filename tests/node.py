@@ -1,0 +1,112 @@
+"""A node for the operator's end-to-end tests: a thread that takes each pod the operator creates
+in a namespace, once, and runs it to its end with tests/kubelet.py's TestKubelet, patching the
+pod's status as a kubelet would (Pending with a startTime, Running, then Succeeded or Failed).
+
+    with Kubelet(kube, tmp_path / "node") as kubelet:
+        ...
+        kubelet.ran            # {pod name: the phase it ended in}
+        kubelet.journal        # [("started" | "ended", pod name), ...] in the order they happened
+        kubelet.ended_at       # {pod name: time.monotonic() when its containers had all exited}
+
+Each pod runs in its own thread, so runs of one TestRun run side by side as on a real node.
+Unlike a kubelet it does not stop a deleted pod's containers: a pod the operator deletes (a
+cancelled TestRun) runs on until its agent stops by itself, so a test sees the agent stop
+through the worker API, which is what must work when a node is slow to act on a delete.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from kubelet import TestKubelet, running_status
+from testlooper.kube import pods as pod_builder
+
+
+def pods_path(namespace: str, name: str = "") -> str:
+    return f"/api/v1/namespaces/{namespace}/pods" + (f"/{name}" if name else "")
+
+
+class Kubelet:
+    """Plays the node (see the module's docstring)."""
+
+    def __init__(self, kube, root, namespace: str = "team-a", pod_timeout: float = 180):
+        self.kube = kube
+        self.root = root
+        self.namespace = namespace
+        self.pod_timeout = pod_timeout
+        self.ran: dict[str, str] = {}  # pod name -> phase it ended in
+        self.labels: dict[str, dict] = {}  # pod name -> its labels
+        self.runs: dict = {}  # pod name -> its kubelet.PodRun, once ended
+        self.journal: list[tuple[str, str]] = []
+        self.ended_at: dict[str, float] = {}
+        self.errors: list[str] = []
+        self._taken: set[str] = set()
+        self._lock = threading.Lock()
+        self._pod_threads: list[threading.Thread] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(timeout=60)
+        for thread in list(self._pod_threads):
+            thread.join(timeout=self.pod_timeout)
+
+    def running(self) -> list[str]:
+        """The pods taken whose containers have not all exited yet."""
+        with self._lock:
+            return sorted(self._taken - set(self.ran))
+
+    def _loop(self):
+        while not self._stop.is_set():
+            for pod in self.kube.api("GET", pods_path(self.namespace))["items"]:
+                name = pod["metadata"]["name"]
+                if name in self._taken or pod["metadata"].get("deletionTimestamp"):
+                    continue
+                with self._lock:
+                    self._taken.add(name)
+                    self.journal.append(("started", name))
+                thread = threading.Thread(target=self._run_reporting, args=(pod,), daemon=True)
+                self._pod_threads.append(thread)
+                thread.start()
+            time.sleep(0.1)
+
+    def _run_reporting(self, pod):
+        name = pod["metadata"]["name"]
+        try:
+            phase = self.run(pod)
+        except Exception as error:  # said by the test, not lost in a thread
+            self.errors.append(f"{name}: {type(error).__name__}: {error}")
+            phase = "error"
+        with self._lock:
+            self.ended_at[name] = time.monotonic()
+            self.journal.append(("ended", name))
+            self.ran[name] = phase
+
+    def run(self, pod) -> str:
+        name = pod["metadata"]["name"]
+        self.labels[name] = dict(pod["metadata"].get("labels") or {})
+        secret_name = pod["metadata"]["annotations"][pod_builder.TOKEN_SECRET_ANNOTATION]
+        secret = self.kube.api("GET", f"/api/v1/namespaces/{self.namespace}/secrets/{secret_name}")
+        kubelet = TestKubelet(self.root / name, secrets={secret_name: secret})
+        self._patch_status(name, {"startTime": _now(), "phase": "Pending"})
+        run = kubelet.run_pod(pod, timeout=self.pod_timeout,
+                              on_running=lambda p: self._patch_status(name, running_status(p)))
+        self.runs[name] = run
+        self._patch_status(name, run.status(pod))
+        return run.phase
+
+    def _patch_status(self, name: str, status: dict) -> None:
+        # The pod may be gone already: the operator deletes it once its RESULT is counted.
+        code, answer = self.kube._call("PATCH", pods_path(self.namespace, name) + "/status", {"status": status},
+                                       content_type="application/merge-patch+json")
+        assert code in (200, 404), answer
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
