@@ -7,8 +7,10 @@ pod's status as a kubelet would (Pending with a startTime, Running, then Succeed
         kubelet.ran            # {pod name: the phase it ended in}
         kubelet.journal        # [("started" | "ended", pod name), ...] in the order they happened
         kubelet.ended_at       # {pod name: time.monotonic() when its containers had all exited}
+        kubelet.seen           # {pod name: what on_take(pod) returned when the pod was taken}
 
-Each pod runs in its own thread, so runs of one TestRun run side by side as on a real node.
+Each pod runs in its own thread, so runs of one TestRun run side by side as on a real node. At
+the end of the `with`, the containers still running are killed.
 Unlike a kubelet it does not stop a deleted pod's containers: a pod the operator deletes (a
 cancelled TestRun) runs on until its agent stops by itself, so a test sees the agent stop
 through the worker API, which is what must work when a node is slow to act on a delete.
@@ -19,7 +21,7 @@ from __future__ import annotations
 import threading
 import time
 
-from kubelet import TestKubelet, running_status
+from kubelet import PodAbandoned, TestKubelet, running_status
 from testlooper.kube import pods as pod_builder
 
 
@@ -30,7 +32,7 @@ def pods_path(namespace: str, name: str = "") -> str:
 class Kubelet:
     """Plays the node (see the module's docstring)."""
 
-    def __init__(self, kube, root, namespace: str = "team-a", pod_timeout: float = 180):
+    def __init__(self, kube, root, namespace: str = "team-a", pod_timeout: float = 180, on_take=None):
         self.kube = kube
         self.root = root
         self.namespace = namespace
@@ -40,6 +42,8 @@ class Kubelet:
         self.runs: dict = {}  # pod name -> its kubelet.PodRun, once ended
         self.journal: list[tuple[str, str]] = []
         self.ended_at: dict[str, float] = {}
+        self.on_take = on_take  # called with each pod as it is taken, before it runs
+        self.seen: dict[str, object] = {}
         self.errors: list[str] = []
         self._taken: set[str] = set()
         self._lock = threading.Lock()
@@ -68,6 +72,8 @@ class Kubelet:
                 name = pod["metadata"]["name"]
                 if name in self._taken or pod["metadata"].get("deletionTimestamp"):
                     continue
+                if self.on_take is not None:
+                    self.seen[name] = self.on_take(pod)
                 with self._lock:
                     self._taken.add(name)
                     self.journal.append(("started", name))
@@ -80,6 +86,8 @@ class Kubelet:
         name = pod["metadata"]["name"]
         try:
             phase = self.run(pod)
+        except PodAbandoned:  # the test is over: what it ran is of no interest any more
+            phase = "abandoned"
         except Exception as error:  # said by the test, not lost in a thread
             self.errors.append(f"{name}: {type(error).__name__}: {error}")
             phase = "error"
@@ -93,7 +101,7 @@ class Kubelet:
         self.labels[name] = dict(pod["metadata"].get("labels") or {})
         secret_name = pod["metadata"]["annotations"][pod_builder.TOKEN_SECRET_ANNOTATION]
         secret = self.kube.api("GET", f"/api/v1/namespaces/{self.namespace}/secrets/{secret_name}")
-        kubelet = TestKubelet(self.root / name, secrets={secret_name: secret})
+        kubelet = TestKubelet(self.root / name, secrets={secret_name: secret}, stop=self._stop)
         self._patch_status(name, {"startTime": _now(), "phase": "Pending"})
         run = kubelet.run_pod(pod, timeout=self.pod_timeout,
                               on_running=lambda p: self._patch_status(name, running_status(p)))

@@ -132,12 +132,14 @@ async def start_runs(context: OperatorContext):
         if context.runs is not None:
             context.runs.result_unrecorded(namespace, name, message)
 
+    directory = TestRunDirectory(context)
     backend = ClusterBackend(
-        secret=secret, runs=TestRunDirectory(context), client=redis.Redis.from_url(options.store_url),
+        secret=secret, runs=directory, client=redis.Redis.from_url(options.store_url),
         history=context.store, artifacts=DiskArtifactStore(artifacts_root(options.cache_dir)),
         source_cache=SourceCache(os.path.join(options.cache_dir, "sources")), on_result=on_result,
         on_unrecorded=on_unrecorded, on_store_error=context.store_health.failed)
-    context.runs = RunController(context, secret=secret, backend=backend, worker_image=options.worker_image)
+    context.runs = RunController(context, secret=secret, backend=backend, worker_image=options.worker_image,
+                                 directory=directory)
     logger.info("runs become pods; workers reach the operator at %s", options.api_url)
     return backend
 

@@ -74,21 +74,33 @@ def repo_id(namespace: str, repo: str) -> str:
 
 
 class TestRunDirectory:
-    """What each run id is, read from its TestRun (kept a moment: an agent calls every few s)."""
+    """What each run id is, read from its TestRun. Kept a moment (an agent calls every few s),
+    and forgotten as soon as the TestRun changes (`forget`), so that a cancel, or a run moved on
+    to another attempt, reaches the agent at its next heartbeat."""
 
     def __init__(self, context):
         self.context = context
-        self._cache: dict[str, tuple[float, ClusterRun | None]] = {}
+        self._cache: dict[str, tuple[float, ClusterRun | None]] = {}  # run id -> (read at, what it is)
+        self._changed: dict[tuple[str, str], float] = {}  # (namespace, TestRun) -> when it last changed
 
     async def describe(self, run_id: str) -> ClusterRun | None:
+        changed = self._changed.get(_testrun_of(run_id), 0.0)
         cached = self._cache.get(run_id)
-        if cached is not None and time.monotonic() - cached[0] < DESCRIBE_TTL_SECONDS:
+        if cached is not None and cached[0] > changed and time.monotonic() - cached[0] < DESCRIBE_TTL_SECONDS:
             return cached[1]
+        read_at = time.monotonic()
         run = await self._describe(run_id)
         if len(self._cache) > 10000:
             self._cache.clear()
-        self._cache[run_id] = (time.monotonic(), run)
+        if len(self._changed) > 10000:
+            self._changed.clear()
+            self._cache.clear()  # what was forgotten must not come back
+        self._cache[run_id] = (read_at, run)  # a read begun before a change is older than it: not used
         return run
+
+    def forget(self, namespace: str, name: str) -> None:
+        """The TestRun changed: its runs are read again at their next call."""
+        self._changed[(namespace, name)] = time.monotonic()
 
     async def _describe(self, run_id: str) -> ClusterRun | None:
         try:
@@ -144,6 +156,11 @@ class TestRunDirectory:
                            artifact=dependency.get("artifact") or "")
 
 
+def _testrun_of(run_id: str) -> tuple[str, str]:
+    namespace, _, rest = run_id.partition(".")
+    return namespace, rest.partition(".")[0]
+
+
 def _commit_message(git_dir: str, commit: str) -> str:
     try:
         done = subprocess.run(["git", "--git-dir", git_dir, "log", "-1", "--format=%B", commit],
@@ -156,8 +173,9 @@ def _commit_message(git_dir: str, commit: str) -> str:
 class RunController:
     """Decides and applies the TestRuns' runs (see the module's docstring)."""
 
-    def __init__(self, context, *, secret: bytes, backend, worker_image: str):
+    def __init__(self, context, *, secret: bytes, backend, worker_image: str, directory=None):
         self.context = context
+        self.directory = directory  # the worker API's TestRunDirectory, told when a TestRun changes
         self.api = context.api
         self.secret = secret
         self.backend = backend
@@ -184,6 +202,13 @@ class RunController:
         return asyncio.get_running_loop().create_task(coroutine, context=context)
 
     # -- scheduling ----------------------------------------------------------------------------
+
+    def testrun_changed(self, namespace: str, name: str) -> None:
+        """A TestRun's event: what the worker API knows of its runs is read again (a cancel
+        reaches the agent at its next heartbeat), and it is decided again."""
+        if self.directory is not None:
+            self.directory.forget(namespace, name)
+        self.poke(namespace, name)
 
     def poke(self, namespace: str, name: str) -> None:
         """Decide this TestRun again soon (events coming together make one decision)."""
@@ -329,6 +354,17 @@ class RunController:
             self.wake_admission(namespace)  # queued now, or runs ended and freed room
         if decision.status_patch and decision.status_patch.get("phase") in ENDED_PHASES:
             await self._wake_consumers(testrun)
+        if decision.status_patch and "phase" in decision.status_patch and \
+                (decision.status_patch["phase"] in ENDED_PHASES) != (status.get("phase") in ENDED_PHASES):
+            self.retally_repo(testrun)  # it ended, or runs were added to it: the Repo's tally moves
+
+    def retally_repo(self, testrun: dict) -> None:
+        """Asks the daemon of the TestRun's Repo to recount its branch tallies now (no fetch)."""
+        uid = next((owner.get("uid") for owner in testrun["metadata"].get("ownerReferences") or []
+                    if owner.get("kind") == "Repo"), None)
+        watched = self.context.repos.get(uid) if uid else None
+        if watched is not None:
+            watched.retally.set()
 
     # -- the condition Recorded (cluster/store_health.py) ---------------------------------------
 
@@ -408,6 +444,7 @@ class RunController:
             "runCounts": {"total": runs, "running": 0, "queued": 0, "errored": max(0, runs - ended)},
             "runsSummary": f"{counts.get('passed', 0)}/{runs}", "completionTime": phases.format_time(time.time())})
         post_event(testrun, "Warning", "CannotRun", message)
+        self.retally_repo(testrun)
         self.poke(metadata["namespace"], metadata["name"])  # ended: what was made for it goes
         await self._wake_consumers(testrun)
 

@@ -37,7 +37,7 @@ def register(registry: kopf.OperatorRegistry, runs_enabled: bool = False) -> Non
 async def testrun_changed(type: str | None, name: str, namespace: str, memo: OperatorContext, **_) -> None:
     memo.runs.adopt_kopf_context()
     if type != "DELETED":
-        memo.runs.poke(namespace, name)
+        memo.runs.testrun_changed(namespace, name)
 
 
 async def run_pod_changed(type: str | None, body: kopf.Body, namespace: str, memo: OperatorContext, **_) -> None:

@@ -1,0 +1,316 @@
+"""A cluster user's day, end to end (issue 9): the real `testlooper operator` process against the
+Kubernetes emulator, a real redis-server, real git, the real kubectl for what the user does, and
+tests/node.py's kubelet thread running each pod's containers as local processes.
+
+1. kubectl applies a WorkerPool and a Repo; a commit is pushed with a build, a test consuming
+   it, and a test of `runs: 4` one of whose cases fails on the even runs (by the run index the
+   agent puts in the environment), so exactly 2 of 4.
+2. The build's pod runs first; the tests are Blocked until it has succeeded.
+3. Phases, results, run and case tallies, `kubectl get testruns`, the Repo's branch tally (within
+   seconds of the last TestRun ending, long before the next poll), the Redis history, metrics.
+4. A second push that breaks a case: `testlooper history --repo` shows it `broken`.
+5. `testlooper rerun --add 2` adds runs; they run and count.
+6. `kubectl patch ... spec.cancel: true` stops a running TestRun promptly.
+7. (the other tests) SIGKILL and restart of the operator mid-run, and an operator down for 60 s
+   while a run ends: nothing lost, nothing twice.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+from cluster_helpers import (
+    NAMESPACE,
+    WEBHOOK_SECRET,
+    events,
+    list_testruns,
+    repo_object,
+    signed_push,
+)
+from gitrepo import GitRepo
+from node import Kubelet
+from operator_process import OPERATOR_DIR, OperatorProcess
+from redis_server import RedisServer, free_port
+from run_helpers import wait_for
+from testlooper.kube import pods as pod_builder
+from testlooper.kube.objects import testrun_name
+from testlooper.store import open_store
+
+ENDED = ("Succeeded", "Failed", "Error", "Cancelled")
+DEFINITIONS = """\
+looper_version: 5
+environments:
+  linux:
+    platform: linux
+    image: {name: "busybox:1.36"}
+builds:
+  app/linux:
+    command: sh src/build.sh
+    dependencies: {src: HEAD}
+tests:
+  check/linux:
+    command: sh src/check.sh
+    dependencies: {src: HEAD, app: app/linux}
+  flaky/linux:
+    command: sh src/flaky.sh
+    dependencies: {src: HEAD, app: app/linux}
+    runs: 4
+"""
+SLOW_TEST = """\
+  slow/linux:
+    command: sh src/slow.sh
+    dependencies: {src: HEAD}
+"""
+BUILD = 'mkdir -p "$TEST_BUILD_OUTPUT_DIR" && echo 42 > "$TEST_BUILD_OUTPUT_DIR/answer" && echo built\n'
+CHECK = """\
+answer=$(cat "$TEST_INPUTS/app/answer")
+if [ "$answer" = {expected} ]; then ok=true; else ok=false; fi
+printf '{{"answer_is_right": %s, "runs_at_all": true}}' "$ok" > "$TEST_OUTPUT_DIR/testSummary.json"
+[ "$ok" = true ]
+"""
+# The odd runs pass, the even ones fail (a task passes or fails by its exit code): 2 of 4,
+# whatever order the pods run in.
+FLAKY = """\
+if [ $((TEST_LOOPER_RUN_INDEX % 2)) = 1 ]; then ok=true; else ok=false; fi
+printf '{"sometimes": %s, "always": true}' "$ok" > "$TEST_OUTPUT_DIR/testSummary.json"
+[ "$ok" = true ]
+"""
+SLOW = 'echo started; sleep 120\n'
+MANIFESTS = f"""\
+apiVersion: v1
+kind: Secret
+metadata: {{name: demo-webhook}}
+stringData: {{secret: {WEBHOOK_SECRET}}}
+---
+apiVersion: testlooper.dev/v1alpha1
+kind: WorkerPool
+metadata: {{name: linux}}
+spec: {{provider: kubernetes, platform: linux, defaultImage: "busybox:1.36", maxWorkers: 6}}
+---
+apiVersion: testlooper.dev/v1alpha1
+kind: Repo
+metadata: {{name: demo}}
+spec:
+  url: {{url}}
+  branches: [main]
+  pollIntervalSeconds: 600
+  webhookSecret: demo-webhook
+"""
+
+
+@pytest.fixture
+def redis():
+    with RedisServer() as server:
+        yield server
+
+
+def operator_for(kube, tmp_path, redis_url: str, port: int) -> OperatorProcess:
+    return OperatorProcess(kube, tmp_path, namespaces=[NAMESPACE], port=port, args=[
+        "--store", redis_url, "--api-url", f"http://127.0.0.1:{port}", "--worker-image", "testlooper/worker:test"])
+
+
+def commit_testruns(kube, commit: str) -> dict[str, dict]:
+    return {item["spec"]["task"]: item for item in list_testruns(kube, **{"testlooper.dev/commit": commit})}
+
+
+def ended(kube, commit: str, tasks: set[str]):
+    found = commit_testruns(kube, commit)
+    done = set(found) == tasks and all((found[t].get("status") or {}).get("phase") in ENDED for t in tasks)
+    return done and found
+
+
+def kubectl_table(kube, *args: str) -> list[dict[str, str]]:
+    lines = kube.kubectl("get", *args, "-n", NAMESPACE).stdout.splitlines()
+    header = lines[0].split()
+    return [dict(zip(header, line.split())) for line in lines[1:]]
+
+
+def cli(kube, *args: str) -> subprocess.CompletedProcess:
+    env = {**kube.client_env("user", namespace=NAMESPACE), "PYTHONPATH": str(OPERATOR_DIR)}
+    return subprocess.run([sys.executable, "-m", "testlooper", *args], env=env, capture_output=True, text=True,
+                          timeout=60)
+
+
+def stored_runs(redis_url: str, commit: str, task: str) -> list:
+    store = open_store(redis_url)
+    try:
+        return sorted((run for run in store.runs(f"{NAMESPACE}/demo", commit, with_cases=True) if run.task == task),
+                      key=lambda run: (run.run_index, run.attempt))
+    finally:
+        store.close()
+
+
+def test_a_users_day_from_kubectl_apply_to_history_rerun_and_cancel(kube, tmp_path, redis):
+    work = GitRepo(tmp_path / "work")
+    first = work.commit({"testlooper.yml": DEFINITIONS, "build.sh": BUILD, "check.sh": CHECK.format(expected=42),
+                         "flaky.sh": FLAKY}, "build, check and a flaky test")
+    bare = tmp_path / "origin.git"
+    GitRepo(bare, bare=True)
+    work.git("push", "--quiet", str(bare), "HEAD:main")
+    url = f"file://{bare}"
+    kube.create_namespace(NAMESPACE)
+    manifests = tmp_path / "day.yaml"
+    manifests.write_text(MANIFESTS.replace("{url}", url))
+    port = free_port()
+    operator = operator_for(kube, tmp_path, redis.url, port)
+    build, check, flaky = (testrun_name("demo", first, task) for task in ("app/linux", "check/linux", "flaky/linux"))
+    build_phase = lambda pod: (kube.api("GET", f"/apis/testlooper.dev/v1alpha1/namespaces/{NAMESPACE}/testruns/"  # noqa: E731
+                                        f"{build}").get("status") or {}).get("phase")
+    with operator, Kubelet(kube, tmp_path / "node", on_take=build_phase) as kubelet:
+        # 1. The user applies the pool and the Repo.
+        kube.kubectl("apply", "--validate=false", "-n", NAMESPACE, "-f", str(manifests))
+        applied = time.monotonic()
+        try:
+            by_task = wait_for(lambda: ended(kube, first, {"app/linux", "check/linux", "flaky/linux"}), timeout=120,
+                               interval=0.2, what="the first commit's TestRuns ended")
+        finally:
+            assert kubelet.errors == [], kubelet.errors
+        last_ended = time.monotonic()
+        print(f"first commit: applied to 3 TestRuns (6 pods) ended in {last_ended - applied:.1f}s")
+
+        # 2. The build ran first: each test's pod appeared only once the build had Succeeded (its
+        # agent may still be exiting), and the tests said they were Blocked.
+        build_pod = pod_builder.run_pod_name(build, 1, 1)
+        assert kubelet.journal[0] == ("started", build_pod), kubelet.journal
+        assert kubelet.seen.pop(build_pod) in ("Queued", "Running")
+        assert set(kubelet.seen.values()) == {"Succeeded"}, kubelet.seen
+        reasons = {(e["involvedObject"]["name"], e["reason"]) for e in events(kube)}
+        assert {(check, "Blocked"), (flaky, "Blocked"), (build, "Queued")} <= reasons, sorted(reasons)
+        blocked = next(e for e in events(kube) if (e["involvedObject"]["name"], e["reason"]) == (check, "Blocked"))
+        assert build in blocked["message"], blocked
+
+        # 3. Phases, results, tallies, as the user sees them with kubectl too.
+        statuses = {task: item["status"] for task, item in by_task.items()}
+        assert (statuses["app/linux"]["phase"], statuses["app/linux"]["result"]) == ("Succeeded", "passed")
+        assert (statuses["check/linux"]["phase"], statuses["check/linux"]["result"],
+                statuses["check/linux"]["runsSummary"], statuses["check/linux"]["casesSummary"]) == (
+            "Succeeded", "passed", "1/1", "2/2")
+        assert (statuses["flaky/linux"]["phase"], statuses["flaky/linux"]["result"],
+                statuses["flaky/linux"]["runsSummary"]) == ("Failed", "flaky", "2/4")
+        assert statuses["flaky/linux"]["runCounts"] == {"total": 4, "passed": 2, "failed": 2, "running": 0,
+                                                        "queued": 0, "errored": 0, "timedOut": 0}
+        assert statuses["flaky/linux"]["cases"] == {"total": 8, "passed": 6, "failed": 2}
+        assert statuses["flaky/linux"]["casesSummary"] == "6/8"
+        rows = {row["TASK"]: row for row in kubectl_table(kube, "testruns")}
+        assert {task: (row["PHASE"], row["RESULT"], row["RUNS"], row["CASES"]) for task, row in rows.items()} == {
+            "app/linux": ("Succeeded", "passed", "1/1", "0/0"), "check/linux": ("Succeeded", "passed", "1/1", "2/2"),
+            "flaky/linux": ("Failed", "flaky", "2/4", "6/8")}
+        # One pod per run, no retry: a failing run's test container exits 1, so its pod Failed.
+        wait_for(lambda: len(kubelet.ran) == 6, what="the agents exited")  # they may, after their RESULT
+        assert kubelet.ran == {build_pod: "Succeeded", pod_builder.run_pod_name(check, 1, 1): "Succeeded",
+                               **{pod_builder.run_pod_name(flaky, index, 1): ("Succeeded", "Failed")[1 - index % 2]
+                                  for index in range(1, 5)}}
+
+        # 3. The Repo's branch tally follows within seconds (the next poll is 10 minutes away).
+        tally = wait_for(lambda: [b for b in (repo_object(kube).get("status") or {}).get("branches") or []
+                                  if b.get("running") == 0], timeout=10, interval=0.2,
+                         what="the branch tally with nothing running")
+        print(f"branch tally current {time.monotonic() - last_ended:.1f}s after the last TestRun ended")
+        assert tally == [{"name": "main", "commit": first, "passed": 2, "failed": 0, "flaky": 1, "running": 0}]
+        assert repo_object(kube)["status"]["branchesSummary"] == f"main@{first[:8]} 2 passed 1 flaky"
+
+
+        # 3. The Redis history: each run once, with its cases.
+        runs = stored_runs(redis.url, first, "flaky/linux")
+        assert [(run.run_index, run.attempt, run.result) for run in runs] == [
+            (1, 1, "passed"), (2, 1, "failed"), (3, 1, "passed"), (4, 1, "failed")]
+        assert [{case.name: case.success for case in run.cases} for run in runs[:2]] == [
+            {"sometimes": True, "always": True}, {"sometimes": False, "always": True}]
+        assert [run.branch for run in runs] == ["main"] * 4
+
+        # 3. Metrics that exist today (part 1's); part 2's are listed in the report.
+        assert operator.metric("testlooper_testruns_created_total", namespace=NAMESPACE, repo="demo") == 3
+        assert operator.metric("testlooper_repos") == 1
+        assert operator.metric("testlooper_reconcile_errors_total", kind="TestRun") == 0
+
+        # 4. A second push breaks a case (and adds a slow test, cancelled in 6).
+        second = work.commit({"check.sh": CHECK.format(expected=43),
+                              "testlooper.yml": DEFINITIONS + SLOW_TEST, "slow.sh": SLOW}, "expect 43")
+        work.git("push", "--quiet", str(bare), "HEAD:main")
+        status, _ = operator.webhook("/webhooks/github", *signed_push(url, second))
+        assert status == 202
+        wait_for(lambda: all((commit_testruns(kube, second).get(task, {}).get("status") or {}).get("phase") in ENDED
+                             for task in ("app/linux", "check/linux", "flaky/linux")),
+                 timeout=120, interval=0.2, what="the second commit's build, check and flaky tests ended")
+        assert commit_testruns(kube, second)["check/linux"]["status"]["result"] == "failed"
+        shown = cli(kube, "history", "--store", redis.url, "--repo", f"{NAMESPACE}/demo")
+        assert shown.returncode == 0, shown.stderr
+        broken = [line.split() for line in shown.stdout.splitlines() if line.startswith("broken")]
+        assert ["broken", "check/linux", "::", "answer_is_right", "failed", "0/1"] in broken, shown.stdout
+        as_json = json.loads(cli(kube, "history", "--store", redis.url, "--repo", f"{NAMESPACE}/demo",
+                                 "--json").stdout)
+        assert [entry["class"] for entry in as_json["tasks"]["check/linux"]["answer_is_right"]] == ["broken", "new"]
+
+        # 5. More runs of the flaky test of the first commit: 5 passes, 6 fails.
+        added = cli(kube, "rerun", flaky, "--add", "2")
+        assert (added.returncode, added.stdout) == (0, f"{flaky}: runs 4 -> 6 (2 more)\n"), added.stderr
+        rerun = wait_for(lambda: (commit_testruns(kube, first)["flaky/linux"]["status"].get("runsSummary") == "3/6"
+                                  and commit_testruns(kube, first)["flaky/linux"]["status"]), timeout=60, interval=0.2,
+                         what="the added runs counted")
+        assert (rerun["phase"], rerun["result"], rerun["runCounts"]["total"]) == ("Failed", "flaky", 6)
+        assert [(run.run_index, run.result) for run in stored_runs(redis.url, first, "flaky/linux")][4:] == [
+            (5, "passed"), (6, "failed")]
+
+        # 6. The user cancels the slow test while it runs.
+        slow = testrun_name("demo", second, "slow/linux")
+        slow_pod = pod_builder.run_pod_name(slow, 1, 1)
+        wait_for(lambda: slow_pod in kubelet.running() and
+                 commit_testruns(kube, second)["slow/linux"]["status"].get("phase") == "Running", timeout=60,
+                 what="the slow test running")
+        time.sleep(1)  # its agent is heartbeating by now
+        asked = time.monotonic()
+        kube.kubectl("patch", "testrun", slow, "-n", NAMESPACE, "--type", "merge", "-p", '{"spec": {"cancel": true}}')
+        cancelled = wait_for(lambda: commit_testruns(kube, second)["slow/linux"]["status"].get("phase") == "Cancelled"
+                             and commit_testruns(kube, second)["slow/linux"]["status"], timeout=30, interval=0.1,
+                             what="the slow test Cancelled")
+        wait_for(lambda: slow_pod in kubelet.ended_at, timeout=30, interval=0.1, what="the slow test's agent stopped")
+        print(f"cancel reached the agent in {kubelet.ended_at[slow_pod] - asked:.1f}s")
+        assert cancelled["result"] == "cancelled"
+        assert kubelet.ended_at[slow_pod] - asked < 8, "the agent heartbeats every 5 s and must hear of it then"
+        wait_for(lambda: kube.api("GET", f"/api/v1/namespaces/{NAMESPACE}/pods")["items"] == [],
+                 what="every pod deleted")
+        said = (kubelet.runs[slow_pod].volumes["workspace"] / "log.txt").read_text()
+        assert "[testlooper] result: cancelled (cancelled through the API)" in said, said
+        assert "Traceback" not in operator.log(), operator.log()
+
+
+def test_a_changed_testrun_is_read_again_at_once_not_after_the_descriptions_two_seconds(kube, tmp_path,
+                                                                                         monkeypatch):
+    """The worker API keeps what a run is for 2 s (an agent heartbeats every few seconds); a
+    TestRun's change (spec.cancel) must not wait that long to reach the heartbeat's answer."""
+    import asyncio
+
+    from testlooper.cluster.context import OperatorContext, OperatorOptions
+    from testlooper.cluster.runs import TestRunDirectory
+    from testlooper.kube.api import KubeApi
+    from testlooper.kube.objects import build_testrun
+
+    kube.create_namespace(NAMESPACE)
+    repo = kube.api("POST", f"/apis/testlooper.dev/v1alpha1/namespaces/{NAMESPACE}/repos", {
+        "apiVersion": "testlooper.dev/v1alpha1", "kind": "Repo", "metadata": {"name": "demo"},
+        "spec": {"url": "https://git.example.com/demo.git"}})
+    body = build_testrun(repo, commit="0123456789abcdef0123456789abcdef01234567", branch="main",
+                         task={"name": "slow/linux", "kind": "test", "dependencies": {"src": {"kind": "source"}}},
+                         kind="test", runs=1, depends_on=[], worker_pool=None, priority=0)
+    name = kube.api("POST", f"/apis/testlooper.dev/v1alpha1/namespaces/{NAMESPACE}/testruns", body)["metadata"]["name"]
+    monkeypatch.setenv("KUBECONFIG", kube.kubeconfig("operator"))
+    api = KubeApi()
+
+    async def cancel_seen() -> tuple[bool, bool, bool]:
+        directory = TestRunDirectory(OperatorContext(OperatorOptions(cache_dir=str(tmp_path)), api, None))
+        run_id = pod_builder.run_id(NAMESPACE, name, 1, 1)
+        before = (await directory.describe(run_id)).cancel
+        kube.api("PATCH", f"/apis/testlooper.dev/v1alpha1/namespaces/{NAMESPACE}/testruns/{name}",
+                 {"spec": {"cancel": True}}, content_type="application/merge-patch+json")
+        kept = (await directory.describe(run_id)).cancel  # within the 2 s: the description kept
+        directory.forget(NAMESPACE, name)  # what the TestRun's event does
+        return before, kept, (await directory.describe(run_id)).cancel
+
+    try:
+        assert asyncio.run(cancel_seen()) == (False, False, True)
+    finally:
+        api.close()
