@@ -314,3 +314,103 @@ def test_a_changed_testrun_is_read_again_at_once_not_after_the_descriptions_two_
         assert asyncio.run(cancel_seen()) == (False, False, True)
     finally:
         api.close()
+
+
+STEADY = """\
+looper_version: 5
+environments:
+  linux:
+    platform: linux
+    image: {name: "busybox:1.36"}
+tests:
+  steady/linux:
+    command: sh src/steady.sh
+    dependencies: {src: HEAD}
+    runs: RUNS
+"""
+# It sleeps long enough to be running when the operator dies, and leaves a mark once done.
+STEADY_SCRIPT = """\
+sleep SECONDS
+printf '{"one": true, "two": true}' > "$TEST_OUTPUT_DIR/testSummary.json"
+"""
+
+
+def start_steady(kube, tmp_path, *, runs: int, seconds: float, max_workers: int) -> tuple[str, str]:
+    """A Repo whose one commit runs steady/linux `runs` times, each `seconds` long; returns
+    (the commit, its TestRun's name)."""
+    work = GitRepo(tmp_path / "work")
+    commit = work.commit({"testlooper.yml": STEADY.replace("RUNS", str(runs)),
+                          "steady.sh": STEADY_SCRIPT.replace("SECONDS", str(seconds))}, "steady")
+    bare = tmp_path / "origin.git"
+    GitRepo(bare, bare=True)
+    work.git("push", "--quiet", str(bare), "HEAD:main")
+    manifests = tmp_path / "steady.yaml"
+    manifests.write_text(MANIFESTS.replace("{url}", f"file://{bare}").replace("maxWorkers: 6",
+                                                                                f"maxWorkers: {max_workers}"))
+    kube.kubectl("apply", "--validate=false", "-n", NAMESPACE, "-f", str(manifests))
+    return commit, testrun_name("demo", commit, "steady/linux")
+
+
+def test_killing_and_restarting_the_operator_mid_run_loses_and_duplicates_nothing(kube, tmp_path, redis):
+    """SIGKILL twice: once with two runs running and two waiting for room, once as the later
+    runs start. Every run is recorded once, on one pod, and the counts are right."""
+    kube.create_namespace(NAMESPACE)
+    port = free_port()
+    operator = operator_for(kube, tmp_path, redis.url, port)
+    with operator, Kubelet(kube, tmp_path / "node") as kubelet:
+        commit, name = start_steady(kube, tmp_path, runs=4, seconds=2, max_workers=2)
+        wait_for(lambda: len(kubelet.running()) == 2, timeout=60, what="two runs running")
+        operator.kill()
+        operator.start()
+        wait_for(lambda: len(kubelet.journal) >= 3 * 2, timeout=60, interval=0.05,
+                 what="the first runs ended and a third started")
+        operator.kill()
+        operator.start()
+        status = wait_for(lambda: (ended(kube, commit, {"steady/linux"}) or {}).get("steady/linux", {}).get("status"),
+                          timeout=90, interval=0.2, what="the TestRun ended")
+        assert kubelet.errors == []
+        wait_for(lambda: len(kubelet.ran) == 4, what="the agents exited")
+        assert sorted(kubelet.ran) == [pod_builder.run_pod_name(name, index, 1) for index in range(1, 5)]
+        assert set(kubelet.ran.values()) == {"Succeeded"}
+    assert (status["phase"], status["result"], status["runsSummary"], status["casesSummary"]) == (
+        "Succeeded", "passed", "4/4", "8/8")
+    assert status["runCounts"] == {"total": 4, "passed": 4, "failed": 0, "running": 0, "queued": 0,
+                                   "errored": 0, "timedOut": 0}
+    assert not status.get("infraRetries") and "active" not in status
+    runs = stored_runs(redis.url, commit, "steady/linux")
+    assert [(run.run_index, run.attempt, run.result, len(run.cases)) for run in runs] == [
+        (index, 1, "passed", 2) for index in range(1, 5)]
+    assert len(list_testruns(kube)) == 1
+    assert "Traceback" not in operator.log(), operator.log()
+
+
+def test_a_run_that_ends_while_the_operator_is_down_for_60_s_still_lands(kube, tmp_path, redis):
+    """The agent retries its log, heartbeats and RESULT until the run's deadline, and the
+    operator's heartbeat grace counts from its own start: a minute of outage loses nothing."""
+    kube.create_namespace(NAMESPACE)
+    port = free_port()
+    operator = operator_for(kube, tmp_path, redis.url, port)
+    with operator, Kubelet(kube, tmp_path / "node") as kubelet:
+        commit, name = start_steady(kube, tmp_path, runs=1, seconds=2, max_workers=2)
+        pod = pod_builder.run_pod_name(name, 1, 1)
+        wait_for(lambda: [pod_object.get("status", {}).get("phase") for pod_object in
+                          kube.api("GET", f"/api/v1/namespaces/{NAMESPACE}/pods")["items"]] == ["Running"],
+                 timeout=60, what="the run's pod Running (its workspace prepared)")
+        operator.kill()
+        killed = time.monotonic()
+        summary = tmp_path / "node" / pod / "volumes" / "workspace" / "output" / "testSummary.json"
+        wait_for(summary.exists, timeout=30, what="the task done while the operator is down")
+        assert pod in kubelet.running()  # its agent waits to report
+        time.sleep(max(0.0, 60 - (time.monotonic() - killed)))
+        operator.start()
+        restarted = time.monotonic()
+        status = wait_for(lambda: (ended(kube, commit, {"steady/linux"}) or {}).get("steady/linux", {}).get("status"),
+                          timeout=60, interval=0.2, what="the TestRun ended after the restart")
+        print(f"result landed {time.monotonic() - restarted:.1f}s after the operator came back")
+        wait_for(lambda: pod in kubelet.ran, what="the agent exited")
+        assert kubelet.ran == {pod: "Succeeded"} and kubelet.errors == []
+    assert (status["phase"], status["result"], status["runsSummary"], status["casesSummary"]) == (
+        "Succeeded", "passed", "1/1", "2/2")
+    assert not status.get("infraRetries")
+    assert [(run.run_index, run.attempt, run.result) for run in stored_runs(redis.url, commit, "steady/linux")] == [
+        (1, 1, "passed")]
