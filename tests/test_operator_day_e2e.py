@@ -273,8 +273,16 @@ def test_a_users_day_from_kubectl_apply_to_history_rerun_and_cancel(kube, tmp_pa
         assert kubelet.ended_at[slow_pod] - asked < 8, "the agent heartbeats every 5 s and must hear of it then"
         wait_for(lambda: kube.api("GET", f"/api/v1/namespaces/{NAMESPACE}/pods")["items"] == [],
                  what="every pod deleted")
+        wait_for(lambda: [s["metadata"]["name"] for s in kube.api("GET", f"/api/v1/namespaces/{NAMESPACE}/secrets")
+                          ["items"] if s["metadata"]["name"].startswith(slow)] == [], what="its token Secret deleted")
         said = (kubelet.runs[slow_pod].volumes["workspace"] / "log.txt").read_text()
         assert "[testlooper] result: cancelled (cancelled through the API)" in said, said
+        assert [(run.run_index, run.result) for run in stored_runs(redis.url, second, "slow/linux")] == [
+            (1, "cancelled")]  # so history knows the commit is not tested in full
+        # The cancelled TestRun counts nowhere in the branch tally, at once.
+        tally = wait_for(lambda: [b for b in repo_object(kube)["status"]["branches"] if b.get("running") == 0],
+                         timeout=10, interval=0.2, what="the tally without the cancelled run")
+        assert tally == [{"name": "main", "commit": second, "passed": 1, "failed": 1, "flaky": 1, "running": 0}]
         assert "Traceback" not in operator.log(), operator.log()
 
 
@@ -300,18 +308,23 @@ def test_a_changed_testrun_is_read_again_at_once_not_after_the_descriptions_two_
     monkeypatch.setenv("KUBECONFIG", kube.kubeconfig("operator"))
     api = KubeApi()
 
-    async def cancel_seen() -> tuple[bool, bool, bool]:
+    path = f"/apis/testlooper.dev/v1alpha1/namespaces/{NAMESPACE}/testruns/{name}"
+
+    async def cancel_seen() -> tuple[bool, ...]:
         directory = TestRunDirectory(OperatorContext(OperatorOptions(cache_dir=str(tmp_path)), api, None))
         run_id = pod_builder.run_id(NAMESPACE, name, 1, 1)
+        directory.testrun_seen(kube.api("GET", path))
         before = (await directory.describe(run_id)).cancel
-        kube.api("PATCH", f"/apis/testlooper.dev/v1alpha1/namespaces/{NAMESPACE}/testruns/{name}",
-                 {"spec": {"cancel": True}}, content_type="application/merge-patch+json")
+        kube.api("PATCH", path, {"spec": {"cancel": True}}, content_type="application/merge-patch+json")
         kept = (await directory.describe(run_id)).cancel  # within the 2 s: the description kept
-        directory.forget(NAMESPACE, name)  # what the TestRun's event does
-        return before, kept, (await directory.describe(run_id)).cancel
+        # What the TestRun's event does: a status write alone changes nothing an agent is told...
+        directory.testrun_seen({**kube.api("GET", path), "spec": {"cancel": False}, "status": {"phase": "Running"}})
+        still_kept = (await directory.describe(run_id)).cancel
+        directory.testrun_seen(kube.api("GET", path))  # ...the cancel does
+        return before, kept, still_kept, (await directory.describe(run_id)).cancel
 
     try:
-        assert asyncio.run(cancel_seen()) == (False, False, True)
+        assert asyncio.run(cancel_seen()) == (False, False, False, True)
     finally:
         api.close()
 

@@ -82,6 +82,8 @@ class TestRunDirectory:
         self.context = context
         self._cache: dict[str, tuple[float, ClusterRun | None]] = {}  # run id -> (read at, what it is)
         self._changed: dict[tuple[str, str], float] = {}  # (namespace, TestRun) -> when it last changed
+        self._fingerprints: dict[tuple[str, str], tuple] = {}  # (namespace, TestRun) -> what describe depends on
+        self._messages: dict[tuple[str, str], str] = {}  # (mirror, commit) -> its message
 
     async def describe(self, run_id: str) -> ClusterRun | None:
         changed = self._changed.get(_testrun_of(run_id), 0.0)
@@ -101,6 +103,20 @@ class TestRunDirectory:
     def forget(self, namespace: str, name: str) -> None:
         """The TestRun changed: its runs are read again at their next call."""
         self._changed[(namespace, name)] = time.monotonic()
+
+    def testrun_seen(self, testrun: dict) -> None:
+        """A TestRun's event: its runs are forgotten when what a description tells an agent
+        changed (spec.cancel, or the attempt a run is on), not at every status write."""
+        metadata = testrun.get("metadata") or {}
+        key = (metadata.get("namespace", ""), metadata.get("name", ""))
+        active = (testrun.get("status") or {}).get("active") or {}
+        fingerprint = (bool((testrun.get("spec") or {}).get("cancel")),
+                       tuple(sorted((str(index), (entry or {}).get("attempt")) for index, entry in active.items())))
+        if self._fingerprints.get(key) != fingerprint:
+            if len(self._fingerprints) > 10000:
+                self._fingerprints.clear()
+            self._fingerprints[key] = fingerprint
+            self.forget(*key)
 
     async def _describe(self, run_id: str) -> ClusterRun | None:
         try:
@@ -126,7 +142,13 @@ class TestRunDirectory:
             else:
                 inputs[key] = await self._build_input(namespace, spec, dependency)
         current = ((status.get("active") or {}).get(str(index)) or {}).get("attempt")
-        message = await asyncio.to_thread(_commit_message, git_dir, commit)
+        message = self._messages.get((git_dir, commit))
+        if message is None:  # a commit's message never changes: read once, not at each heartbeat
+            message = await asyncio.to_thread(_commit_message, git_dir, commit)
+            if message:
+                if len(self._messages) > 10000:
+                    self._messages.clear()
+                self._messages[(git_dir, commit)] = message
         assignment = {"task": definition, "commit": commit, "commit_message": message, "run_index": index,
                       "attempt": attempt, "cores": float(definition.get("min_cores") or 1),
                       "ram_gb": float(definition.get("min_ram_gb") or 0)}
@@ -203,12 +225,12 @@ class RunController:
 
     # -- scheduling ----------------------------------------------------------------------------
 
-    def testrun_changed(self, namespace: str, name: str) -> None:
-        """A TestRun's event: what the worker API knows of its runs is read again (a cancel
-        reaches the agent at its next heartbeat), and it is decided again."""
+    def testrun_changed(self, testrun: dict) -> None:
+        """A TestRun's event: what the worker API knows of its runs is read again when it
+        changed (a cancel reaches the agent at its next heartbeat), and it is decided again."""
         if self.directory is not None:
-            self.directory.forget(namespace, name)
-        self.poke(namespace, name)
+            self.directory.testrun_seen(testrun)
+        self.poke(testrun["metadata"]["namespace"], testrun["metadata"]["name"])
 
     def poke(self, namespace: str, name: str) -> None:
         """Decide this TestRun again soon (events coming together make one decision)."""
