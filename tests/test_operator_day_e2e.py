@@ -427,3 +427,12 @@ def test_a_run_that_ends_while_the_operator_is_down_for_60_s_still_lands(kube, t
     assert not status.get("infraRetries")
     assert [(run.run_index, run.attempt, run.result) for run in stored_runs(redis.url, commit, "steady/linux")] == [
         (1, 1, "passed")]
+    # The log the agent kept sending while the operator was down is in its Redis stream, whole.
+    from testlooper.store.logstream import LogStreams
+
+    streams = LogStreams.from_url(redis.url)
+    chunks, complete = streams.read(pod_builder.run_id(NAMESPACE, name, 1, 1), count=100000)
+    streamed = b"".join(chunk.data for chunk in chunks)
+    written = (kubelet.runs[pod].volumes["workspace"] / "log.txt").read_bytes()
+    assert complete and [chunk.offset for chunk in chunks] == sorted({chunk.offset for chunk in chunks})
+    assert streamed == written, (streamed, written)
