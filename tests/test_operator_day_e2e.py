@@ -1,6 +1,6 @@
 """A cluster user's day, end to end (issue 9): the real `testlooper operator` process against the
 Kubernetes emulator, a real redis-server, real git, the real kubectl for what the user does, and
-tests/node.py's kubelet thread running each pod's containers as local processes.
+tests/run_cluster.py's kubelet thread running each pod's containers as local processes.
 
 1. kubectl applies a WorkerPool and a Repo; a commit is pushed with a build, a test consuming
    it, and a test of `runs: 4` one of whose cases fails on the even runs (by the run index the
@@ -32,9 +32,9 @@ from cluster_helpers import (
     signed_push,
 )
 from gitrepo import GitRepo
-from node import Kubelet
 from operator_process import OPERATOR_DIR, OperatorProcess
 from redis_server import RedisServer, free_port
+from run_cluster import Kubelet
 from run_helpers import wait_for
 from testlooper.kube import pods as pod_builder
 from testlooper.kube.objects import testrun_name
@@ -176,8 +176,8 @@ def test_a_users_day_from_kubectl_apply_to_history_rerun_and_cancel(kube, tmp_pa
         # agent may still be exiting), and the tests said they were Blocked.
         build_pod = pod_builder.run_pod_name(build, 1, 1)
         assert kubelet.journal[0] == ("started", build_pod), kubelet.journal
-        assert kubelet.seen.pop(build_pod) in ("Queued", "Running")
-        assert set(kubelet.seen.values()) == {"Succeeded"}, kubelet.seen
+        assert kubelet.taken_with.pop(build_pod) in ("Queued", "Running")
+        assert set(kubelet.taken_with.values()) == {"Succeeded"}, kubelet.taken_with
         reasons = {(e["involvedObject"]["name"], e["reason"]) for e in events(kube)}
         assert {(check, "Blocked"), (flaky, "Blocked"), (build, "Queued")} <= reasons, sorted(reasons)
         blocked = next(e for e in events(kube) if (e["involvedObject"]["name"], e["reason"]) == (check, "Blocked"))
@@ -436,3 +436,44 @@ def test_a_run_that_ends_while_the_operator_is_down_for_60_s_still_lands(kube, t
     written = (kubelet.runs[pod].volumes["workspace"] / "log.txt").read_bytes()
     assert complete and [chunk.offset for chunk in chunks] == sorted({chunk.offset for chunk in chunks})
     assert streamed == written, (streamed, written)
+
+
+def test_a_result_kept_before_the_history_store_has_it_is_counted_only_once_it_has(kube, tmp_path, redis):
+    """The worker API keeps a RESULT in Redis, then records it in the history store. A decision
+    made between the two (another run's event) must not end the TestRun without that run's
+    cases: it was seen once as a flaky TestRun ending with 6 of its 8 cases."""
+    import redis as redis_client
+
+    from testlooper.store import CaseResult, RunRecord
+    from testlooper.workerapi.cluster import ClusterBackend
+
+    kube.create_namespace(NAMESPACE)
+    port = free_port()
+    with operator_for(kube, tmp_path, redis.url, port) as operator:
+        commit, name = start_steady(kube, tmp_path, runs=1, seconds=0, max_workers=2)
+        pod = pod_builder.run_pod_name(name, 1, 1)
+        pod_path = f"/api/v1/namespaces/{NAMESPACE}/pods/{pod}"
+        wait_for(lambda: [p["metadata"]["name"] for p in kube.api("GET", f"/api/v1/namespaces/{NAMESPACE}/pods")
+                          ["items"]] == [pod], timeout=30, what="the run's pod")
+        # What the worker API's first step keeps; the history store does not have it yet.
+        result = {"result": "passed", "exit_code": 0, "duration_seconds": 1.0, "error": "",
+                  "cases": [{"name": "one", "success": True}, {"name": "two", "success": True}]}
+        client = redis_client.Redis.from_url(redis.url)
+        client.set(ClusterBackend._key(pod_builder.run_id(NAMESPACE, name, 1, 1), "result"),
+                   json.dumps({**result, "received_at": time.time()}))
+        client.close()
+        kube.api("PATCH", pod_path + "/status", {"status": {"phase": "Running", "startTime": "2026-12-01T10:00:00Z"}},
+                 content_type="application/merge-patch+json")  # an event: a decision
+        time.sleep(1.5)
+        status = commit_testruns(kube, commit)["steady/linux"]["status"]
+        assert (status["phase"], status["runCounts"]["running"]) == ("Running", 1), status
+        store = open_store(redis.url)
+        store.record_run(RunRecord(f"{NAMESPACE}/demo", commit, "steady/linux", "test", 1, 1, "passed", 1.0, 0,
+                                   time.time(), "main", [CaseResult("one", True), CaseResult("two", True)]))
+        store.close()
+        kube.api("PATCH", pod_path + "/status", {"status": {"phase": "Succeeded"}},
+                 content_type="application/merge-patch+json")
+        status = wait_for(lambda: (ended(kube, commit, {"steady/linux"}) or {}).get("steady/linux", {}).get("status"),
+                          timeout=30, what="the TestRun ended")
+        assert (status["phase"], status["runsSummary"], status["casesSummary"]) == ("Succeeded", "1/1", "2/2")
+        assert "Traceback" not in operator.log(), operator.log()

@@ -345,6 +345,13 @@ class RunController:
                 found_status = found.get("status") or {}
                 builds[build] = (found_status.get("phase") or "", found_status.get("result") or "")
         results, heartbeats, posted, reports_known = await self._agent_reports(namespace, name, status)
+        cases, recorded = await self._case_tally(namespace, spec) if reports_known else (None, None)
+        if recorded is not None:
+            # The worker API keeps a RESULT in Redis a moment before the history store has it: a
+            # run counts once both do (the API pokes us then), so the TestRun never ends with a
+            # case tally short of a run's cases.
+            results = {key: value for key, value in results.items() if key in recorded}
+            posted = {key: value for key, value in posted.items() if key in recorded}
         observed = phases.Observations(
             now=time.time(), builds=builds, pools=pools,
             pods=[p for p in (phases.observe_pod(pod) for pod in own_pods) if p is not None],
@@ -352,7 +359,7 @@ class RunController:
             results=results, heartbeats=heartbeats, admitted=admitted,
             # No agent could be heard while the operator, or its Redis, was down.
             operator_started=max(self.started, self.context.store_health.back_since),
-            cases=await self._case_tally(namespace, spec) if reports_known else None,
+            cases=cases,
             settings=self.settings, reports_known=reports_known)
         decision = phases.decide(testrun, observed)
         for action in decision.creates:
@@ -470,28 +477,30 @@ class RunController:
         self.poke(metadata["namespace"], metadata["name"])  # ended: what was made for it goes
         await self._wake_consumers(testrun)
 
-    async def _case_tally(self, namespace: str, spec: dict) -> dict | None:
+    async def _case_tally(self, namespace: str, spec: dict) -> tuple[dict | None, set | None]:
         """{total, passed, failed} of the cases the TestRun's runs reported, from the store (the
-        last attempt of each run index)."""
+        last attempt of each run index), or None when none did; and the (run index, attempt)
+        of every run the store has. (None, None) when the store cannot be read."""
         store = self.context.store
         if store is None:
-            return None
+            return None, None
         try:
             records = await asyncio.to_thread(store.runs, repo_id(namespace, spec.get("repo", "")),
                                               spec.get("commit", ""), True)
         except StoreError as exc:  # down: the tally shown stays until it answers
             self.context.store_health.failed("case_tally", exc)
-            return None
+            return None, None
+        records = [record for record in records if record.task == spec.get("task")]
         last: dict[int, object] = {}
         for record in records:
-            if record.task == spec.get("task") and (record.run_index not in last
-                                                    or record.attempt > last[record.run_index].attempt):
+            if record.run_index not in last or record.attempt > last[record.run_index].attempt:
                 last[record.run_index] = record
+        recorded = {(record.run_index, record.attempt) for record in records}
         if not last:
-            return None
+            return None, recorded
         passed = sum(1 for record in last.values() for case in record.cases if case.success)
         total = sum(len(record.cases) for record in last.values())
-        return {"total": total, "passed": passed, "failed": total - passed}
+        return {"total": total, "passed": passed, "failed": total - passed}, recorded
 
     async def _create(self, action, testrun: dict, pool: dict | None, pod_namespace: str) -> bool:
         """True when made now, False when it existed already."""
