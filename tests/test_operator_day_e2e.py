@@ -35,6 +35,7 @@ from gitrepo import GitRepo
 from operator_process import OPERATOR_DIR, OperatorProcess
 from redis_server import RedisServer, free_port
 from run_cluster import Kubelet
+from test_operator_metrics_e2e import phase_gauge, scrape, series, value
 from run_helpers import wait_for
 from testlooper.kube import pods as pod_builder
 from testlooper.kube.objects import testrun_name
@@ -222,10 +223,26 @@ def test_a_users_day_from_kubectl_apply_to_history_rerun_and_cancel(kube, tmp_pa
             {"sometimes": True, "always": True}, {"sometimes": False, "always": True}]
         assert [run.branch for run in runs] == ["main"] * 4
 
-        # 3. Metrics that exist today (part 1's); part 2's are listed in the report.
+        # 3. Metrics: part 1's, and the runs' (cluster/run_metrics.py).
         assert operator.metric("testlooper_testruns_created_total", namespace=NAMESPACE, repo="demo") == 3
         assert operator.metric("testlooper_repos") == 1
         assert operator.metric("testlooper_reconcile_errors_total", kind="TestRun") == 0
+        repo_labels = {"namespace": NAMESPACE, "repo": "demo"}
+        wait_for(lambda: phase_gauge(scrape(operator)) == {"Succeeded": 2, "Failed": 1}, timeout=10,
+                 what=lambda: f"TestRuns by phase: {phase_gauge(scrape(operator))}")
+        wait_for(lambda: value(scrape(operator), "testlooper_flaky_cases", branch="main", **repo_labels) == 2,
+                 timeout=20, what=lambda: f"2 flaky cases: {series(scrape(operator), 'testlooper_flaky_cases')}")
+        samples = scrape(operator)
+        # build, check and flaky's odd runs passed; its even ones failed; 2 + 6 cases passed, 2 failed.
+        assert {result: value(samples, "testlooper_runs_finished_total", result=result, **repo_labels)
+                for result in ("passed", "failed")} == {"passed": 4, "failed": 2}
+        assert {result: value(samples, "testlooper_test_cases_total", result=result, **repo_labels)
+                for result in ("passed", "failed")} == {"passed": 8, "failed": 2}
+        assert {kind: value(samples, "testlooper_run_duration_seconds_count", kind=kind, **repo_labels)
+                for kind in ("build", "test")} == {"build": 1, "test": 5}
+        assert value(samples, "testlooper_run_queue_wait_seconds_count", namespace=NAMESPACE, pool="linux") == 6
+        assert series(samples, "testlooper_infra_retries_total") == {}
+        assert value(samples, "testlooper_store_up") == 1
 
         # 4. A second push breaks a case (and adds a slow test, cancelled in 6).
         second = work.commit({"check.sh": CHECK.format(expected=43),
@@ -248,10 +265,14 @@ def test_a_users_day_from_kubectl_apply_to_history_rerun_and_cancel(kube, tmp_pa
         # 5. More runs of the flaky test of the first commit: 5 passes, 6 fails.
         added = cli(kube, "rerun", flaky, "--add", "2")
         assert (added.returncode, added.stdout) == (0, f"{flaky}: runs 4 -> 6 (2 more)\n"), added.stderr
-        rerun = wait_for(lambda: (commit_testruns(kube, first)["flaky/linux"]["status"].get("runsSummary") == "3/6"
-                                  and commit_testruns(kube, first)["flaky/linux"]["status"]), timeout=60, interval=0.2,
-                         what="the added runs counted")
-        assert (rerun["phase"], rerun["result"], rerun["runCounts"]["total"]) == ("Failed", "flaky", 6)
+        def reopened_and_ended():
+            status = commit_testruns(kube, first)["flaky/linux"]["status"]
+            # Reopened, it has 6 runs and no completionTime until the last of them ends.
+            return status["runCounts"]["total"] == 6 and status.get("completionTime") and status
+
+        rerun = wait_for(reopened_and_ended, timeout=60, interval=0.2, what="the added runs counted")
+        assert (rerun["phase"], rerun["result"], rerun["runsSummary"], rerun["runCounts"]["total"]) == (
+            "Failed", "flaky", "3/6", 6)
         assert [(run.run_index, run.result) for run in stored_runs(redis.url, first, "flaky/linux")][4:] == [
             (5, "passed"), (6, "failed")]
 
@@ -260,7 +281,8 @@ def test_a_users_day_from_kubectl_apply_to_history_rerun_and_cancel(kube, tmp_pa
         slow_pod = pod_builder.run_pod_name(slow, 1, 1)
         wait_for(lambda: slow_pod in kubelet.running() and
                  commit_testruns(kube, second)["slow/linux"]["status"].get("phase") == "Running", timeout=60,
-                 what="the slow test running")
+                 what=lambda: f"the slow test running: kubelet running {kubelet.running()}, ran {kubelet.ran}, "
+                              f"status {commit_testruns(kube, second)['slow/linux'].get('status')}")
         time.sleep(1)  # its agent is heartbeating by now
         asked = time.monotonic()
         kube.kubectl("patch", "testrun", slow, "-n", NAMESPACE, "--type", "merge", "-p", '{"spec": {"cancel": true}}')
@@ -283,6 +305,11 @@ def test_a_users_day_from_kubectl_apply_to_history_rerun_and_cancel(kube, tmp_pa
         tally = wait_for(lambda: [b for b in repo_object(kube)["status"]["branches"] if b.get("running") == 0],
                          timeout=10, interval=0.2, what="the tally without the cancelled run")
         assert tally == [{"name": "main", "commit": second, "passed": 1, "failed": 1, "flaky": 1, "running": 0}]
+        samples = scrape(operator)
+        assert value(samples, "testlooper_runs_finished_total", result="cancelled", **repo_labels) == 1
+        # 6 runs of the first commit, 2 added, 6 of the second: 8 passed (the odd ones), 6 failed.
+        assert {result: value(samples, "testlooper_runs_finished_total", result=result, **repo_labels)
+                for result in ("passed", "failed")} == {"passed": 8, "failed": 6}
         assert "Traceback" not in operator.log(), operator.log()
 
 
