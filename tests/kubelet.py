@@ -47,6 +47,10 @@ class PodRefused(Exception):
     """The pod needs something this kubelet cannot give it."""
 
 
+class PodAbandoned(Exception):
+    """The test is over: its ``stop`` event was set while the pod ran; every container was killed."""
+
+
 @dataclass
 class PodRun:
     phase: str  # Succeeded or Failed
@@ -94,10 +98,13 @@ def _terminated(name, code, image):
 class TestKubelet:
     __test__ = False  # not a pytest test class, despite its name
 
-    def __init__(self, root, *, secrets=None, agent_file=AGENT_FILE, python=sys.executable, path=None, shell=None):
+    def __init__(self, root, *, secrets=None, agent_file=AGENT_FILE, python=sys.executable, path=None, shell=None,
+                 stop=None):
         """``path``: the containers' PATH (default this host's, whose programs the tasks use);
         ``shell``: the program that runs a container's ``/bin/sh`` command (default /bin/sh), to
-        try the stage script with the shells test images bring (busybox, bash)."""
+        try the stage script with the shells test images bring (busybox, bash); ``stop``: a
+        threading.Event whose setting kills every container (PodAbandoned), for a test's end."""
+        self.stop = stop
         self.root = Path(root)
         self.shell = shell
         self.path = path or os.environ.get("PATH", "/usr/bin:/bin")
@@ -244,6 +251,10 @@ class TestKubelet:
                 for _name, process in processes:
                     _kill_group(process.pid, signal.SIGKILL)
                 raise AssertionError("the pod did not end within the test's timeout")
+            if self.stop is not None and self.stop.is_set():
+                for _name, process in processes:
+                    _kill_group(process.pid, signal.SIGKILL)
+                raise PodAbandoned("the test ended while the pod ran")
             if deadline is not None and now >= deadline and not past_deadline:
                 past_deadline, killed_at = True, now
                 for name, process in processes:

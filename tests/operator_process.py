@@ -78,6 +78,13 @@ class OperatorProcess:
         code, self.process = self.process.returncode, None
         return code
 
+    def kill(self) -> None:
+        """SIGKILL, as a node lost or an OOM kill ends it: nothing of its own shutdown runs."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+
     def __enter__(self) -> "OperatorProcess":
         return self.start()
 

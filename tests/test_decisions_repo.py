@@ -261,3 +261,22 @@ def test_no_matching_branch_cancels_nothing_and_says_why():
     assert decision.cancel == [] and decision.branches == []
     ready = {c[0]: c for c in decision.conditions}["Ready"]
     assert ready[1:3] == ("False", "NoTestedBranches") and "(mian)" in ready[3]
+
+
+def test_retally_recounts_the_known_heads_from_the_testruns_as_they_are_now():
+    """A TestRun that ends moves its Repo's tally at once (no fetch, no plan): the heads are the
+    ones the last poll wrote, an untestable head keeps its error, a cancelled run counts nowhere."""
+    previous = {"branches": [
+        {"name": "main", "commit": "a" * 40, "passed": 0, "failed": 0, "flaky": 0, "running": 3},
+        {"name": "dev", "commit": "b" * 40, "passed": 0, "failed": 0, "flaky": 0, "running": 0, "error": "bad yaml"}]}
+    testruns = [existing("r1", "a" * 40, "build", phase="Succeeded", result="passed"),
+                existing("r2", "a" * 40, "flaky", phase="Failed", result="flaky"),
+                existing("r3", "a" * 40, "check", phase="Running"),
+                existing("r4", "a" * 40, "gone", phase="Cancelled", result="cancelled", cancel=True),
+                existing("r5", "c" * 40, "old", phase="Failed", result="failed")]
+    branches, summary = decide.retally(previous, testruns)
+    assert branches == [
+        {"name": "main", "commit": "a" * 40, "passed": 1, "failed": 0, "flaky": 1, "running": 1},
+        {"name": "dev", "commit": "b" * 40, "passed": 0, "failed": 0, "flaky": 0, "running": 0, "error": "bad yaml"}]
+    assert summary == f"main@{'a' * 8} 1 passed 1 flaky 1 running, dev@{'b' * 8} untestable"
+    assert decide.retally({}, testruns) == ([], "")

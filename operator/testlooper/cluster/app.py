@@ -131,12 +131,14 @@ async def start_runs(context: OperatorContext):
         if context.runs is not None:
             context.runs.poke(namespace, name)
 
+    directory = TestRunDirectory(context)
     backend = ClusterBackend(
-        secret=secret, runs=TestRunDirectory(context), client=redis.Redis.from_url(options.store_url),
+        secret=secret, runs=directory, client=redis.Redis.from_url(options.store_url),
         history=context.store, artifacts=await asyncio.to_thread(artifact_store, options),
         source_cache=SourceCache(os.path.join(options.cache_dir, "sources")), on_result=on_result,
         on_unrecorded=on_unrecorded, on_store_error=context.store_health.failed)
-    context.runs = RunController(context, secret=secret, backend=backend, worker_image=options.worker_image)
+    context.runs = RunController(context, secret=secret, backend=backend, worker_image=options.worker_image,
+                                 directory=directory)
     context.store_health.on_change = context.runs.store_changed
     logger.info("runs become pods; workers reach the operator at %s", options.api_url)
     return backend

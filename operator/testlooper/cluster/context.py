@@ -55,6 +55,8 @@ class WatchedRepo:
     url_key: str  # repos.urls.normalize_url of spec.url
     webhook_secret: str  # the name of the Secret holding key `secret`, or ""
     wake: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    # Set when one of its TestRuns ended: the daemon recounts its branch tallies, without a fetch.
+    retally: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     lines_recorded: dict = dataclasses.field(default_factory=dict)  # branch -> head whose line the store has
 
 

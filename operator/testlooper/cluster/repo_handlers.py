@@ -58,8 +58,13 @@ async def repo_daemon(name: str, namespace: str, uid: str, body: kopf.Body, stop
                 failures += 1
                 context.metrics.reconcile_errors.labels("Repo").inc()
                 logger.warning("Repo %s/%s: poll failed, retrying: %s", namespace, name, exc)
-            await _sleep_until_woken(decide.next_poll_delay(_poll_interval(spec), failures), watched.wake, stopped,
-                                     lambda: body.get("metadata", {}).get("generation") != seen_generation)
+            deadline = time.monotonic() + decide.next_poll_delay(_poll_interval(spec), failures)
+
+            def moved(seen=seen_generation) -> bool:  # a spec edit: poll now
+                return body.get("metadata", {}).get("generation") != seen
+
+            while await _sleep_until_woken(deadline - time.monotonic(), watched, stopped, moved):
+                status = await _retally_logged(context, name, namespace, status, watched)
     finally:
         context.repos.unregister(uid)
         context.metrics.repos.set(len(context.repos))
@@ -73,16 +78,43 @@ async def forget_repo(name: str, namespace: str, uid: str, memo: OperatorContext
     await asyncio.to_thread(GitMirror(memo.mirror_path(namespace, name, uid), "").remove)
 
 
-async def _sleep_until_woken(delay: float, wake: asyncio.Event, stopped: kopf.DaemonStopped, moved) -> None:
+async def _sleep_until_woken(delay: float, watched, stopped: kopf.DaemonStopped, moved) -> bool:
+    """Sleeps until the next poll is due or something asks for one; True when it is woken only
+    to recount the branch tallies (a TestRun ended), after which it sleeps on."""
     deadline = time.monotonic() + delay
-    while not stopped and not wake.is_set() and not moved():
+    while not stopped and not watched.wake.is_set() and not moved():
+        if watched.retally.is_set():
+            return True
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            return
+            return False
         try:
-            await asyncio.wait_for(wake.wait(), timeout=min(remaining, 0.5))
+            await asyncio.wait_for(watched.wake.wait(), timeout=min(remaining, 0.5))
         except asyncio.TimeoutError:
             pass
+    return False
+
+
+async def _retally_logged(context: OperatorContext, name: str, namespace: str, status: dict, watched) -> dict:
+    """The branch tallies recounted from the Repo's TestRuns as they are now (no fetch, no
+    planning), written if they changed; returns the status written."""
+    from testlooper.kube.objects import REPO_LABEL, label_value
+
+    watched.retally.clear()
+    try:
+        listed = await context.api.list_objects("testruns", namespace, f"{REPO_LABEL}={label_value(name)}")
+        branches, summary = decide.retally(status, [_existing(item) for item in listed])
+        if branches == (status.get("branches") or []) and summary == status.get("branchesSummary", ""):
+            return status
+        patch = {"branches": branches, "branchesSummary": summary}
+        await context.api.patch_status("repos", namespace, name, patch)
+        return {**status, **patch}
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # the next poll writes the tallies anyway
+        context.metrics.reconcile_errors.labels("Repo").inc()
+        logger.warning("Repo %s/%s: branch tallies not recounted: %s", namespace, name, exc)
+        return status
 
 
 async def poll(context: OperatorContext, body: kopf.Body, name: str, namespace: str, uid: str,

@@ -75,21 +75,49 @@ def repo_id(namespace: str, repo: str) -> str:
 
 
 class TestRunDirectory:
-    """What each run id is, read from its TestRun (kept a moment: an agent calls every few s)."""
+    """What each run id is, read from its TestRun. Kept a moment (an agent calls every few s),
+    and forgotten as soon as the TestRun changes (`forget`), so that a cancel, or a run moved on
+    to another attempt, reaches the agent at its next heartbeat."""
 
     def __init__(self, context):
         self.context = context
-        self._cache: dict[str, tuple[float, ClusterRun | None]] = {}
+        self._cache: dict[str, tuple[float, ClusterRun | None]] = {}  # run id -> (read at, what it is)
+        self._changed: dict[tuple[str, str], float] = {}  # (namespace, TestRun) -> when it last changed
+        self._fingerprints: dict[tuple[str, str], tuple] = {}  # (namespace, TestRun) -> what describe depends on
+        self._messages: dict[tuple[str, str], str] = {}  # (mirror, commit) -> its message
 
     async def describe(self, run_id: str) -> ClusterRun | None:
+        changed = self._changed.get(_testrun_of(run_id), 0.0)
         cached = self._cache.get(run_id)
-        if cached is not None and time.monotonic() - cached[0] < DESCRIBE_TTL_SECONDS:
+        if cached is not None and cached[0] > changed and time.monotonic() - cached[0] < DESCRIBE_TTL_SECONDS:
             return cached[1]
+        read_at = time.monotonic()
         run = await self._describe(run_id)
         if len(self._cache) > 10000:
             self._cache.clear()
-        self._cache[run_id] = (time.monotonic(), run)
+        if len(self._changed) > 10000:
+            self._changed.clear()
+            self._cache.clear()  # what was forgotten must not come back
+        self._cache[run_id] = (read_at, run)  # a read begun before a change is older than it: not used
         return run
+
+    def forget(self, namespace: str, name: str) -> None:
+        """The TestRun changed: its runs are read again at their next call."""
+        self._changed[(namespace, name)] = time.monotonic()
+
+    def testrun_seen(self, testrun: dict) -> None:
+        """A TestRun's event: its runs are forgotten when what a description tells an agent
+        changed (spec.cancel, or the attempt a run is on), not at every status write."""
+        metadata = testrun.get("metadata") or {}
+        key = (metadata.get("namespace", ""), metadata.get("name", ""))
+        active = (testrun.get("status") or {}).get("active") or {}
+        fingerprint = (bool((testrun.get("spec") or {}).get("cancel")),
+                       tuple(sorted((str(index), (entry or {}).get("attempt")) for index, entry in active.items())))
+        if self._fingerprints.get(key) != fingerprint:
+            if len(self._fingerprints) > 10000:
+                self._fingerprints.clear()
+            self._fingerprints[key] = fingerprint
+            self.forget(*key)
 
     async def _describe(self, run_id: str) -> ClusterRun | None:
         try:
@@ -120,7 +148,13 @@ class TestRunDirectory:
             else:
                 inputs[key] = await self._build_input(namespace, spec, dependency)
         current = ((status.get("active") or {}).get(str(index)) or {}).get("attempt")
-        message = await asyncio.to_thread(_commit_message, tree_dir, tree_commit)
+        message = self._messages.get((tree_dir, tree_commit))
+        if message is None:  # a commit's message never changes: read once, not at each heartbeat
+            message = await asyncio.to_thread(_commit_message, tree_dir, tree_commit)
+            if message:
+                if len(self._messages) > 10000:
+                    self._messages.clear()
+                self._messages[(tree_dir, tree_commit)] = message
         assignment = {"task": definition, "commit": tree_commit, "commit_message": message, "run_index": index,
                       "attempt": attempt, "cores": float(definition.get("min_cores") or 1),
                       "ram_gb": float(definition.get("min_ram_gb") or 0)}
@@ -151,6 +185,11 @@ class TestRunDirectory:
                            artifact=dependency.get("artifact") or "")
 
 
+def _testrun_of(run_id: str) -> tuple[str, str]:
+    namespace, _, rest = run_id.partition(".")
+    return namespace, rest.partition(".")[0]
+
+
 def _commit_message(git_dir: str, commit: str) -> str:
     try:
         done = subprocess.run(["git", "--git-dir", git_dir, "log", "-1", "--format=%B", commit],
@@ -163,8 +202,9 @@ def _commit_message(git_dir: str, commit: str) -> str:
 class RunController:
     """Decides and applies the TestRuns' runs (see the module's docstring)."""
 
-    def __init__(self, context, *, secret: bytes, backend, worker_image: str):
+    def __init__(self, context, *, secret: bytes, backend, worker_image: str, directory=None):
         self.context = context
+        self.directory = directory  # the worker API's TestRunDirectory, told when a TestRun changes
         self.api = context.api
         self.secret = secret
         self.backend = backend
@@ -190,6 +230,13 @@ class RunController:
         return asyncio.get_running_loop().create_task(coroutine, context=context)
 
     # -- scheduling ----------------------------------------------------------------------------
+
+    def testrun_changed(self, testrun: dict) -> None:
+        """A TestRun's event: what the worker API knows of its runs is read again when it
+        changed (a cancel reaches the agent at its next heartbeat), and it is decided again."""
+        if self.directory is not None:
+            self.directory.testrun_seen(testrun)
+        self.poke(testrun["metadata"]["namespace"], testrun["metadata"]["name"])
 
     def poke(self, namespace: str, name: str) -> None:
         """Decide this TestRun again soon (events coming together make one decision)."""
@@ -304,6 +351,13 @@ class RunController:
                 found_status = found.get("status") or {}
                 builds[build] = (found_status.get("phase") or "", found_status.get("result") or "")
         results, heartbeats, posted, reports_known = await self._agent_reports(namespace, name, status)
+        cases, recorded = await self._case_tally(namespace, spec) if reports_known else (None, None)
+        if recorded is not None:
+            # The worker API keeps a RESULT in Redis a moment before the history store has it: a
+            # run counts once both do (the API pokes us then), so the TestRun never ends with a
+            # case tally short of a run's cases.
+            results = {key: value for key, value in results.items() if key in recorded}
+            posted = {key: value for key, value in posted.items() if key in recorded}
         observed = phases.Observations(
             now=time.time(), builds=builds, pools=pools,
             pods=[p for p in (phases.observe_pod(pod) for pod in own_pods) if p is not None],
@@ -311,7 +365,7 @@ class RunController:
             results=results, heartbeats=heartbeats, admitted=admitted,
             # No agent could be heard while the operator, or its Redis, was down.
             operator_started=max(self.started, self.context.store_health.back_since),
-            cases=await self._case_tally(namespace, spec) if reports_known else None,
+            cases=cases,
             settings=self.settings, reports_known=reports_known)
         decision = phases.decide(testrun, observed)
         for action in decision.creates:
@@ -337,6 +391,17 @@ class RunController:
             self.wake_admission(namespace)  # queued now, or runs ended and freed room
         if decision.status_patch and decision.status_patch.get("phase") in ENDED_PHASES:
             await self._wake_consumers(testrun)
+        if decision.status_patch and "phase" in decision.status_patch and \
+                (decision.status_patch["phase"] in ENDED_PHASES) != (status.get("phase") in ENDED_PHASES):
+            self.retally_repo(testrun)  # it ended, or runs were added to it: the Repo's tally moves
+
+    def retally_repo(self, testrun: dict) -> None:
+        """Asks the daemon of the TestRun's Repo to recount its branch tallies now (no fetch)."""
+        uid = next((owner.get("uid") for owner in testrun["metadata"].get("ownerReferences") or []
+                    if owner.get("kind") == "Repo"), None)
+        watched = self.context.repos.get(uid) if uid else None
+        if watched is not None:
+            watched.retally.set()
 
     def store_changed(self, up: bool) -> None:
         """The store went down or came back: the running TestRuns decide again now (they say it
@@ -409,31 +474,34 @@ class RunController:
         await self.api.patch_status("testruns", metadata["namespace"], metadata["name"], patch)
         run_metrics.after_status_write(self.context, testrun, patch)
         post_event(testrun, "Warning", "CannotRun", message)
+        self.retally_repo(testrun)
         self.poke(metadata["namespace"], metadata["name"])  # ended: what was made for it goes
         await self._wake_consumers(testrun)
 
-    async def _case_tally(self, namespace: str, spec: dict) -> dict | None:
+    async def _case_tally(self, namespace: str, spec: dict) -> tuple[dict | None, set | None]:
         """{total, passed, failed} of the cases the TestRun's runs reported, from the store (the
-        last attempt of each run index)."""
+        last attempt of each run index), or None when none did; and the (run index, attempt)
+        of every run the store has. (None, None) when the store cannot be read."""
         store = self.context.store
         if store is None:
-            return None
+            return None, None
         try:
             records = await asyncio.to_thread(store.runs, repo_id(namespace, spec.get("repo", "")),
                                               spec.get("commit", ""), True)
         except StoreError as exc:  # down: the tally shown stays until it answers
             self.context.store_health.failed("case_tally", exc)
-            return None
+            return None, None
+        records = [record for record in records if record.task == spec.get("task")]
         last: dict[int, object] = {}
         for record in records:
-            if record.task == spec.get("task") and (record.run_index not in last
-                                                    or record.attempt > last[record.run_index].attempt):
+            if record.run_index not in last or record.attempt > last[record.run_index].attempt:
                 last[record.run_index] = record
+        recorded = {(record.run_index, record.attempt) for record in records}
         if not last:
-            return None
+            return None, recorded
         passed = sum(1 for record in last.values() for case in record.cases if case.success)
         total = sum(len(record.cases) for record in last.values())
-        return {"total": total, "passed": passed, "failed": total - passed}
+        return {"total": total, "passed": passed, "failed": total - passed}, recorded
 
     async def _create(self, action, testrun: dict, pool: dict | None, pod_namespace: str) -> bool:
         """True when made now, False when it existed already."""

@@ -34,10 +34,12 @@ def register(registry: kopf.OperatorRegistry, runs_enabled: bool = False) -> Non
                   labels={MANAGED_BY_LABEL: MANAGED_BY})(run_pod_changed)
 
 
-async def testrun_changed(type: str | None, name: str, namespace: str, memo: OperatorContext, **_) -> None:
+async def testrun_changed(type: str | None, body: kopf.Body, name: str, namespace: str, memo: OperatorContext,
+                          **_) -> None:
     memo.runs.adopt_kopf_context()
     if type != "DELETED":
-        memo.runs.poke(namespace, name)
+        memo.runs.testrun_changed({"metadata": {"namespace": namespace, "name": name},
+                                   "spec": dict(body.get("spec") or {}), "status": dict(body.get("status") or {})})
 
 
 async def run_pod_changed(type: str | None, body: kopf.Body, namespace: str, memo: OperatorContext, **_) -> None:

@@ -261,6 +261,17 @@ def decide_suspended(previous_status: dict, testruns: Iterable[ExistingTestRun])
     )
 
 
+def retally(previous_status: dict, testruns: Iterable[ExistingTestRun]) -> tuple[list[dict], str]:
+    """The branch tallies recounted from the TestRuns as they are now, for the heads the last
+    poll wrote (no fetch): a TestRun that ended shows on the Repo at once, not at the next poll.
+    An untestable head keeps its error."""
+    previous = list(previous_status.get("branches") or [])
+    known = {entry["name"]: entry["commit"] for entry in previous if entry.get("name") and entry.get("commit")}
+    invalid = [{"branch": entry["name"], "error": entry["error"]} for entry in previous if entry.get("error")]
+    branches = _branch_tallies(known, tuple(testruns), [], set(), invalid)
+    return branches, branches_summary(branches)
+
+
 def pinned_repos(repository: str, url_keys: dict[str, str]) -> list[str]:
     """The Repos (by name; `url_keys` gives each one's normalised URL) a definitions file's pin
     of `repository` means: the Repo of that name, else those whose URL ends with it
