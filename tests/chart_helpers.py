@@ -62,3 +62,31 @@ def operator_container(documents: list[dict]) -> dict:
     deployment, = of_kind(documents, "Deployment")
     container, = deployment["spec"]["template"]["spec"]["containers"]
     return container
+
+
+def grants(documents: list[dict], service_account: str, namespace: str) -> list[tuple[str | None, set]]:
+    """(namespace the rules hold in, None: everywhere; their triples) for each binding of the
+    ServiceAccount, as the API server's RBAC authorizer reads a ClusterRoleBinding or RoleBinding."""
+    roles = {(document["kind"], document["metadata"].get("namespace"), document["metadata"]["name"]): document
+             for document in documents if document["kind"] in ("ClusterRole", "Role")}
+    subject = {"kind": "ServiceAccount", "name": service_account, "namespace": namespace}
+    found = []
+    for binding in documents:
+        if binding["kind"] not in ("ClusterRoleBinding", "RoleBinding") or subject not in binding["subjects"]:
+            continue
+        scope = binding["metadata"].get("namespace") if binding["kind"] == "RoleBinding" else None
+        reference = binding["roleRef"]
+        role = roles[(reference["kind"], scope if reference["kind"] == "Role" else None, reference["name"])]
+        found.append((scope, rule_triples(role["rules"])))
+    return found
+
+
+def unauthorized(requests: list[dict], documents: list[dict], service_account: str, namespace: str) -> list[str]:
+    """The recorded API requests (tests/kube_emulator.py) no binding of the chart allows."""
+    bound = grants(documents, service_account, namespace)
+    refused = []
+    for request in requests:
+        triple = (request["group"], request["resource"], request["verb"])
+        if not any(triple in triples and scope in (None, request["namespace"]) for scope, triples in bound):
+            refused.append(f"{request['verb']} {request['resource']} in {request['namespace'] or 'all namespaces'}")
+    return sorted(set(refused))

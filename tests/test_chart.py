@@ -18,19 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from chart_helpers import (
-    CHART,
-    RELEASE_NAMESPACE,
-    ROOT,
-    VALUES_FILES,
-    load_values,
-    of_kind,
-    operator_container,
-    rbac_triples,
-    render_chart,
-    render_notes,
-    rule_triples,
-)
+from chart_helpers import (CHART, RELEASE_NAMESPACE, ROOT, VALUES_FILES, load_values, of_kind,
+                           operator_container, rbac_triples, render_chart, render_notes, rule_triples)
 from crd_validation import admit
 
 helm_python = pytest.importorskip("helm_python", reason="helm-python-sdk is in the test extras (pyproject.toml)")
@@ -254,3 +243,23 @@ def test_notes_tell_how_to_apply_a_first_repo():
     notes = render_notes({"watchNamespaces": ["team-a"]})
     assert "kubectl -n team-a apply -f -" in notes and "kind: Repo" in notes and "workerPool: linux" in notes
     assert "get testruns" in notes
+
+
+def test_the_rbac_reading_of_the_rehearsal_refuses_what_bindings_do_not_allow():
+    """tests/test_chart_install.py checks each recorded call against the chart's bindings, in
+    the namespace it was made in; this shows that check refusing what RBAC would refuse."""
+    from chart_helpers import unauthorized
+
+    documents = render_chart({"watchNamespaces": ["team-a"]})
+    call = lambda verb, resource, namespace, group="": {"group": group, "resource": resource, "verb": verb,  # noqa: E731
+                                                         "namespace": namespace}
+    allowed = [call("list", "namespaces", None), call("create", "pods", "team-a"),
+               call("patch", "repos/status", "team-a", "testlooper.dev"), call("get", "secrets", RELEASE_NAMESPACE),
+               call("create", "kopfpeerings", "team-a", "kopf.dev")]
+    assert unauthorized(allowed, documents, "tl-testlooper", RELEASE_NAMESPACE) == []
+    refused = [call("create", "pods", "team-b"), call("list", "pods", None), call("delete", "secrets", RELEASE_NAMESPACE),
+               call("create", "clusterkopfpeerings", None, "kopf.dev")]
+    assert unauthorized(refused, documents, "tl-testlooper", RELEASE_NAMESPACE) == sorted([
+        "create pods in team-b", "list pods in all namespaces", f"delete secrets in {RELEASE_NAMESPACE}",
+        "create clusterkopfpeerings in all namespaces"])
+    assert unauthorized(allowed[:1], documents, "someone-else", RELEASE_NAMESPACE) == ["list namespaces in all namespaces"]

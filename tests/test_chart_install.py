@@ -19,13 +19,7 @@ import urllib.request
 import pytest
 import yaml
 
-from chart_helpers import (
-    CHART,
-    RELEASE_NAMESPACE,
-    load_values,
-    operator_container,
-    render_chart,
-)
+from chart_helpers import CHART, RELEASE_NAMESPACE, load_values, operator_container, render_chart, unauthorized
 from cluster_helpers import NAMESPACE, list_testruns
 from gitrepo import GitRepo
 from operator_process import OPERATOR_DIR
@@ -102,16 +96,8 @@ def local_env(kube, container: dict, store_url: str) -> dict[str, str]:
     return env
 
 
-def test_install_rehearsal(kube, kubectl_present, tmp_path):
-    kube.create_namespace(RELEASE_NAMESPACE)
-    kube.create_namespace(NAMESPACE)
-    values = load_values(CHART / "ci" / "namespaced-values.yaml")
-    values["watchNamespaces"] = [NAMESPACE]
-    documents = render_chart(values)
-    output = apply_render(kube, documents, tmp_path / "chart.yaml")
-    assert 'deployment.apps/tl-testlooper created' in output and 'workerpool.testlooper.dev/linux created' in output
-    container = operator_container(documents)
-
+def push_demo_commit(tmp_path):
+    """The demo project pushed to a bare repository served over file://; returns its path."""
     work = GitRepo(tmp_path / "work")
     shutil.copytree(DEMO, work.path, dirs_exist_ok=True)
     bare = tmp_path / "origin.git"
@@ -120,11 +106,38 @@ def test_install_rehearsal(kube, kubectl_present, tmp_path):
     work.git("add", "--all")
     work.git("commit", "--quiet", "-m", "first")
     work.git("push", "--quiet", "origin", "main")
+    return bare
+
+
+@pytest.mark.parametrize("case", ["namespaced", "cluster-wide"])
+def test_install_rehearsal(kube, kubectl_present, tmp_path, case):
+    """namespaced: a Role in the watched namespace, the bundled Redis (its address mapped to a
+    local redis-server); cluster-wide: --all-namespaces with a ClusterRole, the store's URL read
+    from the Secret the user created before installing."""
+    kube.create_namespace(RELEASE_NAMESPACE)
+    kube.create_namespace(NAMESPACE)
+    values = load_values(CHART / "ci" / f"{case}-values.yaml")
+    if case == "namespaced":
+        values["watchNamespaces"] = [NAMESPACE]
+    bare = push_demo_commit(tmp_path)
 
     with RedisServer() as redis:
+        if case == "cluster-wide":
+            secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "testlooper-store",
+                      "namespace": RELEASE_NAMESPACE}, "stringData": {"url": redis.url}}
+            apply_render(kube, [secret], tmp_path / "store-secret.yaml")
+        # What `helm install` sends: the chart's crds/ first, then the templates.
+        crds = kube.kubectl("apply", "--validate=false", "-f", str(CHART / "crds")).stdout
+        assert crds.count("customresourcedefinition.apiextensions.k8s.io/") == 5, crds
+        documents = render_chart(values)
+        output = apply_render(kube, documents, tmp_path / "chart.yaml")
+        assert "deployment.apps/tl-testlooper created" in output
+        container = operator_container(documents)
+
         port = free_port()
         command = local_command(container, port, tmp_path / "cache")
         env = local_env(kube, container, redis.url)
+        assert env["TESTLOOPER_STORE"] == redis.url
         log_path = tmp_path / "operator.log"
         with open(log_path, "w") as log:
             process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -138,21 +151,24 @@ def test_install_rehearsal(kube, kubectl_present, tmp_path):
                     return False
             wait_for(ready, timeout=30, what="the operator's /readyz")
 
+            # A Repo applied after the operator started, naming the chart's WorkerPool.
             repo = {"apiVersion": "testlooper.dev/v1alpha1", "kind": "Repo",
                     "metadata": {"name": "demo", "namespace": NAMESPACE},
                     "spec": {"url": f"file://{bare}", "branches": ["main"], "pollIntervalSeconds": 10,
-                             "workerPool": values.get("workerPool", {}).get("name", "linux")}}
+                             "workerPool": "linux"}}
             apply_render(kube, [repo], tmp_path / "repo.yaml")
             created = wait_for(lambda: len(list_testruns(kube)) == 3 and list_testruns(kube), timeout=30,
                                what="the first commit's TestRuns")
             assert {item["spec"]["task"] for item in created} == {"calc/linux", "network/linux", "unit/linux"}
             assert all(item["spec"]["workerPool"] == "linux" for item in created)
             assert (tmp_path / "cache" / "mirrors").is_dir()
-            # The operator ran as the chart configured it: peering in the watched namespace (a
-            # Role's kopfpeerings), DEBUG logs.
-            wait_for(lambda: kube.api("GET", f"/apis/kopf.dev/v1/namespaces/{NAMESPACE}/kopfpeerings").get("items"),
-                     what="the peering object")
-            assert " DEBUG " in log_path.read_text()
+            # Peering where the chart's RBAC put it: a KopfPeering in the watched namespace, or a
+            # ClusterKopfPeering with --all-namespaces.
+            peerings = (f"/apis/kopf.dev/v1/namespaces/{NAMESPACE}/kopfpeerings" if case == "namespaced"
+                        else "/apis/kopf.dev/v1/clusterkopfpeerings")
+            wait_for(lambda: kube.api("GET", peerings).get("items"), what="the peering object")
+            if case == "namespaced":
+                assert " DEBUG " in log_path.read_text()  # operator.logLevel of the values file
         finally:
             process.terminate()
             try:
@@ -162,3 +178,5 @@ def test_install_rehearsal(kube, kubectl_present, tmp_path):
                 process.wait()
     assert process.returncode == 0, log_path.read_text()
     assert "Traceback" not in log_path.read_text()
+    # Every call it made, in the namespace it made it, is one the chart's bindings allow.
+    assert unauthorized(kube.requests(client="operator"), documents, "tl-testlooper", RELEASE_NAMESPACE) == []
