@@ -219,6 +219,7 @@ def test_bad_values_fail_with_a_clear_message(values, message):
 @pytest.mark.parametrize("values, message", [
     ({"redis": {"bundled": False}}, "redis.external.existingSecret is required when redis.bundled is false"),
     ({"s3": {"prefix": "x/"}}, "s3.prefix needs s3.bucket"),
+    ({"replicaCount": 2}, "replicaCount above 1 needs persistence.accessMode ReadWriteMany"),
 ])
 def test_inconsistent_values_fail_with_a_clear_message(values, message):
     with pytest.raises(helm_python.HelmError) as failure:
