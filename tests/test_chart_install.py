@@ -1,8 +1,9 @@
 """The install rehearsal: charts/testlooper rendered, applied to the Kubernetes emulator with the
 real `kubectl apply -f`, then the operator started as a local process with the rendered
 Deployment's own command, args and env (what a pod's kubelet would give it mapped to this
-machine: the cache volume to a temp dir, the bundled Redis's address to a real redis-server, the
-ServiceAccount to a kubeconfig for the emulator). It reconciles a Repo applied after it.
+machine: the cache volume to a temp dir, the bundled Redis's address to a real redis-server, S3
+to a real moto_server, the ServiceAccount to a kubeconfig for the emulator). It reconciles a
+Repo applied after it, calling nothing the chart's RBAC does not allow.
 
 What it cannot show: that the images start, that probes pass on a kubelet, that the NetworkPolicy
 lets the operator reach Redis (tests/e2e/ does that on kind, in users' CI).
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import urllib.request
 
+import boto3
 import pytest
 import yaml
 
@@ -25,6 +27,7 @@ from gitrepo import GitRepo
 from operator_process import OPERATOR_DIR
 from redis_server import RedisServer, free_port
 from run_helpers import wait_for
+from test_workerapi_s3 import s3  # noqa: F401 - a fixture, asked for by the s3 case
 
 pytest.importorskip("helm_python", reason="helm-python-sdk is in the test extras (pyproject.toml)")
 
@@ -73,9 +76,10 @@ def local_command(container: dict, port: int, cache_dir) -> list[str]:
     return command
 
 
-def local_env(kube, container: dict, store_url: str) -> dict[str, str]:
+def local_env(kube, container: dict, local: dict[str, str]) -> dict[str, str]:
     """The container's env resolved as the kubelet would: fields of the pod, keys of Secrets
-    read from the emulator; the bundled Redis's in-cluster address becomes the local one."""
+    read from the emulator; then the in-cluster addresses in `local` (name -> value) replaced
+    by this machine's (the bundled Redis's Service by a redis-server, S3 by moto_server)."""
     env = kube.client_env("operator")
     env["PYTHONPATH"] = str(OPERATOR_DIR)
     for item in container["env"]:
@@ -89,10 +93,10 @@ def local_env(kube, container: dict, store_url: str) -> dict[str, str]:
             reference = source["secretKeyRef"]
             secret = kube.api("GET", f"/api/v1/namespaces/{RELEASE_NAMESPACE}/secrets/{reference['name']}")
             value = base64.b64decode(secret["data"][reference["key"]]).decode()
-        if item["name"] == "TESTLOOPER_STORE" and ".svc:" in value:
+        if item["name"] == "TESTLOOPER_STORE" and "TESTLOOPER_STORE" in local:
             assert value == f"redis://tl-testlooper-redis.{RELEASE_NAMESPACE}.svc:6379/0"
-            value = store_url
-        env[item["name"]] = value
+        env[item["name"]] = local.get(item["name"], value)
+    assert set(local) <= {item["name"] for item in container["env"]}, "a local address for nothing rendered"
     return env
 
 
@@ -109,23 +113,40 @@ def push_demo_commit(tmp_path):
     return bare
 
 
-@pytest.mark.parametrize("case", ["namespaced", "cluster-wide"])
-def test_install_rehearsal(kube, kubectl_present, tmp_path, case):
+def user_secret(kube, tmp_path, name: str, data: dict[str, str]) -> None:
+    """A Secret the user creates before `helm install`, as the values file expects."""
+    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": RELEASE_NAMESPACE},
+              "stringData": data}
+    apply_render(kube, [secret], tmp_path / f"secret-{name}.yaml")
+
+
+@pytest.mark.parametrize("case", ["namespaced", "cluster-wide", "s3"])
+def test_install_rehearsal(kube, kubectl_present, tmp_path, case, request):
     """namespaced: a Role in the watched namespace, the bundled Redis (its address mapped to a
     local redis-server); cluster-wide: --all-namespaces with a ClusterRole, the store's URL read
-    from the Secret the user created before installing."""
+    from the Secret the user created before installing; s3: artifacts in a bucket of a real
+    moto_server (its endpoint mapped), with the keys from the user's Secret."""
     kube.create_namespace(RELEASE_NAMESPACE)
     kube.create_namespace(NAMESPACE)
     values = load_values(CHART / "ci" / f"{case}-values.yaml")
-    if case == "namespaced":
+    if values.get("watchNamespaces"):
         values["watchNamespaces"] = [NAMESPACE]
+    pool = values.get("workerPool", {}).get("name", "linux")
     bare = push_demo_commit(tmp_path)
 
     with RedisServer() as redis:
+        local = {}
         if case == "cluster-wide":
-            secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "testlooper-store",
-                      "namespace": RELEASE_NAMESPACE}, "stringData": {"url": redis.url}}
-            apply_render(kube, [secret], tmp_path / "store-secret.yaml")
+            user_secret(kube, tmp_path, "testlooper-store", {"url": redis.url})
+        else:
+            local["TESTLOOPER_STORE"] = redis.url
+        if case == "s3":
+            _, _, s3_port = request.getfixturevalue("s3")
+            local["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{s3_port}"
+            keys = {"AWS_ACCESS_KEY_ID": "chart-key-id", "AWS_SECRET_ACCESS_KEY": "chart-secret-key"}
+            user_secret(kube, tmp_path, values["s3"]["credentialsSecret"], keys)
+            boto3.client("s3", region_name=values["s3"]["region"], endpoint_url=local["AWS_ENDPOINT_URL"]).create_bucket(
+                Bucket=values["s3"]["bucket"], CreateBucketConfiguration={"LocationConstraint": values["s3"]["region"]})
         # What `helm install` sends: the chart's crds/ first, then the templates.
         crds = kube.kubectl("apply", "--validate=false", "-f", str(CHART / "crds")).stdout
         assert crds.count("customresourcedefinition.apiextensions.k8s.io/") == 5, crds
@@ -136,8 +157,10 @@ def test_install_rehearsal(kube, kubectl_present, tmp_path, case):
 
         port = free_port()
         command = local_command(container, port, tmp_path / "cache")
-        env = local_env(kube, container, redis.url)
+        env = local_env(kube, container, local)
         assert env["TESTLOOPER_STORE"] == redis.url
+        if case == "s3":
+            assert (env["AWS_ACCESS_KEY_ID"], env["AWS_DEFAULT_REGION"]) == ("chart-key-id", "eu-west-1")
         log_path = tmp_path / "operator.log"
         with open(log_path, "w") as log:
             process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -155,20 +178,23 @@ def test_install_rehearsal(kube, kubectl_present, tmp_path, case):
             repo = {"apiVersion": "testlooper.dev/v1alpha1", "kind": "Repo",
                     "metadata": {"name": "demo", "namespace": NAMESPACE},
                     "spec": {"url": f"file://{bare}", "branches": ["main"], "pollIntervalSeconds": 10,
-                             "workerPool": "linux"}}
+                             "workerPool": pool}}
             apply_render(kube, [repo], tmp_path / "repo.yaml")
             created = wait_for(lambda: len(list_testruns(kube)) == 3 and list_testruns(kube), timeout=30,
                                what="the first commit's TestRuns")
             assert {item["spec"]["task"] for item in created} == {"calc/linux", "network/linux", "unit/linux"}
-            assert all(item["spec"]["workerPool"] == "linux" for item in created)
+            assert all(item["spec"]["workerPool"] == pool for item in created)
             assert (tmp_path / "cache" / "mirrors").is_dir()
             # Peering where the chart's RBAC put it: a KopfPeering in the watched namespace, or a
             # ClusterKopfPeering with --all-namespaces.
-            peerings = (f"/apis/kopf.dev/v1/namespaces/{NAMESPACE}/kopfpeerings" if case == "namespaced"
+            peerings = (f"/apis/kopf.dev/v1/namespaces/{NAMESPACE}/kopfpeerings" if values.get("watchNamespaces")
                         else "/apis/kopf.dev/v1/clusterkopfpeerings")
             wait_for(lambda: kube.api("GET", peerings).get("items"), what="the peering object")
             if case == "namespaced":
                 assert " DEBUG " in log_path.read_text()  # operator.logLevel of the values file
+            if case == "s3":
+                assert (f"artifacts go to s3://ci-artifacts/testlooper/ (endpoint {local['AWS_ENDPOINT_URL']})"
+                        in log_path.read_text())
         finally:
             process.terminate()
             try:
