@@ -136,6 +136,8 @@ def test_cluster_wide_rbac_is_the_namespaced_set_with_cluster_peering():
     assert set(roles) == {"team-a", "team-b", RELEASE_NAMESPACE}
     assert rule_triples(roles["team-a"]["rules"]) == rule_triples(roles["team-b"]["rules"])
     assert rule_triples(roles[RELEASE_NAMESPACE]["rules"]) == {("", "secrets", "get"), ("", "secrets", "create")}
+    watching_its_own = render_chart({"watchNamespaces": [RELEASE_NAMESPACE]})
+    assert [role["metadata"]["name"] for role in of_kind(watching_its_own, "Role")] == ["tl-testlooper"]
     bindings = of_kind(namespaced, "RoleBinding") + of_kind(namespaced, "ClusterRoleBinding")
     assert len(bindings) == 4
     assert all(binding["subjects"] == [{"kind": "ServiceAccount", "name": "tl-testlooper",
