@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from chart_helpers import rbac_triples, render_chart
 from cluster_helpers import NAMESPACE, list_testruns, repo_object, signed_push, writes
 from gitrepo import GitRepo
 from operator_process import OperatorProcess
@@ -28,7 +29,6 @@ from testlooper.kube.objects import testrun_name
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples" / "cluster"
 DEMO = ROOT / "examples" / "demo"
-CLUSTER_ROLE = ROOT / "charts" / "testlooper" / "templates" / "clusterrole.yaml"
 DEMO_TASKS = ["calc/linux", "network/linux", "unit/linux"]
 
 
@@ -189,14 +189,10 @@ RUN_PERMISSIONS = frozenset({
 
 
 def granted_permissions() -> set[tuple[str, str, str]]:
-    """The chart's ClusterRole, each rule expanded to (group, resource, verb) triples."""
-    granted = set()
-    for rule in yaml.safe_load(CLUSTER_ROLE.read_text())["rules"]:
-        for group in rule["apiGroups"]:
-            for resource in rule["resources"]:
-                for verb in rule["verbs"]:
-                    granted.add((group, resource, verb))
-    return granted
+    """What the chart grants an operator watching NAMESPACE, as these tests run it (the rules
+    are written once, in charts/testlooper/templates/_helpers.tpl): every rule of the rendered
+    ClusterRole and Roles expanded to (group, resource, verb) triples."""
+    return rbac_triples(render_chart({"watchNamespaces": [NAMESPACE]}, namespace=NAMESPACE))
 
 
 def check_rbac_subset(used: set[tuple[str, str, str]]) -> None:

@@ -1,7 +1,7 @@
 """The Kubernetes API as the operator uses it: the official client, run in threads, with retries.
 
 Every call the operator makes goes through here, which keeps the RBAC it needs in one place to
-read (charts/testlooper/templates/clusterrole.yaml must grant exactly these, and the RBAC
+read (the chart's rules, charts/testlooper/templates/_helpers.tpl, must grant exactly these, and the RBAC
 coverage test checks that it does). Conflicts (409 on a write), throttling (429) and server or
 connection errors are retried with backoff; "already exists" on a create and "not found" on a
 delete are successes, since names are deterministic and the goal is the state, not the call.
