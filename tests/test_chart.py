@@ -238,6 +238,7 @@ def test_the_dashboard_configmap_renders_with_and_without_the_dashboard(tmp_path
     shutil.copytree(CHART, chart)
     dashboard = chart / "dashboards" / "testlooper.json"
     dashboard.unlink(missing_ok=True)
+    dashboard.parent.mkdir(exist_ok=True)  # absent from a checkout without the dashboard
     assert of_kind(render_chart(chart=chart), "ConfigMap") == []
     dashboard.write_text(json.dumps({"title": "TestLooper", "panels": [{"expr": "sum(x)"}]}))
     configmap, = of_kind(render_chart(chart=chart), "ConfigMap")
