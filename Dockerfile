@@ -31,6 +31,10 @@ RUN groupadd --system --gid 10001 testlooper \
     && mkdir -p /var/cache/testlooper \
     && chown 10001:10001 /var/cache/testlooper
 COPY --from=build /opt/testlooper/venv /opt/testlooper/venv
+# Imports the operator once, as root: the build fails if it cannot, and the standard-library
+# modules it uses are compiled now (the python image ships no .pyc files, and a read-only root
+# filesystem cannot keep them), so the operator does not compile them at each start.
+RUN /opt/testlooper/venv/bin/python -c "import testlooper.cli.main, testlooper.cluster.app"
 ENV PATH=/opt/testlooper/venv/bin:$PATH \
     HOME=/tmp \
     PYTHONDONTWRITEBYTECODE=1 \

@@ -77,6 +77,10 @@ def test_the_operator_image_is_slim_python_3_11_running_testlooper_operator_as_1
     # Its one writable place beside the volume is /tmp (the chart's emptyDir): home is there.
     assert env_of(image)["HOME"] == "/tmp"
     assert env_of(image)["PYTHONDONTWRITEBYTECODE"] == "1"
+    # ... after the build has imported the operator once, as root, compiling what it imports.
+    warm = [item for item in image.instructions if item.keyword == "RUN" and "import testlooper" in item.text]
+    assert len(warm) == 1 and image.instructions.index(warm[0]) < image.instructions.index(image.last("ENV"))
+    assert image.instructions.index(warm[0]) < image.instructions.index(image.last("USER"))
     assert any(f"chown {OPERATOR_UID}:{OPERATOR_UID} {CACHE_DIR}" in item.text for item in image.all("RUN"))
     # The operator runs git, over https and ssh.
     installs = " ".join(item.text for item in image.all("RUN") if "apt-get install" in item.text).split()
