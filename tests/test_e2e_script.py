@@ -86,8 +86,12 @@ def test_the_manifests_it_applies_are_valid():
     # The Repo reaches the git server's Service, in the namespace the script applies it to.
     service = documents[2]
     values = script_variables(SCRIPT.read_text())
-    assert repo["spec"]["url"] == (f"git://{service['metadata']['name']}.{values['CI_NS']}.svc.cluster.local"
-                                   f":{service['spec']['ports'][0]['port']}/demo.git".replace(":9418/", "/"))
+    assert service["spec"]["ports"][0]["port"] == 9418  # git's port, which a git:// URL without one means
+    assert repo["spec"]["url"] == f"git://{service['metadata']['name']}.{values['CI_NS']}.svc.cluster.local/demo.git"
+    # ... where the git daemon serves the bare repository the init container pushed to.
+    deployment = documents[1]["spec"]["template"]["spec"]
+    assert "--base-path=/srv/git" in deployment["containers"][0]["command"]
+    assert "git push --quiet /srv/git/demo.git" in deployment["initContainers"][0]["args"][0].replace("-C /tmp/work ", "")
 
 
 def test_the_project_it_serves_resolves_to_a_test_of_two_runs_in_the_loaded_image():
