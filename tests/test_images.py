@@ -288,3 +288,19 @@ def test_hadolint_would_say_so(tmp_path):
     bad.write_text("FROM python\nRUN apt-get install git\nUSER root\n")
     done = subprocess.run([hadolint(), "--no-color", str(bad)], capture_output=True, text=True, timeout=60)
     assert done.returncode != 0 and "DL3006" in done.stdout and "DL3002" in done.stdout, done.stdout
+
+
+def test_the_package_the_image_installs_holds_every_module():
+    """`pip install .` installs the packages setuptools finds under operator/ (pyproject's
+    packages.find): every folder of Python modules must be one, or the image lacks it."""
+    from setuptools import find_packages
+    found = set(find_packages(str(REPO_ROOT / "operator")))
+    folders = {str(path.parent.relative_to(REPO_ROOT / "operator")).replace(os.sep, ".")
+               for path in (REPO_ROOT / "operator" / "testlooper").rglob("*.py") if "__pycache__" not in path.parts}
+    assert folders - found == set(), f"not installed by pip install . (no __init__.py): {sorted(folders - found)}"
+    with open(REPO_ROOT / "pyproject.toml", "rb") as file:
+        assert tomllib.load(file)["tool"]["setuptools"]["packages"]["find"]["where"] == ["operator"]
+    # Nothing the package reads at run time lives beside its modules (package data would need
+    # declaring): it holds Python files only.
+    tracked = [name for name in tracked_files() if name.startswith("operator/testlooper/")]
+    assert [name for name in tracked if not name.endswith(".py")] == []
