@@ -19,7 +19,9 @@ RUN python -m venv /opt/testlooper/venv \
     && /opt/testlooper/venv/bin/pip check
 
 FROM ${PYTHON_IMAGE}
-# git and ssh: the operator fetches each Repo into a bare mirror (repos/mirror.py).
+# git and ssh: the operator fetches each Repo into a bare mirror (repos/mirror.py). Not pinned to
+# exact versions (DL3008): Debian replaces them with each security fix; the base tag pins the
+# release.
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends git openssh-client ca-certificates \
