@@ -7,6 +7,8 @@ import base64
 import json
 import shutil
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
@@ -15,7 +17,7 @@ import yaml
 from cluster_helpers import NAMESPACE, condition, events, list_testruns, repo_object, signed_push
 from git_http import GitHttpServer
 from gitrepo import GitRepo
-from operator_process import OperatorProcess
+from operator_process import OPERATOR_DIR, OperatorProcess
 from run_helpers import wait_for
 
 GOOD_DEFINITIONS = """looper_version: 5
@@ -557,3 +559,26 @@ def test_a_flood_of_forged_pushes_reads_the_secret_once(kube, operator, tmp_path
     reads = [r for r in kube.requests(client="operator")[mark:] if r["resource"] == "secrets"]
     assert len(reads) == 1, reads
     assert operator.metric("testlooper_webhooks_total", provider="github", outcome="bad_signature") == 40
+
+
+def test_a_worker_thread_stuck_at_shutdown_does_not_keep_the_operator_from_exiting(tmp_path):
+    """A blocking call that never returns (a host that does not answer) must not hold a pod told
+    to stop until Kubernetes kills it: the operator waits a moment, names the thread, shows its
+    stack and exits."""
+    script = tmp_path / "stuck.py"
+    script.write_text(
+        "import asyncio, time\n"
+        "from testlooper.cluster import app\n"
+        "async def serve(options):\n"
+        "    asyncio.get_running_loop().run_in_executor(None, time.sleep, 3600)\n"
+        "    await asyncio.sleep(0.2)\n"
+        "app.serve = serve\n"
+        "app.EXIT_GRACE_SECONDS = 0.5\n"
+        "raise SystemExit(app.run(None))\n")
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
+                          env={**__import__("os").environ, "PYTHONPATH": str(OPERATOR_DIR)})
+    assert done.returncode == 0, done.stderr
+    assert time.monotonic() - started < 30
+    assert "exiting with 1 worker thread(s) still busy: operator_0" in done.stderr, done.stderr
+    assert "Thread 0x" in done.stderr and "concurrent/futures/thread.py" in done.stderr, done.stderr

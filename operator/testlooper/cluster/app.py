@@ -8,8 +8,13 @@ the HTTP server shares the loop.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import faulthandler
 import logging
 import os
+import signal
+import threading
+import time
 
 import kopf
 
@@ -211,6 +216,39 @@ class _ReopeningStore:
         return getattr(self._store, name)
 
 
+EXIT_GRACE_SECONDS = 10.0  # worker threads still busy this long after the loop has stopped are left
+
+
 def run(options: OperatorOptions) -> int:
-    asyncio.run(serve(options))
+    # SIGUSR1 writes every thread's stack to the log (`kubectl exec ... -- kill -USR1 1`): the
+    # way to see where a stuck operator is stuck.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    loop = asyncio.new_event_loop()
+    executor = concurrent.futures.ThreadPoolExecutor(thread_name_prefix="operator")
+    loop.set_default_executor(executor)
+    try:
+        loop.run_until_complete(serve(options))
+        leftover = asyncio.all_tasks(loop)
+        for task in leftover:
+            task.cancel()
+        if leftover:
+            loop.run_until_complete(asyncio.gather(*leftover, return_exceptions=True))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+    finally:
+        loop.close()
+    # asyncio.run would wait without end for the default executor's threads (a blocking call
+    # to a host that does not answer), and so would the interpreter's exit: a pod told to stop
+    # would hang until it is killed. Give them a moment, then say which ones and go.
+    executor.shutdown(wait=False, cancel_futures=True)
+    deadline = time.monotonic() + EXIT_GRACE_SECONDS
+    busy = [thread for thread in threading.enumerate() if thread.name.startswith(("operator", "git-archive"))]
+    for thread in busy:
+        thread.join(timeout=max(0.0, deadline - time.monotonic()))
+    stuck = [thread.name for thread in busy if thread.is_alive()]
+    if stuck:
+        logger.warning("exiting with %d worker thread(s) still busy: %s; their stacks follow", len(stuck),
+                       ", ".join(stuck))
+        faulthandler.dump_traceback(all_threads=True)
+        logging.shutdown()
+        os._exit(0)
     return 0
