@@ -460,7 +460,7 @@ class ClusterBackend(Backend):
         if not run_ids:
             return []
         keys = [self._key(run_id, what) for run_id in run_ids for what in ("result", "heartbeat")]
-        values = [json.loads(value) if value else None for value in await self._redis(self._client.mget, keys)]
+        values = [json.loads(value) if value else None for value in await self._redis("read_result", self._client.mget, keys)]
         return list(zip(values[0::2], values[1::2]))
 
     async def result_of(self, run_id: str) -> dict | None:
