@@ -431,9 +431,9 @@ class RunController:
                 found_status = found.get("status") or {}
                 builds[build] = (found_status.get("phase") or "", found_status.get("result") or "")
         results, heartbeats, posted, reports_known = await self._agent_reports(namespace, name, status)
-        # The tally changes only when a RESULT lands, and a landed RESULT is observed here until
-        # its run is counted: other decisions leave the status' tally as it is.
-        cases, recorded = await self._case_tally(namespace, spec) if reports_known and results else (None, None)
+        # One task's records (not the commit's), at every decision: a decision that counted a
+        # RESULT the store could not yet give is made good by the next.
+        cases, recorded = await self._case_tally(namespace, spec) if reports_known else (None, None)
         if recorded is not None:
             # The worker API keeps a RESULT in Redis a moment before the history store has it: a
             # run counts once both do (the API pokes us then), so the TestRun never ends with a
