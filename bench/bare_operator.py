@@ -11,6 +11,11 @@ The resources default to the emulator's fixtures (Widget -> Part); set
 BARE_TRIGGER=testlooper.dev/v1alpha1/repos/Repo BARE_TARGET=testlooper.dev/v1alpha1/testruns/TestRun
 to use the project's own.
 
+With BARE_MODE=pods it is instead the yardstick of runs becoming pods (bench/bench_runs.py): a
+create handler on the target resource turns each object into one pod shaped like a run pod (an
+init container, a test container and a sidecar, emptyDir volumes, requests, an owner reference),
+tolerating AlreadyExists, and does nothing else.
+
 As a script, it measures itself and prints JSON:
 
     python bench/bare_operator.py [--count 100 --count 500] [--repeat 3] [--idle SECONDS]
@@ -80,6 +85,43 @@ def part_body(owner: dict, index: int) -> dict:
     }
 
 
+def pod_body(owner: dict) -> dict:
+    """One pod with the size and shape of a run pod (kube/pods.py), for `owner`."""
+    metadata = owner["metadata"]
+    name = metadata["name"]
+    env = [{"name": "TESTLOOPER_API", "value": "http://testlooper.testlooper.svc:8080"},
+           {"name": "TESTLOOPER_RUN_ID", "value": f"{metadata['namespace']}.{name}.1.1"}]
+    mounts = [{"name": "work", "mountPath": "/testlooper"}]
+    worker = {"image": "ghcr.io/testlooper/worker:latest", "env": env, "volumeMounts": mounts,
+              "securityContext": {"runAsNonRoot": True, "runAsUser": 65532,
+                                  "allowPrivilegeEscalation": False,
+                                  "capabilities": {"drop": ["ALL"]}}}
+    return {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {
+            "name": f"{name[:50]}-r1-a1",
+            "labels": {"app.kubernetes.io/managed-by": "bare-operator", "testlooper.dev/testrun": name[:63],
+                       "testlooper.dev/run": "1", "testlooper.dev/attempt": "1"},
+            "annotations": {"testlooper.dev/run-id": f"{metadata['namespace']}.{name}.1.1",
+                            "testlooper.dev/token-secret": f"{name[:50]}-r1-a1-token"},
+            "ownerReferences": [{"apiVersion": owner["apiVersion"], "kind": owner["kind"], "name": name,
+                                 "uid": metadata["uid"], "controller": True, "blockOwnerDeletion": True}],
+        },
+        "spec": {
+            "restartPolicy": "Never", "automountServiceAccountToken": False, "activeDeadlineSeconds": 4200,
+            "volumes": [{"name": "work", "emptyDir": {}},
+                        {"name": "token", "secret": {"secretName": f"{name[:50]}-r1-a1-token"}}],
+            "initContainers": [{**worker, "name": "prepare", "command": ["python3", "-S", "/agent.py", "prepare"]}],
+            "containers": [
+                {"name": "test", "image": "busybox:1.36", "command": ["/bin/sh", "/testlooper/stages.sh"],
+                 "workingDir": "/testlooper/inputs", "volumeMounts": mounts,
+                 "resources": {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "2Gi"}}},
+                {**worker, "name": "report", "command": ["python3", "-S", "/agent.py", "report"]},
+            ],
+        },
+    }
+
+
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, **_):
     settings.watching.server_timeout = 300
@@ -99,6 +141,21 @@ def fan_out(body, namespace, annotations, patch, **_):
             if error.status != 409:
                 raise
     patch.status["created"] = created
+
+
+if os.environ.get("BARE_MODE") == "pods":
+    _core: kubernetes.client.CoreV1Api | None = None
+
+    @kopf.on.create(TARGET_GROUP, TARGET_VERSION, TARGET_PLURAL)
+    def make_pod(body, namespace, **_):
+        global _core
+        if _core is None:
+            _core = kubernetes.client.CoreV1Api(kubernetes.config.new_client_from_config())
+        try:
+            _core.create_namespaced_pod(namespace, pod_body(dict(body)))
+        except kubernetes.client.ApiException as error:
+            if error.status != 409:
+                raise
 
 
 def _fan_out_once(kube, count: int, namespace: str, idle_seconds: float) -> dict:

@@ -3,10 +3,13 @@
 import math
 import random
 
-from phases_helpers import pool
+from phases_helpers import T0, a_testrun, pool
 
 from testlooper.decisions import rules
-from testlooper.decisions.pools import Demand, Usage, admit, pool_status, pool_usage, run_size, run_sizes
+from testlooper.decisions.phases import queued_demand
+from testlooper.decisions.pools import (
+    Demand, Usage, admit, counting_view, pool_status, pool_usage, run_size, run_sizes,
+)
 from testlooper.local import schedule
 from testlooper.local.schedule import Free
 
@@ -121,3 +124,25 @@ def test_retry_wait_counts_only_verdict_attempts_of_builds():
     assert rules.retry_wait(build, "build", 3, "failed") is None
     assert rules.retry_wait(build, "build", 1, "passed") is None
     assert rules.retry_wait(build, "test", 1, "failed") is None
+
+
+def test_the_counting_view_of_a_testrun_counts_as_the_testrun_does():
+    definition = {"platform": "linux", "min_cores": 2, "min_ram_gb": 1.5, "max_cores": 4,
+                  "stages": [{"command": "make test " * 200}], "dependencies": {"src": {"kind": "source"}}}
+    pools = [pool("big", maxCores=64, priority=1), pool("p", maxWorkers=3)]
+    testruns = [
+        a_testrun(runs=5, definition=definition, name="queued", status={"phase": "Queued", "workerPool": "big"}),
+        a_testrun(runs=9, definition=definition, name="running", status={
+            "phase": "Running", "workerPool": "p", "startedRuns": 4, "runCounts": {"queued": 5},
+            "active": {"3": {"attempt": 1, "state": "Placed"}, "4": {"attempt": 2, "state": "Waiting",
+                                                                  "notBefore": "2026-01-01T00:00:00Z"}},
+            "attempts": [{"run": 4, "reason": "Evicted"}] * 20, "failingCases": ["x"] * 20}),
+        a_testrun(definition={**definition, "platform": "windows"}, name="unplaced"),
+        a_testrun(definition=definition, name="cancelled", cancel=True, status={"phase": "Queued", "workerPool": "p"}),
+        a_testrun(definition=definition, name="ended", status={"phase": "Succeeded", "workerPool": "p"}),
+    ]
+    views = [counting_view(testrun) for testrun in testruns]
+    assert [queued_demand(v, T0) for v in views] == [queued_demand(t, T0) for t in testruns]
+    assert run_sizes(views, pools) == run_sizes(testruns, pools)
+    assert [pool_status(p, pools, views) for p in pools] == [pool_status(p, pools, testruns) for p in pools]
+    assert len(repr(views[1])) < len(repr(testruns[1])) / 3

@@ -48,3 +48,23 @@ def test_a_call_made_while_the_api_server_is_down_succeeds_once_it_is_up(tmp_pat
         api.close()
         if servers:
             servers[0].shutdown()
+
+
+def test_a_paged_listing_gives_every_object_once_each_slimmed(kube, monkeypatch):
+    from testlooper.kube.api import KubeApi
+
+    kube.create_namespace("paged")
+    for index in range(7):
+        kube.api("POST", "/apis/testlooper.dev/v1alpha1/namespaces/paged/workerpools", {
+            "apiVersion": "testlooper.dev/v1alpha1", "kind": "WorkerPool", "metadata": {"name": f"pool-{index}"},
+            "spec": {"provider": "kubernetes", "platform": "linux", "maxWorkers": index + 1}})
+    monkeypatch.setenv("KUBECONFIG", kube.kubeconfig("operator"))
+    api = KubeApi()
+    try:
+        listed = asyncio.run(api.list_objects_paged(
+            "workerpools", "paged", lambda pool: (pool["metadata"]["name"], pool["spec"]["maxWorkers"]), page_size=3))
+    finally:
+        api.close()
+    assert sorted(listed) == [(f"pool-{index}", index + 1) for index in range(7)]
+    pages = [r for r in kube.requests(client="operator") if r["resource"] == "workerpools" and r["verb"] == "list"]
+    assert len(pages) == 3

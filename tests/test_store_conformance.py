@@ -362,3 +362,28 @@ def test_open_store_understands_paths_and_urls(tmp_path, monkeypatch, redis_serv
         open_store("sqlite://relative.db")
     with pytest.raises(ValueError, match="expected a path"):
         open_store("postgres://db/history")
+
+
+def test_task_runs_are_that_tasks_runs_alone_whatever_its_name(store):
+    # Names a prefix match could confuse: glob characters, quotes, backslashes, one the prefix of another.
+    tasks = ["unit", "unit2", "un*t", "u[n]it?", 'say "hi"\\now', "ünï/cødé"]
+    store.record_runs([make_run(task=task, run_index=index, attempt=attempt, cases=[(f"{task}-case", True)])
+                       for task in tasks for index in (0, 1) for attempt in (0, 1)])
+    store.record_run(make_run(commit="c2", task="unit"))
+    for task in tasks:
+        expected = [run for run in store.runs(REPO, "c1", with_cases=True) if run.task == task]
+        assert store.task_runs(REPO, "c1", task, with_cases=True) == expected and len(expected) == 4
+        assert [run.cases for run in store.task_runs(REPO, "c1", task)] == [[]] * 4
+    assert store.task_runs(REPO, "c1", "u*") == [] and store.task_runs(REPO, "c3", "unit") == []
+
+
+def test_final_attempts_are_told_apart_across_run_indexes_sharing_digits_and_tasks_sharing_a_prefix(store):
+    # Recording one run reads only that run index's attempts (Redis): 1 must not see 10's, nor "unit" "unit2"'s.
+    store.record_run(make_run(task="unit", run_index=10, attempt=5, result="passed", cases=[("a", True)]))
+    store.record_run(make_run(task="unit2", run_index=1, attempt=7, result="failed", cases=[("a", False)]))
+    store.record_run(make_run(task="unit", run_index=1, attempt=0, result="failed", cases=[("a", False)]))
+    store.record_run(make_run(task="unit", run_index=1, attempt=1, result="passed", cases=[("a", True)]))
+    store.record_run(make_run(task="unit", run_index=1, attempt=0, result="failed", cases=[("a", False)]))
+    counts = store.case_counts(REPO, ["c1"])["c1"]
+    assert counts[("unit", "a")] == (2, 0) and counts[("unit", "")] == (2, 0)
+    assert counts[("unit2", "a")] == (1, 1)

@@ -350,6 +350,20 @@ def test_heartbeats_are_kept_in_redis_and_answer_cancel(api):
     assert beat["phase"] == "stage 1/1" and beat["time"] > 0
 
 
+def test_what_is_kept_for_many_runs_is_read_at_once_each_its_own(api):
+    import asyncio
+
+    (beating, beating_token), (finished, finished_token), (silent, _) = api.add(1), api.add(2), api.add(3)
+    assert call_api_json(api, "POST", f"/runs/{beating}/heartbeat", token=beating_token,
+                         document={"phase": "stage 1/1"})[0] == 200
+    assert call_api_json(api, "POST", f"/runs/{finished}/result", token=finished_token,
+                         document=result_document("passed", [("case", True)]))[0] == 200
+    kept = asyncio.run(api.backend.kept_for([beating, finished, silent]))
+    assert kept[0][0] is None and kept[0][1]["phase"] == "stage 1/1"
+    assert kept[1][0]["result"] == "passed" and kept[1][1] is None
+    assert kept[2] == (None, None) and asyncio.run(api.backend.kept_for([])) == []
+
+
 # -- the source cache ----------------------------------------------------------------------------
 
 

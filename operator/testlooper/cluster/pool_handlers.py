@@ -12,7 +12,7 @@ import kopf
 
 from testlooper.cluster import run_metrics
 from testlooper.cluster.context import OperatorContext
-from testlooper.decisions.pools import Usage, pool_status, pool_usage, run_sizes
+from testlooper.decisions.pools import Usage, counting_view, pool_status, pool_usage, run_sizes
 from testlooper.kube.objects import MANAGED_BY, MANAGED_BY_LABEL
 
 logger = logging.getLogger(__name__)
@@ -37,7 +37,8 @@ async def count_pool_usage(api, namespace: str, pools: list[dict], testruns: lis
 async def count_usage(name: str, namespace: str, body: kopf.Body, memo: OperatorContext, **_) -> None:
     try:
         pools = await memo.api.list_objects("workerpools", namespace)
-        testruns = await memo.api.list_objects("testruns", namespace)
+        # A page at a time, each reduced to what is counted: 5,000 TestRuns are never all held whole.
+        testruns = await memo.api.list_objects_paged("testruns", namespace, counting_view)
         usage = await count_pool_usage(memo.api, namespace, pools, testruns)
         run_metrics.testruns_listed(memo, namespace, testruns)
         run_metrics.pools_counted(memo, namespace, pools, testruns, usage)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextvars
+import dataclasses
 import logging
 import os
 import secrets as random_secrets
@@ -33,7 +34,7 @@ from testlooper.cluster import run_metrics
 from testlooper.cluster.pins import pinned_source
 from testlooper.cluster.pool_handlers import count_pool_usage
 from testlooper.decisions import phases
-from testlooper.decisions.pools import POOL_LABEL, admit, pool_for
+from testlooper.decisions.pools import POOL_LABEL, admit, counting_view, pool_for
 from testlooper.decisions.repo import ENDED_PHASES
 from testlooper.kube import pods as pod_builder
 from testlooper.kube.objects import MANAGED_BY, MANAGED_BY_LABEL, label_value, testrun_name
@@ -48,6 +49,10 @@ logger = logging.getLogger(__name__)
 OPERATOR_SECRET_NAME = "testlooper-operator"
 OPERATOR_SECRET_KEY = "secret"
 ADMISSION_INTERVAL_SECONDS = 2.0  # a round at least this often, sooner when woken
+DECISION_CONCURRENCY = 32
+DECIDE_DELAY_SECONDS = 0.1  # events for one TestRun within this make one decision
+POOLS_TTL_SECONDS = 1.0  # a decision reuses the namespace's WorkerPools read this recently
+ADMITTED_CONCURRENCY = 16  # admitted TestRuns whose pods one round creates at once
 DESCRIBE_TTL_SECONDS = 2.0  # a run's description is read again after this (heartbeats come every few s)
 
 
@@ -172,12 +177,12 @@ class TestRunDirectory:
         task = build_key(dependency.get("repo", "HEAD"), dependency["build"])
         build_testrun = testrun_name(spec.get("repo", ""), spec.get("commit", ""), task)
         try:
-            records = await asyncio.to_thread(self.context.store.runs, repo_id(namespace, spec.get("repo", "")),
-                                              spec.get("commit", ""))
+            records = await asyncio.to_thread(self.context.store.task_runs, repo_id(namespace, spec.get("repo", "")),
+                                              spec.get("commit", ""), task)
         except StoreError as exc:  # the agent asks again
             self.context.store_health.failed("read_inputs", exc)
             raise ApiError(503, "the history store cannot say which build run to take the input from now") from None
-        passed = [record for record in records if record.task == task and record.result == "passed"]
+        passed = [record for record in records if record.result == "passed"]
         if not passed:
             return InputSource("build", run_id="", artifact=dependency.get("artifact") or "")
         chosen = max(passed, key=lambda record: (record.run_index, record.attempt))
@@ -199,6 +204,26 @@ def _commit_message(git_dir: str, commit: str) -> str:
     return done.stdout if done.returncode == 0 else ""
 
 
+class PoolReader:
+    """A namespace's WorkerPools as listed at most POOLS_TTL_SECONDS ago, one listing shared by
+    the decisions made meanwhile. Admission always lists them afresh (it spends their room);
+    a decision uses them to place a TestRun and shape its pods, where a second's delay in
+    seeing a pool's change is no harm."""
+
+    def __init__(self, api):
+        self.api = api
+        self._read: dict[str, tuple[float, asyncio.Future]] = {}
+
+    async def read(self, namespace: str, fresh: bool = False) -> list[dict]:
+        entry = self._read.get(namespace)
+        now = time.monotonic()
+        if fresh or entry is None or now - entry[0] > POOLS_TTL_SECONDS or (
+                entry[1].done() and entry[1].exception() is not None):
+            future = asyncio.ensure_future(self.api.list_objects("workerpools", namespace))
+            self._read[namespace] = entry = (now, future)
+        return await asyncio.shield(entry[1])
+
+
 class RunController:
     """Decides and applies the TestRuns' runs (see the module's docstring)."""
 
@@ -216,7 +241,20 @@ class RunController:
         self._timers: dict[tuple[str, str], asyncio.TimerHandle] = {}
         self._loops: dict[str, asyncio.Task] = {}
         self._wakes: dict[str, asyncio.Event] = {}
+        # Per namespace: the pools whose demand the last admission round could not all meet
+        # (no room). Room freed wakes a round only when there are some; new demand only when
+        # its pool is not among them (a round runs every ADMISSION_INTERVAL_SECONDS anyway).
+        self._full: dict[str, set[str]] = {}
         self._tasks: set[asyncio.Task] = set()
+        self._pools = PoolReader(self.api)
+        # Decisions made at once: 5,000 TestRuns appearing together wait their turn here rather
+        # than all holding their reads in memory (and the API client's queue) at once.
+        self._decisions = asyncio.Semaphore(DECISION_CONCURRENCY)
+        # TestRun -> (resourceVersion written, pods created, pods deleted) of our last decision,
+        # when deciding on its outcome does nothing.
+        self._echoes: dict[tuple[str, str], tuple[str, frozenset, frozenset]] = {}
+        self._maybe_echoes: dict[tuple[str, str], set[tuple[str, str]]] = {}  # events since the last decision
+        self._must_decide: set[tuple[str, str]] = set()  # poked by something else (a pod, a RESULT, a timer)
         # kopf's context (its Event poster lives there), taken from the first handler that
         # calls in: the worker API's requests (a RESULT posted) start decisions too.
         self._kopf_context: contextvars.Context | None = None
@@ -231,17 +269,26 @@ class RunController:
 
     # -- scheduling ----------------------------------------------------------------------------
 
-    def testrun_changed(self, testrun: dict) -> None:
+    def testrun_changed(self, testrun: dict, version: str | None = None) -> None:
         """A TestRun's event: what the worker API knows of its runs is read again when it
-        changed (a cancel reaches the agent at its next heartbeat), and it is decided again."""
+        changed (a cancel reaches the agent at its next heartbeat), and it is decided again
+        (unless it is only our own last write coming back: `version`, see `_note_echo`)."""
         if self.directory is not None:
             self.directory.testrun_seen(testrun)
-        self.poke(testrun["metadata"]["namespace"], testrun["metadata"]["name"])
+        self.poke(testrun["metadata"]["namespace"], testrun["metadata"]["name"],
+                  echo=("testrun", version) if version else None)
 
-    def poke(self, namespace: str, name: str) -> None:
-        """Decide this TestRun again soon (events coming together make one decision)."""
+    def poke(self, namespace: str, name: str, echo: tuple[str, str] | None = None) -> None:
+        """Decide this TestRun again soon (events coming together make one decision).
+        `echo`: what the event may be the consequence of our own last decision: ("testrun",
+        resourceVersion) for the TestRun's event, ("created" | "deleted", pod name) for a pod's
+        (see `_note_echo`); None for anything else, which is always decided on."""
         self.ensure_loop(namespace)
         key = (namespace, name)
+        if echo is None:
+            self._must_decide.add(key)
+        else:
+            self._maybe_echoes.setdefault(key, set()).add(echo)
         if key in self._queued:
             return
         self._queued.add(key)
@@ -250,8 +297,16 @@ class RunController:
         task.add_done_callback(self._tasks.discard)
 
     async def _decide_queued(self, key: tuple[str, str]) -> None:
-        async with self._lock(key):
+        # Events come in bursts (a pod created and the status written, a RESULT and the pod
+        # ending, a pod deleted with its Secret): a moment's wait makes them one decision.
+        await asyncio.sleep(DECIDE_DELAY_SECONDS)
+        async with self._decisions, self._lock(key):
             self._queued.discard(key)
+            must = key in self._must_decide
+            self._must_decide.discard(key)
+            echoes = self._maybe_echoes.pop(key, set())
+            if not must and echoes and all(self._is_echo(key, echo) for echo in echoes):
+                return  # only our own writes came back, and they need nothing
             await self._reconcile_logged(key, 0)
 
     def wake_later(self, key: tuple[str, str], delay: float) -> None:
@@ -267,6 +322,16 @@ class RunController:
     def wake_admission(self, namespace: str) -> None:
         self.ensure_loop(namespace)
         self._wakes[namespace].set()
+
+    def room_freed(self, namespace: str) -> None:
+        """A run ended or a pod went: a round is worth it only if some demand waits for room."""
+        if self._full.get(namespace) != set():
+            self.wake_admission(namespace)
+
+    def demand_appeared(self, namespace: str, pool: str) -> None:
+        """A TestRun has runs to start in `pool`: a round now, unless the pool had no room."""
+        if pool not in self._full.get(namespace, ()):
+            self.wake_admission(namespace)
 
     def ensure_loop(self, namespace: str) -> None:
         if namespace in self._loops:
@@ -306,19 +371,29 @@ class RunController:
                 logger.warning("admission in namespace %s failed: %s: %s", namespace, type(exc).__name__, exc)
 
     async def admission_round(self, namespace: str) -> None:
-        pools = await self.api.list_objects("workerpools", namespace)
-        testruns = await self.api.list_objects("testruns", namespace)
+        pools = await self._pools.read(namespace, fresh=True)
+        # A page at a time, each reduced to what admission reads: 5,000 TestRuns are never all held whole.
+        testruns = await self.api.list_objects_paged("testruns", namespace, counting_view)
         run_metrics.testruns_listed(self.context, namespace, testruns)
         now = time.time()
         demands = [demand for demand in (phases.queued_demand(testrun, now, self.settings) for testrun in testruns) if demand]
         if not demands:
+            self._full[namespace] = set()
             return
         # A pool may run its pods in a namespace of its own (spec.namespace): they count too.
         usage = await count_pool_usage(self.api, namespace, pools, testruns)
         run_metrics.pools_counted(self.context, namespace, pools, testruns, usage)
-        for (testrun_namespace, name), count in admit(pools, usage, demands).items():
-            async with self._lock((testrun_namespace, name)):
-                await self._reconcile_logged((testrun_namespace, name), count)
+        # The room is shared out here, once for the round: the admitted TestRuns' decisions can
+        # then run side by side (each under its own lock) without spending it twice.
+        admitted = admit(pools, usage, demands)
+        self._full[namespace] = {demand.pool for demand in demands if demand.count > admitted.get(demand.testrun, 0)}
+        slots = asyncio.Semaphore(ADMITTED_CONCURRENCY)
+
+        async def start(key: tuple[str, str], count: int) -> None:
+            async with slots, self._lock(key):
+                await self._reconcile_logged(key, count)
+
+        await asyncio.gather(*(start(key, count) for key, count in admitted.items()))
 
     # -- one decision --------------------------------------------------------------------------
 
@@ -337,13 +412,18 @@ class RunController:
         if testrun is None or testrun["metadata"].get("deletionTimestamp"):
             return
         spec, status = testrun.get("spec") or {}, testrun.get("status") or {}
-        pools = await self.api.list_objects("workerpools", namespace)
+        pools = await self._pools.read(namespace)
         pool_name = status.get("workerPool") or pool_for(spec.get("definition") or {}, spec.get("workerPool") or "", pools)
         pool = next((p for p in pools if p["metadata"]["name"] == pool_name), None)
         pod_namespace = pod_builder.run_namespace(testrun, pool)
         selector = f"{pod_builder.TESTRUN_LABEL}={label_value(name)}"
-        own_pods = [pod for pod in await self.api.list_core("pods", pod_namespace, selector) if _owned(pod, testrun)]
-        own_secrets = [s for s in await self.api.list_core("secrets", pod_namespace, selector) if _owned(s, testrun)]
+        if status:
+            own_pods = [pod for pod in await self.api.list_core("pods", pod_namespace, selector) if _owned(pod, testrun)]
+            own_secrets = [s for s in await self.api.list_core("secrets", pod_namespace, selector) if _owned(s, testrun)]
+        else:
+            # Never decided on: nothing was made for it yet (only admission makes pods and
+            # Secrets, and it admits TestRuns whose status says Queued).
+            own_pods, own_secrets = [], []
         builds = {}
         for build in spec.get("dependsOn") or []:
             found = await self.api.get_object("testruns", namespace, build)
@@ -351,6 +431,8 @@ class RunController:
                 found_status = found.get("status") or {}
                 builds[build] = (found_status.get("phase") or "", found_status.get("result") or "")
         results, heartbeats, posted, reports_known = await self._agent_reports(namespace, name, status)
+        # One task's records (not the commit's), at every decision: a decision that counted a
+        # RESULT the store could not yet give is made good by the next.
         cases, recorded = await self._case_tally(namespace, spec) if reports_known else (None, None)
         if recorded is not None:
             # The worker API keeps a RESULT in Redis a moment before the history store has it: a
@@ -368,9 +450,12 @@ class RunController:
             cases=cases,
             settings=self.settings, reports_known=reports_known)
         decision = phases.decide(testrun, observed)
+        made = []
         for action in decision.creates:
             try:
-                if await self._create(action, testrun, pool, pod_namespace):
+                body, made_now = await self._create(action, testrun, pool, pod_namespace)
+                made.append(body)
+                if made_now:
                     run_metrics.pod_created(self.context, testrun, action, pool_name)
             except ValueError as exc:  # no pod can be made of it (no image, a Windows task): it ends here
                 await self._cannot_run(testrun, str(exc))
@@ -379,8 +464,11 @@ class RunController:
         conditions = recorded_conditions(status, reports_known, phases.format_time(observed.now))
         if conditions is not None:  # in the same write
             patch = {**(patch or {}), "conditions": conditions}
+        stored = None
         if patch:
-            await self.api.patch_status("testruns", namespace, name, patch)
+            stored = await self.api.patch_status("testruns", namespace, name, patch)
+            if stored is not None:
+                self._note_echo((namespace, name), stored, observed, made, decision.afterwards)
         if decision.status_patch:
             run_metrics.after_status_write(self.context, testrun, decision.status_patch, observed, posted)
         for action in decision.afterwards:
@@ -388,7 +476,13 @@ class RunController:
         if decision.wake_after is not None:
             self.wake_later((namespace, name), decision.wake_after)
         if decision.status_patch and ("phase" in decision.status_patch or "active" in decision.status_patch):
-            self.wake_admission(namespace)  # queued now, or runs ended and freed room
+            # Queued now (a round that admitted some of it knows the rest waits), or runs
+            # ended and freed room.
+            demand = phases.queued_demand(stored, time.time(), self.settings) if not admitted and stored is not None else None
+            if demand is not None:
+                self.demand_appeared(namespace, demand.pool)
+            else:
+                self.room_freed(namespace)
         if decision.status_patch and decision.status_patch.get("phase") in ENDED_PHASES:
             await self._wake_consumers(testrun)
         if decision.status_patch and "phase" in decision.status_patch and \
@@ -428,15 +522,13 @@ class RunController:
         worker API keeps them in Redis; with Redis unreachable none, and False: the machine
         judges no run then."""
         results, heartbeats, posted = {}, {}, {}
+        active = [(int(index), int(entry["attempt"])) for index, entry in (status.get("active") or {}).items()]
         try:
-            for index, entry in (status.get("active") or {}).items():
-                key = (int(index), int(entry["attempt"]))
-                the_run_id = pod_builder.run_id(namespace, name, *key)
-                result = await self.backend.result_of(the_run_id)
+            kept = await self.backend.kept_for([pod_builder.run_id(namespace, name, *key) for key in active])
+            for key, (result, beat) in zip(active, kept):
                 if result is not None:
                     results[key] = phases.observe_result(result)
                     posted[key] = result
-                beat = await self.backend.last_heartbeat(the_run_id)
                 if beat is not None:
                     heartbeats[key] = float(beat["time"])
         except ApiError as exc:
@@ -447,6 +539,48 @@ class RunController:
         if status.get("active"):
             self.context.store_health.answered()  # back (if it was down) before any agent could beat again
         return results, heartbeats, posted, True
+
+    def _note_echo(self, key: tuple[str, str], stored: dict, observed, made: list[dict], afterwards: list) -> None:
+        """Our status write comes back as a watch event. Deciding on it is worth nothing when a
+        decision on what we just wrote, with what we just created and deleted, does nothing:
+        then that version's event is skipped (`is_echo`). Pods, RESULTs and timers still
+        bring their own decisions."""
+        stamp = phases.format_time(observed.now)
+        created = [{**body, "metadata": {**body["metadata"], "creationTimestamp": stamp}} for body in made]
+        gone_pods = {(a.run, a.attempt) for a in afterwards if isinstance(a, phases.DeletePod)}
+        gone_secrets = {(a.run, a.attempt) for a in afterwards if isinstance(a, phases.DeleteSecret)}
+        pods = [p for p in observed.pods if (p.run, p.attempt) not in gone_pods]
+        secrets = [s for s in observed.secrets if s not in gone_secrets]
+        for body in created:
+            if body.get("kind") == "Pod":
+                pods.append(phases.observe_pod(body))
+            else:
+                secrets.append(phases.observe_secret(body))
+        after = dataclasses.replace(observed, admitted=0, pods=[p for p in pods if p is not None],
+                                    secrets=[s for s in secrets if s is not None])
+        try:
+            again = phases.decide(stored, after)
+        except Exception:  # not worth a failed decision: the event is decided on as usual
+            self._echoes.pop(key, None)
+            return
+        version = (stored.get("metadata") or {}).get("resourceVersion")
+        if version and not again.status_patch and not again.actions:
+            self._echoes[key] = (version, frozenset(body["metadata"]["name"] for body in made if body.get("kind") == "Pod"),
+                                 frozenset(pod_builder.run_pod_name(key[1], a.run, a.attempt)
+                                           for a in afterwards if isinstance(a, phases.DeletePod)))
+        else:
+            self._echoes.pop(key, None)
+
+    def _is_echo(self, key: tuple[str, str], echo: tuple[str, str]) -> bool:
+        """Whether the event is our last decision's own outcome, known to need nothing."""
+        known = self._echoes.get(key)
+        if known is None:
+            return False
+        what, value = echo
+        return value == known[0] if what == "testrun" else value in known[1 if what == "created" else 2]
+
+    def forget(self, namespace: str, name: str) -> None:
+        self._echoes.pop((namespace, name), None)
 
     async def _wake_consumers(self, testrun: dict) -> None:
         """The TestRuns consuming an ended build wait for it: they decide again now."""
@@ -486,12 +620,11 @@ class RunController:
         if store is None:
             return None, None
         try:
-            records = await asyncio.to_thread(store.runs, repo_id(namespace, spec.get("repo", "")),
-                                              spec.get("commit", ""), True)
+            records = await asyncio.to_thread(store.task_runs, repo_id(namespace, spec.get("repo", "")),
+                                              spec.get("commit", ""), spec.get("task", ""), True)
         except StoreError as exc:  # down: the tally shown stays until it answers
             self.context.store_health.failed("case_tally", exc)
             return None, None
-        records = [record for record in records if record.task == spec.get("task")]
         last: dict[int, object] = {}
         for record in records:
             if record.run_index not in last or record.attempt > last[record.run_index].attempt:
@@ -503,15 +636,15 @@ class RunController:
         total = sum(len(record.cases) for record in last.values())
         return {"total": total, "passed": passed, "failed": total - passed}, recorded
 
-    async def _create(self, action, testrun: dict, pool: dict | None, pod_namespace: str) -> bool:
-        """True when made now, False when it existed already."""
+    async def _create(self, action, testrun: dict, pool: dict | None, pod_namespace: str) -> tuple[dict, bool]:
+        """The body asked for, and True when made now, False when it existed already."""
         metadata = testrun["metadata"]
         the_run_id = pod_builder.run_id(metadata["namespace"], metadata["name"], action.run, action.attempt)
         secret_name = pod_builder.run_secret_name(metadata["name"], action.run, action.attempt)
         if isinstance(action, phases.CreateSecret):
             body = pod_builder.build_run_secret(testrun, the_run_id, tokens.run_token(self.secret, the_run_id),
                                                 namespace=pod_namespace)
-            return await self.api.create_core("secrets", pod_namespace, body)
+            return body, await self.api.create_core("secrets", pod_namespace, body)
         else:
             body = pod_builder.build_run_pod(testrun, run_index=action.run, attempt=action.attempt, pool=pool or {},
                                              api_url=self.context.options.api_url, worker_image=self.worker_image,
@@ -519,7 +652,7 @@ class RunController:
                                              heartbeat_seconds=heartbeat_interval(self.settings))
             if pool is not None:  # admission counts a pool's pods by this label (docs/decisions.md)
                 body["metadata"]["labels"][POOL_LABEL] = label_value(pool["metadata"]["name"])
-            return await self.api.create_core("pods", pod_namespace, body)
+            return body, await self.api.create_core("pods", pod_namespace, body)
 
     async def _apply_after(self, action, testrun: dict, pod_namespace: str) -> None:
         name = testrun["metadata"]["name"]

@@ -37,9 +37,12 @@ def register(registry: kopf.OperatorRegistry, runs_enabled: bool = False) -> Non
 async def testrun_changed(type: str | None, body: kopf.Body, name: str, namespace: str, memo: OperatorContext,
                           **_) -> None:
     memo.runs.adopt_kopf_context()
-    if type != "DELETED":
+    if type == "DELETED":
+        memo.runs.forget(namespace, name)
+    else:
         memo.runs.testrun_changed({"metadata": {"namespace": namespace, "name": name},
-                                   "spec": dict(body.get("spec") or {}), "status": dict(body.get("status") or {})})
+                                   "spec": dict(body.get("spec") or {}), "status": dict(body.get("status") or {})},
+                                  version=body.get("metadata", {}).get("resourceVersion"))
 
 
 async def run_pod_changed(type: str | None, body: kopf.Body, namespace: str, memo: OperatorContext, **_) -> None:
@@ -47,9 +50,21 @@ async def run_pod_changed(type: str | None, body: kopf.Body, namespace: str, mem
     memo.runs.adopt_kopf_context()
     parts = run_id.split(".")
     if len(parts) == 4:
-        memo.runs.poke(parts[0], parts[1])
+        memo.runs.poke(parts[0], parts[1], echo=_pod_echo(type, body))
         if (body.get("status") or {}).get("phase") in ("Succeeded", "Failed") or type == "DELETED":
-            memo.runs.wake_admission(parts[0])  # its room is free
+            memo.runs.room_freed(parts[0])
+
+
+def _pod_echo(type: str | None, body: kopf.Body) -> tuple[str, str] | None:
+    """What a pod's event may be the echo of: our create (the pod as we made it, nothing since)
+    or our delete; None when the pod has moved on by itself."""
+    metadata, status = body.get("metadata", {}), body.get("status") or {}
+    if type == "DELETED" or metadata.get("deletionTimestamp"):
+        return "deleted", metadata.get("name", "")
+    if status.get("phase") in (None, "", "Pending") and not any(
+            status.get(key) for key in ("startTime", "conditions", "containerStatuses", "initContainerStatuses", "reason")):
+        return "created", metadata.get("name", "")
+    return None
 
 
 def needs_status(body: kopf.Body, **_) -> bool:

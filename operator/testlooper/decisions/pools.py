@@ -112,6 +112,22 @@ def _left(limit, used: float) -> float:
     return math.inf if limit is None else limit - used
 
 
+COUNTED_DEFINITION_KEYS = ("platform", "min_cores", "max_cores", "min_ram_gb")
+COUNTED_STATUS_KEYS = ("phase", "workerPool", "active", "startedRuns", "runCounts")
+
+
+def counting_view(testrun: dict) -> dict:
+    """What admission (phases.queued_demand, `run_sizes`) and `pool_status` read of a TestRun,
+    and no more: not its definition's stages nor its status' history, which are most of its
+    size (the shell reduces each TestRun of a long listing to this as it arrives)."""
+    metadata, spec, status = testrun.get("metadata") or {}, testrun.get("spec") or {}, testrun.get("status") or {}
+    definition = spec.get("definition") or {}
+    return {"metadata": {key: metadata[key] for key in ("name", "namespace", "creationTimestamp") if key in metadata},
+            "spec": {**{key: value for key, value in spec.items() if key != "definition"},
+                     "definition": {key: definition[key] for key in COUNTED_DEFINITION_KEYS if key in definition}},
+            "status": {key: status[key] for key in COUNTED_STATUS_KEYS if key in status}}
+
+
 def run_sizes(testruns: Iterable[dict], pools: Sequence[dict]) -> dict[tuple[str, str], tuple[str, float, float]]:
     """(namespace, name) -> (pool, cores, GB of one run) for the TestRuns placed in a pool, as
     `pool_usage` wants them."""

@@ -180,6 +180,12 @@ class HistoryStore(abc.ABC):
         by name, each name once (see `distinct_cases`).
         """
 
+    def task_runs(self, repo: str, commit: str, task: str, with_cases: bool = False) -> list[RunRecord]:
+        """`runs` of one task alone, as `runs` gives them. A store may read only that task's
+        records (the operator asks for one TestRun's as each of its results lands, and a commit
+        may hold thousands)."""
+        return [run for run in self.runs(repo, commit, with_cases) if run.task == task]
+
     @abc.abstractmethod
     def case_counts(self, repo: str, commits: Iterable[str]) -> dict[str, Aggregates]:
         """`{sha: {(task, case): (runs, failures)}}` for those of `commits` that are tested.

@@ -56,8 +56,17 @@ class CommitKeys:
         self.next_index = f"{prefix}:next"
 
 
+FEW_RUN_INDEXES = 4  # a batch of at most this many run indexes reads only theirs when recorded
+
+
 def run_field(task: str, run_index: int, attempt: int) -> str:
     return json.dumps([task, run_index, attempt], separators=(",", ":"))
+
+
+def field_pattern(task: str, run_index: int | None = None) -> str:
+    """An HSCAN pattern matching the run fields of `task` (of that run index, when given)."""
+    prefix = run_field(task, 0, 0)[:-len("0,0]")] + ("" if run_index is None else f"{run_index},")
+    return "".join("\\" + char if char in "*?[]\\" else char for char in prefix) + "*"
 
 
 def encode_cases(cases: list[CaseResult]) -> str:
@@ -208,7 +217,15 @@ class RedisHistoryStore(HistoryStore):
 
     @staticmethod
     def _write_commit(pipe, keys: CommitKeys, repo: str, runs: list[RunRecord]) -> None:
-        recorded = pipe.hgetall(keys.runs)
+        pairs = {(run.task, run.run_index) for run in runs}
+        if len(pairs) <= FEW_RUN_INDEXES:
+            # A run or two landing (the operator records each RESULT alone): read those run
+            # indexes' attempts, not every run of the commit (thousands, for a big commit).
+            recorded = {}
+            for task, run_index in pairs:
+                recorded.update(pipe.hscan_iter(keys.runs, match=field_pattern(task, run_index), count=1000))
+        else:
+            recorded = pipe.hgetall(keys.runs)
         attempts: dict[tuple[str, int], set[int]] = {}
         for field in recorded:
             task, run_index, attempt = json.loads(field)
@@ -286,6 +303,24 @@ class RedisHistoryStore(HistoryStore):
             run = RunRecord.from_json(json.loads(value))
             if with_cases:
                 run.cases = sorted(decode_cases(cases[0].get(field)), key=lambda c: c.name)
+            records.append(run)
+        return sorted(records, key=lambda run: (run.task, run.run_index, run.attempt))
+
+    @unavailable_on_connection_error
+    def task_runs(self, repo: str, commit: str, task: str, with_cases: bool = False) -> list[RunRecord]:
+        keys = CommitKeys(repo, commit)
+        # A run's field starts with its task, JSON-encoded: the server matches that prefix, so
+        # only this task's records cross the wire.
+        recorded = dict(self._client.hscan_iter(keys.runs, match=field_pattern(task), count=1000))
+        fields = list(recorded)
+        cases = self._client.hmget(keys.cases, fields) if with_cases and fields else [None] * len(fields)
+        records = []
+        for field, blob in zip(fields, cases):
+            run = RunRecord.from_json(json.loads(recorded[field]))
+            if run.task != task:
+                continue
+            if with_cases:
+                run.cases = sorted(decode_cases(blob), key=lambda c: c.name)
             records.append(run)
         return sorted(records, key=lambda run: (run.task, run.run_index, run.attempt))
 

@@ -454,6 +454,15 @@ class ClusterBackend(Backend):
         await self._redis("end_log", self.logs.end, run.run_id)
         return kept
 
+    async def kept_for(self, run_ids: list[str]) -> list[tuple[dict | None, dict | None]]:
+        """(`result_of`, `last_heartbeat`) of each run, in one Redis round trip (a decision
+        asks for every active run of its TestRun, and one may have hundreds)."""
+        if not run_ids:
+            return []
+        keys = [self._key(run_id, what) for run_id in run_ids for what in ("result", "heartbeat")]
+        values = [json.loads(value) if value else None for value in await self._redis("read_result", self._client.mget, keys)]
+        return list(zip(values[0::2], values[1::2]))
+
     async def result_of(self, run_id: str) -> dict | None:
         value = await self._redis("read_result", self._client.get, self._key(run_id, "result"))
         return json.loads(value) if value else None
