@@ -4,8 +4,11 @@ instances and demands and checks the caps after every reconcile."""
 
 from __future__ import annotations
 
+import ast
 import random
+import sys
 from datetime import datetime, timezone
+from pathlib import Path
 
 import pytest
 
@@ -42,6 +45,19 @@ def pool(**settings) -> Ec2Pool:
 
 def instance(instance_id, kind=MEDIUM, state="running", run_id=None, launched=T0, pool_name="ec2-linux", status_ok=None):
     return Instance(instance_id, kind.type, state, run_id, launched, pool_name, status_ok)
+
+
+def test_the_decisions_are_pure_standard_library_code():
+    # No boto3 here: the decisions are tested, and benched, without AWS or its emulator.
+    source = Path(__file__).resolve().parent.parent / "operator" / "testlooper" / "decisions" / "ec2.py"
+    imported = set()
+    for node in ast.walk(ast.parse(source.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            imported.add(node.module)
+    assert imported and all(name.split(".")[0] in sys.stdlib_module_names or name == "__future__"
+                            or name.startswith("testlooper.decisions") for name in imported), imported
 
 
 # ------------------------------------------------------------------------------ instance type
