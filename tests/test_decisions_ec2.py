@@ -5,6 +5,7 @@ instances and demands and checks the caps after every reconcile."""
 from __future__ import annotations
 
 import ast
+import dataclasses
 import random
 import sys
 from datetime import datetime, timezone
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from testlooper.decisions.ec2 import (
-    LAUNCH_GRACE_SECONDS, Ec2Demand, Ec2Pool, Instance, InstanceType, RunState, Unschedulable,
+    LAUNCH_GRACE_SECONDS, Ec2Demand, Ec2Pool, Instance, demand_for, InstanceType, RunState, Unschedulable,
     choose_instance_type, orphans, plan_launches, reusable, to_terminate, unschedulable, usage, vanished,
 )
 
@@ -86,6 +87,14 @@ def test_max_cores_takes_the_largest_type_under_it_that_has_the_ram():
     assert choose_instance_type(TYPES, 1, 1, max_cores=1000) == HUGE
     assert choose_instance_type(TYPES, 1, 300, max_cores=64) == HUGE
     assert choose_instance_type([MEDIUM, MEDIUM_CHEAP, SMALL], 1, 1, max_cores=4) == MEDIUM_CHEAP
+
+
+def test_a_tasks_demand_reads_its_resolved_resources():
+    assert demand_for("r", {"min_cores": 2, "min_ram_gb": 8, "max_cores": 0}, 3, "t") == Ec2Demand("r", 3, "t", 2, 8, None)
+    assert demand_for("r", {"min_cores": 8, "max_cores": 4}) == Ec2Demand("r", 0, "", 8, 0, 8)
+    assert demand_for("r", {}) == Ec2Demand("r")
+    assert choose_instance_type(TYPES, **{k: getattr(demand_for("r", {"min_cores": 1, "max_cores": 31}), k)
+                                          for k in ("min_cores", "min_ram_gb", "max_cores")}) == MEDIUM
 
 
 def test_a_task_no_type_fits_is_unschedulable_naming_the_ask_and_the_largest_type():
@@ -203,6 +212,28 @@ def test_orphans_are_our_instances_with_no_live_run_past_the_launch_grace():
     assert orphans(instances, ["r-1"], now, keep=["i-ended"]) == ["i-untagged"]
     aware = datetime.fromtimestamp(T0 + LAUNCH_GRACE_SECONDS, timezone.utc)  # as boto3 gives LaunchTime
     assert orphans(instances, ["r-1"], aware) == ["i-ended", "i-untagged"]
+
+
+def test_any_record_with_the_contracts_six_fields_will_do():
+    # As the AWS adapter describes instances: a launch time from boto3, no status checks.
+    @dataclasses.dataclass(frozen=True)
+    class Described:
+        instance_id: str
+        type: str
+        state: str
+        run_id: str | None
+        launch_time: datetime | None
+        pool: str
+
+    launched = datetime.fromtimestamp(T0, timezone.utc)
+    described = [Described("i-1", "m5.xlarge", "running", "gone", launched, "ec2-linux"),
+                 Described("i-2", "m5.xlarge", "running", "gone", None, "ec2-linux"),
+                 Described("i-3", "m5.xlarge", "pending", "live", launched, "ec2-linux")]
+    now = T0 + 60
+    assert orphans(described, ["live"], now) == ["i-2"]  # an unknown launch time is not young
+    assert [t.instance_id for t in to_terminate(pool(), described, {"live": RunState("live")}, now)] == ["i-2"]
+    assert usage(pool(), described) == (3, 12.0, 48.0)
+    assert plan_launches(pool(max_workers=4), described, [Ec2Demand("live"), Ec2Demand("new")])[0].run_id == "new"
 
 
 def test_instances_whose_run_ended_or_was_cancelled_are_terminated():

@@ -9,7 +9,8 @@ terminate (`to_terminate`, which includes the orphans), fail a TestRun that no t
 every time, so a crash or a restart loses nothing. docs/ec2.md gives the rules and why.
 
 Times are seconds since the epoch, as in decisions/phases.py; an aware datetime (as boto3
-returns LaunchTime) is taken too.
+returns LaunchTime) is taken too. Instances are read by attribute only, so any record with the
+fields of `Instance` will do (`status_ok` may be missing).
 """
 
 from __future__ import annotations
@@ -41,6 +42,18 @@ def _seconds(moment: Seconds | None) -> float | None:
     if moment is None:
         return None
     return moment.timestamp() if isinstance(moment, datetime) else float(moment)
+
+
+def _launched(instance) -> float:
+    """When the instance was launched; an unknown launch time counts as long ago (EC2 always
+    gives one), so that such an instance is never kept forever."""
+    launched = _seconds(instance.launch_time)
+    return 0.0 if launched is None else launched
+
+
+def _checks_failed(instance) -> bool:
+    # getattr: the adapter's own record of an instance may not carry status checks at all.
+    return getattr(instance, "status_ok", None) is False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +100,16 @@ class Ec2Demand:
     min_cores: float = 0
     min_ram_gb: float = 0
     max_cores: int | None = None
+
+
+def demand_for(run_id: str, task: dict, priority: int = 0, created: str = "") -> Ec2Demand:
+    """The demand of one run of a resolved task: its min_cores, min_ram_gb and max_cores (0, the
+    definitions' default, is no maximum; a maximum under the minimum is raised to it, as a pod's
+    CPU limit is)."""
+    task = task or {}
+    cores, ram = float(task.get("min_cores") or 0), float(task.get("min_ram_gb") or 0)
+    ceiling = int(task.get("max_cores") or 0)
+    return Ec2Demand(run_id, priority, created, cores, ram, max(ceiling, math.ceil(cores)) if ceiling > 0 else None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,9 +274,9 @@ def reusable(pool: Ec2Pool, instances: Iterable[Instance], live_run_ids: Iterabl
         return []
     live, now_s = set(live_run_ids), _seconds(now)
     return sorted((i for i in _holding(instances, pool)
-                   if i.state == "running" and i.status_ok is not False and i.run_id not in live
-                   and now_s - _seconds(i.launch_time) < pool.min_lifetime_seconds),
-                  key=lambda i: (_seconds(i.launch_time), i.instance_id))
+                   if i.state == "running" and not _checks_failed(i) and i.run_id not in live
+                   and now_s - _launched(i) < pool.min_lifetime_seconds),
+                  key=lambda i: (_launched(i), i.instance_id))
 
 
 def plan_launches(pool: Ec2Pool | dict, instances: Iterable[Instance], demands: Iterable[Ec2Demand],
@@ -335,7 +358,7 @@ def orphans(instances: Iterable[Instance], live_run_ids: Iterable[str], now: Sec
     return sorted(i.instance_id for i in instances
                   if i.state not in LEAVING_STATES and i.instance_id not in kept
                   and (not i.run_id or i.run_id not in live)
-                  and now_s - _seconds(i.launch_time) >= launch_grace_seconds)
+                  and now_s - _launched(i) >= launch_grace_seconds)
 
 
 def to_terminate(pool: Ec2Pool | dict, instances: Iterable[Instance], runs: Mapping[str, RunState], now: Seconds,
@@ -357,7 +380,7 @@ def to_terminate(pool: Ec2Pool | dict, instances: Iterable[Instance], runs: Mapp
     result: list[Termination] = []
     for instance in sorted(held, key=lambda i: i.instance_id):
         state = runs.get(instance.run_id) if instance.run_id else None
-        age = now_s - _seconds(instance.launch_time)
+        age = now_s - _launched(instance)
         name = f"instance {instance.instance_id} ({instance.type})"
         if state is None:
             if instance.instance_id in orphaned:
@@ -370,7 +393,7 @@ def to_terminate(pool: Ec2Pool | dict, instances: Iterable[Instance], runs: Mapp
                 result.append(Termination(instance.instance_id, instance.run_id, reason, False,
                                           f"{name}: its run {instance.run_id} is {state.phase}"))
             continue
-        if instance.status_ok is False:
+        if _checks_failed(instance):
             result.append(Termination(instance.instance_id, instance.run_id, "StatusChecksFailed", True,
                                       f"{name} failed its EC2 status checks"))
             continue
