@@ -2,6 +2,7 @@
 API server would refuse them."""
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -187,3 +188,19 @@ def test_what_the_crd_cannot_say_the_operator_refuses_in_one_line():
     with pytest.raises(models.SpecError) as refused_pool:
         models.parse_workerpool_spec(document["spec"])
     assert str(refused_pool.value) == "spec.ec2: is required when provider is ec2"
+
+
+def test_kubectl_applies_the_ec2_pool_sample_and_the_api_refuses_a_bad_id(kube, tmp_path):
+    kube.kubectl("apply", "--validate=false", "-f", str(EC2_SAMPLE))
+    stored = json.loads(kube.kubectl("get", "workerpool", "windows-ec2", "-o", "json").stdout)
+    assert stored["spec"] == ec2_pool()["spec"]
+    row = kube.kubectl("get", "tlpool", "windows-ec2").stdout.splitlines()[1].split()
+    assert row[:2] == ["windows-ec2", "ec2"]
+    bad = ec2_pool()
+    bad["metadata"]["name"] = "bad-ec2"
+    bad["spec"]["ec2"]["securityGroupIds"] = ["default"]
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(bad), encoding="utf-8")
+    refused_apply = kube.kubectl("apply", "--validate=false", "-f", str(path), check=False)
+    assert refused_apply.returncode != 0
+    assert "spec.ec2.securityGroupIds[0]" in refused_apply.stderr, refused_apply.stderr
