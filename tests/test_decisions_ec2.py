@@ -15,7 +15,7 @@ import pytest
 
 from testlooper.decisions.ec2 import (
     LAUNCH_GRACE_SECONDS, Ec2Demand, Ec2Pool, Instance, demand_for, InstanceType, RunState, Unschedulable,
-    choose_instance_type, orphans, plan_launches, reusable, to_terminate, unschedulable, usage, vanished,
+    choose_instance_type, cost_rate, counts_by_state, orphans, status_entries, plan_launches, reusable, to_terminate, unschedulable, usage, vanished,
 )
 
 T0 = 1_800_000_000.0
@@ -280,6 +280,28 @@ def test_a_vanished_or_stopped_instance_of_a_live_run_is_reported():
     assert vanished(pool(), instances, {"a": "i-1", "b": "i-2", "c": "i-3", "d": "i-4"}) == {
         "b": "instance i-2 of run b is terminated", "c": "instance i-3 of run c is gone",
         "d": "instance i-4 of run d is stopped"}
+
+
+# --------------------------------------------------------------------------------- reporting
+
+
+def test_the_pool_reports_its_instances_their_states_and_an_hourly_cost():
+    instances = [instance("i-2", MEMORY, "pending", "r-2", launched=T0 + 5), instance("i-1", SMALL, run_id="r-1"),
+                 instance("i-3", MEDIUM, "terminated", "r-3"), instance("i-4", SMALL, "shutting-down"),
+                 instance("i-5", pool_name="ec2-windows")]
+    assert counts_by_state(pool(), instances) == {"pending": 1, "running": 1, "shutting-down": 1, "terminated": 1}
+    assert cost_rate(pool(), instances) == 2.08  # 2.0 + 0.04 + 0.04: the terminated one costs nothing
+    assert cost_rate(pool(), []) == 0.0
+    assert cost_rate(pool(), [Instance("i-9", "z9.metal", "running", None, T0, "ec2-linux")]) is None
+    entries = status_entries(pool(), instances)
+    assert entries == [
+        {"instanceId": "i-1", "type": "t3.medium", "state": "running", "launchTime": "2027-01-15T08:00:00Z", "run": "r-1"},
+        {"instanceId": "i-4", "type": "t3.medium", "state": "shutting-down", "launchTime": "2027-01-15T08:00:00Z"},
+        {"instanceId": "i-2", "type": "r5.8xlarge", "state": "pending", "launchTime": "2027-01-15T08:00:05Z", "run": "r-2"},
+    ]
+    assert len(status_entries(pool(), [instance(f"i-{n}") for n in range(150)])) == 100
+    from testlooper.kube.models import WorkerPoolStatus
+    assert WorkerPoolStatus.model_validate({"instances": entries, "costPerHour": 2.08}).instances[2].run == "r-2"
 
 
 # ------------------------------------------------------------------------- property: the caps

@@ -93,3 +93,14 @@ def test_a_bad_field_is_named_in_one_line(field, value, message):
 def test_an_instance_profile_is_a_name_or_an_arn():
     for profile in ("testlooper-worker", "arn:aws:iam::123456789012:instance-profile/ci/testlooper"):
         assert models.parse_workerpool_spec(pool(ec2_instanceProfile=profile)).ec2.instanceProfile == profile
+
+
+def test_docs_ec2_describes_every_field():
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "ec2.md").read_text(encoding="utf-8")
+    missing = [f"{model.__name__}.{field}" for model in (models.Ec2PoolSpec, models.Ec2InstanceType,
+                                                         models.Ec2InstanceStatus)
+               for field in model.model_fields if not re.search(rf"\b{field}\b", text)]
+    assert missing == []

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Iterable, Literal, Mapping, Sequence, Union
 
 # EC2 instance states. An instance holds its share of the pool's caps in every state but
@@ -423,3 +423,46 @@ def vanished(pool: Ec2Pool | dict, instances: Iterable[Instance], launched: Mapp
         elif instance.state in LEAVING_STATES or instance.state in {"stopping", "stopped"}:
             lost[run_id] = f"instance {instance_id} of run {run_id} is {instance.state}"
     return lost
+
+
+# ---------------------------------------------------------------------------------- reporting
+
+
+def counts_by_state(pool: Ec2Pool | dict, instances: Iterable[Instance]) -> dict[str, int]:
+    """How many of the pool's instances are in each EC2 state (for the metrics)."""
+    pool = pool if isinstance(pool, Ec2Pool) else Ec2Pool.from_resource(pool)
+    counts: dict[str, int] = {}
+    for instance in instances:
+        if instance.pool == pool.name:
+            counts[instance.state] = counts.get(instance.state, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def cost_rate(pool: Ec2Pool | dict, instances: Iterable[Instance]) -> float | None:
+    """The estimated cost of an hour of the pool's instances not terminated, from the type
+    table's hourlyPrice; None when one of them has no known price (a partial sum would read as
+    the whole). No instance costs 0."""
+    pool = pool if isinstance(pool, Ec2Pool) else Ec2Pool.from_resource(pool)
+    prices = {t.type: t.hourly_price for t in pool.types}
+    total = 0.0
+    for instance in _holding(instances, pool):
+        price = prices.get(instance.type)
+        if price is None:
+            return None
+        total += price
+    return round(total, 6)
+
+
+def status_entries(pool: Ec2Pool | dict, instances: Iterable[Instance], limit: int = 100) -> list[dict]:
+    """The pool's instances not terminated, as its status lists them (id, type, state, run,
+    launch time in RFC 3339), oldest first, at most `limit`."""
+    pool = pool if isinstance(pool, Ec2Pool) else Ec2Pool.from_resource(pool)
+    entries = []
+    for instance in sorted(_holding(instances, pool), key=lambda i: (_launched(i), i.instance_id))[:limit]:
+        launched = datetime.fromtimestamp(_launched(instance), timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        entry = {"instanceId": instance.instance_id, "type": instance.type, "state": instance.state,
+                 "launchTime": launched}
+        if instance.run_id:
+            entry["run"] = instance.run_id
+        entries.append(entry)
+    return entries

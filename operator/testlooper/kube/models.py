@@ -463,6 +463,21 @@ class WorkerPoolSpec(_Spec):
         return self
 
 
+class Ec2InstanceStatus(_Status):
+    """One EC2 instance of the pool, as last observed."""
+
+    instanceId: NonEmptyString
+    """The EC2 instance id."""
+    type: str
+    """Its instance type."""
+    state: str
+    """Its EC2 state: pending, running, shutting-down, stopping or stopped."""
+    run: str | None = None
+    """The run it serves (its run tag)."""
+    launchTime: DateTime | None = None
+    """When it was launched."""
+
+
 class WorkerPoolStatus(_Status):
     """What the pool holds now."""
 
@@ -476,6 +491,10 @@ class WorkerPoolStatus(_Status):
     """Runs waiting for room in this pool."""
     workersSummary: str | None = None
     """in use/max, e.g. 3/10."""
+    instances: list[Ec2InstanceStatus] | None = Field(default=None, max_length=100)
+    """provider ec2: its instances not terminated (at most 100, oldest first)."""
+    costPerHour: float | None = Field(default=None, ge=0)
+    """provider ec2: the estimated cost of an hour of those instances, from the types' hourlyPrice (unset when one has none)."""
     conditions: list[Condition] | None = Field(default=None, json_schema_extra=CONDITIONS_LIST)
     """The pool's conditions."""
     observedGeneration: int | None = Field(default=None, ge=0)
