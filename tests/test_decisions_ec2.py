@@ -120,6 +120,10 @@ def test_a_type_bigger_than_the_pools_caps_is_not_on_offer():
         "the largest type on offer is r5.8xlarge (32 cores, 256 GB)")
     assert unschedulable(capped, Ec2Demand("r", min_ram_gb=200)) is None
     assert plan_launches(capped, [], [Ec2Demand("r", min_ram_gb=500)]) == []
+    # maxWorkers: 0 pauses a pool: its runs wait, they are not unschedulable.
+    paused = pool(max_workers=0)
+    assert unschedulable(paused, Ec2Demand("r", min_cores=2)) is None
+    assert plan_launches(paused, [], [Ec2Demand("r", min_cores=2)]) == []
 
 
 # ---------------------------------------------------------------------------------- launches
@@ -248,15 +252,17 @@ def test_instances_whose_run_ended_or_was_cancelled_are_terminated():
 def test_lost_heartbeats_a_silent_boot_and_failed_checks_are_infrastructure_failures():
     instances = [instance("i-1", run_id="quiet"), instance("i-2", run_id="mute", launched=T0),
                  instance("i-3", run_id="sick", status_ok=False), instance("i-4", run_id="fine"),
-                 instance("i-5", state="pending", run_id="slow")]
+                 instance("i-5", state="pending", run_id="slow", launched=T0 + 500),
+                 instance("i-6", state="pending", run_id="stuck")]
     now = T0 + 601
     runs = {"quiet": RunState("live", now - 181), "mute": RunState("live"), "sick": RunState("live", now),
-            "fine": RunState("live", now - 10), "slow": RunState("live")}
+            "fine": RunState("live", now - 10), "slow": RunState("live"), "stuck": RunState("live")}
     result = to_terminate(pool(), instances, runs, now)
     assert [(t.instance_id, t.reason, t.infrastructure_failure, t.message) for t in result] == [
         ("i-1", "HeartbeatLost", True, "instance i-1 (m5.xlarge): no heartbeat for 181s (the limit is 180s)"),
         ("i-2", "BootTimedOut", True, "instance i-2 (m5.xlarge): no heartbeat from its agent 601s after launch (the limit is 600s)"),
         ("i-3", "StatusChecksFailed", True, "instance i-3 (m5.xlarge) failed its EC2 status checks"),
+        ("i-6", "BootTimedOut", True, "instance i-6 (m5.xlarge): no heartbeat from its agent 601s after launch (the limit is 600s)"),
     ]
     # Windows boots slowly: the same silence is not yet a failure there.
     windows = [instance("i-2", run_id="mute", pool_name="ec2-windows")]

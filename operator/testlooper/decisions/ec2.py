@@ -174,11 +174,11 @@ class Ec2Pool:
 
     def offered(self) -> list[InstanceType]:
         """The types that fit the pool's caps at all: a type bigger than maxCores or maxRamGb
-        could never be launched, so it is not on offer."""
+        could never be launched, so it is not on offer. (maxWorkers: 0 pauses the pool: its
+        runs queue, they are not unschedulable.)"""
         return [t for t in self.types
                 if (self.max_cores is None or t.cores <= self.max_cores)
-                and (self.max_ram_gb is None or t.ram_gb <= self.max_ram_gb)
-                and (self.max_workers is None or self.max_workers >= 1)]
+                and (self.max_ram_gb is None or t.ram_gb <= self.max_ram_gb)]
 
 
 # ------------------------------------------------------------------------------ instance type
@@ -399,7 +399,7 @@ def to_terminate(pool: Ec2Pool | dict, instances: Iterable[Instance], runs: Mapp
             continue
         heartbeat = _seconds(state.last_heartbeat)
         if heartbeat is None:
-            if instance.state == "running" and age > boot_timeout:
+            if age > boot_timeout:  # stuck pending counts too
                 result.append(Termination(instance.instance_id, instance.run_id, "BootTimedOut", True,
                                           f"{name}: no heartbeat from its agent {int(age)}s after launch "
                                           f"(the limit is {int(boot_timeout)}s)"))
