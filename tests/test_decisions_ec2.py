@@ -264,6 +264,11 @@ def test_lost_heartbeats_a_silent_boot_and_failed_checks_are_infrastructure_fail
         ("i-3", "StatusChecksFailed", True, "instance i-3 (m5.xlarge) failed its EC2 status checks"),
         ("i-6", "BootTimedOut", True, "instance i-6 (m5.xlarge): no heartbeat from its agent 601s after launch (the limit is 600s)"),
     ]
+    # A reused instance's clock starts when the run is given it, not at the instance's launch.
+    reused = [instance("i-7", run_id="next", launched=T0 - 3000)]
+    assert to_terminate(pool(), reused, {"next": RunState("live", assigned_at=now - 30)}, now) == []
+    assert [t.message for t in to_terminate(pool(), reused, {"next": RunState("live", assigned_at=now - 700)}, now)] == [
+        "instance i-7 (m5.xlarge): no heartbeat from its agent 700s after it was reused (the limit is 600s)"]
     # Windows boots slowly: the same silence is not yet a failure there.
     windows = [instance("i-2", run_id="mute", pool_name="ec2-windows")]
     assert to_terminate(pool(platform="windows"), windows, runs, now) == []
@@ -354,6 +359,7 @@ def test_random_reconciles_never_exceed_the_caps(seed):
         for launch in plan_launches(the_pool, instances.values(), waiting.values(), now=now, live_run_ids=live):
             del waiting[launch.run_id]
             if launch.reuse_instance_id:
+                runs[launch.run_id] = RunState("live", assigned_at=now)
                 seen = instances[launch.reuse_instance_id]
                 instances[seen.instance_id] = Instance(seen.instance_id, seen.type, seen.state, launch.run_id,
                                                        seen.launch_time, seen.pool)

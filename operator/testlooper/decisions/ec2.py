@@ -130,6 +130,7 @@ class RunState:
 
     phase: Literal["live", "ended", "cancelled"]
     last_heartbeat: Seconds | None = None
+    assigned_at: Seconds | None = None  # when it was given a reused instance: its boot clock starts then
 
 
 @dataclasses.dataclass(frozen=True)
@@ -380,7 +381,8 @@ def to_terminate(pool: Ec2Pool | dict, instances: Iterable[Instance], runs: Mapp
     result: list[Termination] = []
     for instance in sorted(held, key=lambda i: i.instance_id):
         state = runs.get(instance.run_id) if instance.run_id else None
-        age = now_s - _launched(instance)
+        since = max(_launched(instance), _seconds(state.assigned_at) or 0.0) if state else _launched(instance)
+        age = now_s - since
         name = f"instance {instance.instance_id} ({instance.type})"
         if state is None:
             if instance.instance_id in orphaned:
@@ -401,7 +403,8 @@ def to_terminate(pool: Ec2Pool | dict, instances: Iterable[Instance], runs: Mapp
         if heartbeat is None:
             if age > boot_timeout:  # stuck pending counts too
                 result.append(Termination(instance.instance_id, instance.run_id, "BootTimedOut", True,
-                                          f"{name}: no heartbeat from its agent {int(age)}s after launch "
+                                          f"{name}: no heartbeat from its agent {int(age)}s after "
+                                          f"{'launch' if since == _launched(instance) else 'it was reused'} "
                                           f"(the limit is {int(boot_timeout)}s)"))
         elif now_s - heartbeat > heartbeat_timeout_seconds:
             result.append(Termination(instance.instance_id, instance.run_id, "HeartbeatLost", True,
