@@ -15,7 +15,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+import ipaddress
+import re
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
 from testlooper.decisions.phases import MAX_ACTIVE_RUNS, MAX_FAILING_CASES, MAX_RECORDED_ATTEMPTS
 from testlooper.errors import UserError
@@ -328,11 +332,90 @@ class Toleration(_Spec):
     """For NoExecute: how long the pod stays bound after the taint appears."""
 
 
+# AWS identifiers, as EC2 writes them (8 hex digits for old resources, 17 for newer ones).
+AWS_REGION_PATTERN = r"^[a-z]{2}(-[a-z]+)+-[0-9]+$"
+INSTANCE_TYPE_PATTERN = r"^[a-z][a-z0-9-]*\.[a-z0-9-]+$"
+# A hostname that may go into a worker's hosts file: letters, digits, dots and dashes only, so
+# that nothing written from it into the user-data script can be read as more than a name.
+HOSTNAME_PATTERN = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+
+
+def _aws_id(prefix: str) -> str:
+    return rf"^{prefix}-[0-9a-f]{{8}}([0-9a-f]{{9}})?$"
+
+
+def _spec_rule(field: tuple[str, ...], message: str) -> PydanticCustomError:
+    """A rule across fields, reported against `field` (its path below the model)."""
+    return PydanticCustomError("spec_rule", "{message}", {"field": field, "message": message})
+
+
+class Ec2InstanceType(_Spec):
+    """One EC2 instance type the pool may launch, with what a task may count on from it."""
+
+    type: str = Field(pattern=INSTANCE_TYPE_PATTERN, max_length=64)
+    """The EC2 instance type, e.g. m5.xlarge."""
+    cores: int = Field(ge=1, le=1024)
+    """The vCPUs it has."""
+    ramGb: float = Field(ge=0.5, le=32768)
+    """Its memory, in GB."""
+    hourlyPrice: float | None = Field(default=None, ge=0)
+    """What an hour of it costs (any currency, used alike for all types): breaks ties between types and gives the cost-rate metric."""
+
+
+class Ec2PoolSpec(_Spec):
+    """Where and how a pool with provider ec2 launches its instances. AWS credentials are not set here: the operator takes them as boto3 does (IRSA, instance role or environment)."""
+
+    region: str = Field(pattern=AWS_REGION_PATTERN, max_length=32)
+    """The AWS region to launch in, e.g. us-east-1 (best the same as the artifact bucket's)."""
+    vpcId: str = Field(pattern=_aws_id("vpc"))
+    """The VPC the instances run in, e.g. vpc-0a1b2c3d."""
+    subnetId: str = Field(pattern=_aws_id("subnet"))
+    """The subnet the instances are launched into; it must be in vpcId."""
+    securityGroupIds: list[Annotated[str, Field(pattern=_aws_id("sg"))]] = Field(min_length=1, max_length=16)
+    """The security groups of the instances; they must let them reach the operator's worker API."""
+    keyName: str | None = Field(default=None, min_length=1, max_length=255)
+    """An EC2 key pair for a person to log in with (default: none)."""
+    instanceProfile: str | None = Field(
+        default=None, max_length=2048,
+        pattern=r"^(arn:aws[a-z-]*:iam::[0-9]{12}:instance-profile/[A-Za-z0-9+=,.@/_-]+|[A-Za-z0-9+=,.@_-]{1,128})$")
+    """The IAM instance profile of the instances, by name or ARN (default: none)."""
+    instanceTypes: list[Ec2InstanceType] = Field(min_length=1, max_length=100)
+    """The instance types the pool may launch; each run gets the smallest that fits its task."""
+    linuxAmi: str | None = Field(default=None, pattern=_aws_id("ami"))
+    """The AMI of Linux workers; required when the pool's platform is linux."""
+    windowsAmi: str | None = Field(default=None, pattern=_aws_id("ami"))
+    """The AMI of Windows workers; required when the pool's platform is windows."""
+    hostIps: dict[str, Annotated[str, Field(min_length=2, max_length=45)]] | None = Field(
+        default=None, json_schema_extra={"maxProperties": 100})
+    """hostname: IP address, written into each worker's hosts file (for names the workers cannot resolve)."""
+    workerTag: str = Field(default="testlooper-worker", pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/=+@-]{0,127}$")
+    """The worker tag put on every instance the pool launches: the operator only ever terminates instances that carry it. Give each installation sharing an AWS account its own."""
+    minLifetimeSeconds: int = Field(default=0, ge=0, le=86400)
+    """With reuse: how long an instance is kept, from its launch, for further runs once its run ends."""
+    reuse: bool = False
+    """Windows pools only: give an idle instance (its run ended, minLifetimeSeconds not passed) to the next run that fits it, rather than terminate it and boot another."""
+
+    @model_validator(mode="after")
+    def _check_host_ips(self):
+        for hostname, address in (self.hostIps or {}).items():
+            if not HOSTNAME_PATTERN.match(hostname):
+                raise _spec_rule(("hostIps",), f"{hostname[:80]!r} is not a valid hostname (letters, digits, dots and dashes)")
+            try:
+                ipaddress.ip_address(address)
+            except ValueError:
+                raise _spec_rule(("hostIps", hostname), f"{address!r} is not an IP address") from None
+        names = [entry.type for entry in self.instanceTypes]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise _spec_rule(("instanceTypes",), f"lists {', '.join(duplicates)} more than once")
+        return self
+
+
 class WorkerPoolSpec(_Spec):
     """Where runs execute, and how much of it they may take at once."""
 
     provider: Literal["kubernetes", "ec2"]
-    """kubernetes (runs are pods in this cluster) or ec2 (not yet implemented)."""
+    """kubernetes (runs are pods in this cluster) or ec2 (runs are EC2 instances; see ec2)."""
     platform: Literal["linux", "windows"] = "linux"
     """The platform of the tasks this pool runs."""
     priority: int = 0
@@ -357,6 +440,42 @@ class WorkerPoolSpec(_Spec):
     """The most memory, in GB, all pods may hold at once."""
     testRunAsUser: int | None = Field(default=None, ge=1)
     """Run the test container as this non-root user id, when its image allows (the worker containers beside it too); unset: the test container runs as its image says, the worker containers as 65532."""
+    ec2: Ec2PoolSpec | None = None
+    """Required with provider ec2, refused otherwise: where and how the instances are launched. The caps are maxWorkers, maxCores and maxRamGb, as for pods."""
+
+    @model_validator(mode="after")
+    def _check_provider_settings(self):
+        # The CRD cannot say "required when provider is ec2" without CEL, which the other
+        # resources do not use either: the operator refuses such a pool with this message.
+        if self.provider == "ec2" and self.ec2 is None:
+            raise _spec_rule(("ec2",), "is required when provider is ec2")
+        if self.provider != "ec2" and self.ec2 is not None:
+            raise _spec_rule(("ec2",), f"is only for provider ec2 (this pool's provider is {self.provider})")
+        if self.ec2 is None:
+            return self
+        ami = "windowsAmi" if self.platform == "windows" else "linuxAmi"
+        if getattr(self.ec2, ami) is None:
+            raise _spec_rule(("ec2", ami), f"is required for a {self.platform} pool")
+        if self.ec2.reuse and self.platform != "windows":
+            raise _spec_rule(("ec2", "reuse"), "is only for windows pools (Linux instances boot fast)")
+        if self.ec2.minLifetimeSeconds and not self.ec2.reuse:
+            raise _spec_rule(("ec2", "minLifetimeSeconds"), "only has a meaning with reuse: true")
+        return self
+
+
+class Ec2InstanceStatus(_Status):
+    """One EC2 instance of the pool, as last observed."""
+
+    instanceId: NonEmptyString
+    """The EC2 instance id."""
+    type: str
+    """Its instance type."""
+    state: str
+    """Its EC2 state: pending, running, shutting-down, stopping or stopped."""
+    run: str | None = None
+    """The run it serves (its run tag)."""
+    launchTime: DateTime | None = None
+    """When it was launched."""
 
 
 class WorkerPoolStatus(_Status):
@@ -372,6 +491,10 @@ class WorkerPoolStatus(_Status):
     """Runs waiting for room in this pool."""
     workersSummary: str | None = None
     """in use/max, e.g. 3/10."""
+    instances: list[Ec2InstanceStatus] | None = Field(default=None, max_length=100)
+    """provider ec2: its instances not terminated (at most 100, oldest first)."""
+    costPerHour: float | None = Field(default=None, ge=0)
+    """provider ec2: the estimated cost of an hour of those instances, from the types' hourlyPrice (unset when one has none)."""
     conditions: list[Condition] | None = Field(default=None, json_schema_extra=CONDITIONS_LIST)
     """The pool's conditions."""
     observedGeneration: int | None = Field(default=None, ge=0)
@@ -419,6 +542,8 @@ def _field_path(path: str, loc: tuple) -> str:
 
 def _describe(path: str, detail: dict) -> str:
     kind, context, value = detail["type"], detail.get("ctx") or {}, detail.get("input")
+    if kind == "spec_rule":
+        return f"{_field_path(path, tuple(detail['loc']) + tuple(context['field']))}: {context['message']}"
     where = _field_path(path, detail["loc"])
     if kind == "missing":
         return f"{where}: is required"
