@@ -61,11 +61,15 @@ def network(aws):
     vpc = aws.create_vpc(CidrBlock="10.0.0.0/16")["Vpc"]["VpcId"]
     subnet = aws.create_subnet(VpcId=vpc, CidrBlock="10.0.1.0/24")["Subnet"]["SubnetId"]
     group = aws.create_security_group(GroupName="workers", Description="workers", VpcId=vpc)["GroupId"]
-    ami = aws.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
-    return {"vpc": vpc, "subnet": subnet, "group": group, "ami": ami}
+    if "ami" not in _AMI:  # moto's stock images survive its reset; listing them is slow
+        _AMI["ami"] = aws.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+    return {"vpc": vpc, "subnet": subnet, "group": group, "ami": _AMI["ami"]}
 
 
-def fleet_for(client, network, pool="big", **options):
+_AMI = {}
+
+
+def fleet_for(_emulator, network, pool="big", **options):
     """A fleet on a client of its own: it counts every request its client sends."""
     return Ec2Fleet(options.pop("client", None) or make_client("us-east-1"), pool, subnet_id=network["subnet"], security_group_ids=[network["group"]],
                     key_name=None, sleep=options.pop("sleep", lambda seconds: None), **options)
@@ -135,6 +139,27 @@ def test_describe_lists_only_this_pools_instances_in_one_call(aws, network):
     assert {instance.run_id for instance in found} == {"ns.tr.0.1", "ns.tr.1.1", "ns.tr.2.1"}
     assert all(instance.pool == "big" and instance.type == "t3.micro" and instance.launch_time is not None
                and instance.state in ("pending", "running") for instance in found)
+
+
+def test_a_long_listing_is_read_page_by_page_and_each_page_is_counted(aws, network, monkeypatch):
+    import testlooper.ec2.fleet as fleet_module
+
+    monkeypatch.setattr(fleet_module, "DESCRIBE_PAGE_SIZE", 5)  # EC2's smallest page
+    fleet = fleet_for(aws, network)
+    ids = {fleet.launch(LaunchRequest(f"ns.tr.{index}.1", "t3.micro", network["ami"]), "x", {}) for index in range(7)}
+    calls_before = fleet.api_calls
+    assert {instance.instance_id for instance in fleet.describe()} == ids
+    assert fleet.api_calls == calls_before + 2
+
+
+def test_fleets_sharing_a_client_count_only_their_own_requests(aws, network):
+    shared = make_client("us-east-1")
+    big = fleet_for(aws, network, pool="big", client=shared)
+    windows = fleet_for(aws, network, pool="windows", client=shared)
+    big.launch(LaunchRequest("ns.tr.1.1", "t3.micro", network["ami"]), "x", {})
+    windows.describe()
+    shared.describe_vpcs()
+    assert (big.api_calls, windows.api_calls) == (1, 1)
 
 
 def test_terminate_ends_our_instances_in_batches_and_skips_ones_ec2_no_longer_knows(aws, network, monkeypatch):

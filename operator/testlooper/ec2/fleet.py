@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
+import threading
 import time
 
 from botocore.exceptions import BotoCoreError, ClientError
@@ -73,12 +74,16 @@ class Ec2Fleet:
         self.max_delay = max_delay
         self._sleep = sleep
         self._jitter = jitter
-        self.api_calls = 0  # HTTP requests sent to EC2, retries included
+        self.api_calls = 0  # HTTP requests this fleet sent to EC2, pages and retries included
         self.throttled = 0  # of which answered "slow down"
+        # botocore sends from the calling thread: a request seen while this thread is inside
+        # one of our calls is ours, even on a client other fleets share.
+        self._sending = threading.local()
         client.meta.events.register("before-send.ec2", self._count_request)
 
     def _count_request(self, **_):
-        self.api_calls += 1
+        if getattr(self._sending, "active", False):
+            self.api_calls += 1
 
     # -- the calls ------------------------------------------------------------------------------
 
@@ -167,6 +172,7 @@ class Ec2Fleet:
     def _call(self, operation: str, send):
         """``send()``, again after a pause while EC2 says to slow down, up to max_attempts."""
         for attempt in range(1, self.max_attempts + 1):
+            self._sending.active = True
             try:
                 return send()
             except ClientError as error:
@@ -186,6 +192,8 @@ class Ec2Fleet:
                 self._sleep(delay)
             except BotoCoreError as error:
                 raise Ec2Error(f"EC2 {operation} failed: {_one_line(str(error))}") from None
+            finally:
+                self._sending.active = False
         raise AssertionError("unreachable")
 
 
