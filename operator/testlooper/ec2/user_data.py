@@ -201,7 +201,7 @@ try {{
             Start-Sleep -Seconds 10
         }}
     }}
-    $Python = Get-Command -Name python3, python -CommandType Application -ErrorAction SilentlyContinue |
+    $Python = Get-Command -Name @('python', 'python3') -CommandType Application -ErrorAction SilentlyContinue |
         Select-Object -First 1
     if ($null -eq $Python) {{ throw 'no python on this machine image: the agent cannot run' }}
     New-NetFirewallRule -DisplayName 'testlooper: no instance metadata' -Direction Outbound `
