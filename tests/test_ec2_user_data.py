@@ -62,6 +62,14 @@ def test_user_data_carries_the_url_the_run_and_its_token_and_no_long_lived_secre
         assert opaque == [], (platform, opaque)
 
 
+def test_a_script_over_ec2s_user_data_limit_is_refused():
+    many = {f"host-{index}.internal": f"10.0.{index // 250}.{index % 250}" for index in range(1000)}
+    for make in (user_data.linux, user_data.windows):
+        assert len(make("http://operator:8080", RUN_ID, TOKEN, None, HOSTS).encode()) < 8 * 1024
+        with pytest.raises(user_data.UserDataError, match="over EC2's 16384"):
+            make("http://operator:8080", RUN_ID, TOKEN, None, many)
+
+
 @pytest.mark.parametrize("field, value", [
     ("api_url", "http://x/'; rm -rf / #"), ("api_url", "file:///etc/passwd"), ("api_url", "http://x/$(id)"),
     ("run_id", "ns.tr.1.1\nreboot"), ("token", "short"), ("token", TOKEN + "'"),

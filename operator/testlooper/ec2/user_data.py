@@ -21,6 +21,7 @@ LINUX_WORK_ROOT = "/var/lib/testlooper"
 WINDOWS_WORK_ROOT = r"C:\testlooper"
 TOKEN_VARIABLE = "TESTLOOPER_WORKER_TOKEN"
 INSTANCE_METADATA_ADDRESS = "169.254.169.254"
+MAX_USER_DATA_BYTES = 16 * 1024  # EC2's limit, before base64
 
 _URL = re.compile(r"https?://[A-Za-z0-9._~:/?#\[\]@!&()*+,;=%-]+\Z")
 _RUN_ID = re.compile(r"[A-Za-z0-9._-]{1,200}\Z")
@@ -74,7 +75,7 @@ def linux(api_url: str, run_id: str, token: str, image: str | None = None, host_
     host_lines = "".join(f"{ip} {name}\n" for ip, name in hosts)
     add_hosts = " ".join(f"--add-host {quote(f'{name}:{ip}')}" for ip, name in hosts)
     finish = 'shutdown -h now || poweroff || halt -p' if shutdown else 'true'
-    return f"""#!/bin/bash
+    return _within_limit(f"""#!/bin/bash
 # TestLooper worker for run {run_id}: written by the operator (testlooper/ec2/user_data.py).
 # It holds the operator URL, the run id and the run's token: nothing else secret.
 set -u
@@ -153,7 +154,14 @@ fi
 say "starting the agent for run $RUN_ID"
 export {TOKEN_VARIABLE}={quote(token)}
 "$PYTHON" -S -E "$WORK/agent.py" --api "$API_URL" --run-id "$RUN_ID" --workdir "$WORK/run"
-"""
+""")
+
+
+def _within_limit(script: str) -> str:
+    if len(script.encode()) > MAX_USER_DATA_BYTES:
+        raise UserDataError(f"user-data: the script is {len(script.encode())} bytes, over EC2's "
+                            f"{MAX_USER_DATA_BYTES} (too many hostIps?)")
+    return script
 
 
 def _ps(value: str) -> str:
@@ -172,7 +180,7 @@ def windows(api_url: str, run_id: str, token: str, image: str | None = None, hos
     api_url, hosts = _common(api_url, run_id, token, image, host_ips)
     host_lines = "\n".join(f"    {_ps(f'{ip} {name}')}" for ip, name in hosts)
     finish = "Stop-Computer -Force" if shutdown else "# the machine is kept (reuse)"
-    return f"""<powershell>
+    return _within_limit(f"""<powershell>
 # TestLooper worker for run {run_id}: written by the operator (testlooper/ec2/user_data.py).
 # It holds the operator URL, the run id and the run's token: nothing else secret.
 $ErrorActionPreference = 'Stop'
@@ -204,8 +212,12 @@ try {{
     $Python = Get-Command -Name @('python', 'python3') -CommandType Application -ErrorAction SilentlyContinue |
         Select-Object -First 1
     if ($null -eq $Python) {{ throw 'no python on this machine image: the agent cannot run' }}
-    New-NetFirewallRule -DisplayName 'testlooper: no instance metadata' -Direction Outbound `
-        -RemoteAddress {INSTANCE_METADATA_ADDRESS} -Action Block | Out-Null
+    try {{
+        New-NetFirewallRule -DisplayName 'testlooper: no instance metadata' -Direction Outbound `
+            -RemoteAddress {INSTANCE_METADATA_ADDRESS} -Action Block | Out-Null
+    }} catch {{
+        Write-Output "testlooper: cannot close the instance metadata: $($_.Exception.Message)"
+    }}
     Write-Output "testlooper: starting the agent for run $RunId"
     $env:{TOKEN_VARIABLE} = {_ps(token)}
     & $Python.Source -S -E $Agent --api $ApiUrl --run-id $RunId --workdir (Join-Path $Work 'run')
@@ -218,4 +230,4 @@ try {{
 }}
 </powershell>
 <persist>false</persist>
-"""
+""")
