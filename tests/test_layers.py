@@ -29,10 +29,10 @@ def test_nothing_outside_the_cli_imports_it():
     assert not offenders, offenders
 
 
-def test_the_kube_adapter_imports_no_shell():
+def test_the_kube_and_ec2_adapters_import_no_shell():
     shells = ("testlooper.cluster", "testlooper.local", "testlooper.cli")
     offenders = []
-    for path in (PACKAGE / "kube").rglob("*.py"):
+    for path in [*(PACKAGE / "kube").rglob("*.py"), *(PACKAGE / "ec2").rglob("*.py")]:
         for name in imported_modules(path):
             if any(name == shell or name.startswith(shell + ".") for shell in shells):
                 offenders.append(f"{path.relative_to(PACKAGE)} imports {name}")

@@ -445,3 +445,26 @@ def test_redis_down_makes_log_heartbeat_and_result_503s_that_the_agent_retries(a
         assert api.history.runs("ns/repo", api.commit) == []  # nothing half-recorded
     finally:
         site.stop()
+
+
+# -- the agent's download ------------------------------------------------------------------------
+
+
+def test_the_agent_is_served_without_a_token_byte_for_byte_and_runs_a_task(api, tmp_path):
+    from testlooper.workerapi.protocol import AGENT_FILE
+
+    status, body = call_api(api, "GET", "/agent.py")
+    assert status == 200 and body == open(AGENT_FILE, "rb").read()
+    assert call_api(api, "POST", "/agent.py", body=b"x")[0] == 405
+    assert call_api(api, "GET", "/agent.py/x")[0] == 404
+    # What was downloaded is enough on its own: a machine with only that file completes a run.
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "bare" / "agent.py").write_bytes(body)
+    run_id, token = api.add(1, task=make_task("echo from-the-downloaded-agent"))
+    done = subprocess.run([sys.executable, "-S", "-E", str(tmp_path / "bare" / "agent.py"), "--api", api.url,
+                           "--run-id", run_id, "--workdir", str(tmp_path / "w"), "--heartbeat-seconds", "0.2"],
+                          env={**agent_environment(token), "PYTHONPATH": ""}, capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path / "bare")
+    assert done.returncode == 0, done.stderr
+    text, _ = log_text(api, run_id)
+    assert "from-the-downloaded-agent" in text and api.results[-1] == (run_id, "passed")

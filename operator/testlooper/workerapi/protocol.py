@@ -31,6 +31,8 @@ _log = logging.getLogger(__name__)
 BACKEND_KEY = web.AppKey("worker_backend", object)
 LIMITS_KEY = web.AppKey("worker_limits", object)
 PREFIX = "/runs"  # where the protocol is mounted: the agent calls {api}/runs/{run_id}/...
+AGENT_PATH = "/agent.py"  # the agent itself, public: what an EC2 worker's user-data downloads
+AGENT_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "worker", "agent.py")
 
 
 def build_worker_app(backend: Backend, limits: Limits = Limits()) -> web.Application:
@@ -43,8 +45,17 @@ def build_worker_app(backend: Backend, limits: Limits = Limits()) -> web.Applica
 
 
 def mount_worker_api(app: web.Application, backend: Backend, limits: Limits = Limits()) -> None:
-    """Serves the protocol at ``/runs/...`` of ``app`` (the operator's one server, or the local one)."""
+    """Serves the protocol at ``/runs/...`` of ``app`` (the operator's one server, or the local one),
+    and the agent at ``/agent.py``."""
     app.add_subapp(PREFIX, build_worker_app(backend, limits))
+    app.router.add_get(AGENT_PATH, _get_agent)
+
+
+async def _get_agent(request: web.Request) -> web.StreamResponse:
+    """The agent's source, without a token: it is the project's public code and holds no secret,
+    and the machine fetching it has only its run's token, kept for that run's own calls."""
+    return web.FileResponse(AGENT_FILE, headers={"Content-Type": "text/x-python; charset=utf-8",
+                                                 "Cache-Control": "no-cache"})
 
 
 def build_root_app(backend: Backend, limits: Limits = Limits()) -> web.Application:

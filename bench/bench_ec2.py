@@ -1,0 +1,90 @@
+"""EC2 calls the adapter makes for a pool of N instances, against a real `moto_server`; prints JSON.
+
+    python bench/bench_ec2.py [--instances 50 --instances 1200]
+
+For each N: a fresh emulator state, N instances carrying the pool's worker tag (started one by
+one, as the adapter launches them, outside the count: moto pages describe_instances by
+reservation), then the pool's `describe()`, one `launch()` and a
+`terminate()` of all N, as a reconcile pass that reaps everything would do them. It reports
+each step's EC2 requests (`Ec2Fleet.api_calls`) and its wall time. The calls grow with
+N / 1000 (describe pages) and N / 500 (terminate batches), never with N itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "operator"))
+
+from testlooper.ec2.fleet import Ec2Fleet, make_client  # noqa: E402
+from testlooper.ec2.model import LaunchRequest  # noqa: E402
+
+
+def start_moto():
+    server = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen([server, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return process, port
+        except OSError:
+            if time.monotonic() > deadline or process.poll() is not None:
+                process.kill()
+                raise SystemExit("moto_server did not start")
+            time.sleep(0.1)
+
+
+def measure(port, count):
+    urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/moto-api/reset", method="POST"))
+    client = make_client("us-east-1")
+    ami = client.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+    for _ in range(count):  # one reservation each, as launches of one instance make them
+        client.run_instances(ImageId=ami, InstanceType="t3.micro", MinCount=1, MaxCount=1,
+                             TagSpecifications=[{"ResourceType": "instance",
+                                                 "Tags": [{"Key": "testlooper-worker", "Value": "bench"}]}])
+    fleet = Ec2Fleet(client, "bench")
+    steps, seen = {}, []
+    for name, step in (("describe", lambda: seen.extend(fleet.describe()) or seen),
+                       ("launch", lambda: fleet.launch(LaunchRequest("ns.bench.1.1", "t3.micro", ami), "x", {})),
+                       ("terminate", lambda: fleet.terminate([instance.instance_id for instance in seen]))):
+        before, started = fleet.api_calls, time.perf_counter()
+        result = step()
+        steps[name] = {"calls": fleet.api_calls - before, "seconds": round(time.perf_counter() - started, 3)}
+        if name == "describe":
+            steps[name]["instances"] = len(result)
+    return {"instances": count, "steps": steps}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--instances", type=int, action="append")
+    options = parser.parse_args()
+    for name, value in {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+                        "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        os.environ.setdefault(name, value)
+    process, port = start_moto()
+    os.environ["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{port}"
+    try:
+        results = [measure(port, count) for count in options.instances or [50, 1200]]
+    finally:
+        process.kill()
+        process.wait()
+    print(json.dumps({"bench": "ec2", "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""EC2 workers: the adapter to the EC2 API (fleet.py) and the bootstrap scripts (user_data.py)."""
