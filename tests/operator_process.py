@@ -72,9 +72,12 @@ class OperatorProcess:
             try:
                 self.process.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
+                self.process.send_signal(signal.SIGUSR1)  # its threads' stacks into the log
+                time.sleep(1)
                 self.process.kill()
                 self.process.wait()
-                raise AssertionError(f"the operator did not stop within {timeout}s of SIGTERM")
+                raise AssertionError(f"the operator did not stop within {timeout}s of SIGTERM; "
+                                     f"its log ends:\n{self.log()[-6000:]}")
         code, self.process = self.process.returncode, None
         return code
 
