@@ -4,39 +4,21 @@ AWS_ENDPOINT_URL, as the operator would be at EC2."""
 from __future__ import annotations
 
 import base64
-import os
-import subprocess
-import time
 import urllib.parse
 
 import boto3
 import pytest
 from botocore.awsrequest import AWSResponse
 
-from test_workerapi_s3 import MOTO_SERVER, free_port
+from moto_server import start_moto_server
+from redis_server import free_port
 from testlooper.ec2.fleet import RUN_TAG, Ec2Error, Ec2Fleet, client_token, make_client
 from testlooper.ec2.model import LaunchRequest
 
 
 @pytest.fixture(scope="module")
 def moto_port():
-    if not os.path.exists(MOTO_SERVER):
-        pytest.fail("moto_server is missing: pip install 'moto[server]' (the test extras)")
-    port = free_port()
-    process = subprocess.Popen([MOTO_SERVER, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    import socket
-
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            if time.monotonic() > deadline or process.poll() is not None:
-                process.kill()
-                pytest.fail("moto_server did not start")
-            time.sleep(0.1)
+    process, port = start_moto_server()
     yield port
     process.kill()
     process.wait()

@@ -5,45 +5,17 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 
 from test_workerapi_cluster import Api, redis_url, mirror, run_agent, log_text  # noqa: F401 - fixtures
 from testlooper.workerapi.cluster import InputSource, S3ArtifactStore
+from moto_server import start_moto_server
 from worker_helpers import artifact, call_api, make_task, stage
-
-MOTO_SERVER = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
-
-
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
 
 @pytest.fixture
 def s3(tmp_path, monkeypatch):
-    if not os.path.exists(MOTO_SERVER):
-        pytest.fail("moto_server is missing: pip install 'moto[server]' (the test extras)")
-    port = free_port()
-    process = subprocess.Popen([MOTO_SERVER, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            if time.monotonic() > deadline or process.poll() is not None:
-                process.kill()
-                pytest.fail("moto_server did not start")
-            time.sleep(0.1)
+    process, port = start_moto_server()
     for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                         "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}.items():
         monkeypatch.setenv(name, value)
