@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from testlooper.errors import UserError
 
 POLL_SECONDS = 1.0  # how often -f reads the TestRun again (new runs, new attempts, its end)
-REDIS_URL_SCHEMES = ("redis://", "rediss://", "unix://")
 NOTE = b"[testlooper logs] "
 
 
@@ -51,11 +50,12 @@ class RunState:
 
 def run(args: argparse.Namespace) -> int:
     from testlooper.cli.cluster_access import connect, read_testrun
+    from testlooper.store import is_redis_url
 
     if not args.store:
         raise UserError("the logs are in the operator's Redis: pass --store redis://HOST:PORT/DB "
                         "(or set $TESTLOOPER_STORE)")
-    if not args.store.startswith(REDIS_URL_SCHEMES):
+    if not is_redis_url(args.store):
         raise UserError(f"--store must be the operator's redis:// URL, not {args.store!r}")
     api, namespace = connect(args.namespace)
     testrun = read_testrun(api, namespace, args.testrun)

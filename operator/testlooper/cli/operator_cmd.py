@@ -88,7 +88,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--max-concurrent-polls must be at least 1")
     if not args.pool_status_interval >= 0.5:
         raise UserError(f"--pool-status-interval must be at least 0.5 seconds, not {args.pool_status_interval:g}")
-    if args.store and not args.store.startswith(("redis://", "rediss://", "unix://")):
+    from testlooper.store import is_redis_url
+
+    if args.store and not is_redis_url(args.store):
         raise UserError(f"--store must be a redis:// URL in the cluster, not {args.store!r}")
     run_settings = phase_settings(args)
     s3_bucket, s3_prefix = s3_options(args.s3_bucket, args.s3_prefix)

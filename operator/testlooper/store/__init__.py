@@ -51,7 +51,7 @@ def open_store(url: str | None = None, read_only: bool = False) -> HistoryStore:
 
     A SQLite file that cannot be written raises StoreReadOnly, unless `read_only` (for
     readers): then it is opened for reading only."""
-    if _is_redis(url):
+    if is_redis_url(url):
         # Imported here so that the local runner, which uses SQLite, never loads redis-py.
         from testlooper.store.redis_store import RedisHistoryStore
         return RedisHistoryStore(url)
@@ -64,14 +64,15 @@ def store_identity(url: str | None) -> str:
     port and database filled in. A malformed URL is returned as it is (`open_store` says what
     is wrong with it)."""
     try:
-        if _is_redis(url):
+        if is_redis_url(url):
             return _redis_identity(url)
         return f"sqlite://{os.path.abspath(_sqlite_path(url))}"
     except ValueError:
         return url or ""
 
 
-def _is_redis(url: str | None) -> bool:
+def is_redis_url(url: str | None) -> bool:
+    """A Redis store's URL (the cluster's store), as opposed to a SQLite path."""
     return bool(url) and url.startswith(("redis://", "rediss://", "unix://"))
 
 
