@@ -154,9 +154,10 @@ def test_the_ec2_pool_sample_is_admitted_and_parsed_as_written():
     document = ec2_pool()
     stored, problems = admit(crd(models.WORKERPOOL), document)
     assert problems == []
-    assert stored["spec"]["ec2"] == document["spec"]["ec2"]  # nothing pruned, nothing defaulted
+    # Nothing pruned; only the defaults of what it leaves out are added.
+    assert stored["spec"]["ec2"] == {**document["spec"]["ec2"], "minLifetimeSeconds": 0, "reuse": False}
     spec = models.parse_workerpool_spec(stored["spec"])
-    assert spec.provider == "ec2" and spec.platform == "windows" and spec.ec2.reuse
+    assert spec.provider == "ec2" and spec.platform == "windows" and not spec.ec2.reuse
     assert [entry.type for entry in spec.ec2.instanceTypes] == ["t3.medium", "m5.xlarge", "r5.8xlarge"]
 
 
@@ -193,7 +194,8 @@ def test_what_the_crd_cannot_say_the_operator_refuses_in_one_line():
 def test_kubectl_applies_the_ec2_pool_sample_and_the_api_refuses_a_bad_id(kube, tmp_path):
     kube.kubectl("apply", "--validate=false", "-f", str(EC2_SAMPLE))
     stored = json.loads(kube.kubectl("get", "workerpool", "windows-ec2", "-o", "json").stdout)
-    assert stored["spec"] == ec2_pool()["spec"]
+    written = ec2_pool()["spec"]
+    assert stored["spec"] == {**written, "ec2": {**written["ec2"], "minLifetimeSeconds": 0, "reuse": False}}
     row = kube.kubectl("get", "tlpool", "windows-ec2").stdout.splitlines()[1].split()
     assert row[:2] == ["windows-ec2", "ec2"]
     bad = ec2_pool()

@@ -67,6 +67,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               "as deleted (default: 30)")
     machine.add_argument("--result-grace", metavar="SECONDS",
                          help="how long after a pod ended its agent's RESULT is waited for (default: 30)")
+    ec2 = parser.add_argument_group("runs as EC2 instances (WorkerPools with provider ec2; docs/ec2.md)")
+    ec2.add_argument("--ec2-api-url", default=os.environ.get("TESTLOOPER_EC2_API_URL", ""), metavar="URL",
+                     help="how EC2 workers reach the operator's HTTP server, e.g. through an Ingress: "
+                          "https://testlooper.example.com (default: $TESTLOOPER_EC2_API_URL, else --api-url)")
+    ec2.add_argument("--ec2-sweep-interval", type=float, default=60.0, metavar="SECONDS",
+                     help="how often each EC2 pool's instances are listed: orphans terminated, the pool's status "
+                          "and gauges written (default: 60)")
+    ec2.add_argument("--ec2-boot-timeout", type=float, default=0.0, metavar="SECONDS",
+                     help="how long a new instance's agent may take to send its first heartbeat before the attempt "
+                          "is retried (default: 0, meaning 600 for Linux and 1800 for Windows)")
     parser.add_argument("--pool-status-interval", type=float, default=10.0, metavar="SECONDS",
                         help="how often each WorkerPool's status and gauges are counted from its pods (default: 10)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -88,6 +98,13 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--max-concurrent-polls must be at least 1")
     if not args.pool_status_interval >= 0.5:
         raise UserError(f"--pool-status-interval must be at least 0.5 seconds, not {args.pool_status_interval:g}")
+    if not args.ec2_sweep_interval >= 1:
+        raise UserError(f"--ec2-sweep-interval must be at least 1 second, not {args.ec2_sweep_interval:g}")
+    if not args.ec2_boot_timeout >= 0:
+        raise UserError(f"--ec2-boot-timeout must be 0 or more seconds, not {args.ec2_boot_timeout:g}")
+    ec2_api_url = args.ec2_api_url or args.api_url
+    if ec2_api_url and not re.match(r"^https?://[^\s/]+", ec2_api_url):
+        raise UserError(f"--ec2-api-url must be an http:// or https:// URL, not {ec2_api_url!r}")
     from testlooper.store import is_redis_url
 
     if args.store and not is_redis_url(args.store):
@@ -110,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
         max_concurrent_polls=args.max_concurrent_polls, worker_image=args.worker_image,
         operator_namespace=args.operator_namespace, run_settings=run_settings,
         pool_status_interval=args.pool_status_interval, s3_bucket=s3_bucket, s3_prefix=s3_prefix,
+        ec2_api_url=ec2_api_url, ec2_sweep_interval=args.ec2_sweep_interval, ec2_boot_timeout=args.ec2_boot_timeout,
     )
     return run_operator(options)
 

@@ -35,6 +35,9 @@ class OperatorOptions:
     run_settings: Settings = Settings()  # the phase machine's limits (--max-infra-retries, --pending-timeout...)
     s3_bucket: str = ""  # artifacts go to this bucket (boto3's environment: endpoint, credentials) when set
     s3_prefix: str = ""  # the keys' prefix in it ("" or ending in "/")
+    ec2_api_url: str = ""  # how EC2 workers reach the worker API ("": api_url)
+    ec2_sweep_interval: float = 60.0  # EC2 pools: orphan sweep, status and gauges this often
+    ec2_boot_timeout: float = 0.0  # a new instance's first heartbeat within this (0: by platform)
 
     @property
     def runs_enabled(self) -> bool:

@@ -28,6 +28,8 @@ class Figures:
         self.phases: dict[str, dict[str, int]] = {}  # namespace -> phase -> TestRuns
         self.pools: dict[str, dict[str, tuple[int, float, int]]] = {}  # namespace -> pool -> (workers, cores, queued)
         self.flaky: dict[tuple[str, str], dict[str, int]] = {}  # (namespace, repo) -> branch -> flaky cases
+        # (namespace, pool) -> (instances by EC2 state, estimated cost per hour or None), as the last sweep saw
+        self.ec2: dict[tuple[str, str], tuple[dict[str, int], float | None]] = {}
 
     def collect(self):
         testruns = GaugeMetricFamily("testlooper_testruns", "TestRuns by phase, as last listed",
@@ -55,6 +57,18 @@ class Figures:
             for branch, count in sorted(branches.items()):
                 flaky.add_metric([namespace, repo, branch], count)
         yield flaky
+        instances = GaugeMetricFamily("testlooper_ec2_instances",
+                                      "An EC2 WorkerPool's instances by EC2 state, as its last sweep listed them",
+                                      labels=["namespace", "pool", "state"])
+        cost = GaugeMetricFamily("testlooper_ec2_cost_per_hour",
+                                 "Estimated cost of an hour of an EC2 WorkerPool's instances not terminated, from its "
+                                 "instance types' hourlyPrice (absent when one has none)", labels=["namespace", "pool"])
+        for (namespace, pool), (by_state, rate) in sorted(self.ec2.items()):
+            for state, count in sorted(by_state.items()):
+                instances.add_metric([namespace, pool, state], count)
+            if rate is not None:
+                cost.add_metric([namespace, pool], rate)
+        yield from (instances, cost)
 
 
 class OperatorMetrics:
@@ -106,6 +120,16 @@ class OperatorMetrics:
         self.infra_retries = Counter(
             "testlooper_infra_retries_total", "Attempts lost to the infrastructure (retried or given up), by reason",
             ["namespace", "reason"], registry=self.registry)
+        self.ec2_launches = Counter(
+            "testlooper_ec2_launches_total", "EC2 instances launched for runs, by instance type",
+            ["namespace", "pool", "type"], registry=self.registry)
+        self.ec2_terminations = Counter(
+            "testlooper_ec2_terminations_total",
+            "EC2 instances the operator terminated, by reason (RunEnded, Retried, Orphan, ...)",
+            ["namespace", "pool", "reason"], registry=self.registry)
+        self.ec2_orphans = Counter(
+            "testlooper_ec2_orphans_reaped_total", "Instances with the pool's worker tag and no live run, terminated",
+            ["namespace", "pool"], registry=self.registry)
         self.figures = Figures()
         self.registry.register(self.figures)
 
@@ -123,7 +147,9 @@ class OperatorMetrics:
     def forget_pool(self, namespace: str, pool: str) -> None:
         """A deleted WorkerPool's series go."""
         _remove(self.queue_wait, namespace, pool)
+        _remove(self.ec2_orphans, namespace, pool)
         self.figures.pools.get(namespace, {}).pop(pool, None)
+        self.figures.ec2.pop((namespace, pool), None)
 
 
 def _remove(metric, *labels: str) -> None:

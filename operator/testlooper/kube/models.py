@@ -393,7 +393,7 @@ class Ec2PoolSpec(_Spec):
     minLifetimeSeconds: int = Field(default=0, ge=0, le=86400)
     """With reuse: how long an instance is kept, from its launch, for further runs once its run ends."""
     reuse: bool = False
-    """Windows pools only: give an idle instance (its run ended, minLifetimeSeconds not passed) to the next run that fits it, rather than terminate it and boot another."""
+    """Windows pools only, and not supported yet (refused when true): give an idle instance (its run ended, minLifetimeSeconds not passed) to the next run that fits it, rather than terminate it and boot another."""
 
     @model_validator(mode="after")
     def _check_host_ips(self):
@@ -458,6 +458,11 @@ class WorkerPoolSpec(_Spec):
             raise _spec_rule(("ec2", ami), f"is required for a {self.platform} pool")
         if self.ec2.reuse and self.platform != "windows":
             raise _spec_rule(("ec2", "reuse"), "is only for windows pools (Linux instances boot fast)")
+        if self.ec2.reuse:
+            # The agent runs one run and its instance shuts down: giving it a second run needs
+            # a per-instance protocol the worker API does not have yet (docs/ec2.md).
+            raise _spec_rule(("ec2", "reuse"), "is not supported by this operator yet: each run gets its own "
+                             "instance, terminated when the run ends")
         if self.ec2.minLifetimeSeconds and not self.ec2.reuse:
             raise _spec_rule(("ec2", "minLifetimeSeconds"), "only has a meaning with reuse: true")
         return self
