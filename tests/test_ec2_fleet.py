@@ -168,6 +168,23 @@ def test_an_instance_terminated_behind_our_back_shows_as_terminated(aws, network
     assert states[gone] == "terminated" and states[kept] in ("pending", "running")
 
 
+def test_status_checks_name_the_impaired_instances_in_one_call_per_hundred(aws, network):
+    fleet = fleet_for(aws, network)
+    ids = [fleet.launch(LaunchRequest(f"ns.tr.{index}.1", "t3.micro", network["ami"]), "x", {}) for index in (1, 2)]
+    before = fleet.api_calls
+    assert fleet.impaired(ids) == set()  # moto's checks are always ok
+    assert fleet.api_calls == before + 1
+    # EC2's answer for an instance whose system check failed (moto cannot say it: answered here).
+    body = ("<DescribeInstanceStatusResponse><requestId>x</requestId><instanceStatusSet><item>"
+            f"<instanceId>{ids[1]}</instanceId><instanceState><code>16</code><name>running</name></instanceState>"
+            "<systemStatus><status>impaired</status></systemStatus><instanceStatus><status>ok</status></instanceStatus>"
+            "</item></instanceStatusSet></DescribeInstanceStatusResponse>").encode()
+    fleet.client.meta.events.register_last("before-send.ec2.DescribeInstanceStatus",
+                                           lambda request, **_: AWSResponse(request.url, 200, {}, _Raw(body)))
+    assert fleet.impaired(ids) == {ids[1]}
+    assert fleet.impaired([f"i-{index:017x}" for index in range(250)]) == set() and fleet.api_calls == before + 5
+
+
 def throttle(client, operation, times, code="RequestLimitExceeded", status=503):
     """Answers the next `times` requests of `operation` with EC2's throttling error, before they
     reach moto: botocore's before-send hook may return the response itself."""

@@ -53,7 +53,7 @@ def build_registry(options: OperatorOptions) -> kopf.OperatorRegistry:
     kopf.on.login(registry=registry)(kopf.login_via_client)
     repo_handlers.register(registry)
     testrun_handlers.register(registry, runs_enabled=options.runs_enabled)
-    pool_handlers.register(registry, options.pool_status_interval)
+    pool_handlers.register(registry, options.pool_status_interval, options.ec2_sweep_interval)
     return registry
 
 

@@ -1,48 +1,88 @@
-"""WorkerPools: their status says what their pods hold and what is queued for them.
+"""WorkerPools: their status says what their pods (or EC2 instances) hold and what is queued
+for them, and whether their spec is accepted.
 
 What the pods hold is counted the way admission counts it (`count_pool_usage`, shared with
-cluster/runs.py's admission round), so the status, the pool gauges and admission agree.
+cluster/runs.py's admission round), so the status, the pool gauges and admission agree. A pool
+with provider ec2 is also swept (`ec2_sweep`, at startup and every --ec2-sweep-interval):
+cluster/ec2_workers.py says what that does.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 
 import kopf
 
 from testlooper.cluster import run_metrics
 from testlooper.cluster.context import OperatorContext
 from testlooper.decisions.pools import Usage, counting_view, pool_status, pool_usage, run_sizes
-from testlooper.kube.objects import MANAGED_BY, MANAGED_BY_LABEL
+from testlooper.kube.models import SpecError, parse_workerpool_spec
+from testlooper.kube.objects import MANAGED_BY, MANAGED_BY_LABEL, condition, set_condition
 
 logger = logging.getLogger(__name__)
 
 
-def register(registry: kopf.OperatorRegistry, interval: float) -> None:
+ACCEPTED = "Accepted"
+
+
+def register(registry: kopf.OperatorRegistry, interval: float, ec2_interval: float = 60.0) -> None:
     kopf.timer("testlooper.dev", "v1alpha1", "workerpools", registry=registry, id="usage", interval=interval,
                initial_delay=0.5)(count_usage)
+    # At startup too (after a moment for the TestRuns' first decisions): orphans left by a
+    # crash are reaped within a sweep interval of the operator coming back.
+    kopf.timer("testlooper.dev", "v1alpha1", "workerpools", registry=registry, id="ec2-sweep", interval=ec2_interval,
+               initial_delay=1.0, when=lambda spec, **_: spec.get("provider") == "ec2")(ec2_sweep)
     kopf.on.event("testlooper.dev", "v1alpha1", "workerpools", registry=registry, id="forget-pool",
                   when=lambda type, **_: type == "DELETED")(forget_pool)
 
 
 async def count_pool_usage(api, namespace: str, pools: list[dict], testruns: list[dict]) -> dict[str, Usage]:
     """What each pool of `namespace` holds, from the managed pods of the namespace and of each
-    pool's own spec.namespace (`decisions.pools.pool_usage`)."""
+    pool's own spec.namespace (`decisions.pools.pool_usage`). EC2 pools hold no pods: the
+    caller adds what their instances hold (cluster/ec2_workers.py `usage`)."""
     pods = []
     for pod_namespace in sorted({namespace} | {(p.get("spec") or {}).get("namespace") or namespace for p in pools}):
         pods += await api.list_core("pods", pod_namespace, f"{MANAGED_BY_LABEL}={MANAGED_BY}")
     return pool_usage(pods, run_sizes(testruns, pools))
 
 
-async def count_usage(name: str, namespace: str, body: kopf.Body, memo: OperatorContext, **_) -> None:
+def accepted_condition(body: kopf.Body, now: str) -> tuple[list[dict] | None, str | None]:
+    """The pool's conditions with Accepted said (None when unchanged), and the refusal's
+    message (None when the spec is accepted)."""
     try:
-        pools = await memo.api.list_objects("workerpools", namespace)
+        parse_workerpool_spec(dict(body.get("spec") or {}))
+        refusal = None
+        said = condition(ACCEPTED, True, "SpecAccepted", "the spec is accepted", now, body["metadata"].get("generation"))
+    except SpecError as exc:
+        refusal = str(exc)
+        said = condition(ACCEPTED, False, "SpecRefused", refusal, now, body["metadata"].get("generation"))
+    conditions = list((body.get("status") or {}).get("conditions") or [])
+    updated = set_condition(conditions, said)
+    unchanged = [{k: v for k, v in c.items() if k != "lastTransitionTime"} for c in conditions] == \
+        [{k: v for k, v in c.items() if k != "lastTransitionTime"} for c in updated]
+    return (None if unchanged else updated), refusal
+
+
+async def count_usage(name: str, namespace: str, body: kopf.Body, memo: OperatorContext, **_) -> None:
+    from testlooper.cluster.runs import accepted_pools
+    from testlooper.decisions.phases import format_time
+
+    try:
+        conditions, refusal = accepted_condition(body, format_time(time.time()))
+        if refusal is not None and conditions is not None:
+            logger.warning("WorkerPool %s/%s is refused, and takes no run: %s", namespace, name, refusal)
+        pools = accepted_pools(await memo.api.list_objects("workerpools", namespace))
         # A page at a time, each reduced to what is counted: 5,000 TestRuns are never all held whole.
         testruns = await memo.api.list_objects_paged("testruns", namespace, counting_view)
         usage = await count_pool_usage(memo.api, namespace, pools, testruns)
+        if memo.runs is not None:  # what the EC2 pools' instances hold, as last described
+            usage.update(await memo.runs.ec2.usage(namespace, pools, fresh=False))
         run_metrics.testruns_listed(memo, namespace, testruns)
         run_metrics.pools_counted(memo, namespace, pools, testruns, usage)
         status = pool_status(dict(body), pools, testruns, usage.get(name, Usage()))
+        if conditions is not None:
+            status["conditions"] = conditions
         if {k: (body.get("status") or {}).get(k) for k in status} != status:
             await memo.api.patch_status("workerpools", namespace, name, status)
     except Exception as exc:
@@ -50,5 +90,30 @@ async def count_usage(name: str, namespace: str, body: kopf.Body, memo: Operator
         logger.warning("WorkerPool %s/%s: usage not counted: %s", namespace, name, exc)
 
 
+async def ec2_sweep(name: str, namespace: str, body: kopf.Body, memo: OperatorContext, **_) -> None:
+    """An EC2 pool's orphans terminated, status checks read, status `instances` and
+    `costPerHour` and the EC2 gauges written, and the TestRuns whose instances went decide."""
+    if memo.runs is None:
+        return
+    from testlooper.cluster.runs import accepted_pools
+
+    pool = dict(body)
+    if not accepted_pools([pool]):
+        return  # refused: count_usage says why; its instances are left as they are until it is mended
+    try:
+        testruns = await memo.api.list_objects_paged("testruns", namespace, counting_view)
+        status, to_decide = await memo.runs.ec2.sweep(pool, testruns)
+        for key in to_decide:
+            memo.runs.poke(*key)
+        current = body.get("status") or {}
+        if {key: current.get(key) for key in status} != status:
+            await memo.api.patch_status("workerpools", namespace, name, status)
+    except Exception as exc:
+        memo.metrics.reconcile_errors.labels("WorkerPool").inc()
+        logger.warning("WorkerPool %s/%s: EC2 instances not swept: %s: %s", namespace, name, type(exc).__name__, exc)
+
+
 async def forget_pool(name: str, namespace: str, memo: OperatorContext, **_) -> None:
     memo.metrics.forget_pool(namespace, name)
+    if memo.runs is not None:
+        memo.runs.ec2.forget_pool(namespace, name)

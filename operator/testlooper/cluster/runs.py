@@ -31,12 +31,15 @@ import subprocess
 import time
 
 from testlooper.cluster import run_metrics
+from testlooper.cluster.ec2_workers import Ec2Workers
 from testlooper.cluster.pins import pinned_source
 from testlooper.cluster.pool_handlers import count_pool_usage
+from testlooper.decisions import ec2 as ec2_placement
 from testlooper.decisions import phases
 from testlooper.decisions.pools import POOL_LABEL, admit, counting_view, pool_for
 from testlooper.decisions.repo import ENDED_PHASES
 from testlooper.kube import pods as pod_builder
+from testlooper.kube.models import SpecError, parse_workerpool_spec
 from testlooper.kube.objects import MANAGED_BY, MANAGED_BY_LABEL, label_value, testrun_name
 from testlooper.cluster.store_health import recorded_conditions
 from testlooper.store.base import StoreError
@@ -219,9 +222,25 @@ class PoolReader:
         now = time.monotonic()
         if fresh or entry is None or now - entry[0] > POOLS_TTL_SECONDS or (
                 entry[1].done() and entry[1].exception() is not None):
-            future = asyncio.ensure_future(self.api.list_objects("workerpools", namespace))
+            future = asyncio.ensure_future(self._accepted(namespace))
             self._read[namespace] = entry = (now, future)
         return await asyncio.shield(entry[1])
+
+    async def _accepted(self, namespace: str) -> list[dict]:
+        return accepted_pools(await self.api.list_objects("workerpools", namespace))
+
+
+def accepted_pools(pools: list[dict]) -> list[dict]:
+    """The WorkerPools whose spec the model admits: a refused one (a rule the CRD cannot say)
+    takes no run, and says why in its condition Accepted (cluster/pool_handlers.py)."""
+    accepted = []
+    for pool in pools:
+        try:
+            parse_workerpool_spec(pool.get("spec") or {})
+        except SpecError:
+            continue
+        accepted.append(pool)
+    return accepted
 
 
 class RunController:
@@ -247,6 +266,7 @@ class RunController:
         self._full: dict[str, set[str]] = {}
         self._tasks: set[asyncio.Task] = set()
         self._pools = PoolReader(self.api)
+        self.ec2 = Ec2Workers(context, secret)  # the runs of pools with provider ec2
         # Decisions made at once: 5,000 TestRuns appearing together wait their turn here rather
         # than all holding their reads in memory (and the API client's queue) at once.
         self._decisions = asyncio.Semaphore(DECISION_CONCURRENCY)
@@ -382,6 +402,13 @@ class RunController:
             return
         # A pool may run its pods in a namespace of its own (spec.namespace): they count too.
         usage = await count_pool_usage(self.api, namespace, pools, testruns)
+        wanted = {demand.pool for demand in demands}
+        ec2_pools = [pool for pool in pools if ec2_placement.is_ec2(pool) and pool["metadata"]["name"] in wanted]
+        if ec2_pools:
+            # An instance holds its whole type: room is counted from a describe made now, at
+            # the types' sizes, and each run asks for the type it will be launched as.
+            usage.update(await self.ec2.usage(namespace, ec2_pools, fresh=True))
+            demands = sized_for_instances(demands, ec2_pools, testruns)
         run_metrics.pools_counted(self.context, namespace, pools, testruns, usage)
         # The room is shared out here, once for the round: the admitted TestRuns' decisions can
         # then run side by side (each under its own lock) without spending it twice.
@@ -417,13 +444,18 @@ class RunController:
         pool = next((p for p in pools if p["metadata"]["name"] == pool_name), None)
         pod_namespace = pod_builder.run_namespace(testrun, pool)
         selector = f"{pod_builder.TESTRUN_LABEL}={label_value(name)}"
+        on_ec2 = ec2_placement.is_ec2(pool)
         if status:
-            own_pods = [pod for pod in await self.api.list_core("pods", pod_namespace, selector) if _owned(pod, testrun)]
             own_secrets = [s for s in await self.api.list_core("secrets", pod_namespace, selector) if _owned(s, testrun)]
+            if on_ec2:  # its run attempts are instances
+                workers = await self.ec2.observe(testrun, pool)
+            else:
+                own_pods = [pod for pod in await self.api.list_core("pods", pod_namespace, selector) if _owned(pod, testrun)]
+                workers = [p for p in (phases.observe_pod(pod) for pod in own_pods) if p is not None]
         else:
             # Never decided on: nothing was made for it yet (only admission makes pods and
             # Secrets, and it admits TestRuns whose status says Queued).
-            own_pods, own_secrets = [], []
+            workers, own_secrets = [], []
         builds = {}
         for build in spec.get("dependsOn") or []:
             found = await self.api.get_object("testruns", namespace, build)
@@ -442,26 +474,31 @@ class RunController:
             posted = {key: value for key, value in posted.items() if key in recorded}
         observed = phases.Observations(
             now=time.time(), builds=builds, pools=pools,
-            pods=[p for p in (phases.observe_pod(pod) for pod in own_pods) if p is not None],
+            pods=workers,
             secrets=[s for s in (phases.observe_secret(secret) for secret in own_secrets) if s is not None],
             results=results, heartbeats=heartbeats, admitted=admitted,
             # No agent could be heard while the operator, or its Redis, was down.
             operator_started=max(self.started, self.context.store_health.back_since),
             cases=cases,
-            settings=self.settings, reports_known=reports_known)
+            settings=self.settings, reports_known=reports_known,
+            worker="instance" if on_ec2 else "pod",
+            boot_grace_seconds=ec2_placement.boot_grace((pool.get("spec") or {}).get("platform") or "linux",
+                                                        self.context.options.ec2_boot_timeout) if on_ec2 else None)
         decision = phases.decide(testrun, observed)
         made = []
         for action in decision.creates:
             try:
                 body, made_now = await self._create(action, testrun, pool, pod_namespace)
-                made.append(body)
+                if body is not None:
+                    made.append(body)
                 if made_now:
                     run_metrics.pod_created(self.context, testrun, action, pool_name)
             except ValueError as exc:  # no pod can be made of it (no image, a Windows task): it ends here
                 await self._cannot_run(testrun, str(exc))
                 return
         patch = decision.status_patch
-        conditions = recorded_conditions(status, reports_known, phases.format_time(observed.now))
+        decided = {**status, "conditions": patch["conditions"]} if patch and "conditions" in patch else status
+        conditions = recorded_conditions(decided, reports_known, phases.format_time(observed.now))
         if conditions is not None:  # in the same write
             patch = {**(patch or {}), "conditions": conditions}
         stored = None
@@ -472,9 +509,13 @@ class RunController:
         if decision.status_patch:
             run_metrics.after_status_write(self.context, testrun, decision.status_patch, observed, posted)
         for action in decision.afterwards:
-            await self._apply_after(action, testrun, pod_namespace)
+            await self._apply_after(action, testrun, pod_namespace, pool, decision)
         if decision.wake_after is not None:
             self.wake_later((namespace, name), decision.wake_after)
+        if on_ec2 and any(isinstance(action, phases.CreatePod) for action in decision.creates):
+            # No watch tells of an instance: the next decision sees it launched and sets the
+            # wake for its boot (a pod's events would bring that decision).
+            self.wake_later((namespace, name), 2.0)
         if decision.status_patch and ("phase" in decision.status_patch or "active" in decision.status_patch):
             # Queued now (a round that admitted some of it knows the rest waits), or runs
             # ended and freed room.
@@ -645,6 +686,8 @@ class RunController:
             body = pod_builder.build_run_secret(testrun, the_run_id, tokens.run_token(self.secret, the_run_id),
                                                 namespace=pod_namespace)
             return body, await self.api.create_core("secrets", pod_namespace, body)
+        elif ec2_placement.is_ec2(pool):
+            return None, await self.ec2.launch(testrun, pool, action.run, action.attempt)
         else:
             body = pod_builder.build_run_pod(testrun, run_index=action.run, attempt=action.attempt, pool=pool or {},
                                              api_url=self.context.options.api_url, worker_image=self.worker_image,
@@ -654,9 +697,14 @@ class RunController:
                 body["metadata"]["labels"][POOL_LABEL] = label_value(pool["metadata"]["name"])
             return body, await self.api.create_core("pods", pod_namespace, body)
 
-    async def _apply_after(self, action, testrun: dict, pod_namespace: str) -> None:
+    async def _apply_after(self, action, testrun: dict, pod_namespace: str, pool: dict | None = None,
+                           decision: phases.Decision | None = None) -> None:
         name = testrun["metadata"]["name"]
-        if isinstance(action, phases.DeletePod):
+        if isinstance(action, phases.DeletePod) and ec2_placement.is_ec2(pool):
+            await self.ec2.terminate(pool, pod_builder.run_id(testrun["metadata"]["namespace"], name, action.run,
+                                                              action.attempt),
+                                     termination_reason(action, decision))
+        elif isinstance(action, phases.DeletePod):
             await self.api.delete_core("pods", pod_namespace, pod_builder.run_pod_name(name, action.run, action.attempt))
         elif isinstance(action, phases.DeleteSecret):
             await self.api.delete_core("secrets", pod_namespace,
@@ -668,6 +716,38 @@ class RunController:
             run_metrics.attempt_recorded(self.context, testrun["metadata"]["namespace"], action)
         elif isinstance(action, phases.EmitEvent):
             post_event(testrun, action.type, action.reason, action.message)
+
+
+def sized_for_instances(demands: list, ec2_pools: list[dict], testruns: list[dict]) -> list:
+    """The demands of EC2 pools at the size of the instance type each run is launched as; a
+    run no type holds asks for nothing (its decision ends it as Unschedulable)."""
+    import dataclasses as dc
+
+    by_pool = {pool["metadata"]["name"]: pool for pool in ec2_pools}
+    tasks = {((t.get("metadata") or {}).get("namespace", ""), (t.get("metadata") or {}).get("name", "")):
+             (t.get("spec") or {}).get("definition") or {} for t in testruns}
+    sized = []
+    for demand in demands:
+        pool = by_pool.get(demand.pool)
+        if pool is None:
+            sized.append(demand)
+            continue
+        kind = ec2_placement.instance_type_for(pool, tasks.get(demand.testrun, {}))
+        if not isinstance(kind, ec2_placement.Unschedulable):
+            sized.append(dc.replace(demand, cores=float(kind.cores), ram_gb=float(kind.ram_gb)))
+    return sized
+
+
+def termination_reason(action, decision) -> str:
+    """Why the machine let an instance go, for the terminations metric."""
+    if decision is not None:
+        if (decision.status_patch or {}).get("phase") == "Cancelled":
+            return "RunCancelled"
+        for other in decision.afterwards:
+            if isinstance(other, phases.RecordAttempt) and other.infrastructure and \
+                    (other.run, other.attempt) == (action.run, action.attempt):
+                return other.reason
+    return "RunEnded"
 
 
 def heartbeat_interval(settings: phases.Settings) -> float:

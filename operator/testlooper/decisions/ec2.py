@@ -469,3 +469,70 @@ def status_entries(pool: Ec2Pool | dict, instances: Iterable[Instance], limit: i
             entry["run"] = instance.run_id
         entries.append(entry)
     return entries
+
+
+# ------------------------------------------------------------------- the phase machine's view
+
+
+def is_ec2(pool: dict | None) -> bool:
+    return bool(pool) and ((pool.get("spec") or {}).get("provider") == "ec2")
+
+
+def instance_type_for(pool: Ec2Pool | dict, task: dict) -> InstanceType | Unschedulable:
+    """The type a run of `task` is launched as in `pool` (among the types its caps allow)."""
+    pool = pool if isinstance(pool, Ec2Pool) else Ec2Pool.from_resource(pool)
+    demand = demand_for("", task)
+    return choose_instance_type(pool.offered(), demand.min_cores, demand.min_ram_gb, demand.max_cores)
+
+
+def takes(pool: dict, task: dict) -> bool:
+    """Whether some instance type the EC2 pool may launch holds a run of `task`."""
+    return not isinstance(instance_type_for(pool, task), Unschedulable)
+
+
+def unschedulable_on_ec2(task: dict, pools: Sequence[dict]) -> str | None:
+    """Why the task can never run, when the EC2 pools of its platform are where it would go and
+    none of them has a type that holds it: one line per pool, naming what the task asks for and
+    the largest type on offer. None when one of them holds it, or when no EC2 pool has its
+    platform (then it waits for a pool, as on pods)."""
+    platform = (task or {}).get("platform") or "linux"
+    candidates = sorted((p for p in pools if is_ec2(p) and ((p.get("spec") or {}).get("platform") or "linux") == platform),
+                        key=lambda p: p["metadata"]["name"])
+    if not candidates:
+        return None
+    reasons = []
+    for pool in candidates:
+        kind = instance_type_for(pool, task)
+        if not isinstance(kind, Unschedulable):
+            return None
+        reasons.append(f"pool {pool['metadata']['name']}: {kind.message}")
+    return "; ".join(reasons)
+
+
+def observe_instance(instance: Instance, run: int, attempt: int, *, impaired: bool = False,
+                     leaving_since: float | None = None):
+    """What the phase machine reads of the instance of one run attempt (decisions/phases.py's
+    PodObservation): running from its launch (its boot is bounded by the boot grace until the
+    agent's first heartbeat); ended once EC2 says it is going or gone (`leaving_since`: when the
+    operator first saw that, so that the wait for a RESULT in flight has a fixed start);
+    `lost_reason` StatusChecksFailed when EC2 reports it impaired."""
+    from testlooper.decisions.phases import PodObservation
+
+    launched = _launched(instance)
+    name = f"instance {instance.instance_id} ({instance.type})"
+    if instance.state in LEAVING_STATES or instance.state in {"stopping", "stopped"}:
+        return PodObservation(run=run, attempt=attempt, phase="Failed", created=launched, started=launched,
+                              running_since=launched, finished=leaving_since, message=f"{name} is {instance.state}",
+                              # Going already: not to be terminated again (a stopped one is).
+                              deleting=instance.state in LEAVING_STATES)
+    if impaired or _checks_failed(instance):
+        return PodObservation(run=run, attempt=attempt, phase="Running", created=launched, started=launched,
+                              running_since=launched, lost_reason="StatusChecksFailed",
+                              message=f"{name} failed its EC2 status checks")
+    return PodObservation(run=run, attempt=attempt, phase="Running", created=launched, started=launched,
+                          running_since=launched, message=name)
+
+
+def boot_grace(platform: str, configured: float = 0.0) -> float:
+    """How long a new instance's agent has for its first heartbeat (`configured`, else by platform)."""
+    return configured if configured > 0 else BOOT_TIMEOUT_SECONDS.get(platform, max(BOOT_TIMEOUT_SECONDS.values()))

@@ -41,6 +41,7 @@ RESULT_FROM_TESTRUN = "testlooper.dev/result-from-testrun"
 RESULT_FROM_COMMIT = "testlooper.dev/result-from-commit"
 
 PLACED, WAITING = "Placed", "Waiting"
+UNSCHEDULABLE = "Unschedulable"  # the condition of a TestRun no EC2 instance type can hold
 PHASE_OF_RESULT = {"passed": "Succeeded", "failed": "Failed", "flaky": "Failed", "timeout": "Failed",
                    "blocked": "Failed", "error": "Error", "cancelled": "Cancelled"}
 # A container waiting for these will not start by itself soon: past a grace period, try again.
@@ -83,6 +84,9 @@ class PodObservation:
     disruption: str = ""  # the DisruptionTarget condition's reason: preempted, evicted, node gone
     exit_codes: tuple[tuple[str, int], ...] = ()
     deleting: bool = False  # metadata.deletionTimestamp is set
+    # An infrastructure failure its provider reports (an EC2 instance's StatusChecksFailed),
+    # said in `message`: the attempt is retried unless a RESULT came.
+    lost_reason: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +115,11 @@ class Observations:
     # unknown, not empty, and no placed run is judged until they are known again (its RESULT
     # may be there, or on its way: its agent retries). Cancels, placement and new runs go on.
     reports_known: bool = True
+    # What a run attempt runs on: "pod", or "instance" (an EC2 pool: decisions/ec2.py
+    # observe_instance gives the `pods`), which names the failures.
+    worker: str = "pod"
+    # With an instance: how long its agent has for a first heartbeat after launch (it boots).
+    boot_grace_seconds: float | None = None
 
 
 # -- actions -----------------------------------------------------------------------------------
@@ -327,6 +336,12 @@ class _Machine:
         names = {p["metadata"]["name"] for p in self.observed.pools}
         named = self.spec.get("workerPool") or ""
         pool = pool_for(self.definition, named, list(self.observed.pools))
+        if pool is None and not named:
+            from testlooper.decisions.ec2 import unschedulable_on_ec2
+
+            why = unschedulable_on_ec2(self.definition, list(self.observed.pools))
+            if why is not None:
+                return self.unschedulable(why)
         if pool is None or pool not in names:
             if named:
                 message = f"WorkerPool {named} does not exist"
@@ -337,7 +352,25 @@ class _Machine:
             self.enter("Queued", message, "NoWorkerPool", "Warning")
             return None
         self.set("workerPool", pool)
+        conditions = self.status.get("conditions") or []
+        if any(c.get("type") == UNSCHEDULABLE for c in conditions):  # a pool takes it now (runs raised after an edit)
+            self.patch["conditions"] = [c for c in conditions if c.get("type") != UNSCHEDULABLE]
         return pool
+
+    def unschedulable(self, why: str) -> None:
+        """No instance type of the EC2 pools of its platform holds it: it ends now, an error,
+        rather than wait for room that will never come."""
+        runs = self.asked()
+        message = f"unschedulable: {why}"
+        self.counts["errored"] += max(0, runs - self.ended_runs())
+        self.counts["queued"] = self.counts["running"] = 0
+        conditions = [c for c in self.status.get("conditions") or [] if c.get("type") != UNSCHEDULABLE]
+        conditions.append({"type": UNSCHEDULABLE, "status": "True", "reason": "NoInstanceType",
+                           "message": why[:1000], "lastTransitionTime": self.stamp})
+        self.patch.update({"phase": "Error", "result": "error", "message": message[:1000], "completionTime": self.stamp,
+                           "startedRuns": max(runs, self.started), "runCounts": self.counts_status(),
+                           "runsSummary": f"{self.counts['passed']}/{runs}", "conditions": conditions})
+        self.event("Warning", "Unschedulable", message)
 
     # -- the runs ----------------------------------------------------------------------------
 
@@ -398,11 +431,23 @@ class _Machine:
 
     def check_pod(self, run: int, entry: dict, pod: PodObservation | None) -> None:
         settings, now = self.settings, self.now
+        on_instance = self.observed.worker == "instance"
         if pod is None:
             since = parse_time(entry["since"])
             if now - since < settings.missing_pod_grace_seconds:
                 return self.wake_at(since + settings.missing_pod_grace_seconds)
+            if on_instance:
+                return self.infra_failure(run, entry, "InstanceLost",
+                                          "its EC2 instance disappeared before its agent reported a result")
             return self.infra_failure(run, entry, "PodDeleted", "its pod disappeared before its agent reported a result")
+        if pod.lost_reason:
+            return self.infra_failure(run, entry, pod.lost_reason, pod.message or pod.lost_reason)
+        if on_instance and pod.phase in ("Succeeded", "Failed"):
+            # Shutting down or gone without our asking: its RESULT may still be on its way.
+            finished = pod.finished if pod.finished is not None else now
+            if now - finished < settings.result_grace_seconds:
+                return self.wake_at(finished + settings.result_grace_seconds)
+            return self.infra_failure(run, entry, "InstanceLost", f"{pod.message} without a result from its agent")
         if pod.phase in ("Succeeded", "Failed"):
             if pod.reason == "Evicted" or pod.disruption.startswith("Eviction"):
                 return self.infra_failure(run, entry, "Evicted", pod.message or "the pod was evicted")
@@ -440,8 +485,16 @@ class _Machine:
             return self.verdict(run, entry, RunResult(
                 "error", f"its pod was pending for more than {settings.pending_timeout_seconds:.0f} s: {why}"))
         # Running: its agent must be heard from, counting the operator's own downtime as heard.
-        reference = max(self.observed.heartbeats.get((run, entry["attempt"]), 0.0),
-                        pod.running_since or pod.started or pod.created, self.observed.operator_started)
+        beat = self.observed.heartbeats.get((run, entry["attempt"]))
+        if beat is None and self.observed.boot_grace_seconds is not None:
+            # An instance boots first: its agent's first heartbeat may take minutes.
+            reference = max(pod.created, self.observed.operator_started)
+            if now - reference > self.observed.boot_grace_seconds:
+                return self.infra_failure(run, entry, "BootTimedOut",
+                                          f"{pod.message or 'its instance'}: no heartbeat from its agent "
+                                          f"{now - pod.created:.0f} s after launch")
+            return self.wake_at(reference + self.observed.boot_grace_seconds)
+        reference = max(beat or 0.0, pod.running_since or pod.started or pod.created, self.observed.operator_started)
         if now - reference > settings.heartbeat_grace_seconds:
             return self.infra_failure(run, entry, "HeartbeatLost",
                                       f"no heartbeat from its agent for {now - reference:.0f} s")

@@ -24,7 +24,8 @@ TERMINAL_POD_PHASES = frozenset({"Succeeded", "Failed"})
 
 def pool_for(task: dict, pool_name: str, pools: list[dict]) -> str | None:
     """The pool a TestRun goes to: the one it names, else the first pool by priority (higher
-    first, then by name) whose platform matches and whose per-pod ceiling fits the task."""
+    first, then by name) whose platform matches and whose per-pod ceiling fits the task (an
+    EC2 pool: one of its instance types holds it)."""
     if pool_name:
         return pool_name
     platform = (task or {}).get("platform") or "linux"
@@ -33,6 +34,12 @@ def pool_for(task: dict, pool_name: str, pools: list[dict]) -> str | None:
     for pool in sorted(pools, key=lambda p: (-int(p["spec"].get("priority") or 0), p["metadata"]["name"])):
         spec = pool["spec"]
         if (spec.get("platform") or "linux") != platform:
+            continue
+        if spec.get("provider") == "ec2":
+            from testlooper.decisions.ec2 import takes
+
+            if takes(pool, task):  # an instance type holds it (maxPod* are for pods)
+                return pool["metadata"]["name"]
             continue
         if spec.get("maxPodCores") and cores > spec["maxPodCores"]:
             continue

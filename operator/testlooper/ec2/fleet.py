@@ -34,6 +34,7 @@ LIVE_STATES = ("pending", "running", "shutting-down", "stopping", "stopped")
 ALL_STATES = LIVE_STATES + ("terminated",)
 THROTTLING_CODES = frozenset({"RequestLimitExceeded", "Throttling", "ThrottlingException",
                               "ServiceUnavailable", "Unavailable", "InternalError"})
+STATUS_BATCH = 100  # ids per describe_instance_status
 TERMINATE_BATCH = 500  # well under the API's limit on ids per request
 DESCRIBE_PAGE_SIZE = 1000
 
@@ -160,6 +161,21 @@ class Ec2Fleet:
         if done:
             _log.info("pool %s: terminating %s", self.pool_name, ", ".join(done))
         return done
+
+    def impaired(self, instance_ids) -> set[str]:
+        """Of ``instance_ids`` (running ones), those whose EC2 instance or system status check
+        reports ``impaired``: one describe_instance_status per STATUS_BATCH ids."""
+        ids = sorted(set(instance_ids))
+        found: set[str] = set()
+        for start in range(0, len(ids), STATUS_BATCH):
+            batch = ids[start:start + STATUS_BATCH]
+            answer = self._call("DescribeInstanceStatus",
+                                lambda: self.client.describe_instance_status(InstanceIds=batch))
+            for status in answer.get("InstanceStatuses", []):
+                checks = (status.get("InstanceStatus") or {}).get("Status"), (status.get("SystemStatus") or {}).get("Status")
+                if "impaired" in checks and status.get("InstanceId") in batch:
+                    found.add(status["InstanceId"])
+        return found
 
     # -- helpers --------------------------------------------------------------------------------
 
