@@ -38,9 +38,10 @@ LEAVING_MEMORY = 10000  # instances whose first "going" sighting is remembered
 
 
 class Ec2Workers:
-    def __init__(self, context, secret: bytes, *, client_factory=None):
+    def __init__(self, context, secret: bytes, *, heartbeat_seconds: float = 5.0, client_factory=None):
         self.context = context
         self.secret = secret
+        self.heartbeat_seconds = heartbeat_seconds  # how often the agents beat (as a pod's do)
         self._client_factory = client_factory
         self._clients: dict[str, object] = {}  # region -> boto3 EC2 client
         self._fleets: dict[tuple[str, str], tuple[tuple, object]] = {}  # (namespace, pool) -> (settings, Ec2Fleet)
@@ -166,7 +167,8 @@ class Ec2Workers:
         image = task_image(definition, pool)
         host_ips = ((pool.get("spec") or {}).get("ec2") or {}).get("hostIps") or {}
         script = (user_data.windows if ec2_pool.platform == "windows" else user_data.linux)(
-            api_url, run_id, tokens.run_token(self.secret, run_id), image, host_ips)
+            api_url, run_id, tokens.run_token(self.secret, run_id), image, host_ips,
+            heartbeat_seconds=self.heartbeat_seconds)
         fleet = self.fleet(pool)
         request = placement.Launch(run_id, kind, ec2_pool.ami, ec2_pool.platform)
         instance_id = await asyncio.to_thread(fleet.launch, request, script,

@@ -266,7 +266,8 @@ class RunController:
         self._full: dict[str, set[str]] = {}
         self._tasks: set[asyncio.Task] = set()
         self._pools = PoolReader(self.api)
-        self.ec2 = Ec2Workers(context, secret)  # the runs of pools with provider ec2
+        # The runs of pools with provider ec2.
+        self.ec2 = Ec2Workers(context, secret, heartbeat_seconds=heartbeat_interval(self.settings))
         # Decisions made at once: 5,000 TestRuns appearing together wait their turn here rather
         # than all holding their reads in memory (and the API client's queue) at once.
         self._decisions = asyncio.Semaphore(DECISION_CONCURRENCY)

@@ -62,7 +62,7 @@ def _common(api_url, run_id, token, image, host_ips):
 
 
 def linux(api_url: str, run_id: str, token: str, image: str | None = None, host_ips=None, *,
-          shutdown: bool = True) -> str:
+          shutdown: bool = True, heartbeat_seconds: float = 5.0) -> str:
     """A bash script (cloud-init runs it as root at first boot).
 
     With ``image`` and a working docker, each command of the task runs in that image, on
@@ -153,8 +153,16 @@ fi
 
 say "starting the agent for run $RUN_ID"
 export {TOKEN_VARIABLE}={quote(token)}
-"$PYTHON" -S -E "$WORK/agent.py" --api "$API_URL" --run-id "$RUN_ID" --workdir "$WORK/run"
+"$PYTHON" -S -E "$WORK/agent.py" --api "$API_URL" --run-id "$RUN_ID" --workdir "$WORK/run" --heartbeat-seconds {_beat(heartbeat_seconds)}
 """)
+
+
+def _beat(seconds: float) -> str:
+    """The agent's heartbeat interval as a plain number (it goes into the script as is)."""
+    seconds = float(seconds)
+    if not 0.1 <= seconds <= 3600:
+        raise UserDataError(f"the heartbeat interval must be between 0.1 and 3600 seconds, not {seconds:g}")
+    return f"{seconds:g}"
 
 
 def _within_limit(script: str) -> str:
@@ -170,7 +178,7 @@ def _ps(value: str) -> str:
 
 
 def windows(api_url: str, run_id: str, token: str, image: str | None = None, host_ips=None, *,
-            shutdown: bool = True) -> str:
+            shutdown: bool = True, heartbeat_seconds: float = 5.0) -> str:
     """A PowerShell script in EC2Launch's <powershell> tags, run as SYSTEM at first boot.
 
     The task's commands run on the machine itself (Windows containers are not used: the
@@ -220,7 +228,7 @@ try {{
     }}
     Write-Output "testlooper: starting the agent for run $RunId"
     $env:{TOKEN_VARIABLE} = {_ps(token)}
-    & $Python.Source -S -E $Agent --api $ApiUrl --run-id $RunId --workdir (Join-Path $Work 'run')
+    & $Python.Source -S -E $Agent --api $ApiUrl --run-id $RunId --workdir (Join-Path $Work 'run') --heartbeat-seconds {_beat(heartbeat_seconds)}
     Write-Output "testlooper: the agent ended with exit code $LASTEXITCODE"
 }} catch {{
     Write-Output "testlooper: $($_.Exception.Message)"
