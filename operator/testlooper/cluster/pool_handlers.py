@@ -9,6 +9,7 @@ cluster/ec2_workers.py says what that does.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 
@@ -16,7 +17,9 @@ import kopf
 
 from testlooper.cluster import run_metrics
 from testlooper.cluster.context import OperatorContext
+from testlooper.decisions.ec2 import is_ec2
 from testlooper.decisions.pools import Usage, counting_view, pool_status, pool_usage, run_sizes
+from testlooper.ec2.fleet import Ec2Error
 from testlooper.kube.models import SpecError, parse_workerpool_spec
 from testlooper.kube.objects import MANAGED_BY, MANAGED_BY_LABEL, condition, set_condition
 
@@ -24,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 
 ACCEPTED = "Accepted"
+EC2_AVAILABLE = "Ec2Available"  # an EC2 pool: whether its last sweep could list its instances
 
 
 def register(registry: kopf.OperatorRegistry, interval: float, ec2_interval: float = 60.0) -> None:
@@ -35,6 +39,30 @@ def register(registry: kopf.OperatorRegistry, interval: float, ec2_interval: flo
                initial_delay=1.0, when=lambda spec, **_: spec.get("provider") == "ec2")(ec2_sweep)
     kopf.on.event("testlooper.dev", "v1alpha1", "workerpools", registry=registry, id="forget-pool",
                   when=lambda type, **_: type == "DELETED")(forget_pool)
+    kopf.on.event("testlooper.dev", "v1alpha1", "workerpools", registry=registry, id="pool-changed",
+                  when=lambda type, **_: type != "DELETED")(pool_changed)
+
+
+_seen_specs: dict[tuple[str, str], str] = {}  # (namespace, pool) -> its spec as last seen
+
+
+async def pool_changed(name: str, namespace: str, body: kopf.Body, memo: OperatorContext, **_) -> None:
+    """A pool created or its spec changed (not its status): the TestRuns no pool took yet may
+    fit it now, so they decide again."""
+    # The spec itself, not metadata.generation: the emulator does not count generations.
+    seen = json.dumps(dict(body.get("spec") or {}), sort_keys=True)
+    if _seen_specs.get((namespace, name)) == seen or memo.runs is None:
+        return
+    _seen_specs[(namespace, name)] = seen
+    memo.runs.pools_changed(namespace)
+    try:
+        for testrun in await memo.api.list_objects_paged("testruns", namespace, counting_view):
+            status = testrun.get("status") or {}
+            if status.get("phase") == "Queued" and not status.get("workerPool"):
+                memo.runs.poke(namespace, testrun["metadata"]["name"])
+    except Exception as exc:  # the next change, or the TestRun's own, tries again
+        logger.warning("WorkerPool %s/%s: the TestRuns waiting for a pool not woken: %s: %s", namespace, name,
+                       type(exc).__name__, exc)
 
 
 async def count_pool_usage(api, namespace: str, pools: list[dict], testruns: list[dict]) -> dict[str, Usage]:
@@ -59,9 +87,11 @@ def accepted_condition(body: kopf.Body, now: str) -> tuple[list[dict] | None, st
         said = condition(ACCEPTED, False, "SpecRefused", refusal, now, body["metadata"].get("generation"))
     conditions = list((body.get("status") or {}).get("conditions") or [])
     updated = set_condition(conditions, said)
-    unchanged = [{k: v for k, v in c.items() if k != "lastTransitionTime"} for c in conditions] == \
-        [{k: v for k, v in c.items() if k != "lastTransitionTime"} for c in updated]
-    return (None if unchanged else updated), refusal
+    return (None if _without_times(conditions) == _without_times(updated) else updated), refusal
+
+
+def _without_times(conditions: list[dict]) -> list[dict]:
+    return [{k: v for k, v in c.items() if k != "lastTransitionTime"} for c in conditions]
 
 
 async def count_usage(name: str, namespace: str, body: kopf.Body, memo: OperatorContext, **_) -> None:
@@ -76,8 +106,12 @@ async def count_usage(name: str, namespace: str, body: kopf.Body, memo: Operator
         # A page at a time, each reduced to what is counted: 5,000 TestRuns are never all held whole.
         testruns = await memo.api.list_objects_paged("testruns", namespace, counting_view)
         usage = await count_pool_usage(memo.api, namespace, pools, testruns)
-        if memo.runs is not None:  # what the EC2 pools' instances hold, as last described
-            usage.update(await memo.runs.ec2.usage(namespace, pools, fresh=False))
+        this = next((pool for pool in pools if pool["metadata"]["name"] == name), None)
+        if memo.runs is not None and is_ec2(this):  # what its instances hold, as last described
+            try:
+                usage.update(await memo.runs.ec2.usage(namespace, [this], fresh=False))
+            except Ec2Error:
+                pass  # the sweep says it, in the condition Ec2Available; the pods' count goes on
         run_metrics.testruns_listed(memo, namespace, testruns)
         run_metrics.pools_counted(memo, namespace, pools, testruns, usage)
         status = pool_status(dict(body), pools, testruns, usage.get(name, Usage()))
@@ -97,16 +131,27 @@ async def ec2_sweep(name: str, namespace: str, body: kopf.Body, memo: OperatorCo
         return
     from testlooper.cluster.runs import accepted_pools
 
+    from testlooper.decisions.phases import format_time
+
     pool = dict(body)
     if not accepted_pools([pool]):
         return  # refused: count_usage says why; its instances are left as they are until it is mended
+    current = body.get("status") or {}
     try:
         testruns = await memo.api.list_objects_paged("testruns", namespace, counting_view)
-        status, to_decide = await memo.runs.ec2.sweep(pool, testruns)
+        try:
+            status, to_decide = await memo.runs.ec2.sweep(pool, testruns)
+            said = condition(EC2_AVAILABLE, True, "Listed", "EC2 answers", format_time(time.time()), None)
+        except Ec2Error as exc:  # no credentials, no permission, no network: said where the user looks
+            logger.warning("WorkerPool %s/%s: %s", namespace, name, exc)
+            status, to_decide = {}, []
+            said = condition(EC2_AVAILABLE, False, "Ec2Error", str(exc), format_time(time.time()), None)
+        conditions = set_condition(current.get("conditions") or [], said)
+        if _without_times(conditions) != _without_times(current.get("conditions") or []):
+            status["conditions"] = conditions
         for key in to_decide:
             memo.runs.poke(*key)
-        current = body.get("status") or {}
-        if {key: current.get(key) for key in status} != status:
+        if status and {key: current.get(key) for key in status} != status:
             await memo.api.patch_status("workerpools", namespace, name, status)
     except Exception as exc:
         memo.metrics.reconcile_errors.labels("WorkerPool").inc()
@@ -115,5 +160,6 @@ async def ec2_sweep(name: str, namespace: str, body: kopf.Body, memo: OperatorCo
 
 async def forget_pool(name: str, namespace: str, memo: OperatorContext, **_) -> None:
     memo.metrics.forget_pool(namespace, name)
+    _seen_specs.pop((namespace, name), None)
     if memo.runs is not None:
         memo.runs.ec2.forget_pool(namespace, name)

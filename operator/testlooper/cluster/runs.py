@@ -38,6 +38,7 @@ from testlooper.decisions import ec2 as ec2_placement
 from testlooper.decisions import phases
 from testlooper.decisions.pools import POOL_LABEL, admit, counting_view, pool_for
 from testlooper.decisions.repo import ENDED_PHASES
+from testlooper.ec2.fleet import Ec2Error
 from testlooper.kube import pods as pod_builder
 from testlooper.kube.models import SpecError, parse_workerpool_spec
 from testlooper.kube.objects import MANAGED_BY, MANAGED_BY_LABEL, label_value, testrun_name
@@ -226,6 +227,9 @@ class PoolReader:
             self._read[namespace] = entry = (now, future)
         return await asyncio.shield(entry[1])
 
+    def forget(self, namespace: str) -> None:
+        self._read.pop(namespace, None)
+
     async def _accepted(self, namespace: str) -> list[dict]:
         return accepted_pools(await self.api.list_objects("workerpools", namespace))
 
@@ -344,6 +348,10 @@ class RunController:
         self.ensure_loop(namespace)
         self._wakes[namespace].set()
 
+    def pools_changed(self, namespace: str) -> None:
+        """A WorkerPool was created or its spec changed: decisions read the pools afresh."""
+        self._pools.forget(namespace)
+
     def room_freed(self, namespace: str) -> None:
         """A run ended or a pod went: a round is worth it only if some demand waits for room."""
         if self._full.get(namespace) != set():
@@ -407,9 +415,17 @@ class RunController:
         ec2_pools = [pool for pool in pools if ec2_placement.is_ec2(pool) and pool["metadata"]["name"] in wanted]
         if ec2_pools:
             # An instance holds its whole type: room is counted from a describe made now, at
-            # the types' sizes, and each run asks for the type it will be launched as.
-            usage.update(await self.ec2.usage(namespace, ec2_pools, fresh=True))
-            demands = sized_for_instances(demands, ec2_pools, testruns)
+            # the types' sizes, and each run asks for the type it will be launched as. A pool
+            # whose describe fails admits nothing this round (its sweep says why).
+            listed = []
+            for pool in ec2_pools:
+                try:
+                    usage.update(await self.ec2.usage(namespace, [pool], fresh=True))
+                    listed.append(pool)
+                except Ec2Error:
+                    pass
+            unlisted = {pool["metadata"]["name"] for pool in ec2_pools if pool not in listed}
+            demands = sized_for_instances([d for d in demands if d.pool not in unlisted], listed, testruns)
         run_metrics.pools_counted(self.context, namespace, pools, testruns, usage)
         # The room is shared out here, once for the round: the admitted TestRuns' decisions can
         # then run side by side (each under its own lock) without spending it twice.
@@ -448,8 +464,8 @@ class RunController:
         on_ec2 = ec2_placement.is_ec2(pool)
         if status:
             own_secrets = [s for s in await self.api.list_core("secrets", pod_namespace, selector) if _owned(s, testrun)]
-            if on_ec2:  # its run attempts are instances
-                workers = await self.ec2.observe(testrun, pool)
+            if on_ec2:  # its run attempts are instances (none before it is placed in the pool)
+                workers = await self.ec2.observe(testrun, pool) if status.get("workerPool") else []
             else:
                 own_pods = [pod for pod in await self.api.list_core("pods", pod_namespace, selector) if _owned(pod, testrun)]
                 workers = [p for p in (phases.observe_pod(pod) for pod in own_pods) if p is not None]
