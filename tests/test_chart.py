@@ -279,6 +279,8 @@ def test_bad_values_fail_with_a_clear_message(values, message):
     ({"extraWorkerPools": [{"name": "linux", "spec": {"provider": "kubernetes"}}]},
      "extraWorkerPools[0].name linux: the chart already makes a WorkerPool of that name"),
     (ec2_pool_values(reuse=True, minLifetimeSeconds=3000), "extraWorkerPools[0].spec.ec2.reuse is not supported"),
+    ({"operator": {"extraEnv": [{"name": "AWS_SECRET_ACCESS_KEY", "value": "wJalrXUtnFEMI"}]}},
+     "operator.extraEnv AWS_SECRET_ACCESS_KEY: a secret written in values is readable by anyone who can read the Deployment"),
 ])
 def test_inconsistent_values_fail_with_a_clear_message(values, message):
     with pytest.raises(helm_python.HelmError) as failure:
@@ -397,6 +399,13 @@ def test_the_ec2_api_url_value_wins_over_the_ingress_and_goes_without_a_trailing
     assert [arg for arg in args if arg.startswith("--ec2-api-url")] == ["--ec2-api-url=https://lb.example.com:8443"]
     # Neither set: no flag, the operator falls back on --api-url (right with no EC2 pool).
     assert not any(arg.startswith("--ec2-api-url") for arg in operator_container(render_chart())["args"])
+
+
+def test_aws_keys_may_come_into_extra_env_from_a_secret_only():
+    reference = {"secretKeyRef": {"name": "mine", "key": "secret"}}
+    container = operator_container(render_chart({"operator": {"extraEnv": [
+        {"name": "AWS_SECRET_ACCESS_KEY", "valueFrom": reference}, {"name": "AWS_MAX_ATTEMPTS", "value": "3"}]}}))
+    assert {"name": "AWS_SECRET_ACCESS_KEY", "valueFrom": reference} in container["env"]
 
 
 def test_the_chart_refuses_reuse_exactly_while_the_operator_does():
