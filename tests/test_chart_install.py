@@ -163,6 +163,14 @@ def test_install_rehearsal(kube, kubectl_present, tmp_path, case, request):
             where = {} if region == "us-east-1" else {"CreateBucketConfiguration": {"LocationConstraint": region}}
             boto3.client("s3", region_name=region, endpoint_url=aws_url).create_bucket(Bucket=values["s3"]["bucket"],
                                                                                    **where)
+        if case == "ec2-s3":
+            # An instance of the Windows pool already running (a previous operator's run, within
+            # its launch grace): the sweep, with the role's keys, must list it in the pool's status.
+            planted = boto3.client("ec2", region_name="us-east-1", endpoint_url=aws_url).run_instances(
+                ImageId="ami-12c6146b", InstanceType="t3.medium", MinCount=1, MaxCount=1,
+                TagSpecifications=[{"ResourceType": "instance", "Tags": [
+                    {"Key": "testlooper-worker", "Value": f"{NAMESPACE}/windows-ec2"},
+                    {"Key": "testlooper:run", "Value": f"{NAMESPACE}.gone.1.1"}]}])["Instances"][0]["InstanceId"]
         if case == "s3":
             local["AWS_ENDPOINT_URL_S3"] = aws_url
             keys = {"AWS_ACCESS_KEY_ID": "chart-key-id", "AWS_SECRET_ACCESS_KEY": "chart-secret-key"}
@@ -218,6 +226,17 @@ def test_install_rehearsal(kube, kubectl_present, tmp_path, case, request):
             if aws_url:
                 assert (f"artifacts go to s3://ci-artifacts/testlooper/ (endpoint {aws_url})"
                         in log_path.read_text())
+            if case == "ec2-s3":
+                def swept(name):
+                    status = kube.api("GET", f"/apis/testlooper.dev/v1alpha1/namespaces/{NAMESPACE}/workerpools/{name}"
+                                      ).get("status") or {}
+                    return status if "instances" in status else None
+                windows = wait_for(lambda: swept("windows-ec2"), timeout=30, what="the Windows EC2 pool swept")
+                assert [entry["instanceId"] for entry in windows["instances"]] == [planted]
+                assert windows["costPerHour"] == 0.0416  # t3.medium's hourlyPrice in the values file
+                assert wait_for(lambda: swept("bigmem-ec2"), timeout=30, what="the big-memory pool swept")[
+                    "instances"] == []
+                assert "not swept" not in log_path.read_text()
         finally:
             process.terminate()
             try:
