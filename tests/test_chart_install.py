@@ -133,6 +133,29 @@ def irsa_env(documents: list[dict], tmp_path, aws_url: str) -> dict[str, str]:
             "AWS_WEB_IDENTITY_TOKEN_FILE": str(token), "AWS_ENDPOINT_URL": aws_url}
 
 
+def dashboard_ec2_gauges_are_sampled(port: int) -> None:
+    """The dashboard's EC2 gauges, which tests/test_dashboard.py (pod runs only) finds exposed but
+    without a sample, have samples after this sweep, with every label their panels use."""
+    from prometheus_client.parser import text_string_to_metric_families
+    from test_dashboard import dashboard, expressions, metrics_and_labels
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+        text = answer.read().decode()
+    sampled: dict[str, set[str]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            sampled.setdefault(sample.name, set()).update(sample.labels)
+    gauges = {"testlooper_ec2_instances", "testlooper_ec2_cost_per_hour"}
+    checked = set()
+    for expression in expressions(dashboard()):
+        names, labels = metrics_and_labels(expression)
+        for name in names & gauges:
+            assert name in sampled, f"{name} has no sample after the sweep"
+            assert labels <= sampled[name], f"{expression}: labels {sorted(labels - sampled[name])} on no series"
+            checked.add(name)
+    assert checked == gauges
+
+
 @pytest.mark.parametrize("case", ["namespaced", "cluster-wide", "s3", "ec2-s3"])
 def test_install_rehearsal(kube, kubectl_present, tmp_path, case, request):
     """namespaced: a Role in the watched namespace, the bundled Redis (its address mapped to a
@@ -237,6 +260,7 @@ def test_install_rehearsal(kube, kubectl_present, tmp_path, case, request):
                 assert wait_for(lambda: swept("bigmem-ec2"), timeout=30, what="the big-memory pool swept")[
                     "instances"] == []
                 assert "not swept" not in log_path.read_text()
+                dashboard_ec2_gauges_are_sampled(port)
         finally:
             process.terminate()
             try:
