@@ -32,8 +32,8 @@ FOREIGN_KINDS = {("monitoring.coreos.com", "ServiceMonitor"): "the Prometheus Op
 KUBERNETES_VERSION = "1.30.0"
 
 
-def test_three_values_files_are_kept():
-    assert {"namespaced", "cluster-wide", "s3"} <= set(CASES), sorted(CASES)
+def test_the_values_files_of_the_issue_are_kept():
+    assert {"namespaced", "cluster-wide", "s3", "ec2-s3"} <= set(CASES), sorted(CASES)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -148,7 +148,7 @@ def operator_env_names() -> set[str]:
     """The environment variables the operator reads: its flags' defaults, and boto3's."""
     source = (ROOT / "operator" / "testlooper" / "cli" / "operator_cmd.py").read_text()
     return set(re.findall(r'os\.environ\.get\("([A-Z0-9_]+)"', source)) | {
-        "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+        "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
 
 
 def parse_operator_command(container: dict):
@@ -185,7 +185,24 @@ def test_the_deployment_runs_flags_the_operator_accepts(case):
     assert args.namespaces == values.get("watchNamespaces", [])
     if values.get("s3"):
         assert (args.s3_bucket, args.s3_prefix) == (values["s3"]["bucket"], values["s3"]["prefix"])
-        assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["name"] == values["s3"]["credentialsSecret"]
+    aws = values.get("aws", {})
+    if aws.get("credentialsSecret"):
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            assert env[key]["valueFrom"]["secretKeyRef"] == {"name": aws["credentialsSecret"], "key": key}
+    else:  # IRSA or the node's role: no key in the environment
+        assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} & set(env)
+    assert env.get("AWS_DEFAULT_REGION", {}).get("value") == (aws.get("region") or None)
+    assert env.get("AWS_ENDPOINT_URL_S3", {}).get("value") == (values.get("s3", {}).get("endpointUrl") or None)
+    # The operator's own checks of the EC2 flags (cli/operator_cmd.py run()), on what it parsed.
+    assert args.ec2_sweep_interval >= 1 and args.ec2_boot_timeout >= 0
+    operator = values.get("operator", {})
+    assert (args.ec2_sweep_interval, args.ec2_boot_timeout) == (operator.get("ec2SweepInterval", 60),
+                                                                operator.get("ec2BootTimeout", 0))
+    if values.get("ingress", {}).get("enabled"):
+        scheme = "https" if values["ingress"].get("tls", {}).get("secretName") else "http"
+        assert args.ec2_api_url == (operator.get("ec2ApiUrl") or f"{scheme}://{values['ingress']['host']}")
+    else:
+        assert args.ec2_api_url == operator.get("ec2ApiUrl", "")
     if not values.get("redis", {}).get("bundled", True):
         assert env["TESTLOOPER_STORE"]["valueFrom"]["secretKeyRef"] == {"name": "testlooper-store", "key": "url"}
         assert of_kind(render_chart(values), "StatefulSet") == []
@@ -203,9 +220,23 @@ def test_cluster_wide_values_render_a_service_monitor_and_no_redis():
 def test_namespaced_values_expose_only_webhooks_and_the_worker_api():
     documents = render_chart(CASES["namespaced"])
     ingress, = of_kind(documents, "Ingress")
-    paths = [path["path"] for rule in ingress["spec"]["rules"] for path in rule["http"]["paths"]]
-    assert paths == ["/webhooks/", "/githubReceivedAPush", "/runs/"]
+    paths = [(path["path"], path["pathType"]) for rule in ingress["spec"]["rules"] for path in rule["http"]["paths"]]
+    # /agent.py: what an EC2 worker's boot script downloads (docs/ec2.md), the open agent's source.
+    assert paths == [("/webhooks/", "Prefix"), ("/githubReceivedAPush", "Prefix"), ("/runs/", "Prefix"),
+                     ("/agent.py", "Exact")]
     assert {pool["metadata"]["namespace"] for pool in of_kind(documents, "WorkerPool")} == {"team-a", "team-b"}
+
+
+EC2_SPEC = {"provider": "ec2", "platform": "windows", "maxWorkers": 2, "ec2": {
+    "region": "eu-west-1", "vpcId": "vpc-0a1b2c3d", "subnetId": "subnet-0a1b2c3d", "securityGroupIds": ["sg-0a1b2c3d"],
+    "instanceTypes": [{"type": "m5.xlarge", "cores": 4, "ramGb": 16}], "windowsAmi": "ami-0a1b2c3d"}}
+EC2_URL = {"operator": {"ec2ApiUrl": "https://ci.example.com"}}
+
+
+def ec2_pool_values(**ec2) -> dict:
+    """Values with one extra EC2 WorkerPool, its spec.ec2 fields changed by `ec2`."""
+    spec = {**EC2_SPEC, "ec2": {**EC2_SPEC["ec2"], **ec2}}
+    return {**EC2_URL, "extraWorkerPools": [{"name": "windows-ec2", "spec": spec}]}
 
 
 @pytest.mark.parametrize("values, message", [
@@ -214,7 +245,16 @@ def test_namespaced_values_expose_only_webhooks_and_the_worker_api():
     ({"operator": {"logLevel": "LOUD"}}, "at '/operator/logLevel': value must be one of"),
     ({"image": {"repository": "x", "tga": "1"}}, "at '/image': additional properties 'tga' not allowed"),
     ({"s3": {"bucket": "Not_A_Bucket"}}, "at '/s3/bucket'"),
-    ({"workerPool": {"spec": {"provider": "ec2"}}}, "at '/workerPool/spec/provider'"),
+    ({"workerPool": {"spec": {"provider": "docker"}}}, "at '/workerPool/spec/provider': value must be one of"),
+    ({"aws": {"accessKeyId": "AKIA..."}}, "at '/aws': additional properties 'accessKeyId' not allowed"),
+    ({"s3": {"credentialsSecret": "x"}}, "at '/s3': additional properties 'credentialsSecret' not allowed"),
+    ({"operator": {"ec2ApiUrl": "testlooper.example.com"}}, "at '/operator/ec2ApiUrl'"),
+    ({"operator": {"ec2SweepInterval": 0}}, "at '/operator/ec2SweepInterval'"),
+    (ec2_pool_values(subnetID="subnet-0a1b2c3d"), "at '/extraWorkerPools/0/spec/ec2': additional properties 'subnetID'"),
+    (ec2_pool_values(region="US East"), "at '/extraWorkerPools/0/spec/ec2/region'"),
+    (ec2_pool_values(instanceTypes=[{"type": "m5.xlarge", "cores": 4, "ram": 16}]),
+     "at '/extraWorkerPools/0/spec/ec2/instanceTypes/0'"),
+    ({"extraWorkerPools": [{"spec": {"provider": "kubernetes"}}]}, "at '/extraWorkerPools/0': missing property 'name'"),
 ])
 def test_bad_values_fail_with_a_clear_message(values, message):
     with pytest.raises(helm_python.HelmValuesError) as failure:
@@ -226,6 +266,21 @@ def test_bad_values_fail_with_a_clear_message(values, message):
     ({"redis": {"bundled": False}}, "redis.external.existingSecret is required when redis.bundled is false"),
     ({"s3": {"prefix": "x/"}}, "s3.prefix needs s3.bucket"),
     ({"replicaCount": 2}, "replicaCount above 1 needs persistence.accessMode ReadWriteMany"),
+    ({"extraWorkerPools": [{"name": "windows-ec2", "spec": EC2_SPEC}]},
+     "a WorkerPool with provider ec2 needs operator.ec2ApiUrl or ingress.enabled: EC2 instances run outside the cluster"),
+    ({"workerPool": {"spec": EC2_SPEC}}, "a WorkerPool with provider ec2 needs operator.ec2ApiUrl or ingress.enabled"),
+    ({**ec2_pool_values(), "operator": {"ec2ApiUrl": "http://tl-testlooper.testlooper.svc:8080"}},
+     "operator.ec2ApiUrl http://tl-testlooper.testlooper.svc:8080 is an address inside the cluster or the pod"),
+    ({**ec2_pool_values(), "operator": {"ec2ApiUrl": "http://localhost:8080/"}}, "is an address inside the cluster"),
+    ({**EC2_URL, "workerPool": {"spec": {"provider": "ec2", "platform": "linux"}}},
+     "workerPool.spec.ec2 is required with provider ec2"),
+    ({"extraWorkerPools": [{"name": "big", "spec": {"provider": "kubernetes", "ec2": EC2_SPEC["ec2"]}}]},
+     "extraWorkerPools[0].spec.ec2 is only for provider ec2 (this pool's is kubernetes)"),
+    ({"extraWorkerPools": [{"name": "linux", "spec": {"provider": "kubernetes"}}]},
+     "extraWorkerPools[0].name linux: the chart already makes a WorkerPool of that name"),
+    (ec2_pool_values(reuse=True, minLifetimeSeconds=3000), "extraWorkerPools[0].spec.ec2.reuse is not supported"),
+    ({"operator": {"extraEnv": [{"name": "AWS_SECRET_ACCESS_KEY", "value": "wJalrXUtnFEMI"}]}},
+     "operator.extraEnv AWS_SECRET_ACCESS_KEY: a secret written in values is readable by anyone who can read the Deployment"),
 ])
 def test_inconsistent_values_fail_with_a_clear_message(values, message):
     with pytest.raises(helm_python.HelmError) as failure:
@@ -271,3 +326,95 @@ def test_the_rbac_reading_of_the_rehearsal_refuses_what_bindings_do_not_allow():
         "create pods in team-b", "list pods in all namespaces", f"delete secrets in {RELEASE_NAMESPACE}",
         "create clusterkopfpeerings in all namespaces"])
     assert unauthorized(allowed[:1], documents, "someone-else", RELEASE_NAMESPACE) == ["list namespaces in all namespaces"]
+
+
+# -- EC2 worker pools ----------------------------------------------------------------------------
+
+
+def without_closed_objects(schema):
+    """The schema with the `additionalProperties: false` the chart adds (the CRD prunes instead)."""
+    if isinstance(schema, dict):
+        return {key: without_closed_objects(value) for key, value in schema.items()
+                if not (key == "additionalProperties" and value is False)}
+    if isinstance(schema, list):
+        return [without_closed_objects(item) for item in schema]
+    return schema
+
+
+def test_the_values_schema_mirrors_the_crds_ec2_schema():
+    values_schema = json.loads((CHART / "values.schema.json").read_text())
+    pool_spec = values_schema["definitions"]["workerPoolSpec"]
+    crd_spec = OUR_CRDS["testlooper.dev", "WorkerPool"]["spec"]["versions"][0]["schema"]["openAPIV3Schema"][
+        "properties"]["spec"]
+    assert without_closed_objects(pool_spec["properties"]["ec2"]) == crd_spec["properties"]["ec2"], (
+        "values.schema.json's definitions.workerPoolSpec.properties.ec2 differs from the WorkerPool CRD's spec.ec2: "
+        "copy it over, keeping additionalProperties false on ec2 and on instanceTypes' items")
+    assert pool_spec["properties"]["ec2"]["additionalProperties"] is False
+    assert pool_spec["properties"]["provider"]["enum"] == crd_spec["properties"]["provider"]["enum"]
+    assert values_schema["properties"]["workerPool"]["properties"]["spec"] == {"$ref": "#/definitions/workerPoolSpec"}
+
+
+@pytest.mark.parametrize("case", sorted(CASES) + ["ec2-default-pool"])
+def test_every_rendered_workerpool_is_one_the_operator_accepts(case):
+    from testlooper.kube.models import parse_workerpool_spec
+
+    values = CASES.get(case) or {**EC2_URL, "workerPool": {"name": "windows", "spec": EC2_SPEC}}
+    for pool in of_kind(render_chart(values), "WorkerPool"):
+        _, problems = admit(OUR_CRDS["testlooper.dev", "WorkerPool"], pool)
+        assert problems == [], f"{pool['metadata']['name']}: {problems}"
+        parse_workerpool_spec(pool["spec"])
+
+
+def test_the_ec2_values_file_renders_ec2_pools_beside_the_pod_pool_with_irsa():
+    documents = render_chart(CASES["ec2-s3"])
+    pools = {pool["metadata"]["name"]: pool for pool in of_kind(documents, "WorkerPool")}
+    assert {name: pool["spec"]["provider"] for name, pool in pools.items()} == {
+        "linux": "kubernetes", "windows-ec2": "ec2", "bigmem-ec2": "ec2"}
+    assert {pool["metadata"]["namespace"] for pool in pools.values()} == {"ci"}
+    assert pools["windows-ec2"]["spec"]["platform"] == "windows" and pools["windows-ec2"]["spec"]["ec2"]["windowsAmi"]
+    container = operator_container(documents)
+    assert "--ec2-api-url=https://testlooper.example.com" in container["args"]
+    # IRSA: the role on the ServiceAccount, no key anywhere in the pod.
+    account, = of_kind(documents, "ServiceAccount")
+    assert account["metadata"]["annotations"]["eks.amazonaws.com/role-arn"].startswith("arn:aws:iam::")
+    assert {item["name"] for item in container["env"]} == {"POD_NAMESPACE", "TESTLOOPER_STORE", "AWS_DEFAULT_REGION"}
+    ingress, = of_kind(documents, "Ingress")
+    assert {"/runs/", "/agent.py"} <= {path["path"] for path in ingress["spec"]["rules"][0]["http"]["paths"]}
+    assert ingress["spec"]["tls"][0]["hosts"] == ["testlooper.example.com"]
+    notes = render_notes(CASES["ec2-s3"])
+    assert "EC2 workers download the agent from https://testlooper.example.com/agent.py" in notes
+    assert "plain HTTP" not in notes
+
+
+def test_an_ec2_pool_behind_a_plain_http_ingress_is_warned_of():
+    values = {"ingress": {"enabled": True, "host": "ci.internal"}, "workerPool": {"spec": EC2_SPEC}}
+    assert "--ec2-api-url=http://ci.internal" in operator_container(render_chart(values))["args"]
+    assert "That URL is plain HTTP: each run's token crosses the network unencrypted" in render_notes(values)
+    assert "EC2 workers" not in render_notes({"ingress": {"enabled": True}})
+
+
+def test_the_ec2_api_url_value_wins_over_the_ingress_and_goes_without_a_trailing_slash():
+    values = {"ingress": {"enabled": True}, "operator": {"ec2ApiUrl": "https://lb.example.com:8443/"}}
+    args = operator_container(render_chart(values))["args"]
+    assert [arg for arg in args if arg.startswith("--ec2-api-url")] == ["--ec2-api-url=https://lb.example.com:8443"]
+    # Neither set: no flag, the operator falls back on --api-url (right with no EC2 pool).
+    assert not any(arg.startswith("--ec2-api-url") for arg in operator_container(render_chart())["args"])
+
+
+def test_aws_keys_may_come_into_extra_env_from_a_secret_only():
+    reference = {"secretKeyRef": {"name": "mine", "key": "secret"}}
+    container = operator_container(render_chart({"operator": {"extraEnv": [
+        {"name": "AWS_SECRET_ACCESS_KEY", "valueFrom": reference}, {"name": "AWS_MAX_ATTEMPTS", "value": "3"}]}}))
+    assert {"name": "AWS_SECRET_ACCESS_KEY", "valueFrom": reference} in container["env"]
+
+
+def test_the_chart_refuses_reuse_exactly_while_the_operator_does():
+    """The chart's refusal of ec2.reuse copies models.parse_workerpool_spec's; when the operator
+    learns reuse, this fails, saying to lift the chart's check (templates/workerpool.yaml) too."""
+    from testlooper.kube.models import SpecError, parse_workerpool_spec
+
+    spec = {**EC2_SPEC, "ec2": {**EC2_SPEC["ec2"], "reuse": True}}
+    with pytest.raises(SpecError, match="reuse: is not supported"):
+        parse_workerpool_spec(spec)
+    with pytest.raises(helm_python.HelmError, match="reuse is not supported"):
+        render_chart({**EC2_URL, "workerPool": {"spec": spec}})

@@ -2,7 +2,8 @@
 real `kubectl apply -f`, then the operator started as a local process with the rendered
 Deployment's own command, args and env (what a pod's kubelet would give it mapped to this
 machine: the cache volume to a temp dir, the bundled Redis's address to a real redis-server, S3
-to a real moto_server, the ServiceAccount to a kubeconfig for the emulator). It reconciles a
+to a real moto_server (and, for an IAM role on the ServiceAccount, what EKS injects, with
+moto_server as AWS), the ServiceAccount to a kubeconfig for the emulator). It reconciles a
 Repo applied after it, calling nothing the chart's RBAC does not allow.
 
 What it cannot show: that the images start, that probes pass on a kubelet, that the NetworkPolicy
@@ -12,6 +13,7 @@ lets the operator reach Redis (tests/e2e/ does that on kind, in users' CI).
 from __future__ import annotations
 
 import base64
+import os
 import shutil
 import subprocess
 import sys
@@ -80,8 +82,9 @@ def local_env(kube, container: dict, local: dict[str, str]) -> dict[str, str]:
     """The container's env resolved as the kubelet would: fields of the pod, keys of Secrets
     read from the emulator; then the in-cluster addresses in `local` (name -> value) replaced
     by this machine's (the bundled Redis's Service by a redis-server, S3 by moto_server)."""
-    env = kube.client_env("operator")
-    env["PYTHONPATH"] = str(OPERATOR_DIR)
+    # No AWS setting of this test process leaks in: the pod has the rendered ones, no ~/.aws.
+    env = {name: value for name, value in kube.client_env("operator").items() if not name.startswith("AWS_")}
+    env.update(PYTHONPATH=str(OPERATOR_DIR), AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull)
     for item in container["env"]:
         source = item.get("valueFrom")
         if source is None:
@@ -120,12 +123,47 @@ def user_secret(kube, tmp_path, name: str, data: dict[str, str]) -> None:
     apply_render(kube, [secret], tmp_path / f"secret-{name}.yaml")
 
 
-@pytest.mark.parametrize("case", ["namespaced", "cluster-wide", "s3"])
+def irsa_env(documents: list[dict], tmp_path, aws_url: str) -> dict[str, str]:
+    """What EKS's pod identity webhook adds to a pod whose ServiceAccount names an IAM role, and
+    AWS itself (STS, S3, EC2) replaced by moto_server, which hands out keys for the role."""
+    account, = [document for document in documents if document["kind"] == "ServiceAccount"]
+    token = tmp_path / "eks-token"
+    token.write_text("eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJzeXN0ZW06c2VydmljZWFjY291bnQ6dGVzdGxvb3BlciJ9.c2ln\n")
+    return {"AWS_ROLE_ARN": account["metadata"]["annotations"]["eks.amazonaws.com/role-arn"],
+            "AWS_WEB_IDENTITY_TOKEN_FILE": str(token), "AWS_ENDPOINT_URL": aws_url}
+
+
+def dashboard_ec2_gauges_are_sampled(port: int) -> None:
+    """The dashboard's EC2 gauges, which tests/test_dashboard.py (pod runs only) finds exposed but
+    without a sample, have samples after this sweep, with every label their panels use."""
+    from prometheus_client.parser import text_string_to_metric_families
+    from test_dashboard import dashboard, expressions, metrics_and_labels
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+        text = answer.read().decode()
+    sampled: dict[str, set[str]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            sampled.setdefault(sample.name, set()).update(sample.labels)
+    gauges = {"testlooper_ec2_instances", "testlooper_ec2_cost_per_hour"}
+    checked = set()
+    for expression in expressions(dashboard()):
+        names, labels = metrics_and_labels(expression)
+        for name in names & gauges:
+            assert name in sampled, f"{name} has no sample after the sweep"
+            assert labels <= sampled[name], f"{expression}: labels {sorted(labels - sampled[name])} on no series"
+            checked.add(name)
+    assert checked == gauges
+
+
+@pytest.mark.parametrize("case", ["namespaced", "cluster-wide", "s3", "ec2-s3"])
 def test_install_rehearsal(kube, kubectl_present, tmp_path, case, request):
     """namespaced: a Role in the watched namespace, the bundled Redis (its address mapped to a
     local redis-server); cluster-wide: --all-namespaces with a ClusterRole, the store's URL read
     from the Secret the user created before installing; s3: artifacts in a bucket of a real
-    moto_server (its endpoint mapped), with the keys from the user's Secret."""
+    moto_server (its S3 endpoint mapped), with the keys from the user's Secret; ec2-s3: the EC2
+    pools and flags taken, and S3 reached with no key at all, by the ServiceAccount's IAM role
+    (IRSA's web identity, exchanged at moto_server's STS)."""
     kube.create_namespace(RELEASE_NAMESPACE)
     kube.create_namespace(NAMESPACE)
     values = load_values(CHART / "ci" / f"{case}-values.yaml")
@@ -140,13 +178,26 @@ def test_install_rehearsal(kube, kubectl_present, tmp_path, case, request):
             user_secret(kube, tmp_path, "testlooper-store", {"url": redis.url})
         else:
             local["TESTLOOPER_STORE"] = redis.url
-        if case == "s3":
+        aws_url = None
+        if case in ("s3", "ec2-s3"):
             _, _, s3_port = request.getfixturevalue("s3")
-            local["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{s3_port}"
+            aws_url = f"http://127.0.0.1:{s3_port}"
+            region = values["aws"]["region"]
+            where = {} if region == "us-east-1" else {"CreateBucketConfiguration": {"LocationConstraint": region}}
+            boto3.client("s3", region_name=region, endpoint_url=aws_url).create_bucket(Bucket=values["s3"]["bucket"],
+                                                                                   **where)
+        if case == "ec2-s3":
+            # An instance of the Windows pool already running (a previous operator's run, within
+            # its launch grace): the sweep, with the role's keys, must list it in the pool's status.
+            planted = boto3.client("ec2", region_name="us-east-1", endpoint_url=aws_url).run_instances(
+                ImageId="ami-12c6146b", InstanceType="t3.medium", MinCount=1, MaxCount=1,
+                TagSpecifications=[{"ResourceType": "instance", "Tags": [
+                    {"Key": "testlooper-worker", "Value": f"{NAMESPACE}/windows-ec2"},
+                    {"Key": "testlooper:run", "Value": f"{NAMESPACE}.gone.1.1"}]}])["Instances"][0]["InstanceId"]
+        if case == "s3":
+            local["AWS_ENDPOINT_URL_S3"] = aws_url
             keys = {"AWS_ACCESS_KEY_ID": "chart-key-id", "AWS_SECRET_ACCESS_KEY": "chart-secret-key"}
-            user_secret(kube, tmp_path, values["s3"]["credentialsSecret"], keys)
-            boto3.client("s3", region_name=values["s3"]["region"], endpoint_url=local["AWS_ENDPOINT_URL"]).create_bucket(
-                Bucket=values["s3"]["bucket"], CreateBucketConfiguration={"LocationConstraint": values["s3"]["region"]})
+            user_secret(kube, tmp_path, values["aws"]["credentialsSecret"], keys)
         # What `helm install` sends: the chart's crds/ first, then the templates.
         crds = kube.kubectl("apply", "--validate=false", "-f", str(CHART / "crds")).stdout
         assert crds.count("customresourcedefinition.apiextensions.k8s.io/") == 5, crds
@@ -158,6 +209,9 @@ def test_install_rehearsal(kube, kubectl_present, tmp_path, case, request):
         port = free_port()
         command = local_command(container, port, tmp_path / "cache")
         env = local_env(kube, container, local)
+        if case == "ec2-s3":
+            assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} & set(env)
+            env.update(irsa_env(documents, tmp_path, aws_url))
         assert env["TESTLOOPER_STORE"] == redis.url
         if case == "s3":
             assert (env["AWS_ACCESS_KEY_ID"], env["AWS_DEFAULT_REGION"]) == ("chart-key-id", "eu-west-1")
@@ -192,9 +246,21 @@ def test_install_rehearsal(kube, kubectl_present, tmp_path, case, request):
             wait_for(lambda: kube.api("GET", peerings).get("items"), what="the peering object")
             if case == "namespaced":
                 assert " DEBUG " in log_path.read_text()  # operator.logLevel of the values file
-            if case == "s3":
-                assert (f"artifacts go to s3://ci-artifacts/testlooper/ (endpoint {local['AWS_ENDPOINT_URL']})"
+            if aws_url:
+                assert (f"artifacts go to s3://ci-artifacts/testlooper/ (endpoint {aws_url})"
                         in log_path.read_text())
+            if case == "ec2-s3":
+                def swept(name):
+                    status = kube.api("GET", f"/apis/testlooper.dev/v1alpha1/namespaces/{NAMESPACE}/workerpools/{name}"
+                                      ).get("status") or {}
+                    return status if "instances" in status else None
+                windows = wait_for(lambda: swept("windows-ec2"), timeout=30, what="the Windows EC2 pool swept")
+                assert [entry["instanceId"] for entry in windows["instances"]] == [planted]
+                assert windows["costPerHour"] == 0.0416  # t3.medium's hourlyPrice in the values file
+                assert wait_for(lambda: swept("bigmem-ec2"), timeout=30, what="the big-memory pool swept")[
+                    "instances"] == []
+                assert "not swept" not in log_path.read_text()
+                dashboard_ec2_gauges_are_sampled(port)
         finally:
             process.terminate()
             try:

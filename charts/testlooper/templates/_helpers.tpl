@@ -113,3 +113,35 @@ The argument is the peering resource: kopfpeerings in namespaces, clusterkopfpee
   resources: [workerpools/status]
   verbs: [patch]
 {{- end -}}
+
+{{/* Every WorkerPool the chart makes, as {name, spec, value}: `value` names it in messages. */}}
+{{- define "testlooper.workerPools" -}}
+{{- $pools := list -}}
+{{- if .Values.workerPool.create -}}
+{{- $pools = append $pools (dict "name" .Values.workerPool.name "spec" .Values.workerPool.spec "value" "workerPool") -}}
+{{- end -}}
+{{- range $index, $pool := .Values.extraWorkerPools -}}
+{{- $pools = append $pools (dict "name" $pool.name "spec" $pool.spec "value" (printf "extraWorkerPools[%d]" $index)) -}}
+{{- end -}}
+{{- toJson $pools -}}
+{{- end -}}
+
+{{/* "true" when a WorkerPool of the chart has provider ec2. */}}
+{{- define "testlooper.hasEc2Pool" -}}
+{{- range (include "testlooper.workerPools" . | fromJsonArray) -}}
+{{- if eq .spec.provider "ec2" -}}true{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+--ec2-api-url: where EC2 instances, outside the cluster, reach the worker API. operator.ec2ApiUrl,
+else the Ingress's URL, else empty (the operator then uses --api-url, the in-cluster Service,
+which is right for no EC2 instance: a chart EC2 pool then fails the install, below).
+*/}}
+{{- define "testlooper.ec2ApiUrl" -}}
+{{- if .Values.operator.ec2ApiUrl -}}
+{{- .Values.operator.ec2ApiUrl | trimSuffix "/" -}}
+{{- else if .Values.ingress.enabled -}}
+{{- printf "%s://%s" (ternary "https" "http" (not (empty .Values.ingress.tls.secretName))) .Values.ingress.host -}}
+{{- end -}}
+{{- end -}}
