@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import urllib.parse
 
 from testlooper.decisions import ec2 as placement
 from testlooper.decisions.phases import PLACED
@@ -72,6 +73,19 @@ class Ec2Workers:
                          sleep=time.sleep)
         self._fleets[(namespace, name)] = (settings, fleet)
         return fleet
+
+    def unreachable_url(self) -> str | None:
+        """Why EC2 workers could not reach the operator at the URL their user-data would carry,
+        when that is plain (none, or a cluster-internal name): then no instance is launched,
+        rather than billed until its boot times out. None when it may be reachable."""
+        url = self.context.options.ec2_api_url or self.context.options.api_url
+        host = (urllib.parse.urlsplit(url).hostname or "") if url else ""
+        if not host:
+            return "no URL for EC2 workers to reach the operator at: set --ec2-api-url"
+        if host.endswith((".svc", ".svc.cluster.local", ".cluster.local")) or "." not in host and host != "localhost":
+            return (f"EC2 workers cannot reach the operator at {url}, a cluster-internal address: set --ec2-api-url "
+                    "(the chart's operator.ec2ApiUrl, or its Ingress)")
+        return None
 
     def forget_pool(self, namespace: str, name: str) -> None:
         for table in (self._fleets, self._described, self._launched):

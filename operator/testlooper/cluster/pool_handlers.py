@@ -141,7 +141,11 @@ async def ec2_sweep(name: str, namespace: str, body: kopf.Body, memo: OperatorCo
         testruns = await memo.api.list_objects_paged("testruns", namespace, counting_view)
         try:
             status, to_decide = await memo.runs.ec2.sweep(pool, testruns)
-            said = condition(EC2_AVAILABLE, True, "Listed", "EC2 answers", format_time(time.time()), None)
+            unreachable = memo.runs.ec2.unreachable_url()
+            if unreachable is not None:  # orphans still go, but nothing is launched
+                logger.warning("WorkerPool %s/%s launches nothing: %s", namespace, name, unreachable)
+            said = condition(EC2_AVAILABLE, unreachable is None, "UnreachableApiUrl" if unreachable else "Listed",
+                             unreachable or "EC2 answers", format_time(time.time()), None)
         except Ec2Error as exc:  # no credentials, no permission, no network: said where the user looks
             logger.warning("WorkerPool %s/%s: %s", namespace, name, exc)
             status, to_decide = {}, []

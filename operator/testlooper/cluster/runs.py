@@ -418,7 +418,7 @@ class RunController:
             # the types' sizes, and each run asks for the type it will be launched as. A pool
             # whose describe fails admits nothing this round (its sweep says why).
             listed = []
-            for pool in ec2_pools:
+            for pool in ec2_pools if self.ec2.unreachable_url() is None else ():  # the sweep says why
                 try:
                     usage.update(await self.ec2.usage(namespace, [pool], fresh=True))
                     listed.append(pool)

@@ -1,0 +1,73 @@
+"""The EC2 shell's own small rules (cluster/ec2_workers.py, cluster/runs.py): which URL EC2
+workers could never reach, which run attempts are live, what admission asks per run, and why
+an instance was terminated (the metric's reason)."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+
+from testlooper.cluster.ec2_workers import Ec2Workers, live_run_ids
+from testlooper.cluster.runs import sized_for_instances, termination_reason
+from testlooper.decisions import phases
+from testlooper.decisions.pools import Demand
+
+POOL = {"metadata": {"name": "big", "namespace": "ns"},
+        "spec": {"provider": "ec2", "maxCores": 40,
+                 "ec2": {"region": "us-east-1", "linuxAmi": "ami-1",
+                         "instanceTypes": [{"type": "m5.large", "cores": 2, "ramGb": 8},
+                                           {"type": "r5.8xlarge", "cores": 32, "ramGb": 256},
+                                           {"type": "x1.32xlarge", "cores": 128, "ramGb": 1952}]}}}
+
+
+def workers(api_url="", ec2_api_url=""):
+    context = types.SimpleNamespace(options=types.SimpleNamespace(api_url=api_url, ec2_api_url=ec2_api_url))
+    return Ec2Workers(context, b"secret")
+
+
+@pytest.mark.parametrize("api_url, ec2_api_url, reachable", [
+    ("http://testlooper.testlooper.svc:8080", "https://ci.example.com", True),
+    ("http://127.0.0.1:8080", "", True),  # tests, and an operator beside its workers
+    ("http://10.0.0.5:8080", "", True),
+    ("http://testlooper.testlooper.svc:8080", "", False),
+    ("http://testlooper.testlooper.svc.cluster.local:8080", "", False),
+    ("http://testlooper:8080", "", False),
+    ("", "", False),
+])
+def test_ec2_workers_launch_nothing_for_a_url_they_could_never_reach(api_url, ec2_api_url, reachable):
+    why = workers(api_url, ec2_api_url).unreachable_url()
+    assert (why is None) == reachable
+    if api_url and not reachable:
+        assert why.startswith(f"EC2 workers cannot reach the operator at {api_url}, a cluster-internal address")
+
+
+def test_live_runs_are_the_placed_attempts_of_the_pools_testruns():
+    testruns = [
+        {"metadata": {"namespace": "ns", "name": "a"},
+         "status": {"workerPool": "big", "active": {"1": {"attempt": 2, "state": "Placed"},
+                                                    "2": {"attempt": 1, "state": "Waiting"}}}},
+        {"metadata": {"namespace": "ns", "name": "b"},
+         "status": {"workerPool": "pods", "active": {"1": {"attempt": 1, "state": "Placed"}}}},
+    ]
+    assert live_run_ids(testruns, "big") == {"ns.a.1.2"}
+
+
+def test_admission_asks_for_the_type_each_run_is_launched_as_and_nothing_for_a_run_no_type_holds():
+    def demand(name):
+        return Demand(("ns", name), "big", 0, "", 0, 0, 1)
+    testruns = [{"metadata": {"namespace": "ns", "name": "small"}, "spec": {"definition": {"min_cores": 1}}},
+                {"metadata": {"namespace": "ns", "name": "huge"}, "spec": {"definition": {"min_ram_gb": 200}}},
+                {"metadata": {"namespace": "ns", "name": "never"}, "spec": {"definition": {"min_ram_gb": 2000}}}]
+    sized = sized_for_instances([demand("small"), demand("huge"), demand("never")], [POOL], testruns)
+    assert [(d.testrun[1], d.cores, d.ram_gb) for d in sized] == [("small", 2, 8), ("huge", 32, 256)]
+
+
+def test_a_termination_says_whether_the_run_ended_was_cancelled_or_lost():
+    delete = phases.DeletePod(1, 1)
+    lost = phases.Decision({"active": {}}, [delete, phases.RecordAttempt(1, 1, "HeartbeatLost", "m", True)])
+    assert termination_reason(delete, lost) == "HeartbeatLost"
+    cancelled = phases.Decision({"phase": "Cancelled"}, [delete])
+    assert termination_reason(delete, cancelled) == "RunCancelled"
+    build_retried = phases.Decision({}, [delete, phases.RecordAttempt(1, 1, "BuildRetried", "m", True, False)])
+    assert termination_reason(delete, build_retried) == "RunEnded"
