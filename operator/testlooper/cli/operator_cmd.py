@@ -74,6 +74,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ec2.add_argument("--ec2-sweep-interval", type=float, default=60.0, metavar="SECONDS",
                      help="how often each EC2 pool's instances are listed: orphans terminated, the pool's status "
                           "and gauges written (default: 60)")
+    ec2.add_argument("--ec2-orphan-grace", type=float, default=120.0, metavar="SECONDS",
+                     help="how old an instance with the pool's worker tag and no live run must be before the sweep "
+                          "terminates it (launches not yet recorded are that young) (default: 120)")
     ec2.add_argument("--ec2-boot-timeout", type=float, default=0.0, metavar="SECONDS",
                      help="how long a new instance's agent may take to send its first heartbeat before the attempt "
                           "is retried (default: 0, meaning 600 for Linux and 1800 for Windows)")
@@ -100,6 +103,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--pool-status-interval must be at least 0.5 seconds, not {args.pool_status_interval:g}")
     if not args.ec2_sweep_interval >= 1:
         raise UserError(f"--ec2-sweep-interval must be at least 1 second, not {args.ec2_sweep_interval:g}")
+    if not args.ec2_orphan_grace >= 0:
+        raise UserError(f"--ec2-orphan-grace must be 0 or more seconds, not {args.ec2_orphan_grace:g}")
     if not args.ec2_boot_timeout >= 0:
         raise UserError(f"--ec2-boot-timeout must be 0 or more seconds, not {args.ec2_boot_timeout:g}")
     ec2_api_url = args.ec2_api_url or args.api_url
@@ -128,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
         operator_namespace=args.operator_namespace, run_settings=run_settings,
         pool_status_interval=args.pool_status_interval, s3_bucket=s3_bucket, s3_prefix=s3_prefix,
         ec2_api_url=ec2_api_url, ec2_sweep_interval=args.ec2_sweep_interval, ec2_boot_timeout=args.ec2_boot_timeout,
+        ec2_orphan_grace=args.ec2_orphan_grace,
     )
     return run_operator(options)
 

@@ -38,6 +38,7 @@ class OperatorOptions:
     ec2_api_url: str = ""  # how EC2 workers reach the worker API ("": api_url)
     ec2_sweep_interval: float = 60.0  # EC2 pools: orphan sweep, status and gauges this often
     ec2_boot_timeout: float = 0.0  # a new instance's first heartbeat within this (0: by platform)
+    ec2_orphan_grace: float = 120.0  # an instance with no live run is reaped once this old
 
     @property
     def runs_enabled(self) -> bool:

@@ -224,7 +224,8 @@ class Ec2Workers:
         fleet = self.fleet(pool)
         instances = await self.instances(pool, fresh=True)
         live = live_run_ids(testruns, name)
-        orphaned = placement.orphans(instances, live, time.time())
+        orphaned = placement.orphans(instances, live, time.time(),
+                                     getattr(self.context.options, "ec2_orphan_grace", placement.LAUNCH_GRACE_SECONDS))
         if orphaned:
             done = await asyncio.to_thread(fleet.terminate, orphaned)
             by_id = {i.instance_id: i for i in instances}
