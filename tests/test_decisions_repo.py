@@ -132,12 +132,14 @@ def test_pools_by_priority_platform_and_ceiling_count_what_is_queued():
     pools = [
         {"metadata": {"name": "small"}, "spec": {"provider": "kubernetes", "priority": 10, "maxPodCores": 2}},
         {"metadata": {"name": "big"}, "spec": {"provider": "kubernetes", "priority": 1, "maxWorkers": 4}},
-        {"metadata": {"name": "win"}, "spec": {"provider": "ec2", "platform": "windows", "priority": 99}},
+        {"metadata": {"name": "win"}, "spec": {"provider": "ec2", "platform": "windows", "priority": 99, "ec2": {
+            "windowsAmi": "ami-1", "instanceTypes": [{"type": "m5.xlarge", "cores": 4, "ramGb": 16}]}}},
     ]
     assert pool_for({"min_cores": 1}, "", pools) == "small"
     assert pool_for({"min_cores": 8}, "", pools) == "big"
     assert pool_for({"platform": "windows"}, "", pools) == "win"
     assert pool_for({"platform": "mac"}, "", pools) is None
+    assert pool_for({"platform": "windows", "min_ram_gb": 64}, "", pools) is None  # no type of its holds that
     testruns = [
         {"spec": {"runs": 6, "definition": {"min_cores": 8}}, "status": {"phase": "Pending", "runCounts": {"queued": 6}}},
         {"spec": {"runs": 3, "definition": {}, "workerPool": "big"}, "status": {}},
