@@ -69,3 +69,37 @@ def test_past_the_run_deadline_the_agent_stops_trying_and_keeps_its_result(tmp_p
     finally:
         if agent.process.poll() is None:
             agent.process.kill()
+
+
+def test_the_agent_beats_until_its_result_is_delivered(tmp_path):
+    # An operator whose store is down answers RESULT with 503 (the agent retries): the run is
+    # alive meanwhile, and its heartbeats must say so, or it is taken for lost and run again.
+    from testlooper.workerapi.contract import ApiError
+
+    source = make_source(tmp_path / "checkout")
+    server = WorkerApiServer(artifact_root=tmp_path / "api")
+    refused = {"count": 0, "until": None}
+    record = server.backend.record_result
+
+    async def refusing(run, result):
+        if refused["until"] is None:
+            refused["until"] = time.time() + 4
+        if time.time() < refused["until"]:
+            refused["count"] += 1
+            raise ApiError(503, "the history store cannot be reached now")
+        return await record(run, result)
+
+    server.backend.record_result = refusing
+    server.start()
+    agent = AgentProcess(server, make_assignment(make_task("echo done"), source), tmp_path / "work",
+                         run_id="ns.tr.3.1")
+    try:
+        run = agent.finish(timeout=60)
+        assert run.returncode == 0 and run.result["result"] == "passed"
+        assert refused["count"] >= 2  # it was refused, then retried
+        beat = server.status("ns.tr.3.1").last_heartbeat
+        assert beat is not None and beat >= refused["until"] - 1, (beat, refused["until"])
+    finally:
+        if agent.process.poll() is None:
+            agent.process.kill()
+        server.stop()

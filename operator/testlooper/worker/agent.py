@@ -1546,22 +1546,30 @@ class Agent:
         self.stop = stop
         self.workspace = Workspace(options.workdir, options.ccache_dir)
         self.shipper = None
+        self.heartbeat = None
+
+    def stop_heartbeat(self):
+        """Once the RESULT is delivered (or given up): until then the run is alive, and an
+        operator restarting meanwhile must not take it for lost."""
+        if self.heartbeat is not None:
+            self.heartbeat.finish()
 
     def run(self):
-        """Returns the RESULT; the log has been shipped (as far as the API allowed) by then."""
+        """Returns the RESULT; the log has been shipped (as far as the API allowed) by then.
+        The heartbeat goes on until `stop_heartbeat`."""
         try:
             log = self.workspace.open_log()
         except OSError as error:
             return make_result("error", error=f"cannot create the workspace in {self.workspace.root}: {error}")
         shipper = self.shipper = LogShipper(self.api, self.workspace.log_path)
-        heartbeat = Heartbeat(self.api, self.options.heartbeat_seconds, self.stop)
+        heartbeat = self.heartbeat = Heartbeat(self.api, self.options.heartbeat_seconds, self.stop)
         shipper.start()
         heartbeat.start()
         try:
             result = self._run_logged_guarded(log, heartbeat)
             log.note(f"result: {result['result']}" + (f" ({result['error']})" if result["error"] else ""))
         finally:
-            heartbeat.finish()
+            heartbeat.phase = "reporting"
             log.close()
         if log.write_error and result["result"] in ("passed", "failed", "timeout"):
             # The task's output was cut too: its verdict cannot be trusted.
@@ -1729,8 +1737,11 @@ def run_once(options, token):
     stop = StopSignal()
     install_signal_handlers(stop)
     agent = Agent(options, api, stop)
-    result = agent.run()
-    return 0 if deliver_result(api, agent.workspace.result_path, result) else 1
+    try:
+        result = agent.run()
+        return 0 if deliver_result(api, agent.workspace.result_path, result) else 1
+    finally:
+        agent.stop_heartbeat()
 
 
 # ---------------------------------------------------------------------------------------------
