@@ -94,6 +94,12 @@ LINUX_AMI = "ami-1e749f67"  # ubuntu trusty
 WINDOWS_AMI = "ami-b7e93bce"  # Windows Server 2016 base
 
 
+def _is_agent(command_line: bytes) -> bool:
+    """Whether a /proc cmdline is the agent's (not, say, curl downloading agent.py)."""
+    argv = command_line.split(b"\0")
+    return b"--run-id" in argv and any(argument.endswith(b"agent.py") for argument in argv)
+
+
 class UserDataUnreadable(Exception):
     """The user-data is not what ec2/user_data.py writes; the message says what is missing."""
 
@@ -106,6 +112,7 @@ class WindowsScript:
     run_id: str
     token: str
     host_lines: list[str]
+    agent_arguments: list[str]  # after --workdir: --heartbeat-seconds N
     shuts_down: bool
     closes_metadata: bool
 
@@ -131,13 +138,17 @@ def parse_windows_user_data(script: str) -> WindowsScript:
     if not hosts:
         raise UserDataUnreadable("no $HostLines = @( ... ) block")
     host_lines = [_ps_string(line.strip()[1:-1]) for line in hosts.group(1).splitlines() if line.strip()]
-    if "& $Python.Source -S -E $Agent --api $ApiUrl --run-id $RunId --workdir (Join-Path $Work 'run')" not in body:
+    # The agent's line; what follows its --workdir (--heartbeat-seconds N) is passed on as is.
+    agent_line = re.search(r"^\s*& \$Python\.Source -S -E \$Agent --api \$ApiUrl --run-id \$RunId "
+                           r"--workdir \(Join-Path \$Work 'run'\)((?: [A-Za-z0-9.-]+)*)\s*$", body, re.MULTILINE)
+    if not agent_line:
         raise UserDataUnreadable("no line running the agent as ec2/user_data.py writes it")
     if '"$ApiUrl/agent.py"' not in body:
         raise UserDataUnreadable("no download of $ApiUrl/agent.py")
     finally_block = body.rsplit("} finally {", 1)[-1] if "} finally {" in body else ""
     return WindowsScript(api_url=assigned("ApiUrl"), run_id=assigned("RunId"),
                          token=assigned("env:TESTLOOPER_WORKER_TOKEN"), host_lines=host_lines,
+                         agent_arguments=agent_line.group(1).split(),
                          shuts_down="Stop-Computer -Force" in finally_block,
                          closes_metadata="New-NetFirewallRule" in body)
 
@@ -238,7 +249,7 @@ class Ec2Player:
         """SIGKILLs the agent of the machine (the rest of its boot script goes on: on Linux the
         script's trap shuts the machine down, on Windows its ``finally`` does). Returns how many
         processes were killed."""
-        return len(self._kill_marked(self._marker(instance_id), only=lambda command: b"agent.py" in command))
+        return len(self._kill_marked(self._marker(instance_id), only=_is_agent))
 
     def freeze(self, instance_id: str) -> None:
         """Every process of the machine dies and nothing shuts it down: the instance stays in
@@ -258,7 +269,7 @@ class Ec2Player:
         return [pid for pid, _ in self._marked(self._marker(instance_id))]
 
     def agent_running(self, instance_id: str) -> bool:
-        return any(b"agent.py" in command for _pid, command in self._marked(self._marker(instance_id)))
+        return any(_is_agent(command) for _pid, command in self._marked(self._marker(instance_id)))
 
     def _marker(self, instance_id: str) -> bytes:
         return f"{MACHINE_MARKER}={self.player_id}:{instance_id}".encode()
@@ -404,7 +415,8 @@ class Ec2Player:
         environment["TESTLOOPER_WORKER_TOKEN"] = script.token
         with open(boot.root / "console.log", "ab") as console:
             return subprocess.Popen([self.python, "-S", "-E", str(agent), "--api", script.api_url,
-                                     "--run-id", script.run_id, "--workdir", str(work / "run")],
+                                     "--run-id", script.run_id, "--workdir", str(work / "run"),
+                                     *script.agent_arguments],
                                     cwd=work, env=environment, stdin=subprocess.DEVNULL, stdout=console,
                                     stderr=subprocess.STDOUT, start_new_session=True)
 

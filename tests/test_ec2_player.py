@@ -139,6 +139,9 @@ def test_a_windows_script_not_of_user_data_pys_form_is_refused_saying_what_is_mi
     parsed = parse_windows_user_data(script)
     assert (parsed.api_url, parsed.run_id, parsed.token) == ("http://operator:8080", "ns.tr.1.1", "t" * 64)
     assert parsed.host_lines == ["10.0.0.7 build-cache.internal"] and parsed.shuts_down and parsed.closes_metadata
+    assert parsed.agent_arguments == ["--heartbeat-seconds", "5"]
+    assert parse_windows_user_data(user_data.windows("http://operator:8080", "ns.tr.1.1", "t" * 64,
+                                                     heartbeat_seconds=0.5)).agent_arguments == ["--heartbeat-seconds", "0.5"]
     assert not parse_windows_user_data(user_data.windows("http://operator:8080", "ns.tr.1.1", "t" * 64,
                                                          shutdown=False)).shuts_down
     for broken, missing in ((script.replace("$RunId = ", "$Run = "), "no $RunId = '...' line"),
