@@ -582,3 +582,23 @@ def test_a_worker_thread_stuck_at_shutdown_does_not_keep_the_operator_from_exiti
     assert time.monotonic() - started < 30
     assert "exiting with 1 worker thread(s) still busy: operator_0" in done.stderr, done.stderr
     assert "Thread 0x" in done.stderr and "concurrent/futures/thread.py" in done.stderr, done.stderr
+
+
+def test_the_idle_git_archive_readers_do_not_hold_the_operators_exit(tmp_path):
+    """The threads that read `git archive` pipes for the worker API wait idle once a source has
+    been served; the exit lets them go instead of waiting its whole grace for them (every
+    operator that served a run's source took 10 s to stop, and logged them as stuck)."""
+    script = tmp_path / "served.py"
+    script.write_text(
+        "import asyncio\n"
+        "from testlooper.cluster import app\n"
+        "from testlooper.workerapi import protocol\n"
+        "async def serve(options):\n"
+        "    await asyncio.get_running_loop().run_in_executor(protocol._pipe_readers(), sum, [1, 2])\n"
+        "app.serve = serve\n"
+        "app.EXIT_GRACE_SECONDS = 30\n"
+        "raise SystemExit(app.run(None))\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
+                          env={**__import__("os").environ, "PYTHONPATH": str(OPERATOR_DIR)})
+    assert done.returncode == 0, done.stderr
+    assert "still busy" not in done.stderr, done.stderr

@@ -22,6 +22,7 @@ from testlooper.cluster import http, pool_handlers, repo_handlers, testrun_handl
 from testlooper.cluster.context import OperatorContext, OperatorOptions
 from testlooper.cluster.metrics import OperatorMetrics
 from testlooper.cluster.store_health import StoreHealth
+from testlooper.workerapi.protocol import stop_pipe_readers
 
 FINALIZER = "testlooper.dev/finalizer"
 logger = logging.getLogger("testlooper.operator")
@@ -240,6 +241,7 @@ def run(options: OperatorOptions) -> int:
     # to a host that does not answer), and so would the interpreter's exit: a pod told to stop
     # would hang until it is killed. Give them a moment, then say which ones and go.
     executor.shutdown(wait=False, cancel_futures=True)
+    stop_pipe_readers()
     deadline = time.monotonic() + EXIT_GRACE_SECONDS
     busy = [thread for thread in threading.enumerate() if thread.name.startswith(("operator", "git-archive"))]
     for thread in busy:

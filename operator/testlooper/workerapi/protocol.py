@@ -278,6 +278,14 @@ def _pipe_readers():
     return _PIPE_READERS[0]
 
 
+def stop_pipe_readers() -> None:
+    """Lets the pipe readers' idle threads go (at the operator's exit: left alone, they wait for
+    work that never comes, and the exit waits for them). A reader still copying finishes its
+    block; the next fetch makes a new pool."""
+    if _PIPE_READERS:
+        _PIPE_READERS.pop().shutdown(wait=False, cancel_futures=True)
+
+
 def _widen_pipe(fd: int) -> None:
     """A 1 MiB pipe instead of Linux's 64 KiB: git writes, and the server reads, in big blocks."""
     try:
