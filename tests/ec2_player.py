@@ -39,6 +39,8 @@ why its machine stopped; errors in a boot thread go to ``errors``, for the test 
 from __future__ import annotations
 
 import base64
+import http.client
+import http.server
 import os
 import re
 import shutil
@@ -48,6 +50,7 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from dataclasses import dataclass, field
@@ -69,10 +72,13 @@ WINDOWS_DOWNLOAD_TRIES = 30
 WINDOWS_DOWNLOAD_PAUSE = 0.2
 
 
-def moto_client(endpoint_url: str, region: str = "us-east-1"):
+def moto_client(endpoint_url: str, region: str = "us-east-1", *, botocore_retries: bool = True):
     """A boto3 EC2 client of moto_server, with the fake keys it takes (the test's own
-    environment is left alone)."""
-    return boto3.client("ec2", endpoint_url=endpoint_url, region_name=region,
+    environment is left alone); ``botocore_retries=False`` as the operator's make_client has it."""
+    from botocore.config import Config
+
+    config = None if botocore_retries else Config(retries={"total_max_attempts": 1, "mode": "standard"})
+    return boto3.client("ec2", endpoint_url=endpoint_url, region_name=region, config=config,
                         aws_access_key_id="testing", aws_secret_access_key="testing")
 
 
@@ -508,3 +514,88 @@ class Ec2Player:
                 break
             time.sleep(0.05)
         return killed
+
+
+class ThrottlingProxy:
+    """An HTTP proxy in front of moto_server that answers the next N requests of an EC2 action
+    with EC2's throttling error instead of passing them on (moto itself never throttles).
+
+        with ThrottlingProxy(moto_endpoint) as proxy:   # the operator's AWS_ENDPOINT_URL: proxy.url
+            proxy.throttle("RunInstances", 2)
+            proxy.throttled                              # [action, ...] as they were answered
+    """
+
+    def __init__(self, upstream: str):
+        parts = urllib.parse.urlsplit(upstream)
+        self.upstream = (parts.hostname, parts.port)
+        self.throttled: list[str] = []
+        self._pending: dict[str, tuple[int, str, int]] = {}
+        self._lock = threading.Lock()
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):  # quiet
+                pass
+
+            def do_GET(self):
+                proxy._handle(self)
+
+            do_POST = do_GET
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True, name="ec2-throttle")
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=10)
+
+    def throttle(self, action: str, times: int, code: str = "RequestLimitExceeded", status: int = 503) -> None:
+        with self._lock:
+            self._pending[action] = (times, code, status)
+
+    def _take_throttle(self, action):
+        with self._lock:
+            times, code, status = self._pending.get(action, (0, "", 0))
+            if times <= 0:
+                return None
+            self._pending[action] = (times - 1, code, status)
+            self.throttled.append(action)
+            return code, status
+
+    def _handle(self, request):
+        body = request.rfile.read(int(request.headers.get("Content-Length") or 0))
+        action = (urllib.parse.parse_qs(body.decode(errors="replace")).get("Action") or [""])[0]
+        throttled = self._take_throttle(action)
+        if throttled:
+            code, status = throttled
+            answer = (f"<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response><Errors><Error><Code>{code}</Code>"
+                      f"<Message>Request limit exceeded.</Message></Error></Errors><RequestID>throttled</RequestID>"
+                      f"</Response>").encode()
+            request.send_response(status)
+            request.send_header("Content-Type", "text/xml")
+            request.send_header("Content-Length", str(len(answer)))
+            request.end_headers()
+            request.wfile.write(answer)
+            return
+        connection = http.client.HTTPConnection(*self.upstream, timeout=60)
+        try:
+            headers = {key: value for key, value in request.headers.items() if key.lower() != "content-length"}
+            connection.request(request.command, request.path, body=body, headers=headers)
+            reply = connection.getresponse()
+            answer = reply.read()
+            request.send_response(reply.status)
+            for key, value in reply.getheaders():
+                if key.lower() not in ("content-length", "transfer-encoding", "connection", "server", "date"):
+                    request.send_header(key, value)
+            request.send_header("Content-Length", str(len(answer)))
+            request.end_headers()
+            request.wfile.write(answer)
+        finally:
+            connection.close()

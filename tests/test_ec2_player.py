@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 
 from ec2_player import (
-    LINUX_AMI, WINDOWS_AMI, Ec2Player, UserDataUnreadable, make_network, moto_client, parse_windows_user_data,
-    reset_moto,
+    LINUX_AMI, WINDOWS_AMI, Ec2Player, ThrottlingProxy, UserDataUnreadable, make_network, moto_client,
+    parse_windows_user_data, reset_moto,
 )
 from moto_server import start_moto_server
 from run_helpers import wait_for
@@ -149,3 +149,16 @@ def test_a_windows_script_not_of_user_data_pys_form_is_refused_saying_what_is_mi
                             ("#!/bin/bash\n", "no <powershell> block")):
         with pytest.raises(UserDataUnreadable, match=missing.replace("$", r"\$")):
             parse_windows_user_data(broken)
+
+
+def test_the_throttling_proxy_answers_the_next_calls_of_an_action_with_ec2s_throttling_error(ec2):
+    endpoint, _client, _fleet, network = ec2
+    with ThrottlingProxy(endpoint) as proxy:
+        pauses = []
+        fleet = Ec2Fleet(moto_client(proxy.url, botocore_retries=False), "big", subnet_id=network["subnet"], sleep=pauses.append,
+                         jitter=lambda low, high: high)
+        proxy.throttle("RunInstances", 2)
+        instance_id = fleet.launch(LaunchRequest("ns.tr.1.1", "t3.micro", LINUX_AMI), "x", {})
+        assert [instance.instance_id for instance in fleet.describe()] == [instance_id]
+        assert proxy.throttled == ["RunInstances", "RunInstances"] and pauses == [0.5, 1.0]
+        assert fleet.throttled == 2

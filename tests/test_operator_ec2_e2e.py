@@ -16,7 +16,9 @@ import time
 import pytest
 
 from cluster_helpers import NAMESPACE, condition, list_testruns, repo_object
-from ec2_player import LINUX_AMI, WINDOWS_AMI, Ec2Player, make_network, moto_client, parse_windows_user_data, reset_moto
+from ec2_player import (
+    LINUX_AMI, WINDOWS_AMI, Ec2Player, ThrottlingProxy, make_network, moto_client, parse_windows_user_data, reset_moto,
+)
 from moto_server import start_moto_server
 from run_cluster import apply_repo, ended_testruns, push_project, redis_url, start_operator  # noqa: F401
 from run_helpers import wait_for
@@ -151,11 +153,14 @@ tests:
     url, commit = push_project(tmp_path, {"testlooper.yml": definitions(tasks), "summary.sh": SUMMARY})
     pools = [NODE_POOL, ec2_pool("linux-ec2", "linux", network, LINUX_TYPES, maxWorkers=4),
              ec2_pool("windows-ec2", "windows", network, WINDOWS_TYPES, maxWorkers=4)]
-    operator = operator_for(kube, tmp_path, redis_url, endpoint, pools)
+    throttling = ThrottlingProxy(endpoint)  # EC2 says "slow down" to the first launches and listings
+    throttling.throttle("RunInstances", 2)
+    throttling.throttle("DescribeInstances", 2)
+    operator = operator_for(kube, tmp_path, redis_url, throttling.url, pools)
     # EC2 workers reach the operator by another name than --api-url (as through an Ingress).
     ec2_api_url = f"http://localhost:{operator.fixed_port}"
     operator.args += ["--ec2-api-url", ec2_api_url]
-    with operator:
+    with throttling, operator:
         apply_repo(kube, url)
         by_task = wait_for(lambda: ended_testruns(kube, 2), timeout=60, interval=0.3,
                            what=lambda: f"both TestRuns ended ({phases(kube)}); player errors {player.errors}, boots "
@@ -195,6 +200,9 @@ tests:
             assert operator.metric("testlooper_ec2_launches_total", namespace=NAMESPACE, pool=pool,
                                    type=instance_type) == 1
         assert len(player.boots) == 2 and live_instances(client) == []
+        # The throttled calls were retried after a pause: nothing failed, nothing launched twice.
+        assert sorted(throttling.throttled) == ["DescribeInstances"] * 2 + ["RunInstances"] * 2
+        assert "EC2 RunInstances throttled (RequestLimitExceeded); retrying in" in operator.log()
         # Each pool's status forgets its instances once they are terminated.
         for pool in ("linux-ec2", "windows-ec2"):
             wait_for(lambda: not (workerpool(kube, pool).get("status") or {}).get("instances"), timeout=10,
