@@ -396,3 +396,58 @@ tests:
         assert player.boots == {} and live_instances(client) == []
         assert list_testruns(kube)[0]["status"]["phase"] == "Error"
     assert "Traceback" not in operator.log(), operator.log()[-5000:]
+
+
+def test_a_machine_that_never_boots_or_hangs_is_retried_and_a_cancelled_runs_instance_is_terminated(
+        kube, tmp_path, redis_url, ec2):  # noqa: F811 - the fixture
+    endpoint, client, network, _clock, player = ec2
+    tasks = """\
+tests:
+  stuck/linux:
+    command: sh src/summary.sh booted
+    dependencies: {src: HEAD}
+  hung/linux:
+    command: touch "$HOME/task-started"; sleep 2; sh src/summary.sh survived
+    dependencies: {src: HEAD}
+  cancelled/linux:
+    command: sleep 60
+    dependencies: {src: HEAD}
+"""
+    url, commit = push_project(tmp_path, {"testlooper.yml": definitions(tasks), "summary.sh": SUMMARY})
+    pool = ec2_pool("linux-ec2", "linux", network, LINUX_TYPES)
+    names = {task: testrun_name("demo", commit, f"{task}/linux") for task in ("stuck", "hung", "cancelled")}
+    first = {task: f"{NAMESPACE}.{name}.1.1" for task, name in names.items()}
+    player.hold(lambda boot: boot.run_id == first["stuck"])  # its machine never gets to its user-data
+    with operator_for(kube, tmp_path, redis_url, endpoint, [pool],
+                      args=["--ec2-boot-timeout", "5", "--heartbeat-grace", "4"]) as operator:
+        apply_repo(kube, url)
+        hung = wait_for(lambda: player.boot_of_run(first["hung"]), timeout=30, what="the hung run's instance")
+        cancelled = wait_for(lambda: player.boot_of_run(first["cancelled"]), timeout=30,
+                             what="the cancelled run's instance")
+        # Its task has started, so its agent has beaten (it beats first, then fetches the run).
+        wait_for(lambda: (hung.root / "task-started").exists(), timeout=20, what="the hung run's task started")
+        wait_for(lambda: player.agent_running(cancelled.instance_id), timeout=20, what="the cancelled run's agent")
+        player.freeze(hung.instance_id)  # the machine hangs: its agent falls silent, the instance runs on
+        kube.kubectl("patch", "testrun", names["cancelled"], "-n", NAMESPACE, "--type", "merge",
+                     "-p", '{"spec": {"cancel": true}}')
+        by_task = wait_for(lambda: ended_testruns(kube, 3), timeout=60, interval=0.3,
+                           what=lambda: f"the TestRuns ended ({phases(kube)}); boots "
+                                        f"{[(b.run_id, b.powered_off) for b in player.boots.values()]}")
+        for task, reason in (("stuck", "BootTimedOut"), ("hung", "HeartbeatLost")):
+            status = by_task[f"{task}/linux"]["status"]
+            assert (status["phase"], status["result"]) == ("Succeeded", "passed"), (task, status)
+            assert [(a["run"], a["attempt"], a["reason"]) for a in status["attempts"]] == [(1, 1, reason)], task
+            assert player.boot_of_run(f"{NAMESPACE}.{names[task]}.1.2") is not None, task
+            assert operator.metric("testlooper_ec2_terminations_total", namespace=NAMESPACE, pool="linux-ec2",
+                                   reason=reason) == 1, task
+        assert by_task["cancelled/linux"]["status"]["phase"] == "Cancelled"
+        stuck = player.boot_of_run(first["stuck"])
+        # The operator terminated the silent ones and the cancelled run's: none is left running.
+        wait_for(lambda: {instance_state(client, boot.instance_id) for boot in (stuck, hung, cancelled)}
+                 == {"terminated"}, timeout=20, what="the three first instances terminated")
+        assert (hung.powered_off, cancelled.powered_off) == ("frozen", "gone")
+        assert operator.metric("testlooper_ec2_terminations_total", namespace=NAMESPACE, pool="linux-ec2",
+                               reason="RunCancelled") == 1
+        wait_for(lambda: live_instances(client) == [], timeout=20, what="every instance terminated")
+        assert player.errors == []
+    assert "Traceback" not in operator.log(), operator.log()[-5000:]
