@@ -451,3 +451,38 @@ tests:
         wait_for(lambda: live_instances(client) == [], timeout=20, what="every instance terminated")
         assert player.errors == []
     assert "Traceback" not in operator.log(), operator.log()[-5000:]
+
+
+def test_an_operator_killed_mid_run_finds_its_instances_again_and_launches_none_twice(
+        kube, tmp_path, redis_url, ec2):  # noqa: F811 - the fixture
+    endpoint, client, network, _clock, player = ec2
+    tasks = """\
+tests:
+  long/linux:
+    command: touch "$HOME/task-started"; sleep 3; sh src/summary.sh outlived_the_operator
+    dependencies: {src: HEAD}
+    runs: 3
+"""
+    url, _commit = push_project(tmp_path, {"testlooper.yml": definitions(tasks), "summary.sh": SUMMARY})
+    pool = ec2_pool("linux-ec2", "linux", network, LINUX_TYPES, maxWorkers=3)
+    operator = operator_for(kube, tmp_path, redis_url, endpoint, [pool])
+    with operator:
+        apply_repo(kube, url)
+        wait_for(lambda: len(player.boots) == 3 and all((boot.root / "task-started").exists()
+                                                        for boot in player.boots.values()),
+                 timeout=30, what="three runs' tasks started on their instances")
+        operator.kill()  # SIGKILL: nothing of its own shutdown runs; the instances run on
+        time.sleep(1)
+        operator.start()  # the same port: the agents' URL
+        by_task = wait_for(lambda: ended_testruns(kube, 1), timeout=40, interval=0.3,
+                           what=lambda: f"the TestRun ended ({phases(kube)})")
+        status = by_task["long/linux"]["status"]
+        assert (status["phase"], status["result"], status["runsSummary"]) == ("Succeeded", "passed", "3/3"), status
+        assert "attempts" not in status, status["attempts"]
+        assert status["cases"] == {"total": 6, "passed": 6, "failed": 0}
+        # The restarted operator counted the instances it found: it launched none again.
+        assert len(player.boots) == 3 and player.errors == []
+        assert operator.metric("testlooper_ec2_launches_total", namespace=NAMESPACE, pool="linux-ec2",
+                               type="t3.medium") == 0
+        wait_for(lambda: live_instances(client) == [], timeout=20, what="every instance terminated")
+    assert "Traceback" not in operator.log(), operator.log()[-5000:]
