@@ -55,7 +55,19 @@ def build_registry(options: OperatorOptions) -> kopf.OperatorRegistry:
     repo_handlers.register(registry)
     testrun_handlers.register(registry, runs_enabled=options.runs_enabled)
     pool_handlers.register(registry, options.pool_status_interval, options.ec2_sweep_interval)
+    kopf.on.cleanup(registry=registry)(end_background_tasks)
     return registry
+
+
+async def end_background_tasks(memo: OperatorContext, **_) -> None:
+    """At kopf's cleanup, once its watches have stopped: the run controller's admission loops
+    never end by themselves, nor does a delayed recount of flaky cases, and kopf waits 5 s for
+    every task still running before it cancels them, so each stop of the operator took up to
+    5 s longer. (serve's own close of them, after kopf, is then a no-op.)"""
+    if memo.runs is not None:
+        await memo.runs.close()
+    if memo.flaky_cases is not None:
+        await memo.flaky_cases.close()
 
 
 async def serve(options: OperatorOptions) -> None:
