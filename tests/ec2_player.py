@@ -525,7 +525,9 @@ class ThrottlingProxy:
             proxy.throttled                              # [action, ...] as they were answered
     """
 
-    def __init__(self, upstream: str):
+    def __init__(self, upstream: str, port: int = 0):
+        """``port``: where to listen (0: any free one), e.g. an endpoint the operator was given
+        before EC2 "came up"."""
         parts = urllib.parse.urlsplit(upstream)
         self.upstream = (parts.hostname, parts.port)
         self.throttled: list[str] = []
@@ -542,7 +544,7 @@ class ThrottlingProxy:
 
             do_POST = do_GET
 
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self._server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True, name="ec2-throttle")

@@ -21,6 +21,7 @@ from ec2_player import (
 )
 from moto_server import start_moto_server
 from run_cluster import apply_repo, ended_testruns, push_project, redis_url, start_operator  # noqa: F401
+from redis_server import free_port
 from run_helpers import wait_for
 from test_operator_e2e import check_rbac_subset
 from testlooper.kube.objects import testrun_name
@@ -490,4 +491,65 @@ tests:
         assert operator.metric("testlooper_ec2_launches_total", namespace=NAMESPACE, pool="linux-ec2",
                                type="t3.medium") == 0
         wait_for(lambda: live_instances(client) == [], timeout=20, what="every instance terminated")
+    assert "Traceback" not in operator.log(), operator.log()[-5000:]
+
+
+def test_ec2_unreachable_is_the_pools_condition_and_its_runs_wait_then_pass_when_it_answers(
+        kube, tmp_path, redis_url, ec2):  # noqa: F811 - the fixture
+    endpoint, client, network, _clock, player = ec2
+    tasks = """\
+tests:
+  patient/linux:
+    command: sh src/summary.sh waited
+    dependencies: {src: HEAD}
+"""
+    url, _commit = push_project(tmp_path, {"testlooper.yml": definitions(tasks), "summary.sh": SUMMARY})
+    pool = ec2_pool("linux-ec2", "linux", network, LINUX_TYPES)
+    ec2_port = free_port()  # nothing answers there yet
+    with operator_for(kube, tmp_path, redis_url, f"http://127.0.0.1:{ec2_port}", [pool]) as operator:
+        apply_repo(kube, url)
+        down = wait_for(lambda: condition(workerpool(kube, "linux-ec2"), "Ec2Available").get("status") == "False"
+                        and condition(workerpool(kube, "linux-ec2"), "Ec2Available"), timeout=20,
+                        what="the pool's Ec2Available False")
+        assert down["reason"] == "Ec2Error" and "\n" not in down["message"], down
+        assert down["message"].startswith("EC2 DescribeInstances failed: Could not connect to the endpoint URL"), down
+        time.sleep(1.5)  # a sweep and admission rounds more: the run waits, it is not failed
+        testrun = list_testruns(kube)[0]
+        assert (testrun.get("status") or {}).get("phase") in ("Queued", "Running"), testrun.get("status")
+        assert player.boots == {} and live_instances(client) == []
+        with ThrottlingProxy(endpoint, port=ec2_port):  # EC2 answers
+            by_task = wait_for(lambda: ended_testruns(kube, 1), timeout=30, interval=0.3,
+                               what=lambda: f"the TestRun ended ({phases(kube)})")
+            assert by_task["patient/linux"]["status"]["result"] == "passed"
+            assert "attempts" not in by_task["patient/linux"]["status"]
+            up = wait_for(lambda: condition(workerpool(kube, "linux-ec2"), "Ec2Available").get("status") == "True"
+                          and condition(workerpool(kube, "linux-ec2"), "Ec2Available"), timeout=10,
+                          what="the pool's Ec2Available True again")
+            assert up["reason"] == "Listed"
+            wait_for(lambda: live_instances(client) == [], timeout=20, what="every instance terminated")
+            assert len(player.boots) == 1
+    assert "Traceback" not in operator.log(), operator.log()[-5000:]
+
+
+def test_a_cluster_internal_operator_url_launches_nothing_and_says_so_in_the_pool(
+        kube, tmp_path, redis_url, ec2):  # noqa: F811 - the fixture
+    endpoint, client, network, _clock, player = ec2
+    tasks = """\
+tests:
+  stranded/linux:
+    command: sh src/summary.sh never
+    dependencies: {src: HEAD}
+"""
+    url, _commit = push_project(tmp_path, {"testlooper.yml": definitions(tasks), "summary.sh": SUMMARY})
+    pool = ec2_pool("linux-ec2", "linux", network, LINUX_TYPES)
+    internal = "http://testlooper.testlooper.svc:8080"  # an instance outside the cluster never resolves it
+    with operator_for(kube, tmp_path, redis_url, endpoint, [pool], args=["--ec2-api-url", internal]) as operator:
+        apply_repo(kube, url)
+        said = wait_for(lambda: condition(workerpool(kube, "linux-ec2"), "Ec2Available").get("reason")
+                        == "UnreachableApiUrl" and condition(workerpool(kube, "linux-ec2"), "Ec2Available"),
+                        timeout=20, what="the pool's Ec2Available UnreachableApiUrl")
+        assert said["status"] == "False" and internal in said["message"] and "\n" not in said["message"], said
+        time.sleep(1.5)
+        assert player.boots == {} and live_instances(client) == []
+        assert (list_testruns(kube)[0].get("status") or {}).get("phase") in ("Queued", "Running")
     assert "Traceback" not in operator.log(), operator.log()[-5000:]
