@@ -468,3 +468,28 @@ def test_the_agent_is_served_without_a_token_byte_for_byte_and_runs_a_task(api, 
     assert done.returncode == 0, done.stderr
     text, _ = log_text(api, run_id)
     assert "from-the-downloaded-agent" in text and api.results[-1] == (run_id, "passed")
+
+
+@pytest.mark.parametrize("method, path", [("POST", "heartbeat"), ("POST", "result"),
+                                          ("PUT", "artifacts/output?format=Tar")])
+def test_a_worker_that_dies_mid_request_is_a_quiet_400_not_a_traceback(api, caplog, tmp_path, method, path):
+    """A machine terminated (or a node lost) while its agent sends a heartbeat, a result or an
+    artifact: the body ends with the connection. That is the worker's end, not the server's
+    error, and nothing half-received is kept."""
+    import logging
+    import socket
+    import time
+
+    run_id, token = api.add(1)
+    caplog.set_level(logging.DEBUG, logger="aiohttp")
+    host, port = api.url.rsplit("/", 1)[-1].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as connection:
+        connection.sendall((f"{method} /runs/{run_id}/{path} HTTP/1.1\r\nHost: {host}\r\n"
+                            f"Authorization: Bearer {token}\r\nContent-Type: application/json\r\n"
+                            "Content-Length: 1000\r\n\r\n{\"phase\": ").encode())
+        time.sleep(0.3)  # the handler is reading the body when the connection goes
+    time.sleep(0.5)
+    assert [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR] == []
+    assert "Traceback" not in caplog.text
+    assert call_api_json(api, "POST", f"/runs/{run_id}/heartbeat", token=token, document={"phase": "x"})[0] == 200
+    assert api.results == [] and [path for path in (tmp_path / "artifacts").rglob("*") if path.is_file()] == []

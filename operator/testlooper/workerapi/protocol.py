@@ -184,14 +184,19 @@ async def _read_body(request, limit):
         return b""
     try:
         return await request.content.readexactly(length)
-    except asyncio.IncompleteReadError:
+    except (asyncio.IncompleteReadError, ConnectionError):
+        # ConnectionError: the worker went mid-body (its machine terminated, its node lost).
+        # Its end, not ours: answered like a short body, never a traceback in the log.
         raise ApiError(400, "the body ended early") from None
 
 
 async def _body_blocks(request, length):
     remaining = length
     while remaining:
-        block = await request.content.read(min(COPY_BLOCK_BYTES, remaining))
+        try:
+            block = await request.content.read(min(COPY_BLOCK_BYTES, remaining))
+        except ConnectionError:  # the worker went mid-upload
+            block = b""
         if not block:
             raise ApiError(400, "the body ended early")
         remaining -= len(block)
