@@ -425,7 +425,7 @@ tests:
     first = {task: f"{NAMESPACE}.{name}.1.1" for task, name in names.items()}
     player.hold(lambda boot: boot.run_id == first["stuck"])  # its machine never gets to its user-data
     with operator_for(kube, tmp_path, redis_url, endpoint, [pool],
-                      args=["--ec2-boot-timeout", "5", "--heartbeat-grace", "4"]) as operator:
+                      args=["--ec2-boot-timeout", "6", "--heartbeat-grace", "6"]) as operator:
         apply_repo(kube, url)
         hung = wait_for(lambda: player.boot_of_run(first["hung"]), timeout=30, what="the hung run's instance")
         cancelled = wait_for(lambda: player.boot_of_run(first["cancelled"]), timeout=30,
