@@ -71,3 +71,37 @@ def test_a_termination_says_whether_the_run_ended_was_cancelled_or_lost():
     assert termination_reason(delete, cancelled) == "RunCancelled"
     build_retried = phases.Decision({}, [delete, phases.RecordAttempt(1, 1, "BuildRetried", "m", True, False)])
     assert termination_reason(delete, build_retried) == "RunEnded"
+
+
+def test_a_describe_failing_after_its_caller_is_gone_leaves_no_failed_task_and_the_next_caller_hears_it():
+    """kopf re-raises the exception of any task that ends while it stops: the shared describe
+    of a pool, left running by a cancelled caller and failing then (EC2 gone at the exit), made
+    the operator exit with a traceback."""
+    import asyncio
+    import threading
+
+    from testlooper.ec2.fleet import Ec2Error
+
+    release, calls = threading.Event(), []
+
+    class FailingFleet:
+        def describe(self):
+            calls.append(1)
+            release.wait(5)
+            raise Ec2Error("EC2 DescribeInstances failed: Connection was closed before we received a valid response")
+
+    async def scenario():
+        ec2 = workers("http://127.0.0.1:8080")
+        ec2.fleet = lambda pool: FailingFleet()
+        caller = asyncio.ensure_future(ec2.instances(POOL))
+        await asyncio.sleep(0.05)
+        caller.cancel()  # a handler stopped by kopf's exit
+        shared = ec2._described[("ns", "big")][1]
+        release.set()
+        await asyncio.wait([shared], timeout=5)
+        assert shared.done() and shared.exception() is None  # nothing for kopf to re-raise
+        with pytest.raises(Ec2Error, match="Connection was closed"):
+            await ec2.instances(POOL)  # a failed describe is not reused: asked again, and said
+        assert len(calls) == 2
+
+    asyncio.run(scenario())

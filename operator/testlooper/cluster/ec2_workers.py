@@ -38,6 +38,26 @@ DESCRIBE_TTL_SECONDS = 2.0  # a decision reuses a pool's describe this recent
 LEAVING_MEMORY = 10000  # instances whose first "going" sighting is remembered
 
 
+async def _describe_or_error(fleet):
+    """The fleet's describe, its Ec2Error kept as the value: the shared task may outlive every
+    caller (each is shielded from it), and kopf re-raises the exception of any task that ends
+    while it stops, so a describe failing then (EC2 gone at the exit) made the operator exit
+    with a traceback."""
+    from testlooper.ec2.fleet import Ec2Error
+
+    try:
+        return await asyncio.to_thread(fleet.describe)
+    except Ec2Error as error:
+        return error
+
+
+def _failed(future) -> bool:
+    """A describe that ended without the pool's instances: not to be reused."""
+    if not future.done():
+        return False
+    return future.cancelled() or future.exception() is not None or isinstance(future.result(), Exception)
+
+
 class Ec2Workers:
     def __init__(self, context, secret: bytes, *, heartbeat_seconds: float = 5.0, client_factory=None):
         self.context = context
@@ -99,12 +119,13 @@ class Ec2Workers:
         key = (pool["metadata"]["namespace"], pool["metadata"]["name"])
         entry = self._described.get(key)
         now = time.monotonic()
-        if fresh or entry is None or now - entry[0] > DESCRIBE_TTL_SECONDS or (
-                entry[1].done() and entry[1].exception() is not None):
+        if fresh or entry is None or now - entry[0] > DESCRIBE_TTL_SECONDS or _failed(entry[1]):
             fleet = self.fleet(pool)
-            entry = (now, asyncio.ensure_future(asyncio.to_thread(fleet.describe)))
+            entry = (now, asyncio.ensure_future(_describe_or_error(fleet)))
             self._described[key] = entry
         described = await asyncio.shield(entry[1])
+        if isinstance(described, Exception):
+            raise described
         name = key[1]
         seen = {instance.run_id for instance in described if instance.run_id}
         launched = self._launched.setdefault(key, {})
