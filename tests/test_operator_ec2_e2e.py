@@ -9,6 +9,7 @@ locally with the run's token, does the run through the operator's worker API.
 from __future__ import annotations
 
 import base64
+import json
 import shlex
 import threading
 import time
@@ -117,6 +118,12 @@ def phases(kube) -> str:
         return f"no TestRun; the Repo's status: {repo_object(kube).get('status')}"
     return ", ".join(f"{item['spec']['task']}: {(item.get('status') or {}).get('phase')} "
                      f"{(item.get('status') or {}).get('message', '')}".strip() for item in list_testruns(kube))
+
+
+def shown(*statuses) -> str:
+    """A TestRun status's counts, attempts and message, for an assertion's message."""
+    return "; ".join(json.dumps({key: status.get(key) for key in ("phase", "runCounts", "attempts", "message")})
+                     for status in statuses)
 
 
 def workerpool(kube, name):
@@ -273,7 +280,7 @@ tests:
         assert player.errors == []
         small, wide = by_task["small/linux"]["status"], by_task["wide/linux"]["status"]
         assert (small["phase"], small["runsSummary"], wide["phase"], wide["runsSummary"]) == (
-            "Succeeded", "35/35", "Succeeded", "15/15"), (small, wide)
+            "Succeeded", "35/35", "Succeeded", "15/15"), shown(small, wide)
         # Never past a cap, and the caps were reached: the runs queued for room.
         assert highest["workers"] <= caps["maxWorkers"] and highest["cores"] <= caps["maxCores"] \
             and highest["ramGb"] <= caps["maxRamGb"], highest
@@ -441,7 +448,7 @@ tests:
                                         f"{[(b.run_id, b.powered_off) for b in player.boots.values()]}")
         for task, reason in (("stuck", "BootTimedOut"), ("hung", "HeartbeatLost")):
             status = by_task[f"{task}/linux"]["status"]
-            assert (status["phase"], status["result"]) == ("Succeeded", "passed"), (task, status)
+            assert (status["phase"], status["result"]) == ("Succeeded", "passed"), (task, shown(status))
             assert [(a["run"], a["attempt"], a["reason"]) for a in status["attempts"]] == [(1, 1, reason)], task
             assert player.boot_of_run(f"{NAMESPACE}.{names[task]}.1.2") is not None, task
             assert operator.metric("testlooper_ec2_terminations_total", namespace=NAMESPACE, pool="linux-ec2",
