@@ -34,6 +34,10 @@ whatever process group they moved to) when it shuts itself down, when its instan
 pending/running in moto (the operator, or a test, terminated it), when frozen, and when the
 player stops. Each boot is recorded (``boots``: instance id -> Boot, in the order taken), with
 why its machine stopped; errors in a boot thread go to ``errors``, for the test to show.
+
+Beside it: ``ThrottlingProxy`` (moto behind a proxy that answers the next N calls of an action
+with EC2's throttling error, which moto never sends), ``moto_client``, ``reset_moto`` and
+``make_network`` (the VPC, subnet and security group a pool's spec names).
 """
 
 from __future__ import annotations
@@ -246,10 +250,6 @@ class Ec2Player:
     def boot_of_run(self, run_id: str) -> Boot | None:
         with self._lock:
             return next((boot for boot in self.boots.values() if boot.run_id == run_id), None)
-
-    def booted(self) -> list[Boot]:
-        with self._lock:
-            return [boot for boot in self.boots.values() if not boot.held]
 
     def kill_agent(self, instance_id: str) -> int:
         """SIGKILLs the agent of the machine (the rest of its boot script goes on: on Linux the
