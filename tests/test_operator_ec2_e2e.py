@@ -25,6 +25,7 @@ from run_cluster import apply_repo, ended_testruns, push_project, redis_url, sta
 from redis_server import free_port
 from run_helpers import wait_for
 from test_operator_e2e import check_rbac_subset
+from testlooper.kube import pods as pod_builder
 from testlooper.kube.objects import testrun_name
 from testlooper.store import open_store
 from testlooper.workerapi import tokens
@@ -215,6 +216,10 @@ tests:
         for pool in ("linux-ec2", "windows-ec2"):
             wait_for(lambda: not (workerpool(kube, pool).get("status") or {}).get("instances"), timeout=10,
                      what=f"{pool}'s status with no instance")
+        # The runs' token Secrets (made as for pods) go with their runs.
+        wait_for(lambda: [item["metadata"]["name"] for item in
+                          kube.api("GET", f"/api/v1/namespaces/{NAMESPACE}/secrets")["items"]]
+                 == ["testlooper-operator"], timeout=10, what="the runs' token Secrets deleted")
         # Nothing of the run controller is left for kopf to wait out at the exit (its 5 s for
         # every task still running, then a cancel): the operator stops at once.
         stopping = time.monotonic()
@@ -484,6 +489,13 @@ tests:
         wait_for(lambda: len(player.boots) == 3 and all((boot.root / "task-started").exists()
                                                         for boot in player.boots.values()),
                  timeout=30, what="three runs' tasks started on their instances")
+        # Each run's token is in its Secret, made as for a pod, and is the one its user-data carries.
+        secrets = {item["metadata"]["annotations"][pod_builder.RUN_ID_ANNOTATION]:
+                   base64.b64decode(item["data"][pod_builder.TOKEN_KEY]).decode()
+                   for item in kube.api("GET", f"/api/v1/namespaces/{NAMESPACE}/secrets")["items"]
+                   if pod_builder.RUN_ID_ANNOTATION in (item["metadata"].get("annotations") or {})}
+        assert secrets == {boot.run_id: linux_user_data_values(boot.user_data)["TESTLOOPER_WORKER_TOKEN"]
+                           for boot in player.boots.values()}
         operator.kill()  # SIGKILL: nothing of its own shutdown runs; the instances run on
         time.sleep(1)
         operator.start()  # the same port: the agents' URL
