@@ -35,8 +35,9 @@ pending/running in moto (the operator, or a test, terminated it), when frozen, a
 player stops. Each boot is recorded (``boots``: instance id -> Boot, in the order taken), with
 why its machine stopped; errors in a boot thread go to ``errors``, for the test to show.
 
-Beside it: ``ThrottlingProxy`` (moto behind a proxy that answers the next N calls of an action
-with EC2's throttling error, which moto never sends), ``moto_client``, ``reset_moto`` and
+Beside it: ``Ec2FaultProxy`` (moto behind a proxy that answers the next N calls of an action
+with EC2's throttling error, and reports chosen instances' status checks impaired, which moto
+never does), ``moto_client``, ``reset_moto`` and
 ``make_network`` (the VPC, subnet and security group a pool's spec names).
 """
 
@@ -516,13 +517,15 @@ class Ec2Player:
         return killed
 
 
-class ThrottlingProxy:
-    """An HTTP proxy in front of moto_server that answers the next N requests of an EC2 action
-    with EC2's throttling error instead of passing them on (moto itself never throttles).
+class Ec2FaultProxy:
+    """An HTTP proxy in front of moto_server for what moto never does: it answers the next N
+    requests of an EC2 action with EC2's throttling error instead of passing them on, and
+    reports the instance status check of chosen instances ``impaired`` in DescribeInstanceStatus.
 
-        with ThrottlingProxy(moto_endpoint) as proxy:   # the operator's AWS_ENDPOINT_URL: proxy.url
+        with Ec2FaultProxy(moto_endpoint) as proxy:   # the operator's AWS_ENDPOINT_URL: proxy.url
             proxy.throttle("RunInstances", 2)
             proxy.throttled                              # [action, ...] as they were answered
+            proxy.impair(instance_id)
     """
 
     def __init__(self, upstream: str, port: int = 0):
@@ -531,6 +534,7 @@ class ThrottlingProxy:
         parts = urllib.parse.urlsplit(upstream)
         self.upstream = (parts.hostname, parts.port)
         self.throttled: list[str] = []
+        self.impaired: set[str] = set()
         self._pending: dict[str, tuple[int, str, int]] = {}
         self._lock = threading.Lock()
         proxy = self
@@ -562,6 +566,19 @@ class ThrottlingProxy:
         with self._lock:
             self._pending[action] = (times, code, status)
 
+    def impair(self, instance_id: str) -> None:
+        """From now on, the instance's status check reads ``impaired`` (a broken machine)."""
+        with self._lock:
+            self.impaired.add(instance_id)
+
+    def _impaired_statuses(self, answer: bytes) -> bytes:
+        text = answer.decode()
+        for instance_id in sorted(self.impaired):
+            text = re.sub(rf"(<instanceId>{re.escape(instance_id)}</instanceId>.*?<instanceStatus>.*?)"
+                          r"<status>ok</status>(</instanceStatus>)", r"\1<status>impaired</status>\2", text,
+                          flags=re.DOTALL)
+        return text.encode()
+
     def _take_throttle(self, action):
         with self._lock:
             times, code, status = self._pending.get(action, (0, "", 0))
@@ -592,6 +609,8 @@ class ThrottlingProxy:
             connection.request(request.command, request.path, body=body, headers=headers)
             reply = connection.getresponse()
             answer = reply.read()
+            if action == "DescribeInstanceStatus" and self.impaired:
+                answer = self._impaired_statuses(answer)
             request.send_response(reply.status)
             for key, value in reply.getheaders():
                 if key.lower() not in ("content-length", "transfer-encoding", "connection", "server", "date"):

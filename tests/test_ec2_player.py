@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from ec2_player import (
-    LINUX_AMI, WINDOWS_AMI, Ec2Player, ThrottlingProxy, UserDataUnreadable, make_network, moto_client,
+    LINUX_AMI, WINDOWS_AMI, Ec2Player, Ec2FaultProxy, UserDataUnreadable, make_network, moto_client,
     parse_windows_user_data, reset_moto,
 )
 from moto_server import start_moto_server
@@ -151,9 +151,9 @@ def test_a_windows_script_not_of_user_data_pys_form_is_refused_saying_what_is_mi
             parse_windows_user_data(broken)
 
 
-def test_the_throttling_proxy_answers_the_next_calls_of_an_action_with_ec2s_throttling_error(ec2):
+def test_the_fault_proxy_throttles_the_next_calls_of_an_action_and_impairs_chosen_instances(ec2):
     endpoint, _client, _fleet, network = ec2
-    with ThrottlingProxy(endpoint) as proxy:
+    with Ec2FaultProxy(endpoint) as proxy:
         pauses = []
         fleet = Ec2Fleet(moto_client(proxy.url, botocore_retries=False), "big", subnet_id=network["subnet"], sleep=pauses.append,
                          jitter=lambda low, high: high)
@@ -162,3 +162,7 @@ def test_the_throttling_proxy_answers_the_next_calls_of_an_action_with_ec2s_thro
         assert [instance.instance_id for instance in fleet.describe()] == [instance_id]
         assert proxy.throttled == ["RunInstances", "RunInstances"] and pauses == [0.5, 1.0]
         assert fleet.throttled == 2
+        other = fleet.launch(LaunchRequest("ns.tr.2.1", "t3.micro", LINUX_AMI), "x", {})
+        assert fleet.impaired([instance_id, other]) == set()
+        proxy.impair(instance_id)
+        assert fleet.impaired([instance_id, other]) == {instance_id}

@@ -18,7 +18,7 @@ import pytest
 
 from cluster_helpers import NAMESPACE, condition, list_testruns, repo_object
 from ec2_player import (
-    LINUX_AMI, WINDOWS_AMI, Ec2Player, ThrottlingProxy, make_network, moto_client, parse_windows_user_data, reset_moto,
+    LINUX_AMI, WINDOWS_AMI, Ec2Player, Ec2FaultProxy, make_network, moto_client, parse_windows_user_data, reset_moto,
 )
 from moto_server import start_moto_server
 from run_cluster import apply_repo, ended_testruns, push_project, redis_url, start_operator  # noqa: F401
@@ -162,7 +162,7 @@ tests:
     url, commit = push_project(tmp_path, {"testlooper.yml": definitions(tasks), "summary.sh": SUMMARY})
     pools = [NODE_POOL, ec2_pool("linux-ec2", "linux", network, LINUX_TYPES, maxWorkers=4),
              ec2_pool("windows-ec2", "windows", network, WINDOWS_TYPES, maxWorkers=4)]
-    throttling = ThrottlingProxy(endpoint)  # EC2 says "slow down" to the first launches and listings
+    throttling = Ec2FaultProxy(endpoint)  # EC2 says "slow down" to the first launches and listings
     throttling.throttle("RunInstances", 2)
     throttling.throttle("DescribeInstances", 2)
     operator = operator_for(kube, tmp_path, redis_url, throttling.url, pools)
@@ -416,7 +416,7 @@ tests:
     assert "Traceback" not in operator.log(), operator.log()[-5000:]
 
 
-def test_a_machine_that_never_boots_or_hangs_is_retried_and_a_cancelled_runs_instance_is_terminated(
+def test_a_machine_that_never_boots_hangs_or_fails_its_checks_is_retried_and_a_cancelled_runs_instance_goes(
         kube, tmp_path, redis_url, ec2):  # noqa: F811 - the fixture
     endpoint, client, network, _clock, player = ec2
     tasks = """\
@@ -427,31 +427,38 @@ tests:
   hung/linux:
     command: touch "$HOME/task-started"; sleep 2; sh src/summary.sh survived
     dependencies: {src: HEAD}
+  sick/linux:
+    command: touch "$HOME/task-started"; sleep 2; sh src/summary.sh recovered
+    dependencies: {src: HEAD}
   cancelled/linux:
     command: sleep 60
     dependencies: {src: HEAD}
 """
     url, commit = push_project(tmp_path, {"testlooper.yml": definitions(tasks), "summary.sh": SUMMARY})
     pool = ec2_pool("linux-ec2", "linux", network, LINUX_TYPES)
-    names = {task: testrun_name("demo", commit, f"{task}/linux") for task in ("stuck", "hung", "cancelled")}
+    names = {task: testrun_name("demo", commit, f"{task}/linux") for task in ("stuck", "hung", "sick", "cancelled")}
     first = {task: f"{NAMESPACE}.{name}.1.1" for task, name in names.items()}
     player.hold(lambda boot: boot.run_id == first["stuck"])  # its machine never gets to its user-data
-    with operator_for(kube, tmp_path, redis_url, endpoint, [pool],
-                      args=["--ec2-boot-timeout", "6", "--heartbeat-grace", "6"]) as operator:
+    faults = Ec2FaultProxy(endpoint)  # EC2 as the operator sees it: the sick machine's checks fail
+    with faults, operator_for(kube, tmp_path, redis_url, faults.url, [pool],
+                              args=["--ec2-boot-timeout", "6", "--heartbeat-grace", "6"]) as operator:
         apply_repo(kube, url)
-        hung = wait_for(lambda: player.boot_of_run(first["hung"]), timeout=30, what="the hung run's instance")
-        cancelled = wait_for(lambda: player.boot_of_run(first["cancelled"]), timeout=30,
-                             what="the cancelled run's instance")
-        # Its task has started, so its agent has beaten (it beats first, then fetches the run).
-        wait_for(lambda: (hung.root / "task-started").exists(), timeout=20, what="the hung run's task started")
-        wait_for(lambda: player.agent_running(cancelled.instance_id), timeout=20, what="the cancelled run's agent")
-        player.freeze(hung.instance_id)  # the machine hangs: its agent falls silent, the instance runs on
+        boots = {task: wait_for(lambda: player.boot_of_run(first[task]), timeout=30, what=f"the {task} run's instance")
+                 for task in ("hung", "sick", "cancelled")}
+        # Their tasks have started, so their agents have beaten (an agent beats first, then
+        # fetches its run).
+        for task in ("hung", "sick"):
+            wait_for(lambda: (boots[task].root / "task-started").exists(), timeout=20, what=f"the {task} task started")
+        wait_for(lambda: player.agent_running(boots["cancelled"].instance_id), timeout=20,
+                 what="the cancelled run's agent")
+        player.freeze(boots["hung"].instance_id)  # the machine hangs: its agent falls silent, the instance runs on
+        faults.impair(boots["sick"].instance_id)  # EC2 reports its instance status check impaired
         kube.kubectl("patch", "testrun", names["cancelled"], "-n", NAMESPACE, "--type", "merge",
                      "-p", '{"spec": {"cancel": true}}')
-        by_task = wait_for(lambda: ended_testruns(kube, 3), timeout=60, interval=0.3,
+        by_task = wait_for(lambda: ended_testruns(kube, 4), timeout=60, interval=0.3,
                            what=lambda: f"the TestRuns ended ({phases(kube)}); boots "
                                         f"{[(b.run_id, b.powered_off) for b in player.boots.values()]}")
-        for task, reason in (("stuck", "BootTimedOut"), ("hung", "HeartbeatLost")):
+        for task, reason in (("stuck", "BootTimedOut"), ("hung", "HeartbeatLost"), ("sick", "StatusChecksFailed")):
             status = by_task[f"{task}/linux"]["status"]
             assert (status["phase"], status["result"]) == ("Succeeded", "passed"), (task, shown(status))
             assert [(a["run"], a["attempt"], a["reason"]) for a in status["attempts"]] == [(1, 1, reason)], task
@@ -459,11 +466,12 @@ tests:
             assert operator.metric("testlooper_ec2_terminations_total", namespace=NAMESPACE, pool="linux-ec2",
                                    reason=reason) == 1, task
         assert by_task["cancelled/linux"]["status"]["phase"] == "Cancelled"
-        stuck = player.boot_of_run(first["stuck"])
-        # The operator terminated the silent ones and the cancelled run's: none is left running.
-        wait_for(lambda: {instance_state(client, boot.instance_id) for boot in (stuck, hung, cancelled)}
-                 == {"terminated"}, timeout=20, what="the three first instances terminated")
-        assert (hung.powered_off, cancelled.powered_off) == ("frozen", "gone")
+        boots["stuck"] = player.boot_of_run(first["stuck"])
+        # The operator terminated the failed ones and the cancelled run's: none is left running.
+        wait_for(lambda: {instance_state(client, boot.instance_id) for boot in boots.values()} == {"terminated"},
+                 timeout=20, what="the four first instances terminated")
+        assert {task: boots[task].powered_off for task in ("hung", "sick", "cancelled")} == {
+            "hung": "frozen", "sick": "gone", "cancelled": "gone"}
         assert operator.metric("testlooper_ec2_terminations_total", namespace=NAMESPACE, pool="linux-ec2",
                                reason="RunCancelled") == 1
         wait_for(lambda: live_instances(client) == [], timeout=20, what="every instance terminated")
@@ -536,7 +544,7 @@ tests:
         testrun = list_testruns(kube)[0]
         assert (testrun.get("status") or {}).get("phase") in ("Queued", "Running"), testrun.get("status")
         assert player.boots == {} and live_instances(client) == []
-        with ThrottlingProxy(endpoint, port=ec2_port):  # EC2 answers
+        with Ec2FaultProxy(endpoint, port=ec2_port):  # EC2 answers
             by_task = wait_for(lambda: ended_testruns(kube, 1), timeout=30, interval=0.3,
                                what=lambda: f"the TestRun ended ({phases(kube)})")
             assert by_task["patient/linux"]["status"]["result"] == "passed"
