@@ -43,6 +43,8 @@ from testlooper.kube import pods as pod_builder
 from testlooper.kube.models import SpecError, parse_workerpool_spec
 from testlooper.kube.objects import MANAGED_BY, MANAGED_BY_LABEL, label_value, testrun_name
 from testlooper.cluster.store_health import recorded_conditions
+from testlooper.cluster.watch_cache import TestRunCache
+from testlooper.kube.api import Conflict
 from testlooper.store.base import StoreError
 from testlooper.workerapi import tokens
 from testlooper.workerapi.contract import ApiError
@@ -133,7 +135,12 @@ class TestRunDirectory:
             namespace, name, index, attempt = parse_run_id(run_id)
         except ValueError:
             return None
-        testrun = await self.context.api.get_object("testruns", namespace, name)
+        # The watch's copy when it is current (cluster/watch_cache.py); a cancel or a new
+        # attempt reaches the agent all the same, since `testrun_seen` forgets what changed.
+        runs = self.context.runs
+        testrun = runs.testruns.get(namespace, name) if runs is not None else None
+        if testrun is None:
+            testrun = await self.context.api.get_object("testruns", namespace, name)
         if testrun is None:
             return None
         spec = testrun.get("spec") or {}
@@ -272,6 +279,9 @@ class RunController:
         self._pools = PoolReader(self.api)
         # The runs of pools with provider ec2.
         self.ec2 = Ec2Workers(context, secret, heartbeat_seconds=heartbeat_interval(self.settings))
+        # The TestRuns as the watch brought them (cluster/watch_cache.py): what the decisions
+        # that admission did not start read, instead of a GET each.
+        self.testruns = TestRunCache()
         # Decisions made at once: 5,000 TestRuns appearing together wait their turn here rather
         # than all holding their reads in memory (and the API client's queue) at once.
         self._decisions = asyncio.Semaphore(DECISION_CONCURRENCY)
@@ -298,6 +308,7 @@ class RunController:
         """A TestRun's event: what the worker API knows of its runs is read again when it
         changed (a cancel reaches the agent at its next heartbeat), and it is decided again
         (unless it is only our own last write coming back: `version`, see `_note_echo`)."""
+        self.testruns.seen(testrun)
         if self.directory is not None:
             self.directory.testrun_seen(testrun)
         self.poke(testrun["metadata"]["namespace"], testrun["metadata"]["name"],
@@ -452,9 +463,28 @@ class RunController:
             self.wake_later(key, 5.0)
 
     async def reconcile(self, namespace: str, name: str, admitted: int = 0) -> None:
-        testrun = await self.api.get_object("testruns", namespace, name)
-        if testrun is None or testrun["metadata"].get("deletionTimestamp"):
+        # Admission's decisions (they create pods) read the TestRun as stored now; the others
+        # start from the watch's copy when it is no older than our last write, and their write
+        # is conditional on that copy's version (cluster/watch_cache.py says why that is safe).
+        cached = None if admitted else self.testruns.get(namespace, name)
+        if cached is not None and await self._reconcile_from(cached, admitted, cached=True):
             return
+        testrun = await self.api.get_object("testruns", namespace, name)
+        if testrun is not None:
+            await self._reconcile_from(testrun, admitted, cached=False)
+
+    async def _read_testrun(self, namespace: str, name: str) -> dict | None:
+        """Another TestRun (a build this one depends on), from the cache when it can say."""
+        cached = self.testruns.get(namespace, name)
+        return cached if cached is not None else await self.api.get_object("testruns", namespace, name)
+
+    async def _reconcile_from(self, testrun: dict, admitted: int, cached: bool) -> bool:
+        """One decision from `testrun`, applied. False, with nothing applied, when a decision
+        from the cached copy would act without a write that proves that copy current (then it
+        is made again from a fresh read), or when that write finds the TestRun moved on."""
+        if testrun["metadata"].get("deletionTimestamp"):
+            return True
+        namespace, name = testrun["metadata"]["namespace"], testrun["metadata"]["name"]
         spec, status = testrun.get("spec") or {}, testrun.get("status") or {}
         pools = await self._pools.read(namespace)
         pool_name = status.get("workerPool") or pool_for(spec.get("definition") or {}, spec.get("workerPool") or "", pools)
@@ -475,7 +505,7 @@ class RunController:
             workers, own_secrets = [], []
         builds = {}
         for build in spec.get("dependsOn") or []:
-            found = await self.api.get_object("testruns", namespace, build)
+            found = await self._read_testrun(namespace, build)
             if found is not None:
                 found_status = found.get("status") or {}
                 builds[build] = (found_status.get("phase") or "", found_status.get("result") or "")
@@ -502,6 +532,11 @@ class RunController:
             boot_grace_seconds=ec2_placement.boot_grace((pool.get("spec") or {}).get("platform") or "linux",
                                                         self.context.options.ec2_boot_timeout) if on_ec2 else None)
         decision = phases.decide(testrun, observed)
+        patch = decision.status_patch
+        decided = {**status, "conditions": patch["conditions"]} if patch and "conditions" in patch else status
+        conditions = recorded_conditions(decided, reports_known, phases.format_time(observed.now))
+        if cached and (decision.creates or (decision.afterwards and not decision.status_patch and conditions is None)):
+            return False  # it would act on a copy no write of ours checks: decided again, fresh
         made = []
         for action in decision.creates:
             try:
@@ -512,15 +547,18 @@ class RunController:
                     run_metrics.pod_created(self.context, testrun, action, pool_name)
             except ValueError as exc:  # no pod can be made of it (no image, a Windows task): it ends here
                 await self._cannot_run(testrun, str(exc))
-                return
+                return True
         patch = decision.status_patch
-        decided = {**status, "conditions": patch["conditions"]} if patch and "conditions" in patch else status
-        conditions = recorded_conditions(decided, reports_known, phases.format_time(observed.now))
         if conditions is not None:  # in the same write
             patch = {**(patch or {}), "conditions": conditions}
         stored = None
         if patch:
-            stored = await self.api.patch_status("testruns", namespace, name, patch)
+            try:
+                stored = await self.api.patch_status("testruns", namespace, name, patch, resource_version=(
+                    testrun["metadata"].get("resourceVersion") or "") if cached else "")
+            except Conflict:
+                return False  # written since that copy: decided again from the TestRun as it is
+            self.testruns.wrote(namespace, name, stored)
             if stored is not None:
                 self._note_echo((namespace, name), stored, observed, made, decision.afterwards)
         if decision.status_patch:
@@ -546,6 +584,7 @@ class RunController:
         if decision.status_patch and "phase" in decision.status_patch and \
                 (decision.status_patch["phase"] in ENDED_PHASES) != (status.get("phase") in ENDED_PHASES):
             self.retally_repo(testrun)  # it ended, or runs were added to it: the Repo's tally moves
+        return True
 
     def retally_repo(self, testrun: dict) -> None:
         """Asks the daemon of the TestRun's Repo to recount its branch tallies now (no fetch)."""
@@ -639,6 +678,7 @@ class RunController:
 
     def forget(self, namespace: str, name: str) -> None:
         self._echoes.pop((namespace, name), None)
+        self.testruns.gone(namespace, name)
 
     async def _wake_consumers(self, testrun: dict) -> None:
         """The TestRuns consuming an ended build wait for it: they decide again now."""

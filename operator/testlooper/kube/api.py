@@ -151,10 +151,24 @@ class KubeApi:
         return await self._call(self._request, "PATCH", self._path(plural, namespace, name), patch,
                                 MERGE_PATCH, ok_statuses=(404,))
 
-    async def patch_status(self, plural: str, namespace: str, name: str, status: dict) -> dict | None:
-        """A merge patch of `status` through the status subresource; None when the object is gone."""
-        return await self._call(self._request, "PATCH", self._path(plural, namespace, name, "status"),
-                                {"status": status}, MERGE_PATCH, ok_statuses=(404,))
+    async def patch_status(self, plural: str, namespace: str, name: str, status: dict,
+                           resource_version: str = "") -> dict | None:
+        """A merge patch of `status` through the status subresource; None when the object is gone.
+        With `resource_version`, only if the object is still at that version: else it raises
+        Conflict at once (not retried: the caller decides again from the object as it is now)."""
+        path = self._path(plural, namespace, name, "status")
+        if not resource_version:
+            return await self._call(self._request, "PATCH", path, {"status": status}, MERGE_PATCH, ok_statuses=(404,))
+        body = {"metadata": {"resourceVersion": resource_version}, "status": status}
+        return await self._call(self._patch_at_version, path, body, ok_statuses=(404,))
+
+    def _patch_at_version(self, path: str, body: dict):
+        try:
+            return self._request("PATCH", path, body, MERGE_PATCH)
+        except self._api_exception as exc:
+            if exc.status == 409:
+                raise Conflict(path) from None
+            raise
 
     async def delete_object(self, plural: str, namespace: str, name: str) -> None:
         await self._call(self._request, "DELETE", self._path(plural, namespace, name), ok_statuses=(404,))
@@ -224,3 +238,7 @@ class KubeApi:
 
 class AlreadyExists(Exception):
     pass
+
+
+class Conflict(Exception):
+    """A write whose resourceVersion precondition no longer holds."""
