@@ -70,3 +70,62 @@ def test_it_holds_the_testruns_heard_of_last_and_forgets_writes_never_echoed():
         cache.wrote("team-a", f"w{index}", body(f"w{index}", str(20 + index)))
     assert len(cache._awaited) <= 6
     assert cache.get("team-a", "w9") is None
+
+
+from testlooper.cluster.watch_cache import RunObjects  # noqa: E402
+
+LABEL = "testlooper.dev/testrun"
+
+
+def pod(name: str, testrun: str, phase: str = "", version: str = "1") -> dict:
+    return {"metadata": {"name": name, "labels": {LABEL: testrun}, "resourceVersion": version,
+                         "managedFields": [{"big": True}]},
+            "spec": {"containers": [{"name": "test"}]}, "status": {"phase": phase} if phase else {}}
+
+
+def names(objects: RunObjects, kind: str, testrun: str) -> list[str]:
+    return [body["metadata"]["name"] for body in objects.of(kind, testrun)]
+
+
+def test_run_objects_are_trusted_only_once_listed_and_keep_what_a_decision_reads():
+    objects = RunObjects(LABEL)
+    assert not objects.trusted
+    objects.pod_event(False, pod("a-1", "a", "Running"))
+    started = objects.listing_started()
+    objects.merge("pods", started, [pod("a-1", "a", "Pending"), pod("b-1", "b")])
+    # The event came before the listing was asked for: the listing is the newer truth.
+    assert [p["status"] for p in objects.of("pods", "a")] == [{"phase": "Pending"}]
+    assert names(objects, "pods", "b") == ["b-1"] and names(objects, "pods", "c") == []
+    kept = objects.of("pods", "b")[0]
+    assert "spec" not in kept and "managedFields" not in kept["metadata"]
+
+
+def test_a_listing_drops_what_the_watch_missed_but_not_what_changed_since_it_was_asked_for():
+    objects = RunObjects(LABEL)
+    objects.merge("pods", objects.listing_started(), [pod("a-1", "a"), pod("a-2", "a"), pod("b-1", "b")])
+    started = objects.listing_started()
+    objects.created("pods", pod("a-3", "a"))  # made while the listing was on its way
+    objects.deleted("pods", "b-1")  # deleted meanwhile: shown as being deleted
+    objects.pod_event(True, pod("a-2", "a"))  # its DELETED event, after the listing was asked for
+    # The listing (a snapshot from before those) still has a-2 and b-1, and lost a-1's deletion.
+    objects.merge("pods", started, [pod("a-2", "a"), pod("b-1", "b")])
+    assert names(objects, "pods", "a") == ["a-3"]
+    assert [p["metadata"].get("deletionTimestamp") is not None for p in objects.of("pods", "b")] == [True]
+    objects.pod_event(True, pod("b-1", "b"))
+    assert names(objects, "pods", "b") == []
+    objects.merge("pods", objects.listing_started(), [pod("a-3", "a", "Running")])
+    assert [p["status"] for p in objects.of("pods", "a")] == [{"phase": "Running"}]
+
+
+def test_secrets_are_known_from_our_own_creates_and_deletes_between_listings():
+    objects = RunObjects(LABEL)
+    started = objects.listing_started()
+    objects.created("secrets", {"metadata": {"name": "a-1-token", "labels": {LABEL: "a"}}, "data": {"token": "x"}})
+    objects.merge("secrets", started, [])  # a listing from before it was made does not drop it
+    assert [s for s in objects.of("secrets", "a")] == [{"metadata": {"name": "a-1-token", "labels": {LABEL: "a"}}}]
+    started = objects.listing_started()
+    objects.deleted("secrets", "a-1-token")
+    objects.merge("secrets", started, [{"metadata": {"name": "a-1-token", "labels": {LABEL: "a"}}}])
+    assert objects.of("secrets", "a") == []  # deleted after that listing was asked for
+    objects.merge("secrets", objects.listing_started(), [])
+    assert objects.of("secrets", "a") == [] and objects._objects["secrets"] == {}  # no tombstone kept

@@ -43,7 +43,7 @@ from testlooper.kube import pods as pod_builder
 from testlooper.kube.models import SpecError, parse_workerpool_spec
 from testlooper.kube.objects import MANAGED_BY, MANAGED_BY_LABEL, label_value, testrun_name
 from testlooper.cluster.store_health import recorded_conditions
-from testlooper.cluster.watch_cache import TestRunCache
+from testlooper.cluster.watch_cache import RunObjects, TestRunCache
 from testlooper.kube.api import Conflict
 from testlooper.store.base import StoreError
 from testlooper.workerapi import tokens
@@ -59,6 +59,7 @@ DECISION_CONCURRENCY = 32
 DECIDE_DELAY_SECONDS = 0.1  # events for one TestRun within this make one decision
 POOLS_TTL_SECONDS = 1.0  # a decision reuses the namespace's WorkerPools read this recently
 ADMITTED_CONCURRENCY = 16  # admitted TestRuns whose pods one round creates at once
+RUN_OBJECTS_LISTING_SECONDS = 10.0  # the run pods and Secrets kept in memory are listed whole this often
 DESCRIBE_TTL_SECONDS = 2.0  # a run's description is read again after this (heartbeats come every few s)
 
 
@@ -282,6 +283,8 @@ class RunController:
         # The TestRuns as the watch brought them (cluster/watch_cache.py): what the decisions
         # that admission did not start read, instead of a GET each.
         self.testruns = TestRunCache()
+        # Per namespace, its run pods and token Secrets (cluster/watch_cache.py `RunObjects`).
+        self._run_objects: dict[str, RunObjects] = {}
         # Decisions made at once: 5,000 TestRuns appearing together wait their turn here rather
         # than all holding their reads in memory (and the API client's queue) at once.
         self._decisions = asyncio.Semaphore(DECISION_CONCURRENCY)
@@ -378,6 +381,65 @@ class RunController:
             return
         self._wakes[namespace] = asyncio.Event()
         self._loops[namespace] = self._start(self._admission_loop(namespace))
+        self._run_objects[namespace] = RunObjects(pod_builder.TESTRUN_LABEL)
+        self._background(self._list_run_objects(namespace))
+
+    def pod_seen(self, namespace: str, deleted: bool, pod) -> None:
+        """A run pod's watch event (before the namespace's first TestRun there is nothing to
+        keep: its first listing comes after)."""
+        objects = self._run_objects.get(namespace)
+        if objects is not None:
+            objects.pod_event(deleted, pod)
+
+    async def _list_run_objects(self, namespace: str) -> None:
+        """The namespace's run pods and Secrets listed whole, now and every
+        RUN_OBJECTS_LISTING_SECONDS: until the first listing, decisions list their own."""
+        objects = self._run_objects[namespace]
+        selector = f"{MANAGED_BY_LABEL}={MANAGED_BY}"
+        while True:
+            try:
+                for kind in ("pods", "secrets"):
+                    started = objects.listing_started()
+                    objects.merge(kind, started, await self.api.list_core(kind, namespace, selector))
+                objects.trusted = True
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # listed again at the next turn; decisions read what they have
+                logger.warning("namespace %s: run pods and Secrets not listed: %s: %s", namespace,
+                               type(exc).__name__, exc)
+            await asyncio.sleep(RUN_OBJECTS_LISTING_SECONDS)
+
+    async def _own_objects(self, testrun: dict, pod_namespace: str, fresh: bool,
+                           pods: bool = True) -> tuple[list[dict], list[dict]]:
+        """The TestRun's pods (none unless `pods`) and token Secrets: kept in memory when they
+        can be (its own namespace, listed whole once since the start), listed when `fresh`
+        (admission's decisions, which create pods) or when they cannot."""
+        metadata = testrun["metadata"]
+        objects = self._run_objects.get(pod_namespace)
+        if not fresh and objects is not None and objects.trusted and pod_namespace == metadata["namespace"]:
+            value = label_value(metadata["name"])
+            return ([pod for pod in objects.of("pods", value) if _owned(pod, testrun)] if pods else [],
+                    [secret for secret in objects.of("secrets", value) if _owned(secret, testrun)])
+        selector = f"{pod_builder.TESTRUN_LABEL}={label_value(metadata['name'])}"
+        own_secrets = [s for s in await self.api.list_core("secrets", pod_namespace, selector) if _owned(s, testrun)]
+        own_pods = [pod for pod in await self.api.list_core("pods", pod_namespace, selector)
+                    if _owned(pod, testrun)] if pods else []
+        return own_pods, own_secrets
+
+    def _made(self, pod_namespace: str, body: dict) -> None:
+        objects = self._run_objects.get(pod_namespace)
+        if objects is not None:
+            objects.created("pods" if body.get("kind") == "Pod" else "secrets", body)
+
+    def _deleted(self, pod_namespace: str, testrun_name: str, action, pods: bool = True) -> None:
+        """Notes a delete of ours (`pods` False: a DeletePod ended an instance, not a pod)."""
+        objects = self._run_objects.get(pod_namespace)
+        if objects is None:
+            return
+        if isinstance(action, phases.DeletePod) and pods:
+            objects.deleted("pods", pod_builder.run_pod_name(testrun_name, action.run, action.attempt))
+        elif isinstance(action, phases.DeleteSecret):
+            objects.deleted("secrets", pod_builder.run_secret_name(testrun_name, action.run, action.attempt))
 
     def _lock(self, key: tuple[str, str]) -> asyncio.Lock:
         lock = self._locks.get(key)
@@ -490,14 +552,13 @@ class RunController:
         pool_name = status.get("workerPool") or pool_for(spec.get("definition") or {}, spec.get("workerPool") or "", pools)
         pool = next((p for p in pools if p["metadata"]["name"] == pool_name), None)
         pod_namespace = pod_builder.run_namespace(testrun, pool)
-        selector = f"{pod_builder.TESTRUN_LABEL}={label_value(name)}"
         on_ec2 = ec2_placement.is_ec2(pool)
         if status:
-            own_secrets = [s for s in await self.api.list_core("secrets", pod_namespace, selector) if _owned(s, testrun)]
-            if on_ec2:  # its run attempts are instances (none before it is placed in the pool)
+            # A pool of ec2 has no pods: its run attempts are instances (none before it is placed).
+            own_pods, own_secrets = await self._own_objects(testrun, pod_namespace, fresh=admitted > 0, pods=not on_ec2)
+            if on_ec2:
                 workers = await self.ec2.observe(testrun, pool) if status.get("workerPool") else []
             else:
-                own_pods = [pod for pod in await self.api.list_core("pods", pod_namespace, selector) if _owned(pod, testrun)]
                 workers = [p for p in (phases.observe_pod(pod) for pod in own_pods) if p is not None]
         else:
             # Never decided on: nothing was made for it yet (only admission makes pods and
@@ -542,6 +603,7 @@ class RunController:
             try:
                 body, made_now = await self._create(action, testrun, pool, pod_namespace)
                 if body is not None:
+                    self._made(pod_namespace, body)  # made now or before: it exists
                     made.append(body)
                 if made_now:
                     run_metrics.pod_created(self.context, testrun, action, pool_name)
@@ -565,6 +627,7 @@ class RunController:
             run_metrics.after_status_write(self.context, testrun, decision.status_patch, observed, posted)
         for action in decision.afterwards:
             await self._apply_after(action, testrun, pod_namespace, pool, decision)
+            self._deleted(pod_namespace, name, action, pods=not on_ec2)
         if decision.wake_after is not None:
             self.wake_later((namespace, name), decision.wake_after)
         if on_ec2 and any(isinstance(action, phases.CreatePod) for action in decision.creates):

@@ -54,6 +54,7 @@ async def run_pod_changed(type: str | None, body: kopf.Body, namespace: str, mem
     run_id = (body.get("metadata", {}).get("annotations") or {}).get(RUN_ID_ANNOTATION, "")
     memo.runs.adopt_kopf_context()
     parts = run_id.split(".")
+    memo.runs.pod_seen(namespace, type == "DELETED", body)
     if len(parts) == 4:
         memo.runs.poke(parts[0], parts[1], echo=_pod_echo(type, body))
         if (body.get("status") or {}).get("phase") in ("Succeeded", "Failed") or type == "DELETED":

@@ -26,6 +26,7 @@ about a TestRun that just changed, and 5,000 TestRuns held whole would be some 6
 from __future__ import annotations
 
 import collections
+import time
 
 CAPACITY = 1000
 
@@ -92,3 +93,100 @@ class TestRunCache:
 
     def __len__(self) -> int:
         return len(self._bodies)
+
+
+def slim_run_object(obj: dict) -> dict:
+    """What a decision reads of a run pod or token Secret (decisions/phases.py `observe_pod`,
+    `observe_secret`, and the run id annotation): its metadata and status, not its spec."""
+    metadata = dict(obj.get("metadata") or {})
+    metadata.pop("managedFields", None)
+    slim = {"metadata": metadata}
+    if obj.get("status") is not None:
+        slim["status"] = obj["status"]
+    return slim
+
+
+class RunObjects:
+    """The run pods and token Secrets of one namespace, kept from the watch's pod events and our
+    own creates and deletes, and made whole again by a full listing every few seconds.
+
+    kopf's watch can miss a deletion (a watch that restarts lists again, and says nothing of
+    what went meanwhile), and it does not watch Secrets at all. So the listing, not the events,
+    is the ground truth: `trusted` is False until one of each kind has been merged, and each
+    merge drops whatever the listing does not show, unless it was touched since that listing
+    was asked for (each touch takes a sequence number; a listing asked for after a touch shows
+    its outcome). An event touched since then stands even if it is older than the listing: the
+    watch brings the newer version right after it."""
+
+    def __init__(self, label: str):
+        self.label = label  # the label naming an object's TestRun: what `of` looks up
+        self.trusted = False
+        self._sequence = 0
+        # kind ("pods" | "secrets") -> name -> (sequence of the last touch, slim body or None: gone)
+        self._objects: dict[str, dict[str, tuple[int, dict | None]]] = {"pods": {}, "secrets": {}}
+        self._by_label: dict[str, dict[str, set[str]]] = {"pods": {}, "secrets": {}}  # kind -> label value -> names
+
+    def _set(self, kind: str, name: str, sequence: int, body: dict | None) -> None:
+        old = self._objects[kind].get(name, (0, None))[1]
+        if old is not None:
+            self._unindex(kind, name, old)
+        self._objects[kind][name] = (sequence, body)
+        if body is not None:
+            value = (body["metadata"].get("labels") or {}).get(self.label)
+            if value is not None:
+                self._by_label[kind].setdefault(value, set()).add(name)
+
+    def _unindex(self, kind: str, name: str, body: dict) -> None:
+        value = (body["metadata"].get("labels") or {}).get(self.label)
+        names = self._by_label[kind].get(value)
+        if names is not None:
+            names.discard(name)
+            if not names:
+                del self._by_label[kind][value]
+
+    def _touch(self, kind: str, name: str, body: dict | None) -> None:
+        self._sequence += 1
+        self._set(kind, name, self._sequence, body)
+
+    def pod_event(self, deleted: bool, pod: dict) -> None:
+        name = (pod.get("metadata") or {}).get("name", "")
+        self._touch("pods", name, None if deleted else slim_run_object(pod))
+
+    def created(self, kind: str, body: dict) -> None:
+        """We made it: known at once, before its event (which then replaces it) or after."""
+        name = body["metadata"]["name"]
+        if self._objects[kind].get(name, (0, None))[1] is None:
+            self._touch(kind, name, slim_run_object(body))
+
+    def deleted(self, kind: str, name: str) -> None:
+        """We deleted it: a Secret goes at once; a pod shows as being deleted until its event."""
+        known = self._objects[kind].get(name, (0, None))[1]
+        if kind == "pods" and known is not None:
+            metadata = {**known["metadata"], "deletionTimestamp": known["metadata"].get("deletionTimestamp")
+                        or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            self._touch(kind, name, {**known, "metadata": metadata})
+        else:
+            self._touch(kind, name, None)
+
+    def listing_started(self) -> int:
+        return self._sequence
+
+    def merge(self, kind: str, started: int, listed: list[dict]) -> None:
+        """A full listing of `kind` (the managed objects of the namespace), asked for when the
+        sequence was `started`."""
+        objects = self._objects[kind]
+        seen = set()
+        for item in listed:
+            name = (item.get("metadata") or {}).get("name", "")
+            seen.add(name)
+            if objects.get(name, (0, None))[0] <= started:
+                self._set(kind, name, started, slim_run_object(item))
+        for name in [name for name, (touched, _) in objects.items() if touched <= started and name not in seen]:
+            body = objects.pop(name)[1]
+            if body is not None:
+                self._unindex(kind, name, body)
+
+    def of(self, kind: str, value: str) -> list[dict]:
+        """The objects (not gone) whose TestRun label is `value`."""
+        objects = self._objects[kind]
+        return [objects[name][1] for name in sorted(self._by_label[kind].get(value, ()))]
