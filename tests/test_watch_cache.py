@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import calendar
+import time
+
 from testlooper.cluster.watch_cache import TestRunCache
 
 
@@ -110,6 +113,9 @@ def test_a_listing_drops_what_the_watch_missed_but_not_what_changed_since_it_was
     # The listing (a snapshot from before those) still has a-2 and b-1, and lost a-1's deletion.
     objects.merge("pods", started, [pod("a-2", "a"), pod("b-1", "b")])
     assert names(objects, "pods", "a") == ["a-3"]
+    # What we sent has no creationTimestamp; a pod's pending time counts from it: about now.
+    made_at = objects.of("pods", "a")[0]["metadata"]["creationTimestamp"]
+    assert abs(time.time() - calendar.timegm(time.strptime(made_at, "%Y-%m-%dT%H:%M:%SZ"))) < 5
     assert [p["metadata"].get("deletionTimestamp") is not None for p in objects.of("pods", "b")] == [True]
     objects.pod_event(True, pod("b-1", "b"))
     assert names(objects, "pods", "b") == []

@@ -153,10 +153,15 @@ class RunObjects:
         self._touch("pods", name, None if deleted else slim_run_object(pod))
 
     def created(self, kind: str, body: dict) -> None:
-        """We made it: known at once, before its event (which then replaces it) or after."""
+        """We made it: known at once, before its event (which then replaces it) or after. The
+        body we sent has no creationTimestamp, which a pod's pending time is counted from: the
+        API server gave it about now."""
         name = body["metadata"]["name"]
         if self._objects[kind].get(name, (0, None))[1] is None:
-            self._touch(kind, name, slim_run_object(body))
+            slim = slim_run_object(body)
+            if kind == "pods":
+                slim["metadata"].setdefault("creationTimestamp", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+            self._touch(kind, name, slim)
 
     def deleted(self, kind: str, name: str) -> None:
         """We deleted it: a Secret goes at once; a pod shows as being deleted until its event."""
