@@ -101,3 +101,30 @@ def test_a_status_write_at_a_version_is_refused_at_once_once_the_object_moved_on
     finally:
         api.close()
     assert stored["status"]["workers"] == 1
+
+
+def test_the_authentication_is_asked_of_the_client_again_only_after_a_while(kube, monkeypatch):
+    from testlooper.kube import api as kube_api
+
+    kube.create_namespace("auth")
+    monkeypatch.setenv("KUBECONFIG", kube.kubeconfig("operator"))
+    monkeypatch.setattr(kube_api, "AUTH_REUSE_SECONDS", 0.3)
+    api = kube_api.KubeApi()
+    asked = []
+    real = api._client.update_params_for_auth
+    api._client.update_params_for_auth = lambda headers, *args: (asked.append(1), real(headers, *args))
+
+    async def scenario():
+        for _ in range(5):
+            assert await api.list_objects("workerpools", "auth") == []
+        time.sleep(0.4)
+        assert await api.list_objects("workerpools", "auth") == []
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        api.close()
+    assert len(asked) == 2
+    # Every request carried the credentials (the emulator names the client by its token).
+    listed = [r for r in kube.requests(client="operator") if r["resource"] == "workerpools" and r["namespace"] == "auth"]
+    assert len(listed) == 6
