@@ -421,10 +421,16 @@ class RunController:
             return ([pod for pod in objects.of("pods", value) if _owned(pod, testrun)] if pods else [],
                     [secret for secret in objects.of("secrets", value) if _owned(secret, testrun)])
         selector = f"{pod_builder.TESTRUN_LABEL}={label_value(metadata['name'])}"
-        own_secrets = [s for s in await self.api.list_core("secrets", pod_namespace, selector) if _owned(s, testrun)]
-        own_pods = [pod for pod in await self.api.list_core("pods", pod_namespace, selector)
-                    if _owned(pod, testrun)] if pods else []
-        return own_pods, own_secrets
+
+        async def none() -> list[dict]:
+            return []
+
+        # Both at once: an admitted TestRun's pods wait on these reads.
+        listed_secrets, listed_pods = await asyncio.gather(
+            self.api.list_core("secrets", pod_namespace, selector),
+            self.api.list_core("pods", pod_namespace, selector) if pods else none())
+        return ([pod for pod in listed_pods if _owned(pod, testrun)],
+                [secret for secret in listed_secrets if _owned(secret, testrun)])
 
     def _made(self, pod_namespace: str, body: dict) -> None:
         objects = self._run_objects.get(pod_namespace)
