@@ -1,5 +1,6 @@
-"""The TestRuns as the operator's own watch last delivered them, read by the decisions instead of
-a GET each (cluster/runs.py).
+"""What the decisions of cluster/runs.py read instead of the API: the TestRuns as the operator's
+watch last delivered them (`TestRunCache`), and each namespace's run pods and token Secrets
+(`RunObjects`, whose own docstring gives its rules).
 
 kopf hands every TestRun event to cluster/testrun_handlers.py, which puts its body here
 (`seen`) before it asks for a decision. A watch delivers one object's versions in order, so the
@@ -15,7 +16,9 @@ patch of our own whose answer came back before its watch event. Hence the rules:
   one was paused), the write is refused and the decision is made again from a fresh read.
 - Admission (the only place that spends a pool's room, and the only caller that creates pods)
   never reads from here: it lists TestRuns and pods itself at every round, and the decisions it
-  starts read their TestRun fresh.
+  starts read their TestRun, pods and Secrets fresh.
+- A decision from a cached copy that would act with no status write to check it (deletes
+  alone) is made again from a fresh read instead.
 - After a start or a restart the cache is empty, and it fills as kopf's first listing arrives;
   what is not in it is read from the API.
 
