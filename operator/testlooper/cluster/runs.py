@@ -625,6 +625,7 @@ class RunController:
                 stored = await self.api.patch_status("testruns", namespace, name, patch, resource_version=(
                     testrun["metadata"].get("resourceVersion") or "") if cached else "")
             except Conflict:
+                logger.debug("TestRun %s/%s changed since the copy decided on: deciding again, fresh", namespace, name)
                 return False  # written since that copy: decided again from the TestRun as it is
             self.testruns.wrote(namespace, name, stored)
             if stored is not None:
