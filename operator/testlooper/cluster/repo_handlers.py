@@ -22,6 +22,7 @@ from testlooper.decisions.testrun import RESULT_FROM_COMMIT, RESULT_FROM_TESTRUN
 from testlooper.repos.mirror import GitCredentials, GitMirror, MirrorError
 
 CREATE_CONCURRENCY = 8
+RETALLY_INTERVAL_SECONDS = 2.0  # the branch tallies are recounted (without a poll) at most this often
 BRANCH_LINE_DEPTH = 1000  # first-parent commits kept per branch for `history --repo`
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ async def repo_daemon(name: str, namespace: str, uid: str, body: kopf.Body, stop
     # This daemon is the only writer of the Repo's status, so what it wrote last is the truth even
     # before the watch brings the patched object back; at start (a restart) the object's own.
     status = dict(body.get("status") or {})
+    retallied_at = 0.0  # when the branch tallies were last recounted without a poll
     try:
         while not stopped:
             spec = dict(body.get("spec") or {})
@@ -63,8 +65,9 @@ async def repo_daemon(name: str, namespace: str, uid: str, body: kopf.Body, stop
             def moved(seen=seen_generation) -> bool:  # a spec edit: poll now
                 return body.get("metadata", {}).get("generation") != seen
 
-            while await _sleep_until_woken(deadline - time.monotonic(), watched, stopped, moved):
+            while await _sleep_until_woken(deadline - time.monotonic(), watched, stopped, moved, retallied_at):
                 status = await _retally_logged(context, name, namespace, status, watched)
+                retallied_at = time.monotonic()
     finally:
         context.repos.unregister(uid)
         context.metrics.repos.set(len(context.repos))
@@ -78,12 +81,15 @@ async def forget_repo(name: str, namespace: str, uid: str, memo: OperatorContext
     await asyncio.to_thread(GitMirror(memo.mirror_path(namespace, name, uid), "").remove)
 
 
-async def _sleep_until_woken(delay: float, watched, stopped: kopf.DaemonStopped, moved) -> bool:
+async def _sleep_until_woken(delay: float, watched, stopped: kopf.DaemonStopped, moved,
+                             retallied_at: float = 0.0) -> bool:
     """Sleeps until the next poll is due or something asks for one; True when it is woken only
-    to recount the branch tallies (a TestRun ended), after which it sleeps on."""
+    to recount the branch tallies (a TestRun ended), after which it sleeps on. Recounts come
+    at most every RETALLY_INTERVAL_SECONDS: each lists the Repo's TestRuns, and 500 TestRuns
+    ending one after the other would otherwise list them all some 50 times."""
     deadline = time.monotonic() + delay
     while not stopped and not watched.wake.is_set() and not moved():
-        if watched.retally.is_set():
+        if watched.retally.is_set() and time.monotonic() - retallied_at >= RETALLY_INTERVAL_SECONDS:
             return True
         remaining = deadline - time.monotonic()
         if remaining <= 0:

@@ -43,6 +43,8 @@ from testlooper.kube import pods as pod_builder
 from testlooper.kube.models import SpecError, parse_workerpool_spec
 from testlooper.kube.objects import MANAGED_BY, MANAGED_BY_LABEL, label_value, testrun_name
 from testlooper.cluster.store_health import recorded_conditions
+from testlooper.cluster.watch_cache import RunObjects, TestRunCache
+from testlooper.kube.api import Conflict
 from testlooper.store.base import StoreError
 from testlooper.workerapi import tokens
 from testlooper.workerapi.contract import ApiError
@@ -57,6 +59,7 @@ DECISION_CONCURRENCY = 32
 DECIDE_DELAY_SECONDS = 0.1  # events for one TestRun within this make one decision
 POOLS_TTL_SECONDS = 1.0  # a decision reuses the namespace's WorkerPools read this recently
 ADMITTED_CONCURRENCY = 16  # admitted TestRuns whose pods one round creates at once
+RUN_OBJECTS_LISTING_SECONDS = 10.0  # the run pods and Secrets kept in memory are listed whole this often
 DESCRIBE_TTL_SECONDS = 2.0  # a run's description is read again after this (heartbeats come every few s)
 
 
@@ -133,7 +136,12 @@ class TestRunDirectory:
             namespace, name, index, attempt = parse_run_id(run_id)
         except ValueError:
             return None
-        testrun = await self.context.api.get_object("testruns", namespace, name)
+        # The watch's copy when it is current (cluster/watch_cache.py); a cancel or a new
+        # attempt reaches the agent all the same, since `testrun_seen` forgets what changed.
+        runs = self.context.runs
+        testrun = runs.testruns.get(namespace, name) if runs is not None else None
+        if testrun is None:
+            testrun = await self.context.api.get_object("testruns", namespace, name)
         if testrun is None:
             return None
         spec = testrun.get("spec") or {}
@@ -272,6 +280,11 @@ class RunController:
         self._pools = PoolReader(self.api)
         # The runs of pools with provider ec2.
         self.ec2 = Ec2Workers(context, secret, heartbeat_seconds=heartbeat_interval(self.settings))
+        # The TestRuns as the watch brought them (cluster/watch_cache.py): what the decisions
+        # that admission did not start read, instead of a GET each.
+        self.testruns = TestRunCache()
+        # Per namespace, its run pods and token Secrets (cluster/watch_cache.py `RunObjects`).
+        self._run_objects: dict[str, RunObjects] = {}
         # Decisions made at once: 5,000 TestRuns appearing together wait their turn here rather
         # than all holding their reads in memory (and the API client's queue) at once.
         self._decisions = asyncio.Semaphore(DECISION_CONCURRENCY)
@@ -298,6 +311,7 @@ class RunController:
         """A TestRun's event: what the worker API knows of its runs is read again when it
         changed (a cancel reaches the agent at its next heartbeat), and it is decided again
         (unless it is only our own last write coming back: `version`, see `_note_echo`)."""
+        self.testruns.seen(testrun)
         if self.directory is not None:
             self.directory.testrun_seen(testrun)
         self.poke(testrun["metadata"]["namespace"], testrun["metadata"]["name"],
@@ -367,6 +381,71 @@ class RunController:
             return
         self._wakes[namespace] = asyncio.Event()
         self._loops[namespace] = self._start(self._admission_loop(namespace))
+        self._run_objects[namespace] = RunObjects(pod_builder.TESTRUN_LABEL)
+        self._background(self._list_run_objects(namespace))
+
+    def pod_seen(self, namespace: str, deleted: bool, pod) -> None:
+        """A run pod's watch event (before the namespace's first TestRun there is nothing to
+        keep: its first listing comes after)."""
+        objects = self._run_objects.get(namespace)
+        if objects is not None:
+            objects.pod_event(deleted, pod)
+
+    async def _list_run_objects(self, namespace: str) -> None:
+        """The namespace's run pods and Secrets listed whole, now and every
+        RUN_OBJECTS_LISTING_SECONDS: until the first listing, decisions list their own."""
+        objects = self._run_objects[namespace]
+        selector = f"{MANAGED_BY_LABEL}={MANAGED_BY}"
+        while True:
+            try:
+                for kind in ("pods", "secrets"):
+                    started = objects.listing_started()
+                    objects.merge(kind, started, await self.api.list_core(kind, namespace, selector))
+                objects.trusted = True
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # listed again at the next turn; decisions read what they have
+                logger.warning("namespace %s: run pods and Secrets not listed: %s: %s", namespace,
+                               type(exc).__name__, exc)
+            await asyncio.sleep(RUN_OBJECTS_LISTING_SECONDS)
+
+    async def _own_objects(self, testrun: dict, pod_namespace: str, fresh: bool,
+                           pods: bool = True) -> tuple[list[dict], list[dict]]:
+        """The TestRun's pods (none unless `pods`) and token Secrets: kept in memory when they
+        can be (its own namespace, listed whole once since the start), listed when `fresh`
+        (admission's decisions, which create pods) or when they cannot."""
+        metadata = testrun["metadata"]
+        objects = self._run_objects.get(pod_namespace)
+        if not fresh and objects is not None and objects.trusted and pod_namespace == metadata["namespace"]:
+            value = label_value(metadata["name"])
+            return ([pod for pod in objects.of("pods", value) if _owned(pod, testrun)] if pods else [],
+                    [secret for secret in objects.of("secrets", value) if _owned(secret, testrun)])
+        selector = f"{pod_builder.TESTRUN_LABEL}={label_value(metadata['name'])}"
+
+        async def none() -> list[dict]:
+            return []
+
+        # Both at once: an admitted TestRun's pods wait on these reads.
+        listed_secrets, listed_pods = await asyncio.gather(
+            self.api.list_core("secrets", pod_namespace, selector),
+            self.api.list_core("pods", pod_namespace, selector) if pods else none())
+        return ([pod for pod in listed_pods if _owned(pod, testrun)],
+                [secret for secret in listed_secrets if _owned(secret, testrun)])
+
+    def _made(self, pod_namespace: str, body: dict) -> None:
+        objects = self._run_objects.get(pod_namespace)
+        if objects is not None:
+            objects.created("pods" if body.get("kind") == "Pod" else "secrets", body)
+
+    def _deleted(self, pod_namespace: str, testrun_name: str, action, pods: bool = True) -> None:
+        """Notes a delete of ours (`pods` False: a DeletePod ended an instance, not a pod)."""
+        objects = self._run_objects.get(pod_namespace)
+        if objects is None:
+            return
+        if isinstance(action, phases.DeletePod) and pods:
+            objects.deleted("pods", pod_builder.run_pod_name(testrun_name, action.run, action.attempt))
+        elif isinstance(action, phases.DeleteSecret):
+            objects.deleted("secrets", pod_builder.run_secret_name(testrun_name, action.run, action.attempt))
 
     def _lock(self, key: tuple[str, str]) -> asyncio.Lock:
         lock = self._locks.get(key)
@@ -452,22 +531,40 @@ class RunController:
             self.wake_later(key, 5.0)
 
     async def reconcile(self, namespace: str, name: str, admitted: int = 0) -> None:
-        testrun = await self.api.get_object("testruns", namespace, name)
-        if testrun is None or testrun["metadata"].get("deletionTimestamp"):
+        # Admission's decisions (they create pods) read the TestRun as stored now; the others
+        # start from the watch's copy when it is no older than our last write, and their write
+        # is conditional on that copy's version (cluster/watch_cache.py says why that is safe).
+        cached = None if admitted else self.testruns.get(namespace, name)
+        if cached is not None and await self._reconcile_from(cached, admitted, cached=True):
             return
+        testrun = await self.api.get_object("testruns", namespace, name)
+        if testrun is not None:
+            await self._reconcile_from(testrun, admitted, cached=False)
+
+    async def _read_testrun(self, namespace: str, name: str) -> dict | None:
+        """Another TestRun (a build this one depends on), from the cache when it can say."""
+        cached = self.testruns.get(namespace, name)
+        return cached if cached is not None else await self.api.get_object("testruns", namespace, name)
+
+    async def _reconcile_from(self, testrun: dict, admitted: int, cached: bool) -> bool:
+        """One decision from `testrun`, applied. False, with nothing applied, when a decision
+        from the cached copy would act without a write that proves that copy current (then it
+        is made again from a fresh read), or when that write finds the TestRun moved on."""
+        if testrun["metadata"].get("deletionTimestamp"):
+            return True
+        namespace, name = testrun["metadata"]["namespace"], testrun["metadata"]["name"]
         spec, status = testrun.get("spec") or {}, testrun.get("status") or {}
         pools = await self._pools.read(namespace)
         pool_name = status.get("workerPool") or pool_for(spec.get("definition") or {}, spec.get("workerPool") or "", pools)
         pool = next((p for p in pools if p["metadata"]["name"] == pool_name), None)
         pod_namespace = pod_builder.run_namespace(testrun, pool)
-        selector = f"{pod_builder.TESTRUN_LABEL}={label_value(name)}"
         on_ec2 = ec2_placement.is_ec2(pool)
         if status:
-            own_secrets = [s for s in await self.api.list_core("secrets", pod_namespace, selector) if _owned(s, testrun)]
-            if on_ec2:  # its run attempts are instances (none before it is placed in the pool)
+            # A pool of ec2 has no pods: its run attempts are instances (none before it is placed).
+            own_pods, own_secrets = await self._own_objects(testrun, pod_namespace, fresh=admitted > 0, pods=not on_ec2)
+            if on_ec2:
                 workers = await self.ec2.observe(testrun, pool) if status.get("workerPool") else []
             else:
-                own_pods = [pod for pod in await self.api.list_core("pods", pod_namespace, selector) if _owned(pod, testrun)]
                 workers = [p for p in (phases.observe_pod(pod) for pod in own_pods) if p is not None]
         else:
             # Never decided on: nothing was made for it yet (only admission makes pods and
@@ -475,7 +572,7 @@ class RunController:
             workers, own_secrets = [], []
         builds = {}
         for build in spec.get("dependsOn") or []:
-            found = await self.api.get_object("testruns", namespace, build)
+            found = await self._read_testrun(namespace, build)
             if found is not None:
                 found_status = found.get("status") or {}
                 builds[build] = (found_status.get("phase") or "", found_status.get("result") or "")
@@ -502,31 +599,42 @@ class RunController:
             boot_grace_seconds=ec2_placement.boot_grace((pool.get("spec") or {}).get("platform") or "linux",
                                                         self.context.options.ec2_boot_timeout) if on_ec2 else None)
         decision = phases.decide(testrun, observed)
+        patch = decision.status_patch
+        decided = {**status, "conditions": patch["conditions"]} if patch and "conditions" in patch else status
+        conditions = recorded_conditions(decided, reports_known, phases.format_time(observed.now))
+        if cached and (decision.creates or (decision.afterwards and not decision.status_patch and conditions is None)):
+            return False  # it would act on a copy no write of ours checks: decided again, fresh
         made = []
         for action in decision.creates:
             try:
                 body, made_now = await self._create(action, testrun, pool, pod_namespace)
                 if body is not None:
+                    self._made(pod_namespace, body)  # made now or before: it exists
                     made.append(body)
                 if made_now:
                     run_metrics.pod_created(self.context, testrun, action, pool_name)
             except ValueError as exc:  # no pod can be made of it (no image, a Windows task): it ends here
                 await self._cannot_run(testrun, str(exc))
-                return
+                return True
         patch = decision.status_patch
-        decided = {**status, "conditions": patch["conditions"]} if patch and "conditions" in patch else status
-        conditions = recorded_conditions(decided, reports_known, phases.format_time(observed.now))
         if conditions is not None:  # in the same write
             patch = {**(patch or {}), "conditions": conditions}
         stored = None
         if patch:
-            stored = await self.api.patch_status("testruns", namespace, name, patch)
+            try:
+                stored = await self.api.patch_status("testruns", namespace, name, patch, resource_version=(
+                    testrun["metadata"].get("resourceVersion") or "") if cached else "")
+            except Conflict:
+                logger.debug("TestRun %s/%s changed since the copy decided on: deciding again, fresh", namespace, name)
+                return False  # written since that copy: decided again from the TestRun as it is
+            self.testruns.wrote(namespace, name, stored)
             if stored is not None:
                 self._note_echo((namespace, name), stored, observed, made, decision.afterwards)
         if decision.status_patch:
             run_metrics.after_status_write(self.context, testrun, decision.status_patch, observed, posted)
         for action in decision.afterwards:
             await self._apply_after(action, testrun, pod_namespace, pool, decision)
+            self._deleted(pod_namespace, name, action, pods=not on_ec2)
         if decision.wake_after is not None:
             self.wake_later((namespace, name), decision.wake_after)
         if on_ec2 and any(isinstance(action, phases.CreatePod) for action in decision.creates):
@@ -546,6 +654,7 @@ class RunController:
         if decision.status_patch and "phase" in decision.status_patch and \
                 (decision.status_patch["phase"] in ENDED_PHASES) != (status.get("phase") in ENDED_PHASES):
             self.retally_repo(testrun)  # it ended, or runs were added to it: the Repo's tally moves
+        return True
 
     def retally_repo(self, testrun: dict) -> None:
         """Asks the daemon of the TestRun's Repo to recount its branch tallies now (no fetch)."""
@@ -639,6 +748,7 @@ class RunController:
 
     def forget(self, namespace: str, name: str) -> None:
         self._echoes.pop((namespace, name), None)
+        self.testruns.gone(namespace, name)
 
     async def _wake_consumers(self, testrun: dict) -> None:
         """The TestRuns consuming an ended build wait for it: they decide again now."""

@@ -40,15 +40,21 @@ async def testrun_changed(type: str | None, body: kopf.Body, name: str, namespac
     if type == "DELETED":
         memo.runs.forget(namespace, name)
     else:
-        memo.runs.testrun_changed({"metadata": {"namespace": namespace, "name": name},
+        # The object as the watch brought it (the decisions read it from cluster/watch_cache.py).
+        metadata = dict(body.get("metadata") or {})
+        metadata.setdefault("namespace", namespace)
+        metadata.setdefault("name", name)
+        metadata.pop("managedFields", None)  # much of the object on a real cluster, read by nothing of ours
+        memo.runs.testrun_changed({"apiVersion": body.get("apiVersion"), "kind": body.get("kind"), "metadata": metadata,
                                    "spec": dict(body.get("spec") or {}), "status": dict(body.get("status") or {})},
-                                  version=body.get("metadata", {}).get("resourceVersion"))
+                                  version=metadata.get("resourceVersion"))
 
 
 async def run_pod_changed(type: str | None, body: kopf.Body, namespace: str, memo: OperatorContext, **_) -> None:
     run_id = (body.get("metadata", {}).get("annotations") or {}).get(RUN_ID_ANNOTATION, "")
     memo.runs.adopt_kopf_context()
     parts = run_id.split(".")
+    memo.runs.pod_seen(namespace, type == "DELETED", body)
     if len(parts) == 4:
         memo.runs.poke(parts[0], parts[1], echo=_pod_echo(type, body))
         if (body.get("status") or {}).get("phase") in ("Succeeded", "Failed") or type == "DELETED":

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import random
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 from urllib.parse import quote
@@ -25,6 +26,7 @@ BACKOFFS = (0.2, 0.5, 1, 2, 4)
 MERGE_PATCH = "application/merge-patch+json"
 REQUEST_TIMEOUT_SECONDS = 60
 LIST_PAGE_SIZE = 500
+AUTH_REUSE_SECONDS = 10.0  # the client's authentication headers are asked for again after this
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +45,7 @@ class KubeApi:
         self.custom = client.CustomObjectsApi(api_client)
         self.core = client.CoreV1Api(api_client)
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kube-api")
+        self._auth_cache: tuple[float, dict[str, str], str] | None = None
         self._api_exception = client.ApiException
         import urllib3
 
@@ -83,21 +86,36 @@ class KubeApi:
     # every body to serialise it, which cost more CPU than the request itself when a commit
     # creates hundreds of TestRuns (bench/bench_operator.py).
 
+    def _auth(self) -> tuple[dict[str, str], str]:
+        """The authentication headers and the server's URL, as the client's configuration gives
+        them, reused for AUTH_REUSE_SECONDS: asking it costs more than a small request (with a
+        kubeconfig it reloads the file's settings every time, to refresh an expiring token)."""
+        now = time.monotonic()
+        cached = self._auth_cache
+        if cached is None or now - cached[0] > AUTH_REUSE_SECONDS:
+            headers: dict[str, str] = {}
+            self._client.update_params_for_auth(headers, [], ["BearerToken"], "", "GET", None)
+            cached = self._auth_cache = (now, headers, self._client.configuration.host)
+        return cached[1], cached[2]
+
     def _request(self, method: str, path: str, body: Any = None,
-                 content_type: str = "application/json", query: dict[str, str] | None = None) -> Any:
+                 content_type: str = "application/json", query: dict[str, str] | None = None,
+                 decode: bool = True) -> Any:
+        """One request; its answer decoded, or None when `decode` is False (a create's or a
+        delete's answer is the whole object, and nothing reads it)."""
         from urllib.parse import urlencode
 
+        auth, host = self._auth()
         headers = {"Accept": "application/json", "Content-Type": content_type,
-                   "User-Agent": self._client.user_agent}
-        self._client.update_params_for_auth(headers, [], ["BearerToken"], path, method, body)
-        url = self._client.configuration.host + path + (f"?{urlencode(query)}" if query else "")
+                   "User-Agent": self._client.user_agent, **auth}
+        url = host + path + (f"?{urlencode(query)}" if query else "")
         response = self._client.rest_client.request(method, url, headers=headers, body=body,
                                                     _request_timeout=REQUEST_TIMEOUT_SECONDS)
         data = response.read()
         if not 200 <= response.status < 300:
             raise self._api_exception.from_response(http_resp=response, body=data.decode("utf-8", "replace"),
                                                     data=None)
-        return json.loads(data) if data else None
+        return json.loads(data) if data and decode else None
 
     @staticmethod
     def _path(plural: str, namespace: str, name: str = "", subresource: str = "") -> str:
@@ -140,7 +158,7 @@ class KubeApi:
     def _create_once(self, plural: str, namespace: str, body: dict):
         # A 409 on create means "exists": raised as AlreadyExists so that `_call` does not retry it.
         try:
-            return self._request("POST", self._path(plural, namespace), body)
+            return self._request("POST", self._path(plural, namespace), body, decode=False)
         except self._api_exception as exc:
             if exc.status == 409:
                 raise AlreadyExists(body["metadata"]["name"]) from None
@@ -151,13 +169,27 @@ class KubeApi:
         return await self._call(self._request, "PATCH", self._path(plural, namespace, name), patch,
                                 MERGE_PATCH, ok_statuses=(404,))
 
-    async def patch_status(self, plural: str, namespace: str, name: str, status: dict) -> dict | None:
-        """A merge patch of `status` through the status subresource; None when the object is gone."""
-        return await self._call(self._request, "PATCH", self._path(plural, namespace, name, "status"),
-                                {"status": status}, MERGE_PATCH, ok_statuses=(404,))
+    async def patch_status(self, plural: str, namespace: str, name: str, status: dict,
+                           resource_version: str = "") -> dict | None:
+        """A merge patch of `status` through the status subresource; None when the object is gone.
+        With `resource_version`, only if the object is still at that version: else it raises
+        Conflict at once (not retried: the caller decides again from the object as it is now)."""
+        path = self._path(plural, namespace, name, "status")
+        if not resource_version:
+            return await self._call(self._request, "PATCH", path, {"status": status}, MERGE_PATCH, ok_statuses=(404,))
+        body = {"metadata": {"resourceVersion": resource_version}, "status": status}
+        return await self._call(self._patch_at_version, path, body, ok_statuses=(404,))
+
+    def _patch_at_version(self, path: str, body: dict):
+        try:
+            return self._request("PATCH", path, body, MERGE_PATCH)
+        except self._api_exception as exc:
+            if exc.status == 409:
+                raise Conflict(path) from None
+            raise
 
     async def delete_object(self, plural: str, namespace: str, name: str) -> None:
-        await self._call(self._request, "DELETE", self._path(plural, namespace, name), ok_statuses=(404,))
+        await self._call(self._request, "DELETE", self._path(plural, namespace, name), ok_statuses=(404,), decode=False)
 
     async def get_object(self, plural: str, namespace: str, name: str) -> dict | None:
         """One object as stored now (None when there is none): what a decision starts from,
@@ -199,14 +231,15 @@ class KubeApi:
 
     def _create_core_once(self, plural: str, namespace: str, body: dict):
         try:
-            return self._request("POST", self._core_path(plural, namespace), body)
+            return self._request("POST", self._core_path(plural, namespace), body, decode=False)
         except self._api_exception as exc:
             if exc.status == 409:
                 raise AlreadyExists(body["metadata"]["name"]) from None
             raise
 
     async def delete_core(self, plural: str, namespace: str, name: str) -> None:
-        await self._call(self._request, "DELETE", self._core_path(plural, namespace, name), ok_statuses=(404,))
+        await self._call(self._request, "DELETE", self._core_path(plural, namespace, name), ok_statuses=(404,),
+                         decode=False)
 
 
     async def read_secret_data(self, namespace: str, name: str) -> dict[str, str] | None:
@@ -224,3 +257,7 @@ class KubeApi:
 
 class AlreadyExists(Exception):
     pass
+
+
+class Conflict(Exception):
+    """A write whose resourceVersion precondition no longer holds."""
