@@ -1,6 +1,8 @@
-"""The EC2 shell's own small rules (cluster/ec2_workers.py, cluster/runs.py): which URL EC2
-workers could never reach, which run attempts are live, what admission asks per run, and why
-an instance was terminated (the metric's reason)."""
+"""The EC2 shell's own rules (cluster/ec2_workers.py, cluster/runs.py): which URL EC2 workers
+could never reach, which run attempts are live, what admission asks per run, and why an
+instance was terminated (the metric's reason); then, against moto_server, that a launch not yet
+in its TestRun's status is never an orphan, that a stopped instance is seen going, and that a
+deleted pool's instances go with it."""
 
 from __future__ import annotations
 
@@ -103,5 +105,106 @@ def test_a_describe_failing_after_its_caller_is_gone_leaves_no_failed_task_and_t
         with pytest.raises(Ec2Error, match="Connection was closed"):
             await ec2.instances(POOL)  # a failed describe is not reused: asked again, and said
         assert len(calls) == 2
+
+    asyncio.run(scenario())
+
+
+# -- against moto_server: what the sweep and the launches do to real instances ------------------
+
+@pytest.fixture(scope="module")
+def moto_port():
+    from moto_server import start_moto_server
+
+    process, port = start_moto_server()
+    yield port
+    process.kill()
+    process.wait()
+
+
+@pytest.fixture
+def fleet_world(moto_port, monkeypatch):
+    import urllib.request
+
+    from testlooper.cluster.metrics import OperatorMetrics
+    from testlooper.ec2.fleet import make_client
+
+    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{moto_port}"}.items():
+        monkeypatch.setenv(name, value)
+    urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{moto_port}/moto-api/reset", method="POST"))
+    client = make_client("us-east-1")
+    ami = client.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+    pool = {"metadata": {"name": "big", "namespace": "ns"},
+            "spec": {"provider": "ec2", "ec2": {"region": "us-east-1", "linuxAmi": ami,
+                                                "instanceTypes": [{"type": "t3.micro", "cores": 2, "ramGb": 1}]}}}
+    metrics = OperatorMetrics()
+    context = types.SimpleNamespace(
+        options=types.SimpleNamespace(api_url="http://10.0.0.1:8080", ec2_api_url="", ec2_orphan_grace=0.0),
+        metrics=metrics)
+    ec2 = Ec2Workers(context, b"secret", client_factory=lambda region: client)
+    yield types.SimpleNamespace(ec2=ec2, pool=pool, client=client, metrics=metrics)
+    ec2.close()
+
+
+def a_testrun(name, active=None):
+    return {"metadata": {"namespace": "ns", "name": name}, "spec": {"repo": "r", "definition": {}},
+            "status": {"workerPool": "big", "active": active or {}}}
+
+
+def states(world):
+    answer = world.client.describe_instances()
+    return {tag["Value"]: instance["State"]["Name"] for reservation in answer["Reservations"]
+            for instance in reservation["Instances"] for tag in instance.get("Tags", []) if tag["Key"] == "testlooper:run"}
+
+
+def test_a_launch_whose_status_is_not_written_yet_is_never_reaped_as_an_orphan(fleet_world):
+    import asyncio
+
+    async def scenario():
+        ec2, pool = fleet_world.ec2, fleet_world.pool
+        testrun = a_testrun("t")
+        # Its decision launched run 1 and is still launching the others: its status says nothing yet.
+        assert await ec2.launch(testrun, pool, 1, 1)
+        await ec2.sweep(pool, [testrun])
+        assert states(fleet_world)["ns.t.1.1"] in ("pending", "running")
+        ec2.recorded("ns", "t")  # the status was written ... without it (say, the run was cancelled meanwhile)
+        await ec2.sweep(pool, [testrun])
+        assert states(fleet_world)["ns.t.1.1"] in ("shutting-down", "terminated")
+
+    asyncio.run(scenario())
+
+
+def test_a_stopped_instance_is_seen_going_from_when_it_was_first_seen_so(fleet_world):
+    import asyncio
+
+    async def scenario():
+        ec2, pool = fleet_world.ec2, fleet_world.pool
+        testrun = a_testrun("t", {"1": {"attempt": 1, "state": "Placed"}})
+        await ec2.launch(testrun, pool, 1, 1)
+        [instance_id] = [i.instance_id for i in await ec2.instances(pool, fresh=True) if i.run_id == "ns.t.1.1"]
+        fleet_world.client.stop_instances(InstanceIds=[instance_id])  # a scheduled retirement, the console
+        await ec2.instances(pool, fresh=True)  # a decision's describe is reused for 2 s
+        [seen] = await ec2.observe(testrun, pool)
+        first = seen.finished
+        assert seen.phase == "Failed" and first is not None and not seen.deleting  # to be terminated by us
+        await asyncio.sleep(0.05)
+        await ec2.instances(pool, fresh=True)
+        [again] = await ec2.observe(testrun, pool)
+        assert again.finished == first  # the result grace runs from one fixed moment
+
+    asyncio.run(scenario())
+
+
+def test_a_deleted_pools_instances_are_terminated_with_it(fleet_world):
+    import asyncio
+
+    async def scenario():
+        ec2, pool = fleet_world.ec2, fleet_world.pool
+        for index in (1, 2):
+            await ec2.launch(a_testrun(f"t{index}"), pool, 1, 1)
+        await ec2.reap_pool(pool)
+        assert set(states(fleet_world).values()) <= {"shutting-down", "terminated"}
+        sample = fleet_world.metrics.ec2_terminations.labels("ns", "big", "PoolDeleted")._value.get()
+        assert sample == 2
 
     asyncio.run(scenario())

@@ -117,3 +117,36 @@ def test_failed_status_checks_are_an_infrastructure_failure_but_a_result_wins():
     placed(other)
     other.decide(now=T0 + 60, pods=[impaired], worker="instance", boot_grace_seconds=600)
     assert other.status["attempts"][0]["reason"] == "StatusChecksFailed"
+
+
+def test_a_named_ec2_pool_that_holds_no_type_for_it_ends_it_unschedulable_too():
+    driver = Driver(a_testrun(definition={"min_ram_gb": 300}, workerPool="big"), pools=[ec2_pool()])
+    driver.decide()
+    assert (driver.status["phase"], driver.status["result"]) == ("Error", "error")
+    assert driver.status["conditions"][0]["message"].startswith("pool big: the task asks for 0 cores and 300 GB")
+
+
+def test_types_edited_out_from_under_a_placed_testrun_end_it_once_no_run_is_on_an_instance():
+    pool = ec2_pool()
+    driver = Driver(a_testrun(runs=2, definition={"min_ram_gb": 200}), pools=[pool])
+    placed(driver)
+    pool["spec"]["ec2"]["instanceTypes"] = TYPES[:1]  # the big type is gone
+    running = observe_instance(instance(), 1, 1)
+    driver.decide(now=T0 + 10, pods=[running], heartbeats={(1, 1): T0 + 9}, worker="instance", boot_grace_seconds=600)
+    assert driver.status["phase"] != "Error"  # run 1 is on its instance: it finishes first
+    driver.decide(now=T0 + 20, pods=[running], results={(1, 1): RunResult("passed")}, worker="instance",
+                  boot_grace_seconds=600)
+    driver.decide(now=T0 + 21, worker="instance", boot_grace_seconds=600)
+    assert (driver.status["phase"], driver.status["runCounts"]["passed"], driver.status["runCounts"]["errored"]) == (
+        "Error", 1, 1)
+
+
+def test_with_ec2_not_answering_a_result_is_still_judged_and_nothing_is_taken_for_lost():
+    driver = Driver(a_testrun(runs=2), pools=[ec2_pool()])
+    driver.decide()
+    driver.decide(now=T0, admitted=2, worker="instance", boot_grace_seconds=600)
+    unknown = dict(worker="instance", boot_grace_seconds=600, workers_known=False)
+    quiet = driver.decide(now=T0 + 900, **unknown)  # past every grace: still nothing judged
+    assert not quiet.status_patch and quiet.wake_after is not None
+    driver.decide(now=T0 + 901, results={(1, 1): RunResult("passed")}, **unknown)
+    assert driver.status["runCounts"]["passed"] == 1 and list(driver.status["active"]) == ["2"]

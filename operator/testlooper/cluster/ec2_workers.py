@@ -8,7 +8,7 @@ calls where a pod pool would make, list or delete pods.
   its type, from a fresh describe plus the launches this process made that a describe may not
   list yet (EC2's describe lags behind run_instances).
 - `sweep` runs at startup and every --ec2-sweep-interval per pool: it terminates orphans
-  (our worker tag, no live run, older than the launch grace), asks EC2 which instances fail
+  (our worker tag, no live run and not being launched, older than --ec2-orphan-grace), asks EC2 which instances fail
   their status checks, writes the pool's status (`instances`, `costPerHour`) and gauges, and
   has the TestRuns whose instances changed decide again.
 
@@ -21,6 +21,9 @@ namespaces never see each other's instances.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import functools
+import ipaddress
 import logging
 import time
 import urllib.parse
@@ -35,10 +38,12 @@ from testlooper.workerapi.cluster import parse_run_id
 logger = logging.getLogger(__name__)
 
 DESCRIBE_TTL_SECONDS = 2.0  # a decision reuses a pool's describe this recent
+EC2_THREADS = 8  # boto3 calls at once; their own threads, so that EC2 backing off never holds Redis's
+UNRECORDED_MEMORY_SECONDS = 3600.0  # a launch whose status write never came is forgotten after this
 LEAVING_MEMORY = 10000  # instances whose first "going" sighting is remembered
 
 
-async def _describe_or_error(fleet):
+async def _describe_or_error(run, fleet):
     """The fleet's describe, its Ec2Error kept as the value: the shared task may outlive every
     caller (each is shielded from it), and kopf re-raises the exception of any task that ends
     while it stops, so a describe failing then (EC2 gone at the exit) made the operator exit
@@ -46,7 +51,7 @@ async def _describe_or_error(fleet):
     from testlooper.ec2.fleet import Ec2Error
 
     try:
-        return await asyncio.to_thread(fleet.describe)
+        return await run(fleet.describe)
     except Ec2Error as error:
         return error
 
@@ -71,6 +76,19 @@ class Ec2Workers:
         self._launched: dict[tuple[str, str], dict[str, placement.Instance]] = {}
         self._leaving: dict[str, float] = {}  # instance id -> when it was first seen going or gone
         self._impaired: set[str] = set()  # instance ids whose status checks failed, at the last sweep
+        # Run ids launched by this process whose TestRun's status does not say so yet (its
+        # decision is still launching the others, or its write failed): never orphans.
+        self._unrecorded: dict[str, float] = {}
+        self._executor = concurrent.futures.ThreadPoolExecutor(EC2_THREADS, thread_name_prefix="ec2")
+
+    async def _run(self, function, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(function, *args))
+
+    def recorded(self, namespace: str, testrun: str) -> None:
+        """The TestRun's status was written: the launches it made are in it (or adopted)."""
+        prefix = f"{namespace}.{testrun}."
+        for run_id in [run_id for run_id in self._unrecorded if run_id.startswith(prefix)]:
+            del self._unrecorded[run_id]
 
     # -- the pool's fleet ---------------------------------------------------------------------
 
@@ -102,6 +120,11 @@ class Ec2Workers:
         host = (urllib.parse.urlsplit(url).hostname or "") if url else ""
         if not host:
             return "no URL for EC2 workers to reach the operator at: set --ec2-api-url"
+        try:
+            ipaddress.ip_address(host)
+            return None  # an address: routed or not, the network says
+        except ValueError:
+            pass
         if host.endswith((".svc", ".svc.cluster.local", ".cluster.local")) or "." not in host and host != "localhost":
             return (f"EC2 workers cannot reach the operator at {url}, a cluster-internal address: set --ec2-api-url "
                     "(the chart's operator.ec2ApiUrl, or its Ingress)")
@@ -121,7 +144,7 @@ class Ec2Workers:
         now = time.monotonic()
         if fresh or entry is None or now - entry[0] > DESCRIBE_TTL_SECONDS or _failed(entry[1]):
             fleet = self.fleet(pool)
-            entry = (now, asyncio.ensure_future(_describe_or_error(fleet)))
+            entry = (now, asyncio.ensure_future(_describe_or_error(self._run, fleet)))
             self._described[key] = entry
         described = await asyncio.shield(entry[1])
         if isinstance(described, Exception):
@@ -138,7 +161,7 @@ class Ec2Workers:
                  for i in described]
         wall = time.time()
         for instance in found:
-            if instance.state in placement.LEAVING_STATES and instance.instance_id not in self._leaving:
+            if instance.state in placement.GOING_STATES and instance.instance_id not in self._leaving:
                 if len(self._leaving) > LEAVING_MEMORY:
                     self._leaving.clear()
                 self._leaving[instance.instance_id] = wall
@@ -206,8 +229,8 @@ class Ec2Workers:
             heartbeat_seconds=self.heartbeat_seconds)
         fleet = self.fleet(pool)
         request = placement.Launch(run_id, kind, ec2_pool.ami, ec2_pool.platform)
-        instance_id = await asyncio.to_thread(fleet.launch, request, script,
-                                              {"repo": f"{namespace}/{spec.get('repo', '')}"})
+        self._unrecorded[run_id] = time.time()  # before the call: a sweep may come while it is made
+        instance_id = await self._run(fleet.launch, request, script, {"repo": f"{namespace}/{spec.get('repo', '')}"})
         key = (namespace, pool["metadata"]["name"])
         self._launched.setdefault(key, {})[run_id] = placement.Instance(
             instance_id=instance_id, type=kind.type, state="pending", run_id=run_id, launch_time=time.time(),
@@ -224,7 +247,7 @@ class Ec2Workers:
                if i.run_id == run_id and i.state not in placement.LEAVING_STATES]
         if not ids:
             return
-        done = await asyncio.to_thread(self.fleet(pool).terminate, ids)
+        done = await self._run(self.fleet(pool).terminate, ids)
         self._counted_terminations(pool, reason, len(done))
         self._launched.get((pool["metadata"]["namespace"], pool["metadata"]["name"]), {}).pop(run_id, None)
         self._described.pop((pool["metadata"]["namespace"], pool["metadata"]["name"]), None)  # states changed
@@ -245,10 +268,13 @@ class Ec2Workers:
         fleet = self.fleet(pool)
         instances = await self.instances(pool, fresh=True)
         live = live_run_ids(testruns, name)
-        orphaned = placement.orphans(instances, live, time.time(),
+        now = time.time()
+        for run_id in [r for r, since in self._unrecorded.items() if now - since > UNRECORDED_MEMORY_SECONDS]:
+            del self._unrecorded[run_id]
+        orphaned = placement.orphans(instances, live | set(self._unrecorded), now,
                                      getattr(self.context.options, "ec2_orphan_grace", placement.LAUNCH_GRACE_SECONDS))
         if orphaned:
-            done = await asyncio.to_thread(fleet.terminate, orphaned)
+            done = await self._run(fleet.terminate, orphaned)
             by_id = {i.instance_id: i for i in instances}
             for instance_id in done:
                 logger.warning("pool %s/%s: terminated orphan instance %s (%s): it carries no live run (%s)",
@@ -259,8 +285,9 @@ class Ec2Workers:
             if done:
                 instances = await self.instances(pool, fresh=True)
         running = [i.instance_id for i in instances if i.state == "running"]
-        impaired = await asyncio.to_thread(fleet.impaired, running) if running else set()
-        self._impaired = {i for i in self._impaired if i not in running} | impaired
+        impaired = await self._run(fleet.impaired, running) if running else set()
+        listed = {i.instance_id for i in instances}
+        self._impaired = {i for i in self._impaired if i not in running and i in listed} | impaired
         instances = await self.instances(pool)  # with the status checks just read
         self.context.metrics.figures.ec2[(namespace, name)] = (placement.counts_by_state(ec2_pool, instances),
                                                               placement.cost_rate(ec2_pool, instances))
@@ -274,6 +301,23 @@ class Ec2Workers:
         status = {"instances": placement.status_entries(ec2_pool, instances),
                   "costPerHour": placement.cost_rate(ec2_pool, instances)}
         return status, sorted(to_decide)
+
+
+    async def reap_pool(self, pool: dict) -> None:
+        """The pool was deleted: every instance of its own (its worker tag) is terminated, for
+        nothing will watch or sweep them any more."""
+        namespace, name = pool["metadata"]["namespace"], pool["metadata"]["name"]
+        instances = await self.instances(pool, fresh=True)
+        going = [i.instance_id for i in instances if i.state not in placement.LEAVING_STATES]
+        if going:
+            done = await self._run(self.fleet(pool).terminate, going)
+            logger.warning("WorkerPool %s/%s was deleted: its instances %s are terminated", namespace, name,
+                           ", ".join(done) or "(none left)")
+            self._counted_terminations(pool, "PoolDeleted", len(done))
+        self.forget_pool(namespace, name)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
 
 def live_run_ids(testruns: list[dict], pool_name: str) -> set[str]:

@@ -162,8 +162,17 @@ async def ec2_sweep(name: str, namespace: str, body: kopf.Body, memo: OperatorCo
         logger.warning("WorkerPool %s/%s: EC2 instances not swept: %s: %s", namespace, name, type(exc).__name__, exc)
 
 
-async def forget_pool(name: str, namespace: str, memo: OperatorContext, **_) -> None:
+async def forget_pool(name: str, namespace: str, body: kopf.Body, memo: OperatorContext, **_) -> None:
     memo.metrics.forget_pool(namespace, name)
     _seen_specs.pop((namespace, name), None)
-    if memo.runs is not None:
-        memo.runs.ec2.forget_pool(namespace, name)
+    if memo.runs is None:
+        return
+    if is_ec2(dict(body)):
+        try:  # nothing watches or sweeps its instances from now on: they go with it
+            await memo.runs.ec2.reap_pool(dict(body))
+        except Exception as exc:
+            logger.warning("WorkerPool %s/%s was deleted, and its instances could not be terminated: %s: %s "
+                           "(terminate those tagged %s yourself)", namespace, name, type(exc).__name__, exc,
+                           f"{((body.get('spec') or {}).get('ec2') or {}).get('workerTag') or 'testlooper-worker'}="
+                           f"{namespace}/{name}")
+    memo.runs.ec2.forget_pool(namespace, name)

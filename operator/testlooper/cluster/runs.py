@@ -226,20 +226,23 @@ class PoolReader:
         self.api = api
         self._read: dict[str, tuple[float, asyncio.Future]] = {}
 
-    async def read(self, namespace: str, fresh: bool = False) -> list[dict]:
+    async def read(self, namespace: str, fresh: bool = False, refused_too: bool = False) -> list[dict]:
+        """The pools whose spec is accepted (those that take runs); with `refused_too`, all of them."""
         entry = self._read.get(namespace)
         now = time.monotonic()
         if fresh or entry is None or now - entry[0] > POOLS_TTL_SECONDS or (
                 entry[1].done() and entry[1].exception() is not None):
-            future = asyncio.ensure_future(self._accepted(namespace))
+            future = asyncio.ensure_future(self._listed(namespace))
             self._read[namespace] = entry = (now, future)
-        return await asyncio.shield(entry[1])
+        accepted, every = await asyncio.shield(entry[1])
+        return every if refused_too else accepted
 
     def forget(self, namespace: str) -> None:
         self._read.pop(namespace, None)
 
-    async def _accepted(self, namespace: str) -> list[dict]:
-        return accepted_pools(await self.api.list_objects("workerpools", namespace))
+    async def _listed(self, namespace: str) -> tuple[list[dict], list[dict]]:
+        every = await self.api.list_objects("workerpools", namespace)
+        return accepted_pools(every), every
 
 
 def accepted_pools(pools: list[dict]) -> list[dict]:
@@ -459,6 +462,7 @@ class RunController:
         for task in [*self._loops.values(), *self._tasks]:
             task.cancel()
         await asyncio.gather(*self._loops.values(), *self._tasks, return_exceptions=True)
+        self.ec2.close()
 
     # -- admission -----------------------------------------------------------------------------
 
@@ -557,13 +561,23 @@ class RunController:
         pools = await self._pools.read(namespace)
         pool_name = status.get("workerPool") or pool_for(spec.get("definition") or {}, spec.get("workerPool") or "", pools)
         pool = next((p for p in pools if p["metadata"]["name"] == pool_name), None)
+        if pool is None and status.get("workerPool"):
+            # Its pool's spec is refused now (an edit): it takes no new run, but the runs placed
+            # in it are still watched there, and their instances terminated when they end.
+            pool = next((p for p in await self._pools.read(namespace, refused_too=True)
+                         if p["metadata"]["name"] == pool_name), None)
         pod_namespace = pod_builder.run_namespace(testrun, pool)
         on_ec2 = ec2_placement.is_ec2(pool)
+        workers_known = True
         if status:
             # A pool of ec2 has no pods: its run attempts are instances (none before it is placed).
             own_pods, own_secrets = await self._own_objects(testrun, pod_namespace, fresh=admitted > 0, pods=not on_ec2)
             if on_ec2:
-                workers = await self.ec2.observe(testrun, pool) if status.get("workerPool") else []
+                try:
+                    workers = await self.ec2.observe(testrun, pool) if status.get("workerPool") else []
+                except Ec2Error as exc:  # RESULTs and cancels go on; the pool's Ec2Available says why
+                    logger.debug("TestRun %s/%s: its instances cannot be listed now: %s", namespace, name, exc)
+                    workers, workers_known = [], False
             else:
                 workers = [p for p in (phases.observe_pod(pod) for pod in own_pods) if p is not None]
         else:
@@ -595,7 +609,7 @@ class RunController:
             operator_started=max(self.started, self.context.store_health.back_since),
             cases=cases,
             settings=self.settings, reports_known=reports_known,
-            worker="instance" if on_ec2 else "pod",
+            worker="instance" if on_ec2 else "pod", workers_known=workers_known,
             boot_grace_seconds=ec2_placement.boot_grace((pool.get("spec") or {}).get("platform") or "linux",
                                                         self.context.options.ec2_boot_timeout) if on_ec2 else None)
         decision = phases.decide(testrun, observed)
@@ -628,6 +642,8 @@ class RunController:
                 logger.debug("TestRun %s/%s changed since the copy decided on: deciding again, fresh", namespace, name)
                 return False  # written since that copy: decided again from the TestRun as it is
             self.testruns.wrote(namespace, name, stored)
+            if on_ec2:
+                self.ec2.recorded(namespace, name)  # its launches are in the status now
             if stored is not None:
                 self._note_echo((namespace, name), stored, observed, made, decision.afterwards)
         if decision.status_patch:
@@ -828,9 +844,12 @@ class RunController:
                            decision: phases.Decision | None = None) -> None:
         name = testrun["metadata"]["name"]
         if isinstance(action, phases.DeletePod) and ec2_placement.is_ec2(pool):
-            await self.ec2.terminate(pool, pod_builder.run_id(testrun["metadata"]["namespace"], name, action.run,
-                                                              action.attempt),
-                                     termination_reason(action, decision))
+            run_id = pod_builder.run_id(testrun["metadata"]["namespace"], name, action.run, action.attempt)
+            try:
+                await self.ec2.terminate(pool, run_id, termination_reason(action, decision))
+            except Ec2Error as exc:  # its run is not live any more: the sweep terminates it once EC2 answers
+                logger.warning("TestRun %s/%s: the instance of run %s is not terminated yet: %s",
+                               testrun["metadata"]["namespace"], name, run_id, exc)
         elif isinstance(action, phases.DeletePod):
             await self.api.delete_core("pods", pod_namespace, pod_builder.run_pod_name(name, action.run, action.attempt))
         elif isinstance(action, phases.DeleteSecret):

@@ -24,6 +24,7 @@ from typing import Iterable, Literal, Mapping, Sequence, Union
 # terminated: shutting-down lasts seconds, and counting it errs on the side of the budget.
 GONE_STATES = frozenset({"terminated"})
 LEAVING_STATES = frozenset({"shutting-down", "terminated"})
+GOING_STATES = LEAVING_STATES | {"stopping", "stopped"}  # not to run a task any more
 
 LAUNCH_GRACE_SECONDS = 120.0
 """How long a new instance may run untagged by a live run before it counts as an orphan: the
@@ -520,7 +521,7 @@ def observe_instance(instance: Instance, run: int, attempt: int, *, impaired: bo
 
     launched = _launched(instance)
     name = f"instance {instance.instance_id} ({instance.type})"
-    if instance.state in LEAVING_STATES or instance.state in {"stopping", "stopped"}:
+    if instance.state in GOING_STATES:
         return PodObservation(run=run, attempt=attempt, phase="Failed", created=launched, started=launched,
                               running_since=launched, finished=leaving_since, message=f"{name} is {instance.state}",
                               # Going already: not to be terminated again (a stopped one is).

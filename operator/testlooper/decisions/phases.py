@@ -120,6 +120,9 @@ class Observations:
     worker: str = "pod"
     # With an instance: how long its agent has for a first heartbeat after launch (it boots).
     boot_grace_seconds: float | None = None
+    # False when the workers could not be listed (EC2 not answering): `pods` is then unknown,
+    # not empty; a RESULT is still judged and a cancel still ends the TestRun.
+    workers_known: bool = True
 
 
 # -- actions -----------------------------------------------------------------------------------
@@ -332,7 +335,7 @@ class _Machine:
     def placement(self) -> str | None:
         pool = self.status.get("workerPool")
         if pool:
-            return pool
+            return None if self.ec2_cannot_hold(pool) else pool
         names = {p["metadata"]["name"] for p in self.observed.pools}
         named = self.spec.get("workerPool") or ""
         pool = pool_for(self.definition, named, list(self.observed.pools))
@@ -351,11 +354,27 @@ class _Machine:
                            "per pod")
             self.enter("Queued", message, "NoWorkerPool", "Warning")
             return None
+        if self.ec2_cannot_hold(pool):
+            return None
         self.set("workerPool", pool)
         conditions = self.status.get("conditions") or []
         if any(c.get("type") == UNSCHEDULABLE for c in conditions):  # a pool takes it now (runs raised after an edit)
             self.patch["conditions"] = [c for c in conditions if c.get("type") != UNSCHEDULABLE]
         return pool
+
+    def ec2_cannot_hold(self, name: str) -> bool:
+        """When the EC2 pool it is in (or names) has no type that holds its task (named so, or
+        the types edited since), it ends Unschedulable, once no run of it is on an instance."""
+        from testlooper.decisions.ec2 import Unschedulable, instance_type_for, is_ec2
+
+        pool = next((p for p in self.observed.pools if p["metadata"]["name"] == name), None)
+        if not is_ec2(pool) or self.active:
+            return False
+        kind = instance_type_for(pool, self.definition)
+        if not isinstance(kind, Unschedulable):
+            return False
+        self.unschedulable(f"pool {name}: {kind.message}")
+        return True
 
     def unschedulable(self, why: str) -> None:
         """No instance type of the EC2 pools of its platform holds it: it ends now, an error,
@@ -426,6 +445,8 @@ class _Machine:
             if result.result == "cancelled":  # no one asked: the agent was stopped under it
                 return self.infra_failure(run, entry, "Interrupted", result.error or "its agent was stopped")
             return self.verdict(run, entry, result)
+        if not self.observed.workers_known:
+            return self.wake_at(self.now + REPORTS_UNKNOWN_RETRY_SECONDS)
         pod = self.pod_of(run, attempt)
         self.check_pod(run, entry, pod)
 
