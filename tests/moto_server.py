@@ -59,3 +59,23 @@ def start_moto_server(launch_clock_file=None) -> tuple[subprocess.Popen, int]:
                 process.kill()
                 pytest.fail("moto_server did not start")
             time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def moto_port():
+    """One moto_server for a test module (each test resets its state: `point_boto3_at`)."""
+    process, port = start_moto_server()
+    yield port
+    process.kill()
+    process.wait()
+
+
+def point_boto3_at(monkeypatch, port: int) -> None:
+    """boto3 in this process, and the processes it starts, reaches moto_server on `port` with
+    test keys; the emulator's state is reset, so every test starts from nothing."""
+    import urllib.request
+
+    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}.items():
+        monkeypatch.setenv(name, value)
+    urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/moto-api/reset", method="POST"))

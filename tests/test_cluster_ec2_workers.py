@@ -10,6 +10,7 @@ import types
 
 import pytest
 
+from moto_server import moto_port, point_boto3_at  # noqa: F401 (moto_port: a fixture)
 from testlooper.cluster.ec2_workers import Ec2Workers, live_run_ids
 from testlooper.cluster.runs import sized_for_instances, termination_reason
 from testlooper.decisions import phases
@@ -111,27 +112,12 @@ def test_a_describe_failing_after_its_caller_is_gone_leaves_no_failed_task_and_t
 
 # -- against moto_server: what the sweep and the launches do to real instances ------------------
 
-@pytest.fixture(scope="module")
-def moto_port():
-    from moto_server import start_moto_server
-
-    process, port = start_moto_server()
-    yield port
-    process.kill()
-    process.wait()
-
-
 @pytest.fixture
 def fleet_world(moto_port, monkeypatch):
-    import urllib.request
-
     from testlooper.cluster.metrics import OperatorMetrics
     from testlooper.ec2.fleet import make_client
 
-    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{moto_port}"}.items():
-        monkeypatch.setenv(name, value)
-    urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{moto_port}/moto-api/reset", method="POST"))
+    point_boto3_at(monkeypatch, moto_port)
     client = make_client("us-east-1")
     ami = client.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
     pool = {"metadata": {"name": "big", "namespace": "ns"},

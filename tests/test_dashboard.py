@@ -10,7 +10,6 @@ import json
 import re
 from pathlib import Path
 
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from run_cluster import Kubelet, apply_repo, ended_testruns, pods_path, push_project, redis_url, start_operator  # noqa: F401

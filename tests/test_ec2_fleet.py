@@ -10,31 +10,15 @@ import boto3
 import pytest
 from botocore.awsrequest import AWSResponse
 
-from moto_server import start_moto_server
+from moto_server import moto_port, point_boto3_at  # noqa: F401 (moto_port: a fixture)
 from redis_server import free_port
 from testlooper.ec2.fleet import RUN_TAG, Ec2Error, Ec2Fleet, client_token, make_client
 from testlooper.ec2.model import LaunchRequest
 
 
-@pytest.fixture(scope="module")
-def moto_port():
-    process, port = start_moto_server()
-    yield port
-    process.kill()
-    process.wait()
-
-
 @pytest.fixture
 def aws(moto_port, monkeypatch):
-    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                        "AWS_DEFAULT_REGION": "us-east-1",
-                        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{moto_port}"}.items():
-        monkeypatch.setenv(name, value)
-    import urllib.request
-
-    # A fresh emulator state for every test.
-
-    urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{moto_port}/moto-api/reset", method="POST"))
+    point_boto3_at(monkeypatch, moto_port)
     return make_client("us-east-1")
 
 

@@ -10,13 +10,12 @@ from __future__ import annotations
 import inspect
 import json
 import re
-import urllib.request
 from pathlib import Path
 
 import boto3
 import pytest
 
-from moto_server import start_moto_server
+from moto_server import moto_port, point_boto3_at  # noqa: F401 (moto_port: a fixture)
 from testlooper.ec2 import fleet as fleet_module
 from testlooper.ec2.fleet import DEFAULT_WORKER_TAG, Ec2Fleet, make_client
 from testlooper.ec2.model import LaunchRequest
@@ -75,21 +74,10 @@ POLICIES = {"README": (ROOT / "README.md", "### EC2 worker pools"),
             "docs/ec2.md": (ROOT / "docs" / "ec2.md", "### IAM: the operator's least-privilege policy")}
 
 
-@pytest.fixture(scope="module")
-def moto_port():
-    process, port = start_moto_server()
-    yield port
-    process.kill()
-    process.wait()
-
-
 @pytest.fixture
 def sent_operations(moto_port, monkeypatch):
     """The EC2 operations the fleet sends while every one of its calls is used once."""
-    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{moto_port}"}.items():
-        monkeypatch.setenv(name, value)
-    urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{moto_port}/moto-api/reset", method="POST"))
+    point_boto3_at(monkeypatch, moto_port)
     setup = make_client("us-east-1")
     vpc = setup.create_vpc(CidrBlock="10.0.0.0/16")["Vpc"]["VpcId"]
     subnet = setup.create_subnet(VpcId=vpc, CidrBlock="10.0.1.0/24")["Subnet"]["SubnetId"]
