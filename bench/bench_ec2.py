@@ -22,37 +22,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import socket
-import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "operator"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from testlooper.ec2.fleet import Ec2Fleet, make_client  # noqa: E402
 from testlooper.ec2.model import LaunchRequest  # noqa: E402
-
-
-def start_moto():
-    server = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    process = subprocess.Popen([server, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return process, port
-        except OSError:
-            if time.monotonic() > deadline or process.poll() is not None:
-                process.kill()
-                raise SystemExit("moto_server did not start")
-            time.sleep(0.1)
+from moto_server import start_moto_server  # noqa: E402  (the tests' starter: one way to run moto_server)
 
 
 def measure(port, count):
@@ -131,7 +111,7 @@ def main():
     for name, value in {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
                         "AWS_DEFAULT_REGION": "us-east-1"}.items():
         os.environ.setdefault(name, value)
-    process, port = start_moto()
+    process, port = start_moto_server()
     os.environ["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{port}"
     try:
         results = [measure(port, count) for count in options.instances or [50, 1200]]

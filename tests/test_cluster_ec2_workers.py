@@ -12,8 +12,9 @@ import pytest
 
 from moto_server import moto_port, point_boto3_at  # noqa: F401 (moto_port: a fixture)
 from testlooper.cluster.ec2_workers import Ec2Workers, live_run_ids
-from testlooper.cluster.runs import sized_for_instances, termination_reason
+from testlooper.cluster.runs import termination_reason
 from testlooper.decisions import phases
+from testlooper.decisions.ec2 import sized_for_instances
 from testlooper.decisions.pools import Demand
 
 POOL = {"metadata": {"name": "big", "namespace": "ns"},

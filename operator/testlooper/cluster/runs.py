@@ -508,7 +508,8 @@ class RunController:
                 except Ec2Error:
                     pass
             unlisted = {pool["metadata"]["name"] for pool in ec2_pools if pool not in listed}
-            demands = sized_for_instances([d for d in demands if d.pool not in unlisted], listed, testruns)
+            demands = ec2_placement.sized_for_instances([d for d in demands if d.pool not in unlisted], listed,
+                                                        testruns)
         run_metrics.pools_counted(self.context, namespace, pools, testruns, usage)
         # The room is shared out here, once for the round: the admitted TestRuns' decisions can
         # then run side by side (each under its own lock) without spending it twice.
@@ -862,26 +863,6 @@ class RunController:
             run_metrics.attempt_recorded(self.context, testrun["metadata"]["namespace"], action)
         elif isinstance(action, phases.EmitEvent):
             post_event(testrun, action.type, action.reason, action.message)
-
-
-def sized_for_instances(demands: list, ec2_pools: list[dict], testruns: list[dict]) -> list:
-    """The demands of EC2 pools at the size of the instance type each run is launched as; a
-    run no type holds asks for nothing (its decision ends it as Unschedulable)."""
-    import dataclasses as dc
-
-    by_pool = {pool["metadata"]["name"]: pool for pool in ec2_pools}
-    tasks = {((t.get("metadata") or {}).get("namespace", ""), (t.get("metadata") or {}).get("name", "")):
-             (t.get("spec") or {}).get("definition") or {} for t in testruns}
-    sized = []
-    for demand in demands:
-        pool = by_pool.get(demand.pool)
-        if pool is None:
-            sized.append(demand)
-            continue
-        kind = ec2_placement.instance_type_for(pool, tasks.get(demand.testrun, {}))
-        if not isinstance(kind, ec2_placement.Unschedulable):
-            sized.append(dc.replace(demand, cores=float(kind.cores), ram_gb=float(kind.ram_gb)))
-    return sized
 
 
 def termination_reason(action, decision) -> str:

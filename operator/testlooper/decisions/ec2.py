@@ -503,11 +503,30 @@ def unschedulable_on_ec2(task: dict, pools: Sequence[dict]) -> str | None:
         return None
     reasons = []
     for pool in candidates:
-        kind = instance_type_for(pool, task)
-        if not isinstance(kind, Unschedulable):
+        refusal = unschedulable(pool, demand_for("", task))
+        if refusal is None:
             return None
-        reasons.append(f"pool {pool['metadata']['name']}: {kind.message}")
+        reasons.append(refusal.message)
     return "; ".join(reasons)
+
+
+def sized_for_instances(demands: list, ec2_pools: Sequence[dict], testruns: Sequence[dict]) -> list:
+    """Admission's demands (decisions/pools.py `Demand`) with those of EC2 pools at the size of
+    the instance type each run is launched as: an instance holds its whole type. A run no type
+    holds asks for nothing (its decision ends it as Unschedulable)."""
+    by_pool = {pool["metadata"]["name"]: pool for pool in ec2_pools}
+    tasks = {((t.get("metadata") or {}).get("namespace", ""), (t.get("metadata") or {}).get("name", "")):
+             (t.get("spec") or {}).get("definition") or {} for t in testruns}
+    sized = []
+    for demand in demands:
+        pool = by_pool.get(demand.pool)
+        if pool is None:
+            sized.append(demand)
+            continue
+        kind = instance_type_for(pool, tasks.get(demand.testrun, {}))
+        if not isinstance(kind, Unschedulable):
+            sized.append(dataclasses.replace(demand, cores=float(kind.cores), ram_gb=float(kind.ram_gb)))
+    return sized
 
 
 def observe_instance(instance: Instance, run: int, attempt: int, *, impaired: bool = False,

@@ -365,15 +365,15 @@ class _Machine:
     def ec2_cannot_hold(self, name: str) -> bool:
         """When the EC2 pool it is in (or names) has no type that holds its task (named so, or
         the types edited since), it ends Unschedulable, once no run of it is on an instance."""
-        from testlooper.decisions.ec2 import Unschedulable, instance_type_for, is_ec2
+        from testlooper.decisions.ec2 import demand_for, is_ec2, unschedulable
 
         pool = next((p for p in self.observed.pools if p["metadata"]["name"] == name), None)
         if not is_ec2(pool) or self.active:
             return False
-        kind = instance_type_for(pool, self.definition)
-        if not isinstance(kind, Unschedulable):
+        refusal = unschedulable(pool, demand_for("", self.definition))
+        if refusal is None:
             return False
-        self.unschedulable(f"pool {name}: {kind.message}")
+        self.unschedulable(refusal.message)
         return True
 
     def unschedulable(self, why: str) -> None:
