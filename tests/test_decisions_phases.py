@@ -10,6 +10,10 @@ from testlooper.decisions.phases import (
 PASSED, FAILED = RunResult("passed"), RunResult("failed")
 
 
+def kinds_of(actions):
+    return [type(action).__name__ for action in actions]
+
+
 def events(decision):
     return [(a.type, a.reason) for a in decision.actions if isinstance(a, EmitEvent)]
 
@@ -20,9 +24,41 @@ def placed(driver, now=T0, admitted=1, **observed):
 
 # -- before any run ----------------------------------------------------------------------------
 
+def test_a_new_testrun_is_left_to_admission_a_moment_with_nothing_written():
+    d = Driver(a_testrun(runs=4, created=T0))
+    decision = d.decide(T0 + 0.5)
+    assert decision.status_patch is None and decision.actions == []
+    assert decision.awaits_admission == "p" and decision.wake_after == 9.5
+    assert queued_demand(d.obj, T0 + 0.5) is None  # not without the pools: placed nowhere yet
+    demand = queued_demand(d.obj, T0 + 0.5, pools=d.pools)
+    assert (demand.pool, demand.count) == ("p", 4)
+    # Admitted meanwhile: its first write says Running.
+    decision = d.decide(T0 + 1, admitted=2)
+    assert d.status["phase"] == "Running" and d.status["workerPool"] == "p" and d.status["startedRuns"] == 2
+    assert kinds_of(decision.creates) == ["CreateSecret", "CreatePod"] * 2
+    assert events(decision) == [("Normal", "Running")]
+
+
+def test_a_new_testrun_that_waits_for_a_build_or_is_cancelled_is_not_left_to_admission():
+    for spec in ({"dependsOn": ["b"]}, {"cancel": True}):
+        d = Driver(a_testrun(**spec))
+        assert queued_demand(d.obj, T0, pools=d.pools) is None
+        assert d.decide(T0, builds={"b": ("Running", "")}).status_patch["phase"] in ("Blocked", "Cancelled")
+    reused = Driver(a_testrun(annotations={"testlooper.dev/result-from-testrun": "old"}))
+    assert queued_demand(reused.obj, T0, pools=reused.pools) is None
+    # Its pods exist (an admitted decision's status write was lost): adopted now, not left.
+    lost = Driver(a_testrun(runs=2))
+    decision = lost.decide(T0, pods=[running_pod(1)])
+    assert lost.status["phase"] == "Running" and lost.status["active"]["1"]["state"] == "Placed"
+    unplaced = Driver(a_testrun(definition={"platform": "windows"}))
+    assert queued_demand(unplaced.obj, T0, pools=unplaced.pools) is None
+    assert unplaced.decide(T0).status_patch["phase"] == "Queued"  # no pool takes it: said at once
+
+
 def test_a_new_testrun_without_builds_is_queued_in_its_pool_with_its_runs_counted():
     d = Driver(a_testrun(runs=4))
-    decision = d.decide()
+    assert d.decide(T0 + 1).status_patch is None
+    decision = d.decide(T0 + 1, admission_declined=True)  # a round found no room for it
     assert d.status["phase"] == "Queued" and d.status["workerPool"] == "p"
     assert d.status["runCounts"] == {"total": 4, "passed": 0, "failed": 0, "running": 0, "queued": 4, "errored": 0,
                                      "timedOut": 0}
@@ -96,7 +132,8 @@ def test_placement_goes_to_the_first_pool_by_priority_that_fits_and_sticks():
     pools = [pool("small", priority=10, maxPodCores=2), pool("big", priority=1), pool("win", platform="windows",
                                                                                      priority=99)]
     d = Driver(a_testrun(definition={"min_cores": 4}), pools=pools)
-    d.decide()
+    assert queued_demand(d.obj, T0, pools=pools).pool == "big"
+    d.decide(T0 + 10)  # no round said anything within admission_wait_seconds: said Queued all the same
     assert d.status["workerPool"] == "big"
     d.pools = [pool("other", priority=50), *pools]
     d.decide()
@@ -216,7 +253,7 @@ def test_a_reopened_testrun_does_not_wait_for_builds_that_are_gone():
 
 def test_a_pool_deleted_after_placement_is_said():
     d = Driver(a_testrun(runs=1))
-    d.decide()
+    d.decide(T0, admission_declined=True)
     d.pools = [pool("other")]
     d.decide(T0 + 1)
     assert d.status["message"] == "WorkerPool p does not exist any more"

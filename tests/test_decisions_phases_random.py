@@ -17,6 +17,7 @@ At the end every TestRun has ended and every run of it is counted.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import random
 
 import pytest
@@ -25,7 +26,7 @@ from testlooper.decisions.phases import (
     CreatePod, CreateSecret, DeletePod, DeleteSecret, Observations, RunResult, Settings, decide, format_time,
     merged, observe_pod, queued_demand,
 )
-from testlooper.decisions.pools import admit, pool_usage, run_sizes
+from testlooper.decisions.pools import admit, pool_for, pool_usage, run_sizes
 from testlooper.decisions.repo import ENDED_PHASES
 
 T0 = 1_800_000_000.0
@@ -81,9 +82,9 @@ class World:
             secrets=[(i, a) for (tr, i, a) in self.secrets if tr == name],
             operator_started=self.operator_started, settings=SETTINGS)
 
-    def reconcile(self, name: str, admitted: int = 0) -> None:
+    def reconcile(self, name: str, admitted: int = 0, declined: bool = False) -> None:
         before = copy.deepcopy(self.testruns[name])
-        observed = self.observations(name, admitted)
+        observed = dataclasses.replace(self.observations(name, admitted), admission_declined=declined)
         decision = decide(self.testruns[name], observed)
         # Pure: the TestRun is left as it was, and the same inputs give the same decision.
         assert self.testruns[name] == before
@@ -107,12 +108,15 @@ class World:
     def admission_round(self) -> None:
         sizes = run_sizes(self.testruns.values(), self.pools)
         usage = pool_usage(self.pod_dicts(), sizes)
-        demands = [demand for demand in (queued_demand(t, self.now, SETTINGS) for t in self.testruns.values())
+        demands = [demand for demand in (queued_demand(t, self.now, SETTINGS, self.pools) for t in self.testruns.values())
                    if demand is not None]
         granted = admit(self.pools, usage, demands)
         for (_, name), count in sorted(granted.items()):
             self.reconcile(name, admitted=count)
             self.check_caps(sizes)
+        for demand in demands:  # new ones found no room: they say Queued (as cluster/runs.py does)
+            if demand.testrun not in granted and not self.testruns[demand.testrun[1]]["status"].get("phase"):
+                self.reconcile(demand.testrun[1], declined=True)
 
     def restart(self) -> None:
         self.operator_started = self.now
@@ -129,7 +133,10 @@ class World:
         elif isinstance(action, CreatePod):
             assert key in self.secrets, "a pod is created after its Secret"
             if key not in self.pods:
-                pool = self.testruns[name]["status"]["workerPool"]
+                # Where the decision placed it (a new TestRun's first write may be lost after
+                # its creates): the shell labels its pods so.
+                testrun = self.testruns[name]
+                pool = testrun["status"].get("workerPool") or pool_for(testrun["spec"]["definition"], "", self.pools)
                 self.pods[key] = {"metadata": {
                     "namespace": "ns", "creationTimestamp": format_time(self.now),
                     "labels": {"testlooper.dev/testrun": name, "testlooper.dev/run-index": str(action.run),

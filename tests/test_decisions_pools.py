@@ -57,8 +57,11 @@ def test_a_run_asking_more_than_the_pool_has_runs_alone_rather_than_never():
     assert admit([spec_pool], {"p": Usage(1, 1)}, [demand("t", 3, cores=16)]) == {}
     placed = {"metadata": {"namespace": "ns", "name": "t"}, "spec": {"definition": {"min_cores": 16}},
               "status": {"workerPool": "p"}}
-    assert run_sizes([placed, {"metadata": {"name": "u"}, "spec": {}, "status": {}}], [spec_pool]) == {
-        ("ns", "t"): ("p", 4, 0.0)}
+    # One never decided on counts where it would go (admission may start it before its first
+    # write); one decided on but placed nowhere (Blocked, say) counts nowhere.
+    assert run_sizes([placed, {"metadata": {"name": "u"}, "spec": {}, "status": {}},
+                      {"metadata": {"name": "b"}, "spec": {}, "status": {"phase": "Blocked"}}], [spec_pool]) == {
+        ("ns", "t"): ("p", 4, 0.0), ("", "u"): ("p", 0.0, 0.0)}
 
 
 def test_admitting_at_once_equals_admitting_one_by_one_with_the_shared_fits_rule():

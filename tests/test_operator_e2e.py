@@ -178,9 +178,13 @@ def test_push_to_testruns_end_to_end(kube, origin, tmp_path):
         standby.stop()
 
 
+# A TestRun read as stored now: the decisions start from the watch's copy, and read afresh only
+# when it cannot be trusted (a write conflicted, our own write not back yet). A happy path may
+# never need it; tests/test_operator_runs_faults.py (writes racing ours) shows it used.
+TESTRUN_FRESH_READ = ("testlooper.dev", "testruns", "get")
 # What only running runs as pods uses (tests/test_operator_runs_e2e.py, which checks it uses
-# every one of them): the operator above runs without --api-url, so it never does. (It lists
-# pods all the same: a WorkerPool's status counts what its pods hold.)
+# every one of them but TESTRUN_FRESH_READ): the operator above runs without --api-url, so it
+# never does. (It lists pods all the same: a WorkerPool's status counts what its pods hold.)
 RUN_PERMISSIONS = frozenset({
     ("", "pods", "create"), ("", "pods", "delete"), ("", "pods", "watch"),
     ("", "secrets", "create"), ("", "secrets", "delete"), ("", "secrets", "list"),

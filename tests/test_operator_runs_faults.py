@@ -26,6 +26,7 @@ from kubelet import TestKubelet, run_agent_alone, running_status
 from redis_server import RedisServer
 from run_cluster import Kubelet, apply_repo, ended_testruns, pods_path, push_project, redis_url, start_operator  # noqa: F401
 from run_helpers import wait_for
+from test_operator_e2e import TESTRUN_FRESH_READ, check_rbac_subset
 from testlooper.cli.main import main as cli_main
 from testlooper.kube import pods as pod_builder
 from testlooper.kube.objects import testrun_name
@@ -599,6 +600,9 @@ def test_caps_hold_with_50_runs_queued_decisions_racing_and_a_restart(kube, tmp_
     runs = recorded_runs(redis_url, commit)
     assert len(runs) == 50 and {run.result for run in runs} == {"passed"}
     assert sorted(run.run_index for run in runs if run.task == "many/linux") == list(range(1, 31))
+    used = kube.permissions(client="operator")
+    check_rbac_subset(used)
+    assert TESTRUN_FRESH_READ in used  # the racer's writes conflict with ours: decided again, read fresh
     assert "Traceback" not in operator.log(), operator.log()
 
 

@@ -296,6 +296,7 @@ class RunController:
         self._echoes: dict[tuple[str, str], tuple[str, frozenset, frozenset]] = {}
         self._maybe_echoes: dict[tuple[str, str], set[tuple[str, str]]] = {}  # events since the last decision
         self._must_decide: set[tuple[str, str]] = set()  # poked by something else (a pod, a RESULT, a timer)
+        self._declined: set[tuple[str, str]] = set()  # new TestRuns an admission round found no room for
         # kopf's context (its Event poster lives there), taken from the first handler that
         # calls in: the worker API's requests (a RESULT posted) start decisions too.
         self._kopf_context: contextvars.Context | None = None
@@ -412,14 +413,15 @@ class RunController:
                                type(exc).__name__, exc)
             await asyncio.sleep(RUN_OBJECTS_LISTING_SECONDS)
 
-    async def _own_objects(self, testrun: dict, pod_namespace: str, fresh: bool,
-                           pods: bool = True) -> tuple[list[dict], list[dict]]:
+    async def _own_objects(self, testrun: dict, pod_namespace: str, pods: bool = True) -> tuple[list[dict], list[dict]]:
         """The TestRun's pods (none unless `pods`) and token Secrets: kept in memory when they
-        can be (its own namespace, listed whole once since the start), listed when `fresh`
-        (admission's decisions, which create pods) or when they cannot."""
+        can be (its own namespace, listed whole once since the start), else listed. Admission's
+        decisions read them so too: what they create has a deterministic name, so one that a
+        stale view misses is found to exist at its create, never made twice; and the room
+        they spend was counted from pods listed by the round itself (docs/operator.md)."""
         metadata = testrun["metadata"]
         objects = self._run_objects.get(pod_namespace)
-        if not fresh and objects is not None and objects.trusted and pod_namespace == metadata["namespace"]:
+        if objects is not None and objects.trusted and pod_namespace == metadata["namespace"]:
             value = label_value(metadata["name"])
             return ([pod for pod in objects.of("pods", value) if _owned(pod, testrun)] if pods else [],
                     [secret for secret in objects.of("secrets", value) if _owned(secret, testrun)])
@@ -488,10 +490,14 @@ class RunController:
         testruns = await self.api.list_objects_paged("testruns", namespace, counting_view)
         run_metrics.testruns_listed(self.context, namespace, testruns)
         now = time.time()
-        demands = [demand for demand in (phases.queued_demand(testrun, now, self.settings) for testrun in testruns) if demand]
+        # New TestRuns that wait for nothing count before any write of theirs (phases.py
+        # `leave_to_admission`): their first write is then Running.
+        demands = [demand for demand in (phases.queued_demand(testrun, now, self.settings, pools) for testrun in testruns)
+                   if demand]
         if not demands:
             self._full[namespace] = set()
             return
+        counted = demands  # before those of EC2 pools that cannot be counted now are set aside
         # A pool may run its pods in a namespace of its own (spec.namespace): they count too.
         usage = await count_pool_usage(self.api, namespace, pools, testruns)
         wanted = {demand.pool for demand in demands}
@@ -515,19 +521,29 @@ class RunController:
         # then run side by side (each under its own lock) without spending it twice.
         admitted = admit(pools, usage, demands)
         self._full[namespace] = {demand.pool for demand in demands if demand.count > admitted.get(demand.testrun, 0)}
+        # New TestRuns this round found no room for say Queued now (phases.py `leave_to_admission`).
+        new = {(t["metadata"].get("namespace", namespace), t["metadata"]["name"]) for t in testruns
+               if not (t.get("status") or {}).get("phase")}
+        for demand in counted:
+            if demand.testrun in new and demand.testrun not in admitted:
+                self._declined.add(demand.testrun)
+                self.poke(*demand.testrun)
         slots = asyncio.Semaphore(ADMITTED_CONCURRENCY)
+
+        listed = {(t["metadata"].get("namespace", namespace), t["metadata"]["name"]): t["metadata"].get("resourceVersion", "")
+                  for t in testruns}
 
         async def start(key: tuple[str, str], count: int) -> None:
             async with slots, self._lock(key):
-                await self._reconcile_logged(key, count)
+                await self._reconcile_logged(key, count, listed.get(key, ""))
 
         await asyncio.gather(*(start(key, count) for key, count in admitted.items()))
 
     # -- one decision --------------------------------------------------------------------------
 
-    async def _reconcile_logged(self, key: tuple[str, str], admitted: int) -> None:
+    async def _reconcile_logged(self, key: tuple[str, str], admitted: int, listed_version: str = "") -> None:
         try:
-            await self.reconcile(*key, admitted=admitted)
+            await self.reconcile(*key, admitted=admitted, listed_version=listed_version)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # decided again at the next event, timer or round
@@ -535,26 +551,37 @@ class RunController:
             logger.warning("TestRun %s/%s: runs not reconciled: %s: %s", *key, type(exc).__name__, exc)
             self.wake_later(key, 5.0)
 
-    async def reconcile(self, namespace: str, name: str, admitted: int = 0) -> None:
-        # Admission's decisions (they create pods) read the TestRun as stored now; the others
-        # start from the watch's copy when it is no older than our last write, and their write
-        # is conditional on that copy's version (cluster/watch_cache.py says why that is safe).
-        cached = None if admitted else self.testruns.get(namespace, name)
-        if cached is not None and await self._reconcile_from(cached, admitted, cached=True):
+    async def reconcile(self, namespace: str, name: str, admitted: int = 0, listed_version: str = "") -> None:
+        """One decision. Those not started by admission start from the watch's copy when it is
+        no older than our last write, and write conditionally on that copy's version
+        (cluster/watch_cache.py says why that is safe). Admission's (they create pods) start
+        from it only when it is the very version the round listed (`listed_version`), and
+        write conditionally too; else from the TestRun as stored now."""
+        cached = self.testruns.get(namespace, name)
+        if admitted and cached is not None and (not listed_version or
+                                                cached["metadata"].get("resourceVersion") != listed_version):
+            cached = None
+        started: list[int] = []
+        if cached is not None and await self._reconcile_from(cached, admitted, cached=not admitted, conditional=True,
+                                                             started=started):
             return
         testrun = await self.api.get_object("testruns", namespace, name)
         if testrun is not None:
-            await self._reconcile_from(testrun, admitted, cached=False)
+            # Runs the refused attempt started are there to be adopted: they spent that room.
+            await self._reconcile_from(testrun, max(0, admitted - sum(started)), cached=False)
 
     async def _read_testrun(self, namespace: str, name: str) -> dict | None:
         """Another TestRun (a build this one depends on), from the cache when it can say."""
         cached = self.testruns.get(namespace, name)
         return cached if cached is not None else await self.api.get_object("testruns", namespace, name)
 
-    async def _reconcile_from(self, testrun: dict, admitted: int, cached: bool) -> bool:
+    async def _reconcile_from(self, testrun: dict, admitted: int, cached: bool, conditional: bool = False,
+                              started: list[int] | None = None) -> bool:
         """One decision from `testrun`, applied. False, with nothing applied, when a decision
-        from the cached copy would act without a write that proves that copy current (then it
-        is made again from a fresh read), or when that write finds the TestRun moved on."""
+        from the cached copy (`cached`) would act without a write that proves that copy
+        current (then it is made again from a fresh read); False too when its write, made
+        `conditional` on the copy's version, finds the TestRun moved on: its creates are
+        done by then, and it appends to `started` how many run attempts they started."""
         if testrun["metadata"].get("deletionTimestamp"):
             return True
         namespace, name = testrun["metadata"]["namespace"], testrun["metadata"]["name"]
@@ -570,9 +597,9 @@ class RunController:
         pod_namespace = pod_builder.run_namespace(testrun, pool)
         on_ec2 = ec2_placement.is_ec2(pool)
         workers_known = True
-        if status:
+        if status or admitted:
             # A pool of ec2 has no pods: its run attempts are instances (none before it is placed).
-            own_pods, own_secrets = await self._own_objects(testrun, pod_namespace, fresh=admitted > 0, pods=not on_ec2)
+            own_pods, own_secrets = await self._own_objects(testrun, pod_namespace, pods=not on_ec2)
             if on_ec2:
                 try:
                     workers = await self.ec2.observe(testrun, pool) if status.get("workerPool") else []
@@ -582,8 +609,9 @@ class RunController:
             else:
                 workers = [p for p in (phases.observe_pod(pod) for pod in own_pods) if p is not None]
         else:
-            # Never decided on: nothing was made for it yet (only admission makes pods and
-            # Secrets, and it admits TestRuns whose status says Queued).
+            # Never decided on, and not admitted: nothing to read (only the decisions admission
+            # starts make pods and Secrets; if one crashed before its status write, its pods
+            # are counted by the rounds, and the next admitted decision reads and adopts them).
             workers, own_secrets = [], []
         builds = {}
         for build in spec.get("dependsOn") or []:
@@ -594,7 +622,8 @@ class RunController:
         results, heartbeats, posted, reports_known = await self._agent_reports(namespace, name, status)
         # One task's records (not the commit's), at every decision: a decision that counted a
         # RESULT the store could not yet give is made good by the next.
-        cases, recorded = await self._case_tally(namespace, spec) if reports_known else (None, None)
+        # (Never decided on, it has no runs to tally: a new TestRun's decision reads nothing.)
+        cases, recorded = await self._case_tally(namespace, spec) if reports_known and status else (None, None)
         if recorded is not None:
             # The worker API keeps a RESULT in Redis a moment before the history store has it: a
             # run counts once both do (the API pokes us then), so the TestRun never ends with a
@@ -609,11 +638,13 @@ class RunController:
             # No agent could be heard while the operator, or its Redis, was down.
             operator_started=max(self.started, self.context.store_health.back_since),
             cases=cases,
-            settings=self.settings, reports_known=reports_known,
+            settings=self.settings, reports_known=reports_known, admission_declined=(namespace, name) in self._declined,
             worker="instance" if on_ec2 else "pod", workers_known=workers_known,
             boot_grace_seconds=ec2_placement.boot_grace((pool.get("spec") or {}).get("platform") or "linux",
                                                         self.context.options.ec2_boot_timeout) if on_ec2 else None)
         decision = phases.decide(testrun, observed)
+        if status or decision.status_patch:
+            self._declined.discard((namespace, name))
         patch = decision.status_patch
         decided = {**status, "conditions": patch["conditions"]} if patch and "conditions" in patch else status
         conditions = recorded_conditions(decided, reports_known, phases.format_time(observed.now))
@@ -638,9 +669,11 @@ class RunController:
         if patch:
             try:
                 stored = await self.api.patch_status("testruns", namespace, name, patch, resource_version=(
-                    testrun["metadata"].get("resourceVersion") or "") if cached else "")
+                    testrun["metadata"].get("resourceVersion") or "") if conditional else "")
             except Conflict:
                 logger.debug("TestRun %s/%s changed since the copy decided on: deciding again, fresh", namespace, name)
+                if started is not None:
+                    started.append(sum(1 for action in decision.creates if isinstance(action, phases.CreatePod)))
                 return False  # written since that copy: decided again from the TestRun as it is
             self.testruns.wrote(namespace, name, stored)
             if on_ec2:
@@ -654,6 +687,8 @@ class RunController:
             self._deleted(pod_namespace, name, action, pods=not on_ec2)
         if decision.wake_after is not None:
             self.wake_later((namespace, name), decision.wake_after)
+        if decision.awaits_admission is not None:
+            self.demand_appeared(namespace, decision.awaits_admission)
         if on_ec2 and any(isinstance(action, phases.CreatePod) for action in decision.creates):
             # No watch tells of an instance: the next decision sees it launched and sets the
             # wake for its boot (a pod's events would bring that decision).
@@ -765,6 +800,7 @@ class RunController:
 
     def forget(self, namespace: str, name: str) -> None:
         self._echoes.pop((namespace, name), None)
+        self._declined.discard((namespace, name))
         self.testruns.gone(namespace, name)
 
     async def _wake_consumers(self, testrun: dict) -> None:

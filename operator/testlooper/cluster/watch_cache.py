@@ -14,9 +14,13 @@ patch of our own whose answer came back before its watch event. Hence the rules:
   resourceVersion as a precondition (kube/api.py `patch_status(..., resource_version=)`): if
   anyone wrote the TestRun since (a spec edit not yet delivered, another replica while this
   one was paused), the write is refused and the decision is made again from a fresh read.
-- Admission (the only place that spends a pool's room, and the only caller that creates pods)
-  never reads from here: it lists TestRuns and pods itself at every round, and the decisions it
-  starts read their TestRun, pods and Secrets fresh.
+- Admission (the only place that spends a pool's room) never counts from here: it lists
+  TestRuns and pods itself at every round. The decisions it starts (the only ones that create
+  pods) take the cached TestRun only when it is the very version the round listed, and write
+  conditionally on it too; a refused write is decided again fresh, the runs the refused
+  decision started counted against what it was admitted (cluster/runs.py `reconcile`). They
+  read the TestRun's pods and Secrets from `RunObjects` once trusted: a pod or Secret has a
+  deterministic name, so one a stale view misses is found to exist when it is created.
 - A decision from a cached copy that would act with no status write to check it (deletes
   alone) is made again from a fresh read instead.
 - After a start or a restart the cache is empty, and it fills as kopf's first listing arrives;

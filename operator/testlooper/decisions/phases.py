@@ -62,6 +62,10 @@ class Settings:
     missing_pod_grace_seconds: float = 30.0  # a pod just created may not be listed yet
     result_grace_seconds: float = 30.0  # a pod that ended may have posted a result not seen yet
     max_active_runs: int = MAX_ACTIVE_RUNS
+    # A new TestRun with nothing to wait for is admission's (`_Machine.leave_to_admission`):
+    # it says Queued once a round found no room for it, or past this long after its creation
+    # if no round could say (admission failing); 0: at once, as before admission took it.
+    admission_wait_seconds: float = 10.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +127,8 @@ class Observations:
     # False when the workers could not be listed (EC2 not answering): `pods` is then unknown,
     # not empty; a RESULT is still judged and a cancel still ends the TestRun.
     workers_known: bool = True
+    # An admission round counted this TestRun's runs and found no room for any of them.
+    admission_declined: bool = False
 
 
 # -- actions -----------------------------------------------------------------------------------
@@ -180,6 +186,8 @@ class Decision:
     status_patch: dict | None
     actions: list
     wake_after: float | None = None  # seconds after which to decide again even if nothing happens
+    # The pool whose admission the TestRun is left to, with nothing written yet (a new one).
+    awaits_admission: str | None = None
 
     def __iter__(self):
         return iter((self.status_patch, self.actions))
@@ -203,7 +211,7 @@ def decide(testrun: dict, observed: Observations) -> Decision:
     machine = _Machine(testrun, spec, status, observed)
     machine.run()
     machine.delete_stray_secrets()
-    return Decision(machine.patch or None, machine.actions, machine.wake_after)
+    return Decision(machine.patch or None, machine.actions, machine.wake_after, machine.awaits_admission)
 
 
 class _Machine:
@@ -216,6 +224,7 @@ class _Machine:
         self.patch: dict = {}
         self.actions: list = []
         self.wake_after: float | None = None
+        self.awaits_admission: str | None = None
         self.phase = status.get("phase") or ""
         self.definition = spec.get("definition") or {}
         self.kind = spec.get("kind") or "test"
@@ -255,7 +264,7 @@ class _Machine:
         if self.phase in ("", "Pending", "Blocked") or self.reopened:
             self.set("runnableSince", self.stamp)  # where its runs' queue wait starts (the metric)
         pool = self.placement()
-        if pool is None:
+        if pool is None or self.leave_to_admission(pool):
             return
         self.run_runs()
 
@@ -266,6 +275,24 @@ class _Machine:
         return self.counts["passed"] + self.counts["failed"] + self.counts["errored"]
 
     # -- before any run ------------------------------------------------------------------------
+
+    def leave_to_admission(self, pool: str) -> bool:
+        """A new TestRun that waits for nothing is admission's at first (queued_demand counts
+        it): the next round usually starts it, and its first write is then Running. Writing
+        Queued first would cost a write, its watch event, an Event and a round trip before the
+        first pod, for every TestRun of a commit. It says Queued once a round found no room
+        for it (`admission_declined`), or `admission_wait_seconds` after its creation."""
+        if (self.phase or self.observed.admitted or self.observed.admission_declined or self.observed.pods
+                or not new_and_unblocked(self.spec, self.status)):
+            return False  # (pods of its own: an admitted decision's status write was lost; adopted now)
+        created = self.metadata.get("creationTimestamp")
+        until = (parse_time(created) if created else self.now) + self.settings.admission_wait_seconds
+        if self.now >= until:
+            return False
+        self.patch, self.actions = {}, []
+        self.awaits_admission = pool
+        self.wake_at(until)
+        return True
 
     def reuse(self) -> None:
         runs = self.asked()
@@ -695,15 +722,28 @@ def _zero_counts(runs: int) -> dict:
 
 # -- what the pool's admission loop needs -------------------------------------------------------
 
-def queued_demand(testrun: dict, now: float, settings: Settings = Settings()):
+def new_and_unblocked(spec: dict, status: dict, annotations: Mapping | None = None) -> bool:
+    """Never decided on, not cancelled, and waiting for no build: its runs may start at once."""
+    return (not status.get("phase") and not spec.get("cancel") and not spec.get("dependsOn")
+            and not (annotations or {}).get(RESULT_FROM_TESTRUN))
+
+
+def queued_demand(testrun: dict, now: float, settings: Settings = Settings(), pools: Sequence[dict] | None = None):
     """How many runs of this TestRun could start now (waiting retries that are due, then runs
     not started yet, within the cap on active runs), from its status alone; None when none can
-    (not placed in a pool, blocked, ended, cancelled)."""
+    (not placed in a pool, blocked, ended, cancelled). With the namespace's `pools`, a new
+    TestRun that waits for nothing counts too, in the pool it would be placed in."""
     from testlooper.decisions.pools import Demand
 
     spec = testrun.get("spec") or {}
     status = testrun.get("status") or {}
+    metadata = testrun.get("metadata") or {}
     pool = status.get("workerPool")
+    if pools is not None and not pool and new_and_unblocked(spec, status, metadata.get("annotations")):
+        pool = pool_for(spec.get("definition") or {}, spec.get("workerPool") or "", list(pools))
+        if pool is None or all(p["metadata"]["name"] != pool for p in pools):
+            return None
+        status = {"phase": "Queued", "workerPool": pool}
     if not pool or spec.get("cancel") or status.get("phase") not in ("Queued", "Running"):
         return None
     active = status.get("active") or {}
@@ -715,7 +755,6 @@ def queued_demand(testrun: dict, now: float, settings: Settings = Settings()):
     if count <= 0:
         return None
     definition = spec.get("definition") or {}
-    metadata = testrun.get("metadata") or {}
     return Demand(testrun=(metadata.get("namespace", ""), metadata.get("name", "")), pool=pool,
                   priority=int(spec.get("priority") or 0), created=metadata.get("creationTimestamp", ""),
                   cores=float(definition.get("min_cores") or 0), ram_gb=float(definition.get("min_ram_gb") or 0),

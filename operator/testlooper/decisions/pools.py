@@ -119,6 +119,8 @@ def _left(limit, used: float) -> float:
     return math.inf if limit is None else limit - used
 
 
+COUNTED_METADATA_KEYS = ("name", "namespace", "creationTimestamp", "resourceVersion")
+COUNTED_ANNOTATIONS = ("testlooper.dev/result-from-testrun",)  # phases.RESULT_FROM_TESTRUN: not to be run
 COUNTED_DEFINITION_KEYS = ("platform", "min_cores", "max_cores", "min_ram_gb")
 COUNTED_STATUS_KEYS = ("phase", "workerPool", "active", "startedRuns", "runCounts")
 
@@ -129,7 +131,9 @@ def counting_view(testrun: dict) -> dict:
     size (the shell reduces each TestRun of a long listing to this as it arrives)."""
     metadata, spec, status = testrun.get("metadata") or {}, testrun.get("spec") or {}, testrun.get("status") or {}
     definition = spec.get("definition") or {}
-    return {"metadata": {key: metadata[key] for key in ("name", "namespace", "creationTimestamp") if key in metadata},
+    annotations = {key: value for key, value in (metadata.get("annotations") or {}).items() if key in COUNTED_ANNOTATIONS}
+    return {"metadata": {**{key: metadata[key] for key in COUNTED_METADATA_KEYS if key in metadata},
+                         **({"annotations": annotations} if annotations else {})},
             "spec": {**{key: value for key, value in spec.items() if key != "definition"},
                      "definition": {key: definition[key] for key in COUNTED_DEFINITION_KEYS if key in definition}},
             "status": {key: status[key] for key in COUNTED_STATUS_KEYS if key in status}}
@@ -137,14 +141,18 @@ def counting_view(testrun: dict) -> dict:
 
 def run_sizes(testruns: Iterable[dict], pools: Sequence[dict]) -> dict[tuple[str, str], tuple[str, float, float]]:
     """(namespace, name) -> (pool, cores, GB of one run) for the TestRuns placed in a pool, as
-    `pool_usage` wants them."""
+    `pool_usage` wants them. A TestRun never decided on counts in the pool it would be placed
+    in: admission may start it before its first status write, and a crash in between leaves
+    its pods to be counted at their size (phases.py `leave_to_admission`)."""
     by_name = {pool["metadata"]["name"]: pool for pool in pools}
     sizes = {}
     for testrun in testruns:
-        placed = (testrun.get("status") or {}).get("workerPool")
+        status, spec = testrun.get("status") or {}, testrun.get("spec") or {}
+        definition = spec.get("definition") or {}
+        placed = status.get("workerPool") or (
+            None if status.get("phase") else pool_for(definition, spec.get("workerPool") or "", list(pools)))
         if placed in by_name:
             metadata = testrun.get("metadata") or {}
-            definition = (testrun.get("spec") or {}).get("definition") or {}
             sizes[(metadata.get("namespace", ""), metadata.get("name", ""))] = (placed, *run_size(definition, by_name[placed]))
     return sizes
 
