@@ -48,7 +48,7 @@ def test_a_new_testrun_that_waits_for_a_build_or_is_cancelled_is_not_left_to_adm
     assert queued_demand(reused.obj, T0, pools=reused.pools) is None
     # Its pods exist (an admitted decision's status write was lost): adopted now, not left.
     lost = Driver(a_testrun(runs=2))
-    decision = lost.decide(T0, pods=[running_pod(1)])
+    lost.decide(T0, pods=[running_pod(1)])
     assert lost.status["phase"] == "Running" and lost.status["active"]["1"]["state"] == "Placed"
     unplaced = Driver(a_testrun(definition={"platform": "windows"}))
     assert queued_demand(unplaced.obj, T0, pools=unplaced.pools) is None

@@ -578,6 +578,11 @@ def test_caps_hold_with_50_runs_queued_decisions_racing_and_a_restart(kube, tmp_
     started = time.monotonic()
     with operator, FaultKubelet(kube, tmp_path / "node", plan=lambda pod: "agent") as kubelet, Racer(kube) as racer:
         apply_repo(kube, url)
+        # New TestRuns are admission's first (decisions/phases.py `leave_to_admission`): those a
+        # round found no room for say so at once, not after admission's 10 s wait.
+        waiting = wait_for(lambda: [t for t in list_testruns(kube) if (t.get("status") or {}).get("phase") == "Queued"],
+                           timeout=8, interval=0.2, what="TestRuns Queued for want of room")
+        assert all(t["status"]["message"] == "waiting for room in WorkerPool linux" for t in waiting), waiting
         # A restart midway: the new process counts the pods it finds, not what the old one knew.
         wait_for(lambda: len(recorded_runs(redis_url, commit)) >= 15, timeout=120, interval=0.3, what="15 runs recorded")
         operator.stop()

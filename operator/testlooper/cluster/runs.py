@@ -60,6 +60,7 @@ DECIDE_DELAY_SECONDS = 0.1  # events for one TestRun within this make one decisi
 POOLS_TTL_SECONDS = 1.0  # a decision reuses the namespace's WorkerPools read this recently
 ADMITTED_CONCURRENCY = 16  # admitted TestRuns whose pods one round creates at once
 RUN_OBJECTS_LISTING_SECONDS = 10.0  # the run pods and Secrets kept in memory are listed whole this often
+UNREAD_MESSAGE_SECONDS = 30.0  # a commit message git could not give is asked for again after this
 DESCRIBE_TTL_SECONDS = 2.0  # a run's description is read again after this (heartbeats come every few s)
 
 
@@ -96,7 +97,7 @@ class TestRunDirectory:
         self._cache: dict[str, tuple[float, ClusterRun | None]] = {}  # run id -> (read at, what it is)
         self._changed: dict[tuple[str, str], float] = {}  # (namespace, TestRun) -> when it last changed
         self._fingerprints: dict[tuple[str, str], tuple] = {}  # (namespace, TestRun) -> what describe depends on
-        self._messages: dict[tuple[str, str], str] = {}  # (mirror, commit) -> its message
+        self._messages: dict[tuple[str, str], tuple[str, float]] = {}  # (mirror, commit) -> (its message, read at)
 
     async def describe(self, run_id: str) -> ClusterRun | None:
         changed = self._changed.get(_testrun_of(run_id), 0.0)
@@ -165,13 +166,16 @@ class TestRunDirectory:
             else:
                 inputs[key] = await self._build_input(namespace, spec, dependency)
         current = ((status.get("active") or {}).get(str(index)) or {}).get("attempt")
-        message = self._messages.get((tree_dir, tree_commit))
-        if message is None:  # a commit's message never changes: read once, not at each heartbeat
+        known = self._messages.get((tree_dir, tree_commit))
+        # A commit's message never changes: read once, not at each heartbeat. One that could not
+        # be read (the mirror not there yet) is asked for again after a while, not at every call.
+        if known is None or (not known[0] and time.monotonic() - known[1] > UNREAD_MESSAGE_SECONDS):
             message = await asyncio.to_thread(_commit_message, tree_dir, tree_commit)
-            if message:
-                if len(self._messages) > 10000:
-                    self._messages.clear()
-                self._messages[(tree_dir, tree_commit)] = message
+            if len(self._messages) > 10000:
+                self._messages.clear()
+            self._messages[(tree_dir, tree_commit)] = (message, time.monotonic())
+        else:
+            message = known[0]
         assignment = {"task": definition, "commit": tree_commit, "commit_message": message, "run_index": index,
                       "attempt": attempt, "cores": float(definition.get("min_cores") or 1),
                       "ram_gb": float(definition.get("min_ram_gb") or 0)}
@@ -239,6 +243,14 @@ class PoolReader:
 
     def forget(self, namespace: str) -> None:
         self._read.pop(namespace, None)
+
+    def known(self, namespace: str) -> list[dict] | None:
+        """The accepted pools of the last listing, if it is recent and done; else None."""
+        entry = self._read.get(namespace)
+        if entry is None or time.monotonic() - entry[0] > POOLS_TTL_SECONDS or not entry[1].done() \
+                or entry[1].cancelled() or entry[1].exception() is not None:
+            return None
+        return entry[1].result()[0]
 
     async def _listed(self, namespace: str) -> tuple[list[dict], list[dict]]:
         every = await self.api.list_objects("workerpools", namespace)
@@ -318,8 +330,43 @@ class RunController:
         self.testruns.seen(testrun)
         if self.directory is not None:
             self.directory.testrun_seen(testrun)
+        if self._left_to_admission(testrun):
+            return
         self.poke(testrun["metadata"]["namespace"], testrun["metadata"]["name"],
                   echo=("testrun", version) if version else None)
+
+    def _left_to_admission(self, testrun: dict) -> bool:
+        """A new TestRun that waits for nothing, in a pool of the listing the decisions share:
+        its first decision would write nothing (phases.py `leave_to_admission`), so none is
+        made now; a round is woken. The rounds decide it once they find no room for it, or it
+        no longer counts and is older than its wait (`_new_left_over`)."""
+        metadata, spec, status = testrun["metadata"], testrun.get("spec") or {}, testrun.get("status") or {}
+        if not phases.new_and_unblocked(spec, status, metadata.get("annotations")) or not metadata.get("creationTimestamp"):
+            return False
+        pools = self._pools.known(metadata["namespace"])
+        pool = pool_for(spec.get("definition") or {}, spec.get("workerPool") or "", pools) if pools else None
+        if pool is None or all(p["metadata"]["name"] != pool for p in pools) or ec2_placement.is_ec2(
+                next(p for p in pools if p["metadata"]["name"] == pool)):
+            return False  # its decision says why it waits (or an EC2 pool's checks apply)
+        self.demand_appeared(metadata["namespace"], pool)
+        return True
+
+    def _new_left_over(self, namespace: str, testruns: list[dict], demands: list, admitted: dict, now: float) -> None:
+        """After a round: the new TestRuns it counted and found no room for say Queued now
+        (`admission_declined`); those it did not count at all (their pool went, say) and older
+        than their wait are decided as usual."""
+        counted = {demand.testrun for demand in demands}
+        for testrun in testruns:
+            metadata = testrun["metadata"]
+            key = (metadata.get("namespace", namespace), metadata["name"])
+            if (testrun.get("status") or {}).get("phase") or key in admitted:
+                continue
+            if key in counted:
+                self._declined.add(key)
+                self.poke(*key)
+            elif now - phases.parse_time(metadata.get("creationTimestamp") or phases.format_time(now)) \
+                    >= self.settings.admission_wait_seconds:
+                self.poke(*key)
 
     def poke(self, namespace: str, name: str, echo: tuple[str, str] | None = None) -> None:
         """Decide this TestRun again soon (events coming together make one decision).
@@ -496,6 +543,7 @@ class RunController:
                    if demand]
         if not demands:
             self._full[namespace] = set()
+            self._new_left_over(namespace, testruns, demands, {}, now)
             return
         counted = demands  # before those of EC2 pools that cannot be counted now are set aside
         # A pool may run its pods in a namespace of its own (spec.namespace): they count too.
@@ -521,13 +569,7 @@ class RunController:
         # then run side by side (each under its own lock) without spending it twice.
         admitted = admit(pools, usage, demands)
         self._full[namespace] = {demand.pool for demand in demands if demand.count > admitted.get(demand.testrun, 0)}
-        # New TestRuns this round found no room for say Queued now (phases.py `leave_to_admission`).
-        new = {(t["metadata"].get("namespace", namespace), t["metadata"]["name"]) for t in testruns
-               if not (t.get("status") or {}).get("phase")}
-        for demand in counted:
-            if demand.testrun in new and demand.testrun not in admitted:
-                self._declined.add(demand.testrun)
-                self.poke(*demand.testrun)
+        self._new_left_over(namespace, testruns, counted, admitted, now)
         slots = asyncio.Semaphore(ADMITTED_CONCURRENCY)
 
         listed = {(t["metadata"].get("namespace", namespace), t["metadata"]["name"]): t["metadata"].get("resourceVersion", "")
