@@ -1,11 +1,13 @@
-"""EC2 placement and lifecycle decisions (decisions/ec2.py): instance types, launches within the
-pool's caps, reuse, orphans and terminations. The last test drives seeded random worlds of
-instances and demands and checks the caps after every reconcile."""
+"""EC2 placement decisions (decisions/ec2.py): instance types, what a pool's instances hold of
+its caps, orphans and the pool's report. The last test drives seeded random worlds through the
+operator's own admission path (`usage`, `sized_for_instances`, pools.admit) and checks the caps
+after every round."""
 
 from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import random
 import sys
 from datetime import datetime, timezone
@@ -14,9 +16,12 @@ from pathlib import Path
 import pytest
 
 from testlooper.decisions.ec2 import (
-    LAUNCH_GRACE_SECONDS, Ec2Demand, Ec2Pool, Instance, demand_for, InstanceType, RunState, Unschedulable,
-    choose_instance_type, cost_rate, counts_by_state, orphans, status_entries, plan_launches, reusable, to_terminate, unschedulable, usage, vanished,
+    LAUNCH_GRACE_SECONDS, Ec2Demand, Ec2Pool, Instance, InstanceType, Unschedulable, choose_instance_type,
+    cost_rate, counts_by_state, demand_for, instance_type_for, orphans, sized_for_instances, status_entries,
+    unschedulable, usage,
 )
+from testlooper.decisions.phases import queued_demand
+from testlooper.decisions.pools import Usage, admit
 
 T0 = 1_800_000_000.0
 SMALL = InstanceType("t3.medium", 2, 4, 0.04)
@@ -27,17 +32,16 @@ HUGE = InstanceType("x1.16xlarge", 64, 976, 6.7)
 TYPES = [MEMORY, SMALL, MEDIUM, HUGE]
 
 
-def resource(platform="linux", max_workers=None, max_cores=None, max_ram_gb=None, reuse=False, min_lifetime=0):
+def resource(platform="linux", max_workers=None, max_cores=None, max_ram_gb=None, types=TYPES, name=None):
     ec2 = {"region": "us-east-1", "vpcId": "vpc-0a1b2c3d", "subnetId": "subnet-0a1b2c3d",
            "securityGroupIds": ["sg-0a1b2c3d"], "linuxAmi": "ami-11111111", "windowsAmi": "ami-22222222",
            "instanceTypes": [{"type": t.type, "cores": t.cores, "ramGb": t.ram_gb, "hourlyPrice": t.hourly_price}
-                             for t in TYPES],
-           "reuse": reuse, "minLifetimeSeconds": min_lifetime}
+                             for t in types]}
     spec = {"provider": "ec2", "platform": platform, "ec2": ec2}
     for key, value in (("maxWorkers", max_workers), ("maxCores", max_cores), ("maxRamGb", max_ram_gb)):
         if value is not None:
             spec[key] = value
-    return {"metadata": {"name": "ec2-" + platform}, "spec": spec}
+    return {"metadata": {"name": name or "ec2-" + platform}, "spec": spec}
 
 
 def pool(**settings) -> Ec2Pool:
@@ -119,91 +123,37 @@ def test_a_type_bigger_than_the_pools_caps_is_not_on_offer():
         "pool ec2-linux: the task asks for 0 cores and 500 GB of RAM; "
         "the largest type on offer is r5.8xlarge (32 cores, 256 GB)")
     assert unschedulable(capped, Ec2Demand("r", min_ram_gb=200)) is None
-    assert plan_launches(capped, [], [Ec2Demand("r", min_ram_gb=500)]) == []
+    assert instance_type_for(capped, {"min_ram_gb": 500}) == Unschedulable(
+        "the task asks for 0 cores and 500 GB of RAM; the largest type on offer is r5.8xlarge (32 cores, 256 GB)")
     # maxWorkers: 0 pauses a pool: its runs wait, they are not unschedulable.
     paused = pool(max_workers=0)
     assert unschedulable(paused, Ec2Demand("r", min_cores=2)) is None
-    assert plan_launches(paused, [], [Ec2Demand("r", min_cores=2)]) == []
 
 
-# ---------------------------------------------------------------------------------- launches
+# ------------------------------------------------------------------------------------ usage
 
 
 def test_a_windows_task_and_a_200_gb_task_get_their_ami_and_type():
-    windows = plan_launches(resource("windows"), [], [Ec2Demand("w-1", min_cores=2, min_ram_gb=8)])
-    assert [(l.run_id, l.instance_type, l.ami, l.platform) for l in windows] == [
-        ("w-1", MEDIUM, "ami-22222222", "windows")]
-    big = plan_launches(resource("linux"), [], [Ec2Demand("big-1", min_ram_gb=200)])
-    assert [(l.instance_type, l.ami, l.platform, l.reuse_instance_id) for l in big] == [
-        (MEMORY, "ami-11111111", "linux", None)]
+    windows = Ec2Pool.from_resource(resource("windows"))
+    assert (instance_type_for(windows, {"min_cores": 2, "min_ram_gb": 8}), windows.ami) == (MEDIUM, "ami-22222222")
+    linux = Ec2Pool.from_resource(resource("linux"))
+    assert (instance_type_for(linux, {"min_ram_gb": 200}), linux.ami) == (MEMORY, "ami-11111111")
 
 
-def test_launches_stop_at_each_cap_counting_pending_and_running_instances():
-    demands = [Ec2Demand(f"r-{n}", min_cores=4, min_ram_gb=16) for n in range(10)]
+def test_usage_counts_pending_running_and_shutting_down_instances_of_the_pool_alone():
     existing = [instance("i-1", state="pending", run_id="old-1"), instance("i-2", run_id="old-2"),
-                instance("i-3", state="terminated", run_id="old-3")]
-    assert len(plan_launches(pool(max_workers=5), existing, demands)) == 3
-    assert len(plan_launches(pool(max_cores=20), existing, demands)) == 3
-    assert len(plan_launches(pool(max_ram_gb=47), existing, demands)) == 0
-    assert len(plan_launches(pool(max_ram_gb=48), existing, demands)) == 1
-    assert len(plan_launches(pool(), existing, demands)) == 10
+                instance("i-3", state="terminated", run_id="old-3"), instance("i-4", SMALL, "shutting-down"),
+                instance("i-5", state="stopped", run_id="old-5"), instance("i-6", pool_name="ec2-windows")]
+    assert usage(pool(), existing) == (4, 14.0, 52.0)
+    assert usage(pool(), []) == (0, 0.0, 0.0)
 
 
-def test_a_shutting_down_instance_still_counts_and_an_unknown_type_counts_as_the_largest():
-    demand = [Ec2Demand("r-1", min_cores=1)]
-    assert plan_launches(pool(max_workers=1), [instance("i-1", state="shutting-down", run_id="x")], demand) == []
+def test_an_instance_whose_type_left_the_table_counts_as_the_largest_type():
     retired = Instance("i-9", "z9.metal", "running", "x", T0, "ec2-linux")
     assert usage(pool(), [retired]) == (1, 64.0, 976.0)
-    assert plan_launches(pool(max_cores=65), [retired], [Ec2Demand("r-1", min_cores=2)]) == []
 
 
-def test_instances_of_other_pools_do_not_count():
-    others = [instance(f"i-{n}", pool_name="ec2-windows") for n in range(5)]
-    assert len(plan_launches(pool(max_workers=2), others, [Ec2Demand("a"), Ec2Demand("b")])) == 2
-
-
-def test_runs_queue_in_priority_order_then_age_and_a_smaller_run_may_pass():
-    demands = [Ec2Demand("late-high", priority=5, created="2026-12-01T10:00:00Z", min_cores=4),
-               Ec2Demand("low", priority=0, created="2026-12-01T08:00:00Z", min_cores=2),
-               Ec2Demand("early-high", priority=5, created="2026-12-01T09:00:00Z", min_cores=4)]
-    assert [l.run_id for l in plan_launches(pool(max_workers=2), [], demands)] == ["early-high", "late-high"]
-    # Only 6 cores left: the second high-priority run (4) does not fit; the 2-core one does.
-    assert [l.run_id for l in plan_launches(pool(max_cores=6), [], demands)] == ["early-high", "low"]
-
-
-def test_a_run_that_has_an_instance_is_not_launched_again():
-    demands = [Ec2Demand("r-1"), Ec2Demand("r-2")]
-    assert [l.run_id for l in plan_launches(pool(), [instance("i-1", SMALL, "pending", "r-1")], demands)] == ["r-2"]
-    # ... unless its instance is going away behind our back: then the run may get a new one.
-    gone = [instance("i-1", SMALL, "terminated", "r-1")]
-    assert [l.run_id for l in plan_launches(pool(), gone, demands)] == ["r-1", "r-2"]
-
-
-def test_reuse_gives_an_idle_windows_instance_to_the_next_run_that_fits():
-    windows = pool(platform="windows", max_workers=2, reuse=True, min_lifetime=3600)
-    idle = [instance("i-big", MEMORY, run_id="done-1", pool_name="ec2-windows"),
-            instance("i-small", MEDIUM, run_id="done-2", pool_name="ec2-windows")]
-    demands = [Ec2Demand("a", min_cores=4, created="1"), Ec2Demand("b", min_cores=8, created="2"),
-               Ec2Demand("c", min_cores=1, created="3")]
-    launches = plan_launches(windows, idle, demands, now=T0 + 60, live_run_ids=["a", "b", "c"])
-    assert [(l.run_id, l.reuse_instance_id, l.instance_type.type) for l in launches] == [
-        ("a", "i-small", "m5.xlarge"), ("b", "i-big", "r5.8xlarge")]  # c: the caps are full (2 instances)
-    # Past the minimum lifetime, nothing is reused: both go, and new instances come instead.
-    later = plan_launches(windows, idle, demands, now=T0 + 3600, live_run_ids=["a", "b", "c"])
-    assert later == []  # the two idle instances still hold the caps until they are terminated
-    assert reusable(windows, idle, [], T0 + 3600) == []
-
-
-def test_reuse_never_takes_an_instance_whose_run_is_live_or_whose_checks_failed():
-    windows = pool(platform="windows", reuse=True, min_lifetime=3600)
-    busy = instance("i-1", MEDIUM, run_id="live-1", pool_name="ec2-windows")
-    broken = instance("i-2", MEDIUM, run_id="done", pool_name="ec2-windows", status_ok=False)
-    booting = instance("i-3", MEDIUM, state="pending", run_id="done", pool_name="ec2-windows")
-    assert reusable(windows, [busy, broken, booting], ["live-1"], T0 + 1) == []
-    assert reusable(pool(platform="windows", min_lifetime=0, reuse=True), [busy], [], T0 + 1) == []
-
-
-# ------------------------------------------------------------------------------ terminations
+# ----------------------------------------------------------------------------------- orphans
 
 
 def test_orphans_are_our_instances_with_no_live_run_past_the_launch_grace():
@@ -213,7 +163,6 @@ def test_orphans_are_our_instances_with_no_live_run_past_the_launch_grace():
     now = T0 + LAUNCH_GRACE_SECONDS
     assert orphans(instances, ["r-1"], now) == ["i-ended", "i-untagged"]
     assert orphans(instances, ["r-1"], now + 100) == ["i-ended", "i-new", "i-untagged"]
-    assert orphans(instances, ["r-1"], now, keep=["i-ended"]) == ["i-untagged"]
     aware = datetime.fromtimestamp(T0 + LAUNCH_GRACE_SECONDS, timezone.utc)  # as boto3 gives LaunchTime
     assert orphans(instances, ["r-1"], aware) == ["i-ended", "i-untagged"]
 
@@ -235,62 +184,7 @@ def test_any_record_with_the_contracts_six_fields_will_do():
                  Described("i-3", "m5.xlarge", "pending", "live", launched, "ec2-linux")]
     now = T0 + 60
     assert orphans(described, ["live"], now) == ["i-2"]  # an unknown launch time is not young
-    assert [t.instance_id for t in to_terminate(pool(), described, {"live": RunState("live")}, now)] == ["i-2"]
     assert usage(pool(), described) == (3, 12.0, 48.0)
-    assert plan_launches(pool(max_workers=4), described, [Ec2Demand("live"), Ec2Demand("new")])[0].run_id == "new"
-
-
-def test_instances_whose_run_ended_or_was_cancelled_are_terminated():
-    instances = [instance("i-1", run_id="ended"), instance("i-2", run_id="cancelled"), instance("i-3", run_id="live")]
-    runs = {"ended": RunState("ended"), "cancelled": RunState("cancelled"), "live": RunState("live", T0 + 50)}
-    result = to_terminate(pool(), instances, runs, T0 + 60)
-    assert [(t.instance_id, t.reason, t.infrastructure_failure) for t in result] == [
-        ("i-1", "RunEnded", False), ("i-2", "RunCancelled", False)]
-    assert result[0].message == "instance i-1 (m5.xlarge): its run ended is ended"
-
-
-def test_lost_heartbeats_a_silent_boot_and_failed_checks_are_infrastructure_failures():
-    instances = [instance("i-1", run_id="quiet"), instance("i-2", run_id="mute", launched=T0),
-                 instance("i-3", run_id="sick", status_ok=False), instance("i-4", run_id="fine"),
-                 instance("i-5", state="pending", run_id="slow", launched=T0 + 500),
-                 instance("i-6", state="pending", run_id="stuck")]
-    now = T0 + 601
-    runs = {"quiet": RunState("live", now - 181), "mute": RunState("live"), "sick": RunState("live", now),
-            "fine": RunState("live", now - 10), "slow": RunState("live"), "stuck": RunState("live")}
-    result = to_terminate(pool(), instances, runs, now)
-    assert [(t.instance_id, t.reason, t.infrastructure_failure, t.message) for t in result] == [
-        ("i-1", "HeartbeatLost", True, "instance i-1 (m5.xlarge): no heartbeat for 181s (the limit is 180s)"),
-        ("i-2", "BootTimedOut", True, "instance i-2 (m5.xlarge): no heartbeat from its agent 601s after launch (the limit is 600s)"),
-        ("i-3", "StatusChecksFailed", True, "instance i-3 (m5.xlarge) failed its EC2 status checks"),
-        ("i-6", "BootTimedOut", True, "instance i-6 (m5.xlarge): no heartbeat from its agent 601s after launch (the limit is 600s)"),
-    ]
-    # A reused instance's clock starts when the run is given it, not at the instance's launch.
-    reused = [instance("i-7", run_id="next", launched=T0 - 3000)]
-    assert to_terminate(pool(), reused, {"next": RunState("live", assigned_at=now - 30)}, now) == []
-    assert [t.message for t in to_terminate(pool(), reused, {"next": RunState("live", assigned_at=now - 700)}, now)] == [
-        "instance i-7 (m5.xlarge): no heartbeat from its agent 700s after it was reused (the limit is 600s)"]
-    # Windows boots slowly: the same silence is not yet a failure there.
-    windows = [instance("i-2", run_id="mute", pool_name="ec2-windows")]
-    assert to_terminate(pool(platform="windows"), windows, runs, now) == []
-
-
-def test_to_terminate_reaps_orphans_but_keeps_idle_instances_for_reuse():
-    windows = pool(platform="windows", reuse=True, min_lifetime=3600)
-    instances = [instance("i-idle", run_id="done", pool_name="ec2-windows"),
-                 instance("i-lost", run_id="deleted-run", pool_name="ec2-windows")]
-    runs = {"done": RunState("ended")}
-    assert to_terminate(windows, instances, runs, T0 + 600) == []  # both young: kept for reuse
-    result = to_terminate(windows, instances, runs, T0 + 3600)
-    assert [(t.instance_id, t.reason) for t in result] == [("i-idle", "RunEnded"), ("i-lost", "Orphan")]
-    assert result[1].message == "instance i-lost (m5.xlarge) carries no live run (deleted-run)"
-
-
-def test_a_vanished_or_stopped_instance_of_a_live_run_is_reported():
-    instances = [instance("i-1", run_id="a"), instance("i-2", state="terminated", run_id="b"),
-                 instance("i-4", state="stopped", run_id="d")]
-    assert vanished(pool(), instances, {"a": "i-1", "b": "i-2", "c": "i-3", "d": "i-4"}) == {
-        "b": "instance i-2 of run b is terminated", "c": "instance i-3 of run c is gone",
-        "d": "instance i-4 of run d is stopped"}
 
 
 # --------------------------------------------------------------------------------- reporting
@@ -315,64 +209,148 @@ def test_the_pool_reports_its_instances_their_states_and_an_hourly_cost():
     assert WorkerPoolStatus.model_validate({"instances": entries, "costPerHour": 2.08}).instances[2].run == "r-2"
 
 
+
+
 # ------------------------------------------------------------------------- property: the caps
 
+CATALOGUE = [InstanceType("t3.nano", 2, 0.5, 0.0052), InstanceType("c6g.medium", 1, 2, 0.034), SMALL,
+             InstanceType("m3.medium", 1, 3.75, 0.067), InstanceType("c4.xlarge", 4, 7.5, 0.199), MEDIUM,
+             MEDIUM_CHEAP, InstanceType("r5.large", 2, 16, 0.126), InstanceType("m5.4xlarge", 16, 64), MEMORY, HUGE]
+LIVE_STATES = ("pending", "running", "shutting-down", "stopping", "stopped")
 
-@pytest.mark.parametrize("seed", range(40))
-def test_random_reconciles_never_exceed_the_caps(seed):
-    """Random caps, types, demands (up to 80 at once), launches, instance deaths and reuse; after
-    every reconcile the pool's instances not terminated hold no more than its caps, and no run has
-    two instances at once."""
+
+def random_pool(rng: random.Random, name: str) -> dict:
+    types = rng.sample(CATALOGUE, rng.randint(1, 5))
+    return resource(rng.choice(["linux", "linux", "windows"]), name=name, types=types,
+                    max_workers=rng.choice([None, 0, 1, 3, 10, 40]), max_cores=rng.choice([None, 4, 16, 70, 200]),
+                    max_ram_gb=rng.choice([None, 8, 16, 300, 2000]))
+
+
+def random_testrun(rng: random.Random, serial: int, pools: list[dict]) -> dict:
+    definition = {"platform": rng.choice(["linux", "linux", "windows"]),
+                  "min_cores": rng.choice([0, 1, 2, 4, 8, 32, 100]), "min_ram_gb": rng.choice([0, 0.5, 2, 16, 100, 500, 2000])}
+    if rng.random() < 0.25:
+        definition["max_cores"] = rng.choice([2, 4, 32])
+    spec = {"runs": rng.randint(1, 4), "priority": rng.randint(0, 3), "definition": definition}
+    if rng.random() < 0.2:  # a TestRun that names its pool goes there even when no type there holds it
+        spec["workerPool"] = rng.choice(pools)["metadata"]["name"]
+    return {"metadata": {"namespace": "ns", "name": f"t{serial}", "creationTimestamp": f"2026-12-01T08:00:00.{serial:06d}Z"},
+            "spec": spec}
+
+
+def held(pool: dict, instances: list[Instance]) -> tuple[int, float, float]:
+    """What the pool's instances hold, counted here on its own, to check `usage` against: every
+    state but terminated, at the table's size of the type, and a type the table no longer has
+    at the table's largest cores and RAM."""
+    table = {row["type"]: (row["cores"], row["ramGb"]) for row in pool["spec"]["ec2"]["instanceTypes"]}
+    largest = (max(cores for cores, _ in table.values()), max(ram for _, ram in table.values()))
+    sizes = [table.get(i.type, largest) for i in instances
+             if i.pool == pool["metadata"]["name"] and i.state != "terminated"]
+    return len(sizes), float(sum(cores for cores, _ in sizes)), float(sum(ram for _, ram in sizes))
+
+
+def admission_round(pools: list[dict], instances: list[Instance], testruns: list[dict], now: float):
+    """What cluster/runs.py `admission_round` computes for EC2 pools whose describe answered:
+    the waiting runs' demands, the room the pools' instances leave, each EC2 run at the size of
+    its instance type, shared out by pools.admit."""
+    demands = [d for d in (queued_demand(t, now, pools=pools) for t in testruns) if d]
+    used = {pool["metadata"]["name"]: Usage(*usage(Ec2Pool.from_resource(pool), instances)) for pool in pools}
+    wanted = {demand.pool for demand in demands}
+    ec2_pools = [pool for pool in pools if pool["metadata"]["name"] in wanted]
+    return demands, admit(pools, used, sized_for_instances(demands, ec2_pools, testruns))
+
+
+@functools.cache  # seeded, so the coverage check may reuse the property's worlds
+def caps_world(seed: int) -> dict[str, int]:
+    """Seeded rounds of admission over random pools, instances and TestRuns: each admitted run is
+    launched as a pending instance of the type `instance_type_for` gives it (what
+    cluster/ec2_workers.py launches); between rounds instances boot, end and go, and a pool's
+    caps or type table may be edited under its instances. Returns what happened, for the
+    coverage check."""
     rng = random.Random(seed)
-    platform = rng.choice(["linux", "windows"])
-    reuse = platform == "windows" and rng.random() < 0.5
-    settings = dict(platform=platform, max_workers=rng.choice([None, 0, 1, 3, 10]),
-                    max_cores=rng.choice([None, 4, 16, 70, 200]), max_ram_gb=rng.choice([None, 16, 300, 2000]),
-                    reuse=reuse, min_lifetime=rng.choice([600, 3600]) if reuse else 0)
-    the_pool = pool(**settings)
-    instances: dict[str, Instance] = {}
-    runs: dict[str, RunState] = {}
-    waiting: dict[str, Ec2Demand] = {}
+    pools = [random_pool(rng, f"pool-{n}") for n in range(rng.randint(1, 3))]
+    instances: list[Instance] = []
+    for n in range(rng.randint(0, 15)):
+        pool_resource = rng.choice(pools)
+        types = pool_resource["spec"]["ec2"]["instanceTypes"]
+        kind = rng.choice([row["type"] for row in types] + ["z9.metal"])  # z9.metal: edited out of the table
+        instances.append(Instance(f"i-old-{n}", kind, rng.choice(LIVE_STATES + ("terminated",)), None, T0,
+                                  pool_resource["metadata"]["name"]))
+    waiting: list[dict] = []
+    seen = {"admitted": 0, "held_back": 0, "unschedulable": 0, "stayed_over": 0}
     now, serial = T0, 0
-    for _step in range(60):
-        now += rng.uniform(1, 400)
-        for _ in range(rng.randint(0, 80 if _step == 0 else 8)):
+    for round_number in range(12):
+        now += rng.uniform(1, 60)
+        for _ in range(rng.randint(0, 60 if round_number == 0 else 15)):
             serial += 1
-            run_id = f"run-{serial}"
-            waiting[run_id] = Ec2Demand(run_id, rng.randint(0, 3), f"{serial:06d}", rng.choice([0, 1, 2, 4, 8, 32, 100]),
-                                        rng.choice([0, 2, 16, 100, 500, 2000]),
-                                        rng.choice([None, None, 4, 32]))
-            runs[run_id] = RunState("live")
-        for instance_id, seen in list(instances.items()):  # the world: runs end, instances die
-            roll = rng.random()
-            if seen.state == "pending" and roll < 0.5:
-                instances[instance_id] = Instance(instance_id, seen.type, "running", seen.run_id, seen.launch_time, seen.pool)
-            elif seen.state == "running" and seen.run_id in runs and runs[seen.run_id].phase == "live" and roll < 0.3:
-                runs[seen.run_id] = RunState(rng.choice(["ended", "ended", "cancelled"]))
-            elif roll > 0.97:
-                instances[instance_id] = Instance(instance_id, seen.type, "terminated", seen.run_id, seen.launch_time, seen.pool)
-        for termination in to_terminate(the_pool, instances.values(), runs, now):
-            seen = instances[termination.instance_id]
-            instances[seen.instance_id] = Instance(seen.instance_id, seen.type, "shutting-down", seen.run_id,
-                                                   seen.launch_time, seen.pool)
-        live = [run_id for run_id, state in runs.items() if state.phase == "live"]
-        for launch in plan_launches(the_pool, instances.values(), waiting.values(), now=now, live_run_ids=live):
-            del waiting[launch.run_id]
-            if launch.reuse_instance_id:
-                runs[launch.run_id] = RunState("live", assigned_at=now)
-                seen = instances[launch.reuse_instance_id]
-                instances[seen.instance_id] = Instance(seen.instance_id, seen.type, seen.state, launch.run_id,
-                                                       seen.launch_time, seen.pool)
-            else:
+            waiting.append(random_testrun(rng, serial, pools))
+        by_name = {pool["metadata"]["name"]: pool for pool in pools}
+        before = {name: held(pool, instances) for name, pool in by_name.items()}
+        demands, admitted = admission_round(pools, instances, waiting, now)
+        asked = {demand.testrun: demand for demand in demands}
+        launched_to = set()
+        for testrun in waiting:
+            key = ("ns", testrun["metadata"]["name"])
+            if key not in asked:
+                continue
+            kind = instance_type_for(by_name[asked[key].pool], testrun["spec"]["definition"])
+            if isinstance(kind, Unschedulable):
+                seen["unschedulable"] += 1
+                assert key not in admitted, f"{key} was admitted, yet no type of {asked[key].pool} holds it"
+                testrun["spec"]["runs"] = 0  # its decision ends it as Unschedulable
+                continue
+            count = admitted.get(key, 0)
+            assert count <= asked[key].count
+            seen["admitted"] += count
+            seen["held_back"] += asked[key].count - count
+            if count:
+                launched_to.add(asked[key].pool)
+            for _ in range(count):
                 serial += 1
-                instances[f"i-{serial}"] = Instance(f"i-{serial}", launch.instance_type.type, "pending", launch.run_id,
-                                                    now, the_pool.name)
-        for instance_id, seen in list(instances.items()):
-            if seen.state == "shutting-down" and rng.random() < 0.7:
-                instances[instance_id] = Instance(instance_id, seen.type, "terminated", seen.run_id, seen.launch_time, seen.pool)
-        workers, cores, ram = usage(the_pool, instances.values())
-        assert the_pool.max_workers is None or workers <= the_pool.max_workers
-        assert the_pool.max_cores is None or cores <= the_pool.max_cores
-        assert the_pool.max_ram_gb is None or ram <= the_pool.max_ram_gb
-        holders = [i.run_id for i in instances.values() if i.state in {"pending", "running"} and runs[i.run_id].phase == "live"]
-        assert len(holders) == len(set(holders))
+                instances.append(Instance(f"i-{serial}", kind.type, "pending", f"ns.{key[1]}.{serial}", now,
+                                          asked[key].pool))
+            testrun["spec"]["runs"] -= count
+        for name, pool in by_name.items():
+            now_held = held(pool, instances)
+            over = [f"{cap} {limit} < {used:g}" for used, cap in zip(now_held, ("maxWorkers", "maxCores", "maxRamGb"))
+                    for limit in [pool["spec"].get(cap)] if limit is not None and used > limit]
+            # A pool that admitted nothing may stay past a cap edited under its instances.
+            assert not (over and name in launched_to), f"round {round_number}: {name} admitted runs past {over}"
+            seen["stayed_over"] += bool(over) and now_held == before[name]
+        waiting = [testrun for testrun in waiting if testrun["spec"]["runs"] > 0]
+        instances = [world_step(rng, i) for i in instances]
+        if rng.random() < 0.15:  # an edit: lower caps, or a type taken out of the table under its instances
+            index = rng.randrange(len(pools))
+            edited = random_pool(rng, pools[index]["metadata"]["name"])
+            edited["spec"]["platform"] = pools[index]["spec"]["platform"]
+            pools[index] = edited
+    return seen
+
+
+def world_step(rng: random.Random, observed: Instance) -> Instance:
+    """One instance a moment later: booted, its run over (shutting down, then terminated), or stopped."""
+    roll = rng.random()
+    following = {"pending": "running" if roll < 0.5 else "pending",
+                 "running": "shutting-down" if roll < 0.3 else "stopped" if roll < 0.35 else "running",
+                 "shutting-down": "terminated" if roll < 0.7 else "shutting-down",
+                 "stopping": "stopped", "stopped": "terminated" if roll < 0.3 else "stopped"}
+    return dataclasses.replace(observed, state=following.get(observed.state, observed.state))
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_admission_never_passes_an_ec2_pools_caps_at_its_instance_types_sizes(seed):
+    """Random pools (caps, type tables, edits), instances in every state (some of a type no
+    longer in the table) and TestRuns; after every round, a pool that admitted runs holds no
+    more than its maxWorkers, maxCores and maxRamGb once those runs' instances are launched at
+    their types' sizes, and no run that no type holds was admitted."""
+    caps_world(seed)
+
+
+def test_the_random_worlds_reach_full_pools_unschedulable_runs_and_edited_caps():
+    # Without this, a generator that never filled a pool would let the property above pass idly.
+    totals: dict[str, int] = {}
+    for seed in range(60):
+        for key, value in caps_world(seed).items():
+            totals[key] = totals.get(key, 0) + value
+    assert totals["admitted"] > 500 and totals["held_back"] > 500, totals
+    assert totals["unschedulable"] > 20 and totals["stayed_over"] > 5, totals

@@ -1,12 +1,14 @@
-"""What a WorkerPool with provider ec2 does next: which instance type a run gets, which runs get
-an instance now, and which instances must go.
+"""What a WorkerPool with provider ec2 decides: which instance type a run gets, what the pool's
+instances hold of its caps, which instances are orphans, and what the phase machine reads of
+an instance.
 
-Pure: no boto3, no clock of its own. The caller observes the pool's instances (`Instance`, one
-paginated describe), the runs waiting (`Ec2Demand`, one per run: each run gets its own
-instance) and the runs' states (`RunState`), and acts on the answers: launch (`plan_launches`),
-terminate (`to_terminate`, which includes the orphans), fail a TestRun that no type can hold
-(`Unschedulable`). Nothing here keeps a running total: usage is counted from the instances
-every time, so a crash or a restart loses nothing. docs/ec2.md gives the rules and why.
+Pure: no boto3, no clock of its own. The operator observes the pool's instances (`Instance`,
+one paginated describe); admission (decisions/pools.py `admit`) counts them with `usage` and
+sizes each waiting run at its instance type (`sized_for_instances`); a run no type can hold
+ends as `Unschedulable`; the sweep terminates `orphans`; the phase machine reads each run
+attempt's instance through `observe_instance`. Nothing here keeps a running total: usage is
+counted from the instances every time, so a crash or a restart loses nothing. docs/ec2.md
+gives the rules and why.
 
 Times are seconds since the epoch, as in decisions/phases.py; an aware datetime (as boto3
 returns LaunchTime) is taken too. Instances are read by attribute only, so any record with the
@@ -18,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from datetime import datetime, timezone
-from typing import Iterable, Literal, Mapping, Sequence, Union
+from typing import Iterable, Sequence, Union
 
 # EC2 instance states. An instance holds its share of the pool's caps in every state but
 # terminated: shutting-down lasts seconds, and counting it errs on the side of the budget.
@@ -32,8 +34,6 @@ operator records the run's instance after run_instances returns, and a crash in 
 not make the sweep terminate an instance that a retried reconcile is about to adopt."""
 BOOT_TIMEOUT_SECONDS = {"linux": 600.0, "windows": 1800.0}
 """How long an instance may take from launch to its agent's first heartbeat."""
-HEARTBEAT_TIMEOUT_SECONDS = 180.0
-"""How long a running agent may go without a heartbeat (as for pods: phases.py's grace)."""
 
 
 Seconds = Union[float, int, datetime]
@@ -115,35 +115,13 @@ def demand_for(run_id: str, task: dict, priority: int = 0, created: str = "") ->
 
 @dataclasses.dataclass(frozen=True)
 class Launch:
-    """Start `run_id` on a new instance of `instance_type` booted from `ami`, or, when
-    `reuse_instance_id` is set, on that idle instance of the pool (no launch)."""
+    """Start `run_id` on a new instance of `instance_type` booted from `ami` (what the AWS
+    adapter's launch reads)."""
 
     run_id: str
     instance_type: InstanceType
     ami: str
     platform: str
-    reuse_instance_id: str | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class RunState:
-    """What the operator knows of a run that was given an instance."""
-
-    phase: Literal["live", "ended", "cancelled"]
-    last_heartbeat: Seconds | None = None
-    assigned_at: Seconds | None = None  # when it was given a reused instance: its boot clock starts then
-
-
-@dataclasses.dataclass(frozen=True)
-class Termination:
-    """An instance to terminate, and why. `infrastructure_failure`: the run did not end by
-    itself, and is retried per the operator's rules (as a pod that vanished is)."""
-
-    instance_id: str
-    run_id: str | None
-    reason: str  # RunEnded, RunCancelled, Orphan, HeartbeatLost, BootTimedOut, StatusChecksFailed
-    infrastructure_failure: bool
-    message: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,8 +135,6 @@ class Ec2Pool:
     max_workers: int | None = None
     max_cores: float | None = None
     max_ram_gb: float | None = None
-    reuse: bool = False
-    min_lifetime_seconds: float = 0.0
 
     @classmethod
     def from_resource(cls, pool: dict) -> "Ec2Pool":
@@ -171,8 +147,7 @@ class Ec2Pool:
         return cls(name=pool["metadata"]["name"], platform=platform, types=types,
                    ami=ec2.get("windowsAmi" if platform == "windows" else "linuxAmi") or "",
                    max_workers=spec.get("maxWorkers"), max_cores=spec.get("maxCores"),
-                   max_ram_gb=spec.get("maxRamGb"), reuse=bool(ec2.get("reuse")),
-                   min_lifetime_seconds=float(ec2.get("minLifetimeSeconds") or 0))
+                   max_ram_gb=spec.get("maxRamGb"))
 
     def offered(self) -> list[InstanceType]:
         """The types that fit the pool's caps at all: a type bigger than maxCores or maxRamGb
@@ -230,22 +205,7 @@ def _gb(value: float) -> str:
     return _number(round(float(value), 3))
 
 
-# ---------------------------------------------------------------------------------- launches
-
-
-@dataclasses.dataclass
-class _Room:
-    workers: float
-    cores: float
-    ram_gb: float
-
-    def takes(self, kind: InstanceType) -> bool:
-        return self.workers >= 1 and self.cores >= kind.cores and self.ram_gb >= kind.ram_gb
-
-    def take(self, kind: InstanceType) -> None:
-        self.workers -= 1
-        self.cores -= kind.cores
-        self.ram_gb -= kind.ram_gb
+# ------------------------------------------------------------------------------------ usage
 
 
 def _holding(instances: Iterable[Instance], pool: Ec2Pool) -> list[Instance]:
@@ -269,76 +229,6 @@ def usage(pool: Ec2Pool, instances: Iterable[Instance]) -> tuple[int, float, flo
     return len(held), float(sum(t.cores for t in held)), float(sum(t.ram_gb for t in held))
 
 
-def reusable(pool: Ec2Pool, instances: Iterable[Instance], live_run_ids: Iterable[str], now: Seconds) -> list[Instance]:
-    """Idle instances kept for the next run: only with reuse (a Windows pool), running, their
-    status checks not failed, their run no longer live, and younger than minLifetimeSeconds."""
-    if not pool.reuse or pool.min_lifetime_seconds <= 0:
-        return []
-    live, now_s = set(live_run_ids), _seconds(now)
-    return sorted((i for i in _holding(instances, pool)
-                   if i.state == "running" and not _checks_failed(i) and i.run_id not in live
-                   and now_s - _launched(i) < pool.min_lifetime_seconds),
-                  key=lambda i: (_launched(i), i.instance_id))
-
-
-def plan_launches(pool: Ec2Pool | dict, instances: Iterable[Instance], demands: Iterable[Ec2Demand],
-                  now: Seconds | None = None, live_run_ids: Iterable[str] | None = None) -> list[Launch]:
-    """Which waiting runs get an instance now: runs by priority (higher first), then age, then
-    id; each gets its type (`choose_instance_type` among the types on offer) if the pool's caps
-    have room for it after what every instance not terminated holds (a run that does not fit
-    lets a later, smaller one go, as pod admission does). A run that already has an instance, or
-    that no type fits (the caller fails it as Unschedulable), gets nothing. With reuse, a run
-    first takes an idle instance (`reusable`, given `now` and `live_run_ids`) that fits it:
-    that instance already counts against the caps, so reuse never passes them.
-
-    Caps hold for the instances the caller passes: it must pass those it launched and has not
-    seen in a describe yet, too (EC2's describe lags behind run_instances)."""
-    pool = pool if isinstance(pool, Ec2Pool) else Ec2Pool.from_resource(pool)
-    instances = list(instances)
-    held = _holding(instances, pool)
-    placed = {i.run_id for i in held if i.run_id and i.state not in LEAVING_STATES}
-    workers, cores, ram = usage(pool, held)
-    room = _Room(_left(pool.max_workers, workers), _left(pool.max_cores, cores), _left(pool.max_ram_gb, ram))
-    offered = pool.offered()
-    demands = sorted(demands, key=lambda d: (-d.priority, d.created, d.run_id))
-    # A waiting run is live, whatever the caller's list says: its instance is never idle.
-    live = set(live_run_ids or ()) | {d.run_id for d in demands}
-    idle = reusable(pool, held, live, now) if now is not None and live_run_ids is not None else []
-    launches: list[Launch] = []
-    for demand in demands:
-        if demand.run_id in placed:
-            continue
-        kind = choose_instance_type(offered, demand.min_cores, demand.min_ram_gb, demand.max_cores)
-        if isinstance(kind, Unschedulable):
-            continue
-        taken = _idle_fit(idle, pool, demand)
-        if taken is not None:
-            idle.remove(taken)
-            launches.append(Launch(demand.run_id, _size(taken, pool), pool.ami, pool.platform, taken.instance_id))
-        elif room.takes(kind):
-            room.take(kind)
-            launches.append(Launch(demand.run_id, kind, pool.ami, pool.platform))
-        else:
-            continue
-        placed.add(demand.run_id)
-    return launches
-
-
-def _idle_fit(idle: Sequence[Instance], pool: Ec2Pool, demand: Ec2Demand) -> Instance | None:
-    """The smallest idle instance whose type the demand could have been given."""
-    fits = [i for i in idle if i.type in {t.type for t in pool.types}]
-    fits = [(size, i) for i in fits for size in [_size(i, pool)]
-            if size.cores >= demand.min_cores and size.ram_gb >= demand.min_ram_gb
-            and (demand.max_cores is None or size.cores <= demand.max_cores)]
-    if not fits:
-        return None
-    return min(fits, key=lambda pair: (pair[0].cores, pair[0].ram_gb, pair[1].instance_id))[1]
-
-
-def _left(limit, used: float) -> float:
-    return math.inf if limit is None else limit - used
-
-
 def unschedulable(pool: Ec2Pool | dict, demand: Ec2Demand) -> Unschedulable | None:
     """Why no instance of the pool can ever hold the demand's run, or None when one can."""
     pool = pool if isinstance(pool, Ec2Pool) else Ec2Pool.from_resource(pool)
@@ -348,85 +238,19 @@ def unschedulable(pool: Ec2Pool | dict, demand: Ec2Demand) -> Unschedulable | No
     return None
 
 
-# ------------------------------------------------------------------------------ terminations
+# ----------------------------------------------------------------------------------- orphans
 
 
 def orphans(instances: Iterable[Instance], live_run_ids: Iterable[str], now: Seconds,
-            launch_grace_seconds: float = LAUNCH_GRACE_SECONDS, keep: Iterable[str] = ()) -> list[str]:
+            launch_grace_seconds: float = LAUNCH_GRACE_SECONDS) -> list[str]:
     """The instances (the caller's describe already filtered them by our worker tag and the pool)
-    whose run is not live, not terminating already, older than the launch grace, and not in
-    `keep` (idle instances kept for reuse): to terminate, log and count."""
-    live, kept, now_s = set(live_run_ids), set(keep), _seconds(now)
+    whose run is not live, not terminating already, and older than the launch grace: to
+    terminate, log and count."""
+    live, now_s = set(live_run_ids), _seconds(now)
     return sorted(i.instance_id for i in instances
-                  if i.state not in LEAVING_STATES and i.instance_id not in kept
+                  if i.state not in LEAVING_STATES
                   and (not i.run_id or i.run_id not in live)
                   and now_s - _launched(i) >= launch_grace_seconds)
-
-
-def to_terminate(pool: Ec2Pool | dict, instances: Iterable[Instance], runs: Mapping[str, RunState], now: Seconds,
-                 heartbeat_timeout_seconds: float = HEARTBEAT_TIMEOUT_SECONDS,
-                 boot_timeout_seconds: float | None = None,
-                 launch_grace_seconds: float = LAUNCH_GRACE_SECONDS) -> list[Termination]:
-    """Every instance of the pool that must go, with why:
-    - its run ended or was cancelled (unless kept idle for reuse);
-    - its run is not known at all (an orphan), past the launch grace;
-    - its status checks failed, its agent never sent a heartbeat within the boot timeout, or
-      stopped sending them: the run failed for an infrastructure reason, and is retried."""
-    pool = pool if isinstance(pool, Ec2Pool) else Ec2Pool.from_resource(pool)
-    now_s = _seconds(now)
-    boot_timeout = boot_timeout_seconds if boot_timeout_seconds is not None else BOOT_TIMEOUT_SECONDS.get(pool.platform, 1800.0)
-    held = [i for i in _holding(instances, pool) if i.state not in LEAVING_STATES]
-    live = {run_id for run_id, state in runs.items() if state.phase == "live"}
-    kept = {i.instance_id for i in reusable(pool, held, live, now_s)}
-    orphaned = set(orphans([i for i in held if i.run_id not in runs], live, now_s, launch_grace_seconds, kept))
-    result: list[Termination] = []
-    for instance in sorted(held, key=lambda i: i.instance_id):
-        state = runs.get(instance.run_id) if instance.run_id else None
-        since = max(_launched(instance), _seconds(state.assigned_at) or 0.0) if state else _launched(instance)
-        age = now_s - since
-        name = f"instance {instance.instance_id} ({instance.type})"
-        if state is None:
-            if instance.instance_id in orphaned:
-                result.append(Termination(instance.instance_id, instance.run_id, "Orphan", False,
-                                          f"{name} carries no live run ({instance.run_id or 'untagged'})"))
-            continue
-        if state.phase != "live":
-            if instance.instance_id not in kept:
-                reason = "RunCancelled" if state.phase == "cancelled" else "RunEnded"
-                result.append(Termination(instance.instance_id, instance.run_id, reason, False,
-                                          f"{name}: its run {instance.run_id} is {state.phase}"))
-            continue
-        if _checks_failed(instance):
-            result.append(Termination(instance.instance_id, instance.run_id, "StatusChecksFailed", True,
-                                      f"{name} failed its EC2 status checks"))
-            continue
-        heartbeat = _seconds(state.last_heartbeat)
-        if heartbeat is None:
-            if age > boot_timeout:  # stuck pending counts too
-                result.append(Termination(instance.instance_id, instance.run_id, "BootTimedOut", True,
-                                          f"{name}: no heartbeat from its agent {int(age)}s after "
-                                          f"{'launch' if since == _launched(instance) else 'it was reused'} "
-                                          f"(the limit is {int(boot_timeout)}s)"))
-        elif now_s - heartbeat > heartbeat_timeout_seconds:
-            result.append(Termination(instance.instance_id, instance.run_id, "HeartbeatLost", True,
-                                      f"{name}: no heartbeat for {int(now_s - heartbeat)}s "
-                                      f"(the limit is {int(heartbeat_timeout_seconds)}s)"))
-    return result
-
-
-def vanished(pool: Ec2Pool | dict, instances: Iterable[Instance], launched: Mapping[str, str]) -> dict[str, str]:
-    """Live runs whose instance (`launched`: run id -> instance id, as the operator recorded it)
-    is gone or going without our asking: run id -> a one-line infrastructure failure message."""
-    pool = pool if isinstance(pool, Ec2Pool) else Ec2Pool.from_resource(pool)
-    by_id = {i.instance_id: i for i in instances if i.pool == pool.name}
-    lost = {}
-    for run_id, instance_id in launched.items():
-        instance = by_id.get(instance_id)
-        if instance is None:
-            lost[run_id] = f"instance {instance_id} of run {run_id} is gone"
-        elif instance.state in LEAVING_STATES or instance.state in {"stopping", "stopped"}:
-            lost[run_id] = f"instance {instance_id} of run {run_id} is {instance.state}"
-    return lost
 
 
 # ---------------------------------------------------------------------------------- reporting
