@@ -99,6 +99,7 @@ def tune_garbage_collector() -> None:
     about 8 % less CPU per run, for some 15 MB more resident memory with 5,000 TestRuns."""
     import gc
 
+    gc.collect()  # what startup left unreachable goes first: frozen, it would stay for good
     gc.freeze()
     _, older, oldest = gc.get_threshold()
     gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
