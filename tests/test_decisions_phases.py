@@ -35,6 +35,7 @@ def test_a_new_testrun_is_left_to_admission_a_moment_with_nothing_written():
     # Admitted meanwhile: its first write says Running.
     decision = d.decide(T0 + 1, admitted=2)
     assert d.status["phase"] == "Running" and d.status["workerPool"] == "p" and d.status["startedRuns"] == 2
+    assert d.status["runnableSince"] == format_time(T0)  # its queue wait counts from its creation
     assert kinds_of(decision.creates) == ["CreateSecret", "CreatePod"] * 2
     assert events(decision) == [("Normal", "Running")]
 

@@ -262,7 +262,11 @@ class _Machine:
         if self.phase in ("", "Pending", "Blocked") and not self.reopened and not self.dependencies_passed():
             return  # once placed, what the builds do no longer matters
         if self.phase in ("", "Pending", "Blocked") or self.reopened:
-            self.set("runnableSince", self.stamp)  # where its runs' queue wait starts (the metric)
+            # Where its runs' queue wait starts (the metric): a new TestRun that waited for no
+            # build could run from its creation, even if its first write comes with its pods.
+            created = self.metadata.get("creationTimestamp")
+            new = not self.phase and not self.reopened and new_and_unblocked(self.spec, self.status)
+            self.set("runnableSince", created if new and created else self.stamp)
         pool = self.placement()
         if pool is None or self.leave_to_admission(pool):
             return
