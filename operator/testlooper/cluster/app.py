@@ -171,6 +171,7 @@ async def serve(options: OperatorOptions) -> None:
         if context.flaky_cases is not None:
             await context.flaky_cases.close()
         await http.stop_server(runner)
+        await api.aclose()
         api.close()
         if context.store is not None:
             context.store.close()
