@@ -615,3 +615,20 @@ def test_with_the_agents_reports_unknown_no_run_is_judged_but_new_runs_and_cance
     # Known again, the result counts.
     d.decide(T0 + 10_001, pods=[ended], results={(1, 1): PASSED})
     assert d.status["result"] == "passed"
+
+
+def test_an_admitted_new_testrun_starts_runs_only_in_the_pool_whose_room_admitted_them():
+    """A new TestRun has no status.workerPool: the round counts it where `pool_for` puts it
+    over the round's listing. A pool created (or edited) before its admitted decision may
+    place it elsewhere: then it starts nothing there (admitted for another pool's room), and
+    is counted again by the next round (review of session 4)."""
+    round_pools = [pool("big", platform="linux", priority=1, maxWorkers=10)]
+    testrun = a_testrun(runs=3, created=T0)
+    demand = queued_demand(testrun, T0 + 1, pools=round_pools)
+    assert demand.pool == "big"
+    tiny_first = [pool("tiny", platform="linux", priority=10, maxWorkers=1), *round_pools]
+    d = Driver(testrun, pools=tiny_first)
+    decision = d.decide(T0 + 1.5, admitted=3, admitted_pool="big")
+    assert decision.creates == [] and decision.status_patch is None and decision.awaits_admission == "tiny"
+    decision = Driver(a_testrun(runs=3, created=T0), pools=tiny_first).decide(T0 + 1.5, admitted=1, admitted_pool="tiny")
+    assert kinds_of(decision.creates) == ["CreateSecret", "CreatePod"] and decision.status_patch["workerPool"] == "tiny"

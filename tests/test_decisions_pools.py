@@ -149,3 +149,20 @@ def test_the_counting_view_of_a_testrun_counts_as_the_testrun_does():
     assert run_sizes(views, pools) == run_sizes(testruns, pools)
     assert [pool_status(p, pools, views) for p in pools] == [pool_status(p, pools, testruns) for p in pools]
     assert len(repr(views[1])) < len(repr(testruns[1])) / 3
+
+
+def test_pods_of_a_pool_with_its_own_namespace_hold_their_cores_and_ram():
+    """A pool with spec.namespace runs its pods there (kube/pods.py `run_namespace`): their
+    TestRun is found by their run id, not by their namespace, so they hold its cores and RAM
+    (before, each counted 1 worker and 0 cores / 0 GB, and maxCores/maxRamGb never held)."""
+    far = {"metadata": {"name": "far", "namespace": "ci"},
+           "spec": {"provider": "kubernetes", "platform": "linux", "maxWorkers": 10, "namespace": "runners",
+                    "maxCores": 4, "maxRamGb": 8}}
+    testrun = {"metadata": {"name": "t", "namespace": "ci"},
+               "spec": {"definition": {"platform": "linux", "min_cores": 2, "min_ram_gb": 4}},
+               "status": {"phase": "Running", "workerPool": "far", "startedRuns": 2}}
+    pods = [{"metadata": {"name": f"t-r{run}-a1", "namespace": "runners",
+                          "labels": {"testlooper.dev/testrun": "t", "testlooper.dev/worker-pool": "far"},
+                          "annotations": {"testlooper.dev/run-id": f"ci.t.{run}.1"}},
+             "status": {"phase": "Running"}} for run in (1, 2)]
+    assert pool_usage(pods, run_sizes([testrun], [far]))["far"] == Usage(2, 4.0, 8.0)

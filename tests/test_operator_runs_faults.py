@@ -630,3 +630,74 @@ def test_the_recorded_condition_comes_once_keeps_its_time_and_goes_and_the_healt
     before = time.time()
     health.answered()
     assert changes == [False, True] and health.up and health.back_since >= before
+
+
+def test_a_new_testrun_says_a_phase_within_the_wait_even_when_every_admission_round_fails(kube, tmp_path, redis_url):
+    """A new TestRun is admission's first, and says Queued at most admission's wait (10 s)
+    after its creation even when no round can say: here every round fails (the run pods
+    cannot be listed; a pool's spec.namespace the operator may not read gives the same). Those
+    whose event made no decision (cluster/runs.py `_left_to_admission`) have their own timer
+    for it (review of session 4: before, they kept no phase while admission failed)."""
+    tests = {f"one-{index}": "    command: sh src/pass.sh\n" for index in range(8)}
+    url, _ = push_project(tmp_path, {"testlooper.yml": definitions(tests), "pass.sh": PASS})
+    operator = start_operator(kube, tmp_path, redis_url, pool(maxWorkers=3), args=FAST)
+    with operator:
+        # From now on the operator cannot list pods: count_pool_usage fails, so does every round.
+        kube.inject_fault("list", 500, times=100000, resource="pods", client="operator")
+        apply_repo(kube, url)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(list_testruns(kube)) < 8:
+            time.sleep(0.2)
+        assert len(list_testruns(kube)) == 8
+        # More TestRuns, one every 0.3 s: the rounds list the pools every 2 s, so some of these
+        # events find that listing less than a second old (PoolReader.known).
+        model = list_testruns(kube)[0]
+        for index in range(10):
+            kube.api("POST", TESTRUNS_PATH, {
+                "apiVersion": model["apiVersion"], "kind": model["kind"],
+                "metadata": {"name": f"extra-{index}", "labels": model["metadata"].get("labels") or {},
+                             "annotations": model["metadata"].get("annotations") or {},
+                             "ownerReferences": model["metadata"].get("ownerReferences") or []},
+                "spec": model["spec"]})
+            time.sleep(0.3)
+        time.sleep(20)  # twice admission's wait (Settings.admission_wait_seconds = 10 s)
+        said = {t["metadata"]["name"]: (t.get("status") or {}).get("phase") for t in list_testruns(kube)}
+        assert "admission in namespace" in operator.log()  # the rounds did fail
+        assert all(said.values()), f"TestRuns with no phase 20 s after their creation: {said}"
+
+
+def test_a_pool_created_while_a_round_admits_a_new_testrun_is_not_filled_past_its_max_workers(kube, tmp_path, redis_url):
+    """The round counts a new TestRun in the pool the round's listing places it in; its
+    admitted decision places it again over the pools it reads itself (a second later, or after
+    a WorkerPool event). Here the round's pod listing is slowed (a slow API server, 5,000
+    pods) while a pool first by priority, room for one pod, is created: the runs admitted for
+    "linux"'s room are not made in "tiny" (review of session 4: all three were), and "tiny"'s
+    own round starts one."""
+    from testlooper.kube.objects import build_testrun
+
+    operator = start_operator(kube, tmp_path, redis_url, pool(maxWorkers=10), args=FAST)
+    with operator:
+        base = f"/apis/testlooper.dev/v1alpha1/namespaces/{NAMESPACE}"
+        repo = kube.api("POST", f"{base}/repos", {"apiVersion": "testlooper.dev/v1alpha1", "kind": "Repo",
+                                                  "metadata": {"name": "demo"},
+                                                  "spec": {"url": "https://git.example.com/demo.git"}})
+        body = build_testrun(repo, commit="0123456789abcdef0123456789abcdef01234567", branch="main",
+                             task={"name": "wide/linux", "kind": "test", "platform": "linux",
+                                   "dependencies": {"src": {"kind": "source"}}},
+                             kind="test", runs=3, depends_on=[], worker_pool=None, priority=0)
+        # The next pod listings (the round's count of usage) take 3 s each.
+        kube.inject_fault("list", 0, times=4, resource="pods", client="operator", delay=3)
+        kube.api("POST", f"{base}/testruns", body)
+        time.sleep(1.0)
+        tiny = pool(maxWorkers=1, priority=10)
+        tiny["metadata"]["name"] = "tiny"
+        kube.api("POST", f"{base}/workerpools", tiny)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not (list_testruns(kube)[0].get("status") or {}).get("phase"):
+            time.sleep(0.2)
+        time.sleep(1)
+        pods = kube.api("GET", f"/api/v1/namespaces/{NAMESPACE}/pods")["items"]
+        in_tiny = [p["metadata"]["name"] for p in pods
+                   if p["metadata"]["labels"].get("testlooper.dev/worker-pool") == "tiny"]
+        status = list_testruns(kube)[0]["status"]
+        assert len(in_tiny) <= 1, f"WorkerPool tiny (maxWorkers 1) holds {in_tiny} ({status})"

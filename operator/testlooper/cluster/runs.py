@@ -309,6 +309,8 @@ class RunController:
         self._maybe_echoes: dict[tuple[str, str], set[tuple[str, str]]] = {}  # events since the last decision
         self._must_decide: set[tuple[str, str]] = set()  # poked by something else (a pod, a RESULT, a timer)
         self._declined: set[tuple[str, str]] = set()  # new TestRuns an admission round found no room for
+        # New TestRuns left to admission -> the timer of the decision at the end of their wait.
+        self._fallbacks: dict[tuple[str, str], asyncio.TimerHandle] = {}
         # kopf's context (its Event poster lives there), taken from the first handler that
         # calls in: the worker API's requests (a RESULT posted) start decisions too.
         self._kopf_context: contextvars.Context | None = None
@@ -330,6 +332,9 @@ class RunController:
         self.testruns.seen(testrun)
         if self.directory is not None:
             self.directory.testrun_seen(testrun)
+        key = (testrun["metadata"]["namespace"], testrun["metadata"]["name"])
+        if key in self._fallbacks and (testrun.get("status") or {}).get("phase"):
+            self._fallbacks.pop(key).cancel()  # it says a phase: the wait's decision has nothing to do
         if self._left_to_admission(testrun):
             return
         self.poke(testrun["metadata"]["namespace"], testrun["metadata"]["name"],
@@ -348,8 +353,18 @@ class RunController:
         if pool is None or all(p["metadata"]["name"] != pool for p in pools) or ec2_placement.is_ec2(
                 next(p for p in pools if p["metadata"]["name"] == pool)):
             return False  # its decision says why it waits (or an EC2 pool's checks apply)
+        # Its own decision at the end of the wait says Queued if no round could (all failing);
+        # a phase seen first cancels it (`testrun_changed`).
+        key = (metadata["namespace"], metadata["name"])
+        wait = phases.parse_time(metadata["creationTimestamp"]) + self.settings.admission_wait_seconds - time.time()
+        if key not in self._fallbacks:  # (its own timer: `wake_later` keeps only the soonest of a TestRun's)
+            self._fallbacks[key] = asyncio.get_running_loop().call_later(max(0.05, wait), self._wait_ended, key)
         self.demand_appeared(metadata["namespace"], pool)
         return True
+
+    def _wait_ended(self, key: tuple[str, str]) -> None:
+        self._fallbacks.pop(key, None)
+        self.poke(*key)
 
     def _new_left_over(self, namespace: str, testruns: list[dict], demands: list, admitted: dict, now: float) -> None:
         """After a round: the new TestRuns it counted and found no room for say Queued now
@@ -506,7 +521,7 @@ class RunController:
         return lock
 
     async def close(self) -> None:
-        for handle in self._timers.values():
+        for handle in [*self._timers.values(), *self._fallbacks.values()]:
             handle.cancel()
         for task in [*self._loops.values(), *self._tasks]:
             task.cancel()
@@ -574,18 +589,20 @@ class RunController:
 
         listed = {(t["metadata"].get("namespace", namespace), t["metadata"]["name"]): t["metadata"].get("resourceVersion", "")
                   for t in testruns}
+        counted_in = {demand.testrun: demand.pool for demand in demands}
 
         async def start(key: tuple[str, str], count: int) -> None:
             async with slots, self._lock(key):
-                await self._reconcile_logged(key, count, listed.get(key, ""))
+                await self._reconcile_logged(key, count, listed.get(key, ""), counted_in.get(key))
 
         await asyncio.gather(*(start(key, count) for key, count in admitted.items()))
 
     # -- one decision --------------------------------------------------------------------------
 
-    async def _reconcile_logged(self, key: tuple[str, str], admitted: int, listed_version: str = "") -> None:
+    async def _reconcile_logged(self, key: tuple[str, str], admitted: int, listed_version: str = "",
+                                admitted_pool: str | None = None) -> None:
         try:
-            await self.reconcile(*key, admitted=admitted, listed_version=listed_version)
+            await self.reconcile(*key, admitted=admitted, listed_version=listed_version, admitted_pool=admitted_pool)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # decided again at the next event, timer or round
@@ -593,24 +610,27 @@ class RunController:
             logger.warning("TestRun %s/%s: runs not reconciled: %s: %s", *key, type(exc).__name__, exc)
             self.wake_later(key, 5.0)
 
-    async def reconcile(self, namespace: str, name: str, admitted: int = 0, listed_version: str = "") -> None:
+    async def reconcile(self, namespace: str, name: str, admitted: int = 0, listed_version: str = "",
+                        admitted_pool: str | None = None) -> None:
         """One decision. Those not started by admission start from the watch's copy when it is
         no older than our last write, and write conditionally on that copy's version
         (cluster/watch_cache.py says why that is safe). Admission's (they create pods) start
         from it only when it is the very version the round listed (`listed_version`), and
-        write conditionally too; else from the TestRun as stored now."""
+        write conditionally too; else from the TestRun as stored now. `admitted_pool`: the pool
+        whose room the round counted them in (a new TestRun placed elsewhere starts nothing)."""
         cached = self.testruns.get(namespace, name)
         if admitted and cached is not None and (not listed_version or
                                                 cached["metadata"].get("resourceVersion") != listed_version):
             cached = None
         started: list[int] = []
         if cached is not None and await self._reconcile_from(cached, admitted, cached=not admitted, conditional=True,
-                                                             started=started):
+                                                             started=started, admitted_pool=admitted_pool):
             return
         testrun = await self.api.get_object("testruns", namespace, name)
         if testrun is not None:
             # Runs the refused attempt started are there to be adopted: they spent that room.
-            await self._reconcile_from(testrun, max(0, admitted - sum(started)), cached=False)
+            await self._reconcile_from(testrun, max(0, admitted - sum(started)), cached=False,
+                                       admitted_pool=admitted_pool, made_before=bool(sum(started)))
 
     async def _read_testrun(self, namespace: str, name: str) -> dict | None:
         """Another TestRun (a build this one depends on), from the cache when it can say."""
@@ -618,12 +638,14 @@ class RunController:
         return cached if cached is not None else await self.api.get_object("testruns", namespace, name)
 
     async def _reconcile_from(self, testrun: dict, admitted: int, cached: bool, conditional: bool = False,
-                              started: list[int] | None = None) -> bool:
+                              started: list[int] | None = None, admitted_pool: str | None = None,
+                              made_before: bool = False) -> bool:
         """One decision from `testrun`, applied. False, with nothing applied, when a decision
         from the cached copy (`cached`) would act without a write that proves that copy
         current (then it is made again from a fresh read); False too when its write, made
         `conditional` on the copy's version, finds the TestRun moved on: its creates are
-        done by then, and it appends to `started` how many run attempts they started."""
+        done by then, and it appends to `started` how many run attempts they started (the
+        decision made again then reads its pods, `made_before`, even with no status yet)."""
         if testrun["metadata"].get("deletionTimestamp"):
             return True
         namespace, name = testrun["metadata"]["namespace"], testrun["metadata"]["name"]
@@ -639,7 +661,7 @@ class RunController:
         pod_namespace = pod_builder.run_namespace(testrun, pool)
         on_ec2 = ec2_placement.is_ec2(pool)
         workers_known = True
-        if status or admitted:
+        if status or admitted or made_before:
             # A pool of ec2 has no pods: its run attempts are instances (none before it is placed).
             own_pods, own_secrets = await self._own_objects(testrun, pod_namespace, pods=not on_ec2)
             if on_ec2:
@@ -681,6 +703,7 @@ class RunController:
             operator_started=max(self.started, self.context.store_health.back_since),
             cases=cases,
             settings=self.settings, reports_known=reports_known, admission_declined=(namespace, name) in self._declined,
+            admitted_pool=admitted_pool if admitted else None,
             worker="instance" if on_ec2 else "pod", workers_known=workers_known,
             boot_grace_seconds=ec2_placement.boot_grace((pool.get("spec") or {}).get("platform") or "linux",
                                                         self.context.options.ec2_boot_timeout) if on_ec2 else None)
@@ -843,6 +866,9 @@ class RunController:
     def forget(self, namespace: str, name: str) -> None:
         self._echoes.pop((namespace, name), None)
         self._declined.discard((namespace, name))
+        fallback = self._fallbacks.pop((namespace, name), None)
+        if fallback is not None:
+            fallback.cancel()
         self.testruns.gone(namespace, name)
 
     async def _wake_consumers(self, testrun: dict) -> None:

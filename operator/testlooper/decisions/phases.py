@@ -129,6 +129,9 @@ class Observations:
     workers_known: bool = True
     # An admission round counted this TestRun's runs and found no room for any of them.
     admission_declined: bool = False
+    # The pool whose room `admitted` was counted in: a new TestRun placed in another one now
+    # (a pool created or edited since the round listed them) starts nothing.
+    admitted_pool: str | None = None
 
 
 # -- actions -----------------------------------------------------------------------------------
@@ -225,6 +228,7 @@ class _Machine:
         self.actions: list = []
         self.wake_after: float | None = None
         self.awaits_admission: str | None = None
+        self.admitted = observed.admitted  # what this decision may start (see `placement`)
         self.phase = status.get("phase") or ""
         self.definition = spec.get("definition") or {}
         self.kind = spec.get("kind") or "test"
@@ -268,6 +272,8 @@ class _Machine:
             new = not self.phase and not self.reopened and new_and_unblocked(self.spec, self.status)
             self.set("runnableSince", created if new and created else self.stamp)
         pool = self.placement()
+        if pool is not None and self.observed.admitted_pool not in (None, pool):
+            self.admitted = 0  # admitted for another pool's room: counted again where it is now
         if pool is None or self.leave_to_admission(pool):
             return
         self.run_runs()
@@ -286,7 +292,7 @@ class _Machine:
         Queued first would cost a write, its watch event, an Event and a round trip before the
         first pod, for every TestRun of a commit. It says Queued once a round found no room
         for it (`admission_declined`), or `admission_wait_seconds` after its creation."""
-        if (self.phase or self.observed.admitted or self.observed.admission_declined or self.observed.pods
+        if (self.phase or self.admitted or self.observed.admission_declined or self.observed.pods
                 or not new_and_unblocked(self.spec, self.status)):
             return False  # (pods of its own: an admitted decision's status write was lost; adopted now)
         created = self.metadata.get("creationTimestamp")
@@ -599,7 +605,7 @@ class _Machine:
 
     def place(self, total: int) -> None:
         placed = sum(1 for entry in self.active.values() if entry.get("state") == PLACED)
-        room = min(self.observed.admitted, self.settings.max_active_runs - placed)
+        room = min(self.admitted, self.settings.max_active_runs - placed)
         if room <= 0:
             return
         for run in sorted(self.active):

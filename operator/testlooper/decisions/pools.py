@@ -168,7 +168,7 @@ def pool_usage(pods: Iterable[dict], testruns: Mapping[tuple[str, str], tuple[st
             continue
         metadata = pod.get("metadata") or {}
         labels = metadata.get("labels") or {}
-        known = testruns.get((metadata.get("namespace", ""), labels.get(TESTRUN_LABEL, "")))
+        known = testruns.get(_testrun_of(metadata))
         pool, cores, ram = known if known is not None else (labels.get(POOL_LABEL, ""), 0.0, 0.0)
         pool = labels.get(POOL_LABEL) or pool
         if not pool:
@@ -178,6 +178,19 @@ def pool_usage(pods: Iterable[dict], testruns: Mapping[tuple[str, str], tuple[st
         total[1] += cores
         total[2] += ram
     return {pool: Usage(int(w), c, r) for pool, (w, c, r) in totals.items()}
+
+
+RUN_ID_ANNOTATION = "testlooper.dev/run-id"  # kube/pods.py's: "<namespace>.<TestRun>.<run>.<attempt>"
+
+
+def _testrun_of(metadata: dict) -> tuple[str, str]:
+    """(namespace, name) of a run pod's TestRun: from its run id, since a pool with
+    spec.namespace runs its pods in another namespace than the TestRun's; else from its
+    namespace and TestRun label."""
+    parts = ((metadata.get("annotations") or {}).get(RUN_ID_ANNOTATION) or "").split(".")
+    if len(parts) == 4:
+        return parts[0], parts[1]
+    return metadata.get("namespace", ""), (metadata.get("labels") or {}).get(TESTRUN_LABEL, "")
 
 
 def pool_status(pool: dict, pools: list[dict], testruns: Iterable[dict], usage: Usage | None = None) -> dict:
