@@ -701,3 +701,57 @@ def test_a_pool_created_while_a_round_admits_a_new_testrun_is_not_filled_past_it
                    if p["metadata"]["labels"].get("testlooper.dev/worker-pool") == "tiny"]
         status = list_testruns(kube)[0]["status"]
         assert len(in_tiny) <= 1, f"WorkerPool tiny (maxWorkers 1) holds {in_tiny} ({status})"
+
+
+class WatchCloser:
+    """Ends every open watch of the emulator every `every` s, as an API server restarting over
+    and over would (kopf's watches and the operator's own watch of the run pods alike)."""
+
+    def __init__(self, kube, every: float = 0.1):
+        self.kube, self.every, self.closed = kube, every, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._close, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def _close(self):
+        while not self._stop.wait(self.every):
+            self.closed += self.kube.close_watches()
+
+
+def test_pod_events_still_arrive_while_the_api_server_keeps_ending_watches(kube, tmp_path, redis_url):
+    """The run pods' watch is the operator's own (cluster/runs.py `_pod_watch`): ended by the
+    server, it is made again from the last version it saw, so no pod event is lost. An evicted
+    pod and one deleted by hand are retried at once, from their events, not at the heartbeat
+    grace (20 s here) that a lost event would have left them to."""
+    tests = {name: "    command: sh src/pass.sh\n" for name in ("evicted", "deleted", "fine")}
+    url, commit = push_project(tmp_path, {"testlooper.yml": definitions(tests), "pass.sh": PASS})
+    names = {task: testrun_name("demo", commit, f"{task}/linux") for task in tests}
+    faults = {(names["evicted"], 1): "evict", (names["deleted"], 1): "delete"}
+
+    def plan(pod):
+        testrun, _, attempt = task_of(pod)
+        return faults.get((testrun, attempt), "run")
+
+    operator = start_operator(kube, tmp_path, redis_url, pool(), args=FAST)
+    with operator, FaultKubelet(kube, tmp_path / "node", plan) as kubelet, WatchCloser(kube) as closer:
+        started = time.monotonic()
+        apply_repo(kube, url)
+        try:
+            ended = wait_for(lambda: ended_testruns(kube, 3), timeout=60, interval=0.3, what="the three TestRuns ended")
+        finally:
+            assert kubelet.errors == [], kubelet.errors
+        took = time.monotonic() - started
+    assert closer.closed >= 20, closer.closed  # the watches were ended, over and over
+    assert took < 15, f"{took:.1f} s: some pod event was lost and waited for a timer"
+    for task, reason in (("evicted", "Evicted"), ("deleted", "PodDeleted")):
+        status = ended[f"{task}/linux"]["status"]
+        assert (status["phase"], status["runsSummary"]) == ("Succeeded", "1/1"), status
+        assert [(a["attempt"], a["reason"]) for a in status["attempts"]] == [(1, reason)], status
+    assert "Traceback" not in operator.log(), operator.log()

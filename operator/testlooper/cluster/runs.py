@@ -311,6 +311,7 @@ class RunController:
         self._declined: set[tuple[str, str]] = set()  # new TestRuns an admission round found no room for
         # New TestRuns left to admission -> the timer of the decision at the end of their wait.
         self._fallbacks: dict[tuple[str, str], asyncio.TimerHandle] = {}
+        self._pod_watches: list[asyncio.Task] = []  # `_watch_run_pods`
         # kopf's context (its Event poster lives there), taken from the first handler that
         # calls in: the worker API's requests (a RESULT posted) start decisions too.
         self._kopf_context: contextvars.Context | None = None
@@ -447,8 +448,59 @@ class RunController:
             return
         self._wakes[namespace] = asyncio.Event()
         self._loops[namespace] = self._start(self._admission_loop(namespace))
+        self._watch_run_pods()
         self._run_objects[namespace] = RunObjects(pod_builder.TESTRUN_LABEL)
         self._background(self._list_run_objects(namespace))
+
+    def _watch_run_pods(self) -> None:
+        """The run pods are watched by us, not by kopf (its work per event, which is most of
+        what a pod's event costs, is for handlers we do not have): from the first TestRun
+        event on, so only the replica kopf lets work watches them, in the operator's
+        namespaces, or all of them."""
+        if self._pod_watches:
+            return
+        options = self.context.options
+        for scope in ([None] if options.all_namespaces else list(options.namespaces)):
+            self._pod_watches.append(self._start(self._pod_watch(scope)))
+
+    async def _pod_watch(self, scope: str | None) -> None:
+        """Listed (each pod an event, as kopf's start and relists did), then watched from the
+        listing's version; made again where it ended, or listed again after an error."""
+        selector = f"{MANAGED_BY_LABEL}={MANAGED_BY}"
+        backoff = 1.0
+        while True:
+            try:
+                pods, version = await self.api.list_core_versioned("pods", scope, selector)
+                for pod in pods:
+                    self.pod_event("ADDED", pod)
+                while True:
+                    async for kind, pod in self.api.watch_core("pods", scope, selector, version):
+                        if kind == "ERROR":  # 410 Gone (too old a version), or another refusal
+                            raise _WatchEnded(pod.get("message") or pod.get("reason") or "an ERROR event")
+                        version = (pod.get("metadata") or {}).get("resourceVersion") or version
+                        if kind != "BOOKMARK":
+                            self.pod_event(kind, pod)
+                    backoff = 1.0
+            except asyncio.CancelledError:
+                raise
+            except _WatchEnded as exc:
+                logger.debug("run pods of %s: the watch ended (%s): listed again", scope or "every namespace", exc)
+            except Exception as exc:  # the API server restarting, say: listed again after a pause
+                logger.warning("run pods of %s are not watched now: %s: %s; trying again in %.0f s",
+                               scope or "every namespace", type(exc).__name__, exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 30.0)
+
+    def pod_event(self, kind: str, pod: dict) -> None:
+        """A run pod's watch event: filed, and its TestRun decides again (unless it is the echo
+        of our own create or delete); a pod that ended or went frees room."""
+        metadata = pod.get("metadata") or {}
+        parts = ((metadata.get("annotations") or {}).get(pod_builder.RUN_ID_ANNOTATION) or "").split(".")
+        self.pod_seen(metadata.get("namespace", ""), kind == "DELETED", pod)
+        if len(parts) == 4:
+            self.poke(parts[0], parts[1], echo=pod_echo(kind, pod))
+            if (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed") or kind == "DELETED":
+                self.room_freed(parts[0])
 
     def pod_seen(self, namespace: str, deleted: bool, pod) -> None:
         """A run pod's watch event (before the namespace's first TestRun there is nothing to
@@ -523,9 +575,9 @@ class RunController:
     async def close(self) -> None:
         for handle in [*self._timers.values(), *self._fallbacks.values()]:
             handle.cancel()
-        for task in [*self._loops.values(), *self._tasks]:
+        for task in [*self._loops.values(), *self._tasks, *self._pod_watches]:
             task.cancel()
-        await asyncio.gather(*self._loops.values(), *self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._loops.values(), *self._tasks, *self._pod_watches, return_exceptions=True)
         self.ec2.close()
 
     # -- admission -----------------------------------------------------------------------------
@@ -967,6 +1019,22 @@ class RunController:
             run_metrics.attempt_recorded(self.context, testrun["metadata"]["namespace"], action)
         elif isinstance(action, phases.EmitEvent):
             post_event(testrun, action.type, action.reason, action.message)
+
+
+class _WatchEnded(Exception):
+    """The server ended a watch with an ERROR event: listed again."""
+
+
+def pod_echo(kind: str, pod: dict) -> tuple[str, str] | None:
+    """What a pod's event may be the echo of: our create (the pod as we made it, nothing since)
+    or our delete; None when the pod has moved on by itself."""
+    metadata, status = pod.get("metadata") or {}, pod.get("status") or {}
+    if kind == "DELETED" or metadata.get("deletionTimestamp"):
+        return "deleted", metadata.get("name", "")
+    if status.get("phase") in (None, "", "Pending") and not any(
+            status.get(key) for key in ("startTime", "conditions", "containerStatuses", "initContainerStatuses", "reason")):
+        return "created", metadata.get("name", "")
+    return None
 
 
 def termination_reason(action, decision) -> str:

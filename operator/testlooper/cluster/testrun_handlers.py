@@ -16,8 +16,7 @@ import kopf
 from testlooper.cluster.context import OperatorContext
 from testlooper.decisions.repo import ENDED_PHASES
 from testlooper.decisions.testrun import decide_status
-from testlooper.kube.objects import MANAGED_BY, MANAGED_BY_LABEL, timestamp
-from testlooper.kube.pods import RUN_ID_ANNOTATION
+from testlooper.kube.objects import timestamp
 
 logger = logging.getLogger(__name__)
 
@@ -28,10 +27,8 @@ def register(registry: kopf.OperatorRegistry, runs_enabled: bool = False) -> Non
                       when=needs_status)(testrun_event)
         return
     # Runs become pods (cluster/runs.py): every change of a TestRun or of one of its pods asks
-    # for a decision; the decisions themselves read the objects as stored.
+    # for a decision. The run pods are watched by cluster/runs.py itself (`_watch_run_pods`).
     kopf.on.event("testlooper.dev", "v1alpha1", "testruns", registry=registry, id="runs")(testrun_changed)
-    kopf.on.event("", "v1", "pods", registry=registry, id="run-pods",
-                  labels={MANAGED_BY_LABEL: MANAGED_BY})(run_pod_changed)
 
 
 async def testrun_changed(type: str | None, body: kopf.Body, name: str, namespace: str, memo: OperatorContext,
@@ -48,29 +45,6 @@ async def testrun_changed(type: str | None, body: kopf.Body, name: str, namespac
         memo.runs.testrun_changed({"apiVersion": body.get("apiVersion"), "kind": body.get("kind"), "metadata": metadata,
                                    "spec": dict(body.get("spec") or {}), "status": dict(body.get("status") or {})},
                                   version=metadata.get("resourceVersion"))
-
-
-async def run_pod_changed(type: str | None, body: kopf.Body, namespace: str, memo: OperatorContext, **_) -> None:
-    run_id = (body.get("metadata", {}).get("annotations") or {}).get(RUN_ID_ANNOTATION, "")
-    memo.runs.adopt_kopf_context()
-    parts = run_id.split(".")
-    memo.runs.pod_seen(namespace, type == "DELETED", body)
-    if len(parts) == 4:
-        memo.runs.poke(parts[0], parts[1], echo=_pod_echo(type, body))
-        if (body.get("status") or {}).get("phase") in ("Succeeded", "Failed") or type == "DELETED":
-            memo.runs.room_freed(parts[0])
-
-
-def _pod_echo(type: str | None, body: kopf.Body) -> tuple[str, str] | None:
-    """What a pod's event may be the echo of: our create (the pod as we made it, nothing since)
-    or our delete; None when the pod has moved on by itself."""
-    metadata, status = body.get("metadata", {}), body.get("status") or {}
-    if type == "DELETED" or metadata.get("deletionTimestamp"):
-        return "deleted", metadata.get("name", "")
-    if status.get("phase") in (None, "", "Pending") and not any(
-            status.get(key) for key in ("startTime", "conditions", "containerStatuses", "initContainerStatuses", "reason")):
-        return "created", metadata.get("name", "")
-    return None
 
 
 def needs_status(body: kopf.Body, **_) -> bool:

@@ -29,6 +29,7 @@ BACKOFFS = (0.2, 0.5, 1, 2, 4)
 MERGE_PATCH = "application/merge-patch+json"
 REQUEST_TIMEOUT_SECONDS = 60
 LIST_PAGE_SIZE = 500
+WATCH_SECONDS = 300  # a watch asks the server to end it after this, and is made again
 AUTH_REUSE_SECONDS = 10.0  # the client's authentication headers are asked for again after this
 
 logger = logging.getLogger(__name__)
@@ -289,6 +290,47 @@ class KubeApi:
         await self._call(self._send, "DELETE", self._core_path(plural, namespace, name), ok_statuses=(404,),
                          decode=False)
 
+
+    async def list_core_versioned(self, plural: str, namespace: str | None,
+                                  label_selector: str = "") -> tuple[list[dict], str]:
+        """`list_core` (of every namespace when `namespace` is None), and the listing's
+        resourceVersion, where a watch of the same goes on from."""
+        path = self._core_path(plural, namespace) if namespace else f"/api/v1/{plural}"
+        answer = await self._call(self._send, "GET", path, query={"labelSelector": label_selector} if label_selector else None)
+        return answer.get("items") or [], (answer.get("metadata") or {}).get("resourceVersion") or ""
+
+    async def watch_core(self, plural: str, namespace: str | None, label_selector: str, resource_version: str):
+        """The events of `plural` (in `namespace`, or every namespace) after `resource_version`,
+        as (type, object) pairs, until the server ends the watch (after WATCH_SECONDS) or it
+        fails: ApiException for a refused watch, ConnectionError for a lost one."""
+        import aiohttp
+
+        path = self._core_path(plural, namespace) if namespace else f"/api/v1/{plural}"
+        query = {"watch": "true", "allowWatchBookmarks": "true", "timeoutSeconds": str(WATCH_SECONDS),
+                 "resourceVersion": resource_version}
+        if label_selector:
+            query["labelSelector"] = label_selector
+        auth, host = await self._auth_here()
+        headers = {"Accept": "application/json", "User-Agent": self._client.user_agent, **auth}
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=REQUEST_TIMEOUT_SECONDS, sock_read=WATCH_SECONDS + 30)
+        try:
+            async with self._session_here().get(host + path, params=query, headers=headers, timeout=timeout,
+                                                proxy=self._client.configuration.proxy or None) as response:
+                if response.status != 200:
+                    error = self._api_exception(status=response.status, reason=response.reason)
+                    error.body = (await response.read()).decode("utf-8", "replace")
+                    raise error
+                pending = bytearray()
+                async for chunk in response.content.iter_any():
+                    pending += chunk
+                    while (end := pending.find(b"\n")) >= 0:
+                        line = bytes(pending[:end])
+                        del pending[:end + 1]
+                        if line.strip():
+                            event = json.loads(line)
+                            yield event.get("type") or "", event.get("object") or {}
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise ConnectionError(f"watch of {path}: {type(exc).__name__}: {exc}") from None
 
     async def read_secret_data(self, namespace: str, name: str) -> dict[str, str] | None:
         """The Secret's `data` (base64 values), or None when there is no such Secret."""
