@@ -741,6 +741,8 @@ def test_pod_events_still_arrive_while_the_api_server_keeps_ending_watches(kube,
 
     operator = start_operator(kube, tmp_path, redis_url, pool(), args=FAST)
     with operator, FaultKubelet(kube, tmp_path / "node", plan) as kubelet, WatchCloser(kube) as closer:
+        # And two of its watches answered 410 Gone (too old a version): listed again, quietly.
+        kube.inject_fault("watch", 410, times=2, resource="pods", client="operator", message="too old a resource version")
         started = time.monotonic()
         apply_repo(kube, url)
         try:
@@ -750,6 +752,9 @@ def test_pod_events_still_arrive_while_the_api_server_keeps_ending_watches(kube,
         took = time.monotonic() - started
     assert closer.closed >= 20, closer.closed  # the watches were ended, over and over
     assert took < 15, f"{took:.1f} s: some pod event was lost and waited for a timer"
+    watches = [r for r in kube.requests(client="operator") if (r["resource"], r["verb"]) == ("pods", "watch")]
+    assert len(watches) >= 5, len(watches)  # made again after each end (and after the two 410s)
+    assert "are not watched now" not in operator.log()  # a 410 is no trouble to report
     for task, reason in (("evicted", "Evicted"), ("deleted", "PodDeleted")):
         status = ended[f"{task}/linux"]["status"]
         assert (status["phase"], status["runsSummary"]) == ("Succeeded", "1/1"), status

@@ -110,8 +110,10 @@ def test_a_listing_drops_what_the_watch_missed_but_not_what_changed_since_it_was
     objects.created("pods", pod("a-3", "a"))  # made while the listing was on its way
     objects.deleted("pods", "b-1")  # deleted meanwhile: shown as being deleted
     objects.pod_event(True, pod("a-2", "a"))  # its DELETED event, after the listing was asked for
-    # The listing (a snapshot from before those) still has a-2 and b-1, and lost a-1's deletion.
-    objects.merge("pods", started, [pod("a-2", "a"), pod("b-1", "b")])
+    # The listing (a snapshot from before those) still has a-2 and b-1, and lost a-1's deletion:
+    # a-1 is told as dropped (its TestRun decides: cluster/runs.py `_merge_listed_pods`).
+    dropped = objects.merge("pods", started, [pod("a-2", "a"), pod("b-1", "b")])
+    assert [p["metadata"]["name"] for p in dropped] == ["a-1"]
     assert names(objects, "pods", "a") == ["a-3"]
     # What we sent has no creationTimestamp; a pod's pending time counts from it: about now.
     made_at = objects.of("pods", "a")[0]["metadata"]["creationTimestamp"]

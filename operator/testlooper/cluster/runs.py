@@ -60,6 +60,7 @@ DECIDE_DELAY_SECONDS = 0.1  # events for one TestRun within this make one decisi
 POOLS_TTL_SECONDS = 1.0  # a decision reuses the namespace's WorkerPools read this recently
 ADMITTED_CONCURRENCY = 16  # admitted TestRuns whose pods one round creates at once
 RUN_OBJECTS_LISTING_SECONDS = 10.0  # the run pods and Secrets kept in memory are listed whole this often
+WATCH_RELIST_PAUSE_SECONDS = 0.5  # after a watch the server ended with an ERROR (410 Gone), before listing again
 UNREAD_MESSAGE_SECONDS = 30.0  # a commit message git could not give is asked for again after this
 DESCRIBE_TTL_SECONDS = 2.0  # a run's description is read again after this (heartbeats come every few s)
 
@@ -470,7 +471,10 @@ class RunController:
         backoff = 1.0
         while True:
             try:
+                started = {namespace: objects.listing_started() for namespace, objects in self._run_objects.items()
+                           if scope is None or namespace == scope}
                 pods, version = await self.api.list_core_versioned("pods", scope, selector)
+                self._merge_listed_pods(started, pods)
                 for pod in pods:
                     self.pod_event("ADDED", pod)
                 while True:
@@ -485,11 +489,26 @@ class RunController:
                 raise
             except _WatchEnded as exc:
                 logger.debug("run pods of %s: the watch ended (%s): listed again", scope or "every namespace", exc)
+                await asyncio.sleep(WATCH_RELIST_PAUSE_SECONDS)  # a server that keeps refusing is not listed in a loop
             except Exception as exc:  # the API server restarting, say: listed again after a pause
+                if getattr(exc, "status", None) == 410:  # Gone: too old a version, as an answer not an event
+                    await asyncio.sleep(WATCH_RELIST_PAUSE_SECONDS)
+                    continue
                 logger.warning("run pods of %s are not watched now: %s: %s; trying again in %.0f s",
                                scope or "every namespace", type(exc).__name__, exc, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 30.0)
+
+    def _merge_listed_pods(self, started: dict[str, int], pods: list[dict]) -> None:
+        """A whole listing of the run pods (of the namespaces in `started`, each with the
+        sequence its RunObjects had when it was asked for): those it no longer shows went while
+        no watch said so, and are told as deleted (their TestRuns decide now)."""
+        by_namespace: dict[str, list[dict]] = {namespace: [] for namespace in started}
+        for pod in pods:
+            by_namespace.setdefault((pod.get("metadata") or {}).get("namespace", ""), []).append(pod)
+        for namespace, sequence in started.items():
+            for gone in self._run_objects[namespace].merge("pods", sequence, by_namespace[namespace]):
+                self.pod_event("DELETED", gone)
 
     def pod_event(self, kind: str, pod: dict) -> None:
         """A run pod's watch event: filed, and its TestRun decides again (unless it is the echo
@@ -518,7 +537,10 @@ class RunController:
             try:
                 for kind in ("pods", "secrets"):
                     started = objects.listing_started()
-                    objects.merge(kind, started, await self.api.list_core(kind, namespace, selector))
+                    if kind == "pods":
+                        self._merge_listed_pods({namespace: started}, await self.api.list_core(kind, namespace, selector))
+                    else:
+                        objects.merge(kind, started, await self.api.list_core(kind, namespace, selector))
                 objects.trusted = True
             except asyncio.CancelledError:
                 raise

@@ -183,9 +183,9 @@ class RunObjects:
     def listing_started(self) -> int:
         return self._sequence
 
-    def merge(self, kind: str, started: int, listed: list[dict]) -> None:
+    def merge(self, kind: str, started: int, listed: list[dict]) -> list[dict]:
         """A full listing of `kind` (the managed objects of the namespace), asked for when the
-        sequence was `started`."""
+        sequence was `started`. Returns what it dropped: gone without an event that said so."""
         objects = self._objects[kind]
         seen = set()
         for item in listed:
@@ -193,10 +193,13 @@ class RunObjects:
             seen.add(name)
             if objects.get(name, (0, None))[0] <= started:
                 self._set(kind, name, started, slim_run_object(item))
+        dropped = []
         for name in [name for name, (touched, _) in objects.items() if touched <= started and name not in seen]:
             body = objects.pop(name)[1]
             if body is not None:
                 self._unindex(kind, name, body)
+                dropped.append(body)
+        return dropped
 
     def of(self, kind: str, value: str) -> list[dict]:
         """The objects (not gone) whose TestRun label is `value`."""
