@@ -62,7 +62,8 @@ ADMITTED_CONCURRENCY = 16  # admitted TestRuns whose pods one round creates at o
 RUN_OBJECTS_LISTING_SECONDS = 10.0  # the run pods and Secrets kept in memory are listed whole this often
 WATCH_RELIST_PAUSE_SECONDS = 0.5  # after a watch the server ended with an ERROR (410 Gone), before listing again
 UNREAD_MESSAGE_SECONDS = 30.0  # a commit message git could not give is asked for again after this
-DESCRIBE_TTL_SECONDS = 2.0  # a run's description is read again after this (heartbeats come every few s)
+DESCRIBE_TTL_SECONDS = 2.0
+EVENT_COMPONENT = "testlooper-operator"  # the Events' source, as kopf's settings name it (cluster/app.py)  # a run's description is read again after this (heartbeats come every few s)
 
 
 async def ensure_operator_secret(api, namespace: str) -> bytes:
@@ -847,6 +848,21 @@ class RunController:
             self.retally_repo(testrun)  # it ended, or runs were added to it: the Repo's tally moves
         return True
 
+    def post_event(self, testrun: dict, type_: str, reason: str, message: str) -> None:
+        """An Event on the TestRun, posted in the background through kube/api.py (kopf's
+        poster cost twice as much per Event, two per TestRun); said in the log too."""
+        logger.info("TestRun %s/%s: %s %s: %s", testrun["metadata"]["namespace"], testrun["metadata"]["name"], type_,
+                    reason, message)
+        self._background(self._post_event(testrun, type_, reason, message[:1000]))
+
+    async def _post_event(self, testrun: dict, type_: str, reason: str, message: str) -> None:
+        try:
+            await self.api.create_event(testrun, type_, reason, message, component=EVENT_COMPONENT,
+                                        instance=os.environ.get("HOSTNAME", EVENT_COMPONENT))
+        except Exception as exc:  # an Event is for people: the log line stands
+            logger.warning("TestRun %s/%s: Event %s not posted: %s: %s", testrun["metadata"]["namespace"],
+                           testrun["metadata"]["name"], reason, type(exc).__name__, exc)
+
     def retally_repo(self, testrun: dict) -> None:
         """Asks the daemon of the TestRun's Repo to recount its branch tallies now (no fetch)."""
         uid = next((owner.get("uid") for owner in testrun["metadata"].get("ownerReferences") or []
@@ -970,7 +986,7 @@ class RunController:
             "runsSummary": f"{counts.get('passed', 0)}/{runs}", "completionTime": phases.format_time(time.time())}
         await self.api.patch_status("testruns", metadata["namespace"], metadata["name"], patch)
         run_metrics.after_status_write(self.context, testrun, patch)
-        post_event(testrun, "Warning", "CannotRun", message)
+        self.post_event(testrun, "Warning", "CannotRun", message)
         self.retally_repo(testrun)
         self.poke(metadata["namespace"], metadata["name"])  # ended: what was made for it goes
         await self._wake_consumers(testrun)
@@ -1040,7 +1056,7 @@ class RunController:
                            "; retried" if action.retried else "; given up")
             run_metrics.attempt_recorded(self.context, testrun["metadata"]["namespace"], action)
         elif isinstance(action, phases.EmitEvent):
-            post_event(testrun, action.type, action.reason, action.message)
+            self.post_event(testrun, action.type, action.reason, action.message)
 
 
 class _WatchEnded(Exception):
@@ -1074,19 +1090,6 @@ def termination_reason(action, decision) -> str:
 def heartbeat_interval(settings: phases.Settings) -> float:
     """How often the agents beat: a third of the grace (so two may be lost), at most every 5 s."""
     return min(5.0, settings.heartbeat_grace_seconds / 3)
-
-
-def post_event(testrun: dict, type_: str, reason: str, message: str) -> None:
-    """An Event on the TestRun, posted by kopf's poster (our tasks start from its handlers, so
-    they carry its context); said in the log too."""
-    import kopf
-
-    logger.info("TestRun %s/%s: %s %s: %s", testrun["metadata"]["namespace"], testrun["metadata"]["name"], type_,
-                reason, message)
-    try:
-        kopf.event(testrun, type=type_, reason=reason, message=message[:1000])
-    except LookupError:  # outside kopf's context (no poster): the log line above stands
-        pass
 
 
 def _owned(obj: dict, testrun: dict) -> bool:

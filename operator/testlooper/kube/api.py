@@ -332,6 +332,24 @@ class KubeApi:
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise ConnectionError(f"watch of {path}: {type(exc).__name__}: {exc}") from None
 
+    async def create_event(self, involved: dict, type_: str, reason: str, message: str, component: str,
+                           instance: str) -> None:
+        """A core/v1 Event on `involved` (an object as the API returns it), as kubectl describe
+        shows them: named by the server (generateName), counted once."""
+        metadata = involved.get("metadata") or {}
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        body = {
+            "apiVersion": "v1", "kind": "Event",
+            "metadata": {"generateName": f"{component}-", "namespace": metadata.get("namespace", "")},
+            "involvedObject": {"apiVersion": involved.get("apiVersion", ""), "kind": involved.get("kind", ""),
+                               "name": metadata.get("name", ""), "namespace": metadata.get("namespace", ""),
+                               "uid": metadata.get("uid", "")},
+            "type": type_, "reason": reason, "message": message,
+            "source": {"component": component}, "reportingComponent": component, "reportingInstance": instance,
+            "firstTimestamp": now, "lastTimestamp": now, "count": 1}
+        await self._call(self._send, "POST", self._core_path("events", metadata.get("namespace", "")), body,
+                         decode=False)
+
     async def read_secret_data(self, namespace: str, name: str) -> dict[str, str] | None:
         """The Secret's `data` (base64 values), or None when there is no such Secret."""
         secret = await self.read_secret(namespace, name)
