@@ -88,7 +88,7 @@ def test_a_build_and_its_test_run_as_pods_and_end_succeeded_with_results(kube, t
                      (check_name, "Running"), (check_name, "Ended")}
         said = wait_for(lambda: announced <= {(e["involvedObject"]["name"], e["reason"]) for e in events(kube)} and
                         {(e["involvedObject"]["name"], e["reason"]) for e in events(kube)},
-                        what="the phase changes as Events on the TestRuns")  # kopf posts them in the background
+                        what="the phase changes as Events on the TestRuns")  # posted in the background
         # The build waited for nothing and the pool had room: admission started it before any
         # write of its own, so it was never Queued (decisions/phases.py `leave_to_admission`).
         assert (build_name, "Queued") not in said
