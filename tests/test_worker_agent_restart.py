@@ -103,3 +103,54 @@ def test_the_agent_beats_until_its_result_is_delivered(tmp_path):
         if agent.process.poll() is None:
             agent.process.kill()
         server.stop()
+
+
+def test_a_source_download_while_the_api_is_down_waits_for_it_to_come_back(tmp_path):
+    """A pod that prepares while the operator restarts: its source download is refused (no
+    one listens), asked again with backoff, and lands once a server answers on the port. It
+    used to end the run as an error ("cannot fetch source: ... Connection refused"), which the
+    caps test with a restart caught once."""
+    import io
+    import tarfile
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from testlooper.worker import agent
+
+    packed = io.BytesIO()
+    with tarfile.open(fileobj=packed, mode="w:gz") as tar:
+        data = b"print('hello')\n"
+        member = tarfile.TarInfo("main.py")
+        member.size = len(data)
+        tar.addfile(member, io.BytesIO(data))
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(packed.getvalue())))
+            self.end_headers()
+            self.wfile.write(packed.getvalue())
+
+        def log_message(self, *args):
+            pass
+
+    port = free_port()
+    servers = []
+
+    def come_up_later():
+        time.sleep(2)  # the first tries are refused
+        servers.append(ThreadingHTTPServer(("127.0.0.1", port), Handler))
+        servers[0].serve_forever()
+
+    api = agent.ApiClient(f"http://127.0.0.1:{port}", "ns.tr.1.1", "token")
+    workspace = agent.Workspace(tmp_path / "work")
+    workspace.create_directories()
+    threading.Thread(target=come_up_later, daemon=True).start()
+    started = time.monotonic()
+    try:
+        agent.fetch_tree({"url": "source"}, workspace.src, "source", api, agent.StopSignal(), workspace)
+    finally:
+        if servers:
+            servers[0].shutdown()
+    assert time.monotonic() - started >= 1.5
+    assert open(tmp_path / "work" / "src" / "main.py").read() == "print('hello')\n"

@@ -563,7 +563,9 @@ def fetch_tree(spec, destination, label, api, stop, workspace):
             _materialize_local(spec["path"], destination, label)
         elif "url" in spec:
             download = workspace.agent_path("download")
-            api.download(spec["url"], download, stop)
+            # Retried as the reports are: an operator restarting while a pod prepares is waited
+            # for, not taken for a broken run.
+            api.retrying(lambda: api.download(spec["url"], download, stop), stop)
             unpack_archive(download, destination, label)
             os.remove(download)
         else:
