@@ -19,7 +19,7 @@ import time
 import kopf
 
 from testlooper.cluster import http, pool_handlers, repo_handlers, testrun_handlers
-from testlooper.cluster.context import OperatorContext, OperatorOptions
+from testlooper.cluster.context import EVENT_COMPONENT, OperatorContext, OperatorOptions
 from testlooper.cluster.metrics import OperatorMetrics
 from testlooper.cluster.store_health import StoreHealth
 from testlooper.workerapi.protocol import stop_pipe_readers
@@ -63,8 +63,8 @@ def kopf_settings(options: OperatorOptions) -> kopf.OperatorSettings:
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="testlooper.dev")
     settings.persistence.diffbase_storage = EventOnlyKindsDiffBase(
         EVENT_ONLY_KINDS, prefix="testlooper.dev", key="last-handled-configuration")
-    settings.posting.reporting_component = "testlooper-operator"
-    settings.posting.reporting_instance = os.environ.get("HOSTNAME", "testlooper-operator")
+    settings.posting.reporting_component = EVENT_COMPONENT  # the TestRuns' Events say so too (cluster/runs.py)
+    settings.posting.reporting_instance = os.environ.get("HOSTNAME", EVENT_COMPONENT)
     settings.posting.event_name_prefix = "testlooper-"
     settings.peering.name = options.peering_name
     settings.peering.priority = options.priority

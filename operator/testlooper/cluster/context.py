@@ -12,6 +12,7 @@ from testlooper.decisions.phases import Settings
 from testlooper.repos.urls import normalize_url
 
 WEBHOOK_CONCURRENCY = 8  # webhook requests handled at once; more wait their turn
+EVENT_COMPONENT = "testlooper-operator"  # what the operator's Events name as their source (kopf's and ours)
 
 
 @dataclasses.dataclass(frozen=True)

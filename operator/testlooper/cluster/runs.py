@@ -31,6 +31,7 @@ import subprocess
 import time
 
 from testlooper.cluster import run_metrics
+from testlooper.cluster.context import EVENT_COMPONENT
 from testlooper.cluster.ec2_workers import Ec2Workers
 from testlooper.cluster.pins import pinned_source
 from testlooper.cluster.pool_handlers import count_pool_usage
@@ -62,8 +63,7 @@ ADMITTED_CONCURRENCY = 16  # admitted TestRuns whose pods one round creates at o
 RUN_OBJECTS_LISTING_SECONDS = 10.0  # the run pods and Secrets kept in memory are listed whole this often
 WATCH_RELIST_PAUSE_SECONDS = 0.5  # after a watch the server ended with an ERROR (410 Gone), before listing again
 UNREAD_MESSAGE_SECONDS = 30.0  # a commit message git could not give is asked for again after this
-DESCRIBE_TTL_SECONDS = 2.0
-EVENT_COMPONENT = "testlooper-operator"  # the Events' source, as kopf's settings name it (cluster/app.py)  # a run's description is read again after this (heartbeats come every few s)
+DESCRIBE_TTL_SECONDS = 2.0  # a run's description is read again after this (heartbeats come every few s)
 
 
 async def ensure_operator_secret(api, namespace: str) -> bytes:

@@ -119,14 +119,14 @@ class KubeApi:
 
     async def _send(self, method: str, path: str, body: Any = None, content_type: str = "application/json",
                     query: dict[str, str] | None = None, decode: bool = True) -> Any:
-        """`_request` in the event loop: no thread to hand over to and back, and aiohttp's C
+        """One request in the event loop: no thread to hand over to and back, and aiohttp's C
         parser. A request costs the operator about a fifth of the CPU it did through the
-        official client in a thread (docs/operator.md, "Measured"). The same answers and
-        errors: ApiException for a status outside 2xx, ConnectionError when no answer came."""
+        official client in a thread (docs/operator.md, "Measured"). Its answer decoded (None
+        unless `decode`); ApiException for a status outside 2xx, ConnectionError when no
+        answer came."""
         import aiohttp
 
-        auth, host = await self._auth_here()
-        headers = {"Accept": "application/json", "User-Agent": self._client.user_agent, **auth}
+        headers, host = await self._headers()
         data = None
         if body is not None:
             headers["Content-Type"] = content_type
@@ -140,18 +140,25 @@ class KubeApi:
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:  # retried by `_call`
             raise ConnectionError(f"{method} {path}: {type(exc).__name__}: {exc}") from None
         if not 200 <= status < 300:
-            error = self._api_exception(status=status, reason=reason)
-            error.body = payload.decode("utf-8", "replace")
-            raise error
+            raise self._refused(status, reason, payload)
         return json.loads(payload) if payload and decode else None
 
-    async def _auth_here(self) -> tuple[dict[str, str], str]:
-        """`_auth`, asked in a thread when it must be asked again: with a kubeconfig it rereads
-        files, and an exec plugin runs a process."""
+    def _refused(self, status: int, reason: str | None, payload: bytes) -> Exception:
+        """The client's ApiException for an answer outside 2xx, as its own calls raise it."""
+        error = self._api_exception(status=status, reason=reason)
+        error.body = payload.decode("utf-8", "replace")
+        return error
+
+    async def _headers(self) -> tuple[dict[str, str], str]:
+        """A request's headers and the server's URL. The authentication is asked of the client
+        in a thread when it must be asked again (`_auth`): with a kubeconfig it rereads files,
+        and an exec plugin runs a process."""
         cached = self._auth_cache
         if cached is not None and time.monotonic() - cached[0] <= AUTH_REUSE_SECONDS:
-            return cached[1], cached[2]
-        return await asyncio.get_running_loop().run_in_executor(self._pool, self._auth)
+            auth, host = cached[1], cached[2]
+        else:
+            auth, host = await asyncio.get_running_loop().run_in_executor(self._pool, self._auth)
+        return {"Accept": "application/json", "User-Agent": self._client.user_agent, **auth}, host
 
     def _session_here(self):
         """The aiohttp session of the running loop (one per loop: a session cannot move)."""
@@ -260,7 +267,10 @@ class KubeApi:
     # Pods and Secrets of the runs go through the same REST layer as the custom resources.
 
     @staticmethod
-    def _core_path(plural: str, namespace: str, name: str = "") -> str:
+    def _core_path(plural: str, namespace: str | None, name: str = "") -> str:
+        """The path of `plural` in `namespace`, or of every namespace's when None."""
+        if namespace is None:
+            return f"/api/v1/{plural}"
         return f"/api/v1/namespaces/{quote(namespace)}/{plural}" + (f"/{quote(name)}" if name else "")
 
     async def list_core(self, plural: str, namespace: str, label_selector: str = "") -> list[dict]:
@@ -295,7 +305,7 @@ class KubeApi:
                                   label_selector: str = "") -> tuple[list[dict], str]:
         """`list_core` (of every namespace when `namespace` is None), and the listing's
         resourceVersion, where a watch of the same goes on from."""
-        path = self._core_path(plural, namespace) if namespace else f"/api/v1/{plural}"
+        path = self._core_path(plural, namespace)
         answer = await self._call(self._send, "GET", path, query={"labelSelector": label_selector} if label_selector else None)
         return answer.get("items") or [], (answer.get("metadata") or {}).get("resourceVersion") or ""
 
@@ -305,21 +315,18 @@ class KubeApi:
         fails: ApiException for a refused watch, ConnectionError for a lost one."""
         import aiohttp
 
-        path = self._core_path(plural, namespace) if namespace else f"/api/v1/{plural}"
+        path = self._core_path(plural, namespace)
         query = {"watch": "true", "allowWatchBookmarks": "true", "timeoutSeconds": str(WATCH_SECONDS),
                  "resourceVersion": resource_version}
         if label_selector:
             query["labelSelector"] = label_selector
-        auth, host = await self._auth_here()
-        headers = {"Accept": "application/json", "User-Agent": self._client.user_agent, **auth}
+        headers, host = await self._headers()
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=REQUEST_TIMEOUT_SECONDS, sock_read=WATCH_SECONDS + 30)
         try:
             async with self._session_here().get(host + path, params=query, headers=headers, timeout=timeout,
                                                 proxy=self._client.configuration.proxy or None) as response:
                 if response.status != 200:
-                    error = self._api_exception(status=response.status, reason=response.reason)
-                    error.body = (await response.read()).decode("utf-8", "replace")
-                    raise error
+                    raise self._refused(response.status, response.reason, await response.read())
                 pending = bytearray()
                 async for chunk in response.content.iter_any():
                     pending += chunk
